@@ -1,0 +1,38 @@
+"""What every rollout engine offers: n sampled completions (token ids) per encoded prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from umerl.inputs import EncodedPrompt
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings; the defaults are UME-R1's RL settings (temperature 1, top-k 50)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    do_sample: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+
+
+class RolloutEngine(Protocol):
+    """Generates completions; returns ``[prompt][sample] -> completion token ids``.
+
+    A completion ends with its stop token (``<gen_emb>`` or ``<|im_end|>``) when one was
+    produced, and has no padding.
+    """
+
+    def generate(
+        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
+    ) -> list[list[list[int]]]: ...

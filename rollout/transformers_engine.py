@@ -1,0 +1,61 @@
+"""The CPU rollout engine: batched ``transformers`` generate with the KV cache on."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rollout.engine import SamplingParams
+from umerl.inputs import EncodedPrompt
+from umerl.model import PolicyBundle
+
+
+class TransformersEngine:
+    """Samples from an in-process Hugging Face model, all prompts x samples in one batch."""
+
+    def __init__(self, bundle: PolicyBundle, batch_size: int = 16):
+        self.bundle = bundle
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
+    ) -> list[list[list[int]]]:
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out: list[list[list[int]]] = []
+        per_call = max(1, self.batch_size // max(n, 1))
+        for start in range(0, len(prompts), per_call):
+            out.extend(self._generate_chunk(prompts[start:start + per_call], n, sampling))
+        return out
+
+    def _generate_chunk(
+        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
+    ) -> list[list[list[int]]]:
+        bundle = self.bundle
+        batch = bundle.encoder.collate(prompts)
+        batch.pop("prompt_lengths")
+        batch = {k: v.to(bundle.model.device) for k, v in batch.items()}
+        generated = bundle.model.generate(
+            **batch,
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature if sampling.do_sample else None,
+            top_k=sampling.top_k if sampling.do_sample else None,
+            top_p=sampling.top_p if sampling.do_sample else None,
+            max_new_tokens=sampling.max_new_tokens,
+            num_return_sequences=n,
+            eos_token_id=list(bundle.stop_ids),
+            pad_token_id=bundle.tokenizer.pad_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
+        completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new_tokens]
+        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _strip_after_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """Cut at the first stop token (kept), dropping the padding generate adds after it."""
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i + 1]
+    return ids

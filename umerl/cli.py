@@ -1,0 +1,165 @@
+"""The ``umerl`` command.
+
+    umerl run RECIPE [key=value ...]        the recipe's job (today: evaluate its model)
+    umerl eval CHECKPOINT TASK ... [opts]   MMEB-style evaluation of a checkpoint
+    umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
+    umerl build-benchmark [--out DIR]       build the bundled mini benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from umerl.config import ConfigError
+
+
+def _offline_env() -> None:
+    # Weights and data never come from a hub at run time; wandb stays offline unless asked.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _offline_env()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"umerl: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="umerl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe's job")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    run.set_defaults(handler=_cmd_run)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on MMEB-format tasks")
+    ev.add_argument("checkpoint", help="Hugging Face checkpoint folder")
+    ev.add_argument("tasks", nargs="+",
+                    help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--modes", nargs="+", default=["disc:disc", "gen:gen"],
+                    help="query:target mode pairs (disc or gen each)")
+    ev.add_argument("--pass-k", nargs="*", type=int, default=[1, 2, 4])
+    ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
+    ev.add_argument("--save-embeddings", action="store_true")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--temperature", type=float, default=1.0)
+    ev.add_argument("--top-k", type=int, default=50)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--skip-invalid", action="store_true",
+                    help="skip (and count) malformed lines instead of stopping")
+    ev.add_argument("--pool", default="local", choices=["local", "global"],
+                    help="pool type for plain .jsonl task files")
+    ev.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
+    ev.add_argument("--benchmark-dir", default=None)
+    ev.set_defaults(handler=_cmd_eval)
+
+    tiny = sub.add_parser("build-tiny", help="build the tiny offline model")
+    tiny.add_argument("out")
+    tiny.add_argument("--family", default="qwen2_vl")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_build_tiny)
+
+    bench = sub.add_parser("build-benchmark", help="build the bundled mini benchmark")
+    bench.add_argument("--out", default=None)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.set_defaults(handler=_cmd_build_benchmark)
+    return parser
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from umerl.evaluate import EvalSettings, parse_modes
+    from umerl.tasks import resolve_tasks
+
+    settings = EvalSettings(
+        modes=parse_modes(args.modes), pass_k=tuple(args.pass_k), batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        seed=args.seed, save_embeddings=args.save_embeddings, skip_invalid=args.skip_invalid,
+    )
+    specs = resolve_tasks(args.tasks, args.split, args.benchmark_dir,
+                          pool=args.pool, modality=args.modality)
+    out = args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_eval(args.checkpoint, specs, settings, out, args.dtype)
+    return 0
+
+
+def run_eval(checkpoint: str | Path, specs, settings, out_dir: str | Path,
+             dtype: str = "float32") -> dict:
+    """Load, evaluate, write JSON, print the table; returns the summary."""
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.evaluate import evaluate, summary_table
+    from umerl.model import load_policy
+
+    bundle = load_policy(checkpoint, dtype=dtype)
+    summary = evaluate(bundle, TransformersEngine(bundle, settings.batch_size), specs, settings,
+                       out_dir)
+    print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
+    print(summary_table(summary))
+    print(f"scores: {Path(out_dir) / 'summary.json'}")
+    return summary
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from umerl.config import load_recipe
+    from umerl.evaluate import EvalSettings, parse_modes
+    from umerl.tasks import resolve_tasks
+
+    cfg = load_recipe(args.recipe, args.overrides)
+    checkpoint = cfg.model.path or ensure_tiny_model(cfg.model.tiny)
+    settings = EvalSettings(
+        modes=parse_modes(list(cfg.eval.modes)), pass_k=tuple(cfg.eval.pass_k),
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.seed,
+        save_embeddings=cfg.eval.save_embeddings, skip_invalid=cfg.data.skip_invalid,
+    )
+    specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
+                          cfg.data.benchmark_seed)
+    run_eval(checkpoint, specs, settings, cfg.eval.out_dir or Path(cfg.output_dir) / "eval",
+             cfg.model.dtype)
+    return 0
+
+
+def ensure_tiny_model(tiny_cfg) -> str:
+    """Build the tiny model once; later runs reuse the folder."""
+    from umerl.tiny import build_tiny_model
+
+    out = Path(tiny_cfg.dir)
+    if not (out / "config.json").is_file():
+        print(f"building the tiny {tiny_cfg.family} model into {out} ...", flush=True)
+        build_tiny_model(out, family=tiny_cfg.family, seed=tiny_cfg.seed)
+    return str(out)
+
+
+def _cmd_build_tiny(args: argparse.Namespace) -> int:
+    from umerl.tiny import build_tiny_model
+
+    path = build_tiny_model(args.out, family=args.family, seed=args.seed)
+    print(f"tiny {args.family} model written to {path}")
+    return 0
+
+
+def _cmd_build_benchmark(args: argparse.Namespace) -> int:
+    from umerl.tasks import ensure_benchmark
+
+    print(f"benchmark manifest: {ensure_benchmark(args.out, args.seed)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""MMEB-V2-style evaluation: disc and gen modes, the oracle, and pass@k.
+
+For each task: embed every query and every unique candidate in the modes asked for, rank each
+query's pool (its own candidates for ``local`` tasks, all unique candidates for ``global`` ones)
+by cosine similarity, and score with ``umerl.metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rollout.engine import RolloutEngine, SamplingParams
+from umerl import metrics
+from umerl.data import EvalQuery, Side, read_eval_queries
+from umerl.embed import disc_embeddings, gen_embeddings
+from umerl.model import PolicyBundle
+from umerl.tasks import TaskSpec
+
+MODES = ("disc", "gen")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    modes: tuple[tuple[str, str], ...] = (("disc", "disc"), ("gen", "gen"))
+    pass_k: tuple[int, ...] = (1, 2, 4)
+    batch_size: int = 16
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    save_embeddings: bool = False
+    skip_invalid: bool = False
+
+
+def parse_modes(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``["disc:disc", "gen:gen"]`` -> pairs of (query mode, target mode)."""
+    modes = []
+    for item in items:
+        parts = item.split(":")
+        if len(parts) != 2 or any(p not in MODES for p in parts):
+            raise ValueError(f"mode '{item}' must be query:target with each of {MODES}")
+        modes.append((parts[0], parts[1]))
+    if not modes:
+        raise ValueError("at least one mode is needed")
+    return tuple(modes)
+
+
+def mode_name(mode: tuple[str, str]) -> str:
+    return mode[0] if mode[0] == mode[1] else f"{mode[0]}->{mode[1]}"
+
+
+@dataclass
+class TaskPools:
+    """A task's queries, its unique candidates, and each query's pool over them."""
+
+    queries: list[Side]
+    candidates: list[Side]
+    pools: list[np.ndarray]  # per query: indices into candidates
+    relevance: list[np.ndarray]  # per query: grade of each pool entry
+
+
+def build_pools(items: Sequence[EvalQuery], pool: str) -> TaskPools:
+    """Merge identical candidates (MMEB dedups by candidate name) and lay out each pool."""
+    index: dict[str, int] = {}
+    candidates: list[Side] = []
+    per_query: list[dict[int, float]] = []
+    for item in items:
+        grades: dict[int, float] = {}
+        for side, grade in zip(item.candidates, item.relevance):
+            idx = index.setdefault(side.key(), len(candidates))
+            if idx == len(candidates):
+                candidates.append(side)
+            grades[idx] = max(grades.get(idx, 0.0), grade)
+        per_query.append(grades)
+    pools, relevance = [], []
+    everything = np.arange(len(candidates))
+    for grades in per_query:
+        members = everything if pool == "global" else np.array(list(grades))
+        pools.append(members)
+        relevance.append(np.array([grades.get(int(i), 0.0) for i in members]))
+    return TaskPools([item.query for item in items], candidates, pools, relevance)
+
+
+@dataclass
+class TaskResult:
+    spec: TaskSpec
+    num_queries: int
+    num_candidates: int
+    per_mode: dict[str, dict[str, float]] = field(default_factory=dict)
+    pass_at_k: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def headline(self, mode: str) -> float:
+        return self.per_mode[mode][self.spec.metric]
+
+
+class Evaluator:
+    """Embeds with one policy and scores tasks; caches embeddings per task and mode."""
+
+    def __init__(self, bundle: PolicyBundle, engine: RolloutEngine, settings: EvalSettings):
+        self.bundle = bundle
+        self.engine = engine
+        self.settings = settings
+
+    def embed(self, sides: Sequence[Side], mode: str, label: str) -> tuple[np.ndarray, list]:
+        """[N, d] embeddings in ``mode`` (gen: greedy decoding) and the completions written."""
+        s = self.settings
+        with tqdm(total=len(sides), desc=f"{label} [{mode}]", unit="input", leave=False) as bar:
+            if mode == "disc":
+                emb = disc_embeddings(self.bundle, sides, s.batch_size, progress=bar.update)
+                return emb.numpy(), []
+            greedy = SamplingParams(max_new_tokens=s.max_new_tokens, do_sample=False)
+            out = gen_embeddings(
+                self.bundle, self.engine, sides, 1, greedy, s.batch_size, progress=bar.update
+            )
+        return out.embeddings[:, 0].numpy(), [c[0] for c in out.completions]
+
+    def sample_queries(self, sides: Sequence[Side], n: int, label: str) -> np.ndarray:
+        """[N, n, d] sampled generative query embeddings for pass@k."""
+        s = self.settings
+        sampling = SamplingParams(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+            seed=s.seed,
+        )
+        with tqdm(total=len(sides), desc=f"{label} [gen x{n}]", unit="input", leave=False) as bar:
+            out = gen_embeddings(
+                self.bundle, self.engine, sides, n, sampling, s.batch_size, progress=bar.update
+            )
+        return out.embeddings.numpy()
+
+    def run_task(self, spec: TaskSpec, out_dir: Path | None) -> TaskResult:
+        start = time.perf_counter()
+        items, report = read_eval_queries(spec.path, skip_invalid=self.settings.skip_invalid)
+        if report.skipped:
+            print(f"warning: {report.summary()}", flush=True)
+        pools = build_pools(items, spec.pool)
+        result = TaskResult(spec, len(pools.queries), len(pools.candidates))
+        query_emb, cand_emb, completions = self._embed_all(spec.name, pools)
+        per_query = {}
+        for mode in self.settings.modes:
+            scores = [cand_emb[mode[1]][pool] @ q for q, pool in
+                      zip(query_emb[mode[0]], pools.pools)]
+            per_query[mode_name(mode)] = metrics.score_queries(scores, pools.relevance)
+            result.per_mode[mode_name(mode)] = metrics.mean_metrics(per_query[mode_name(mode)])
+        if len(per_query) > 1:
+            result.per_mode["oracle"] = metrics.mean_metrics(_oracle(list(per_query.values())))
+        if self.settings.pass_k:
+            result.pass_at_k = self._pass_at_k(spec.name, pools, cand_emb)
+        result.seconds = time.perf_counter() - start
+        if out_dir is not None:
+            self._write_task(out_dir, spec, pools, result, query_emb, cand_emb, completions)
+        return result
+
+    def _embed_all(self, label: str, pools: TaskPools) -> tuple[dict, dict, dict]:
+        query_modes = sorted({m[0] for m in self.settings.modes})
+        target_modes = {m[1] for m in self.settings.modes}
+        if self.settings.pass_k:
+            target_modes.add("gen")  # pass@k ranks sampled gen queries against gen targets
+        query_emb, cand_emb, completions = {}, {}, {}
+        for mode in query_modes:
+            query_emb[mode], completions[f"query_{mode}"] = self.embed(
+                pools.queries, mode, f"{label} queries"
+            )
+        for mode in sorted(target_modes):
+            cand_emb[mode], completions[f"candidate_{mode}"] = self.embed(
+                pools.candidates, mode, f"{label} candidates"
+            )
+        return query_emb, cand_emb, completions
+
+    def _pass_at_k(self, label: str, pools: TaskPools, cand_emb: dict) -> dict[str, float]:
+        n = max(self.settings.pass_k)
+        samples = self.sample_queries(pools.queries, n, f"{label} queries")
+        correct = np.array([
+            metrics.num_first_hits(samples[i] @ cand_emb["gen"][pool].T, rel)
+            for i, (pool, rel) in enumerate(zip(pools.pools, pools.relevance))
+        ])
+        return {f"pass@{k}": metrics.pass_at_k(correct, n, k) for k in self.settings.pass_k}
+
+    def _write_task(self, out_dir: Path, spec: TaskSpec, pools: TaskPools, result: TaskResult,
+                    query_emb: dict, cand_emb: dict, completions: dict) -> None:
+        for mode, values in result.per_mode.items():
+            _write_json(out_dir / mode / f"{spec.name}_score.json", values)
+        if any(completions.values()):
+            _write_json(out_dir / "completions" / f"{spec.name}.json",
+                        {k: v for k, v in completions.items() if v})
+        if self.settings.save_embeddings:
+            _save_embeddings(out_dir / "embeddings", spec.name, pools, query_emb, cand_emb)
+
+
+def _oracle(per_query: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    best = per_query[0]
+    for other in per_query[1:]:
+        best = metrics.oracle(best, other)
+    return best
+
+
+def _save_embeddings(directory: Path, name: str, pools: TaskPools,
+                     query_emb: dict, cand_emb: dict) -> None:
+    """Everything needed to recompute the scores without the model."""
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {f"query_{m}": v for m, v in query_emb.items()}
+    arrays.update({f"candidate_{m}": v for m, v in cand_emb.items()})
+    np.savez(directory / f"{name}.npz", **arrays)
+    _write_json(directory / f"{name}.json", {
+        "candidate_ids": [c.key() for c in pools.candidates],
+        "pools": [p.tolist() for p in pools.pools],
+        "relevance": [r.tolist() for r in pools.relevance],
+    })
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def summarize(results: Sequence[TaskResult], settings: EvalSettings) -> dict[str, Any]:
+    """Per task headline scores per mode, then per-modality and overall plain means."""
+    modality = {r.spec.name: r.spec.modality for r in results}
+    columns = list(results[0].per_mode) if results else []
+    summary: dict[str, Any] = {"tasks": {}, "modes": {}}
+    for r in results:
+        summary["tasks"][r.spec.name] = {
+            "modality": r.spec.modality, "pool": r.spec.pool, "metric": r.spec.metric,
+            "num_queries": r.num_queries, "num_candidates": r.num_candidates,
+            "scores": {mode: r.headline(mode) for mode in columns},
+            "pass_at_k": r.pass_at_k, "seconds": round(r.seconds, 2),
+        }
+    for mode in columns:
+        summary["modes"][mode] = metrics.summarize(
+            {r.spec.name: r.headline(mode) for r in results}, modality
+        )
+    for key in results[0].pass_at_k if results else []:
+        summary["modes"][key] = metrics.summarize(
+            {r.spec.name: r.pass_at_k[key] for r in results}, modality
+        )
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """Tasks, then modality means, then the overall mean; one column per mode and pass@k."""
+    columns = list(summary["modes"])
+    rows = []
+    for name, task in summary["tasks"].items():
+        row: dict[str, object] = {"task": f"{name} ({task['modality']}, {task['metric']})"}
+        row.update(task["scores"])
+        row.update(task["pass_at_k"])
+        rows.append(row)
+    modalities = sorted({t["modality"] for t in summary["tasks"].values()})
+    for modality in modalities:
+        row = {"task": f"mean: {modality}"}
+        row.update({c: summary["modes"][c]["per_modality"].get(modality) for c in columns})
+        rows.append(row)
+    rows.append({"task": "overall", **{c: summary["modes"][c]["overall"] for c in columns}})
+    return metrics.format_table(rows, ["task", *columns])
+
+
+def evaluate(
+    bundle: PolicyBundle,
+    engine: RolloutEngine,
+    specs: Sequence[TaskSpec],
+    settings: EvalSettings,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate every task; write per-task score JSON and summary.json when out_dir is set."""
+    torch.manual_seed(settings.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    start = time.perf_counter()
+    results = []
+    for i, spec in enumerate(specs, start=1):
+        print(f"[{i}/{len(specs)}] {spec.name}: {spec.path}", flush=True)
+        results.append(Evaluator(bundle, engine, settings).run_task(spec, out))
+    summary = summarize(results, settings)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    if out is not None:
+        _write_json(out / "summary.json", summary)
+    return summary

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from umerl.tokens import GEN_EMB
 
@@ -246,11 +247,10 @@ def _parse_candidates(record: dict[str, Any], ctx: _Context) -> tuple[Side, ...]
     for i, (text, img) in enumerate(zip(texts, img_paths)):
         if not isinstance(text, str) or not isinstance(img, str):
             raise ctx.fail(f"candidate {i}: 'tgt_text' and 'tgt_img_path' entries must be strings")
-        images = (_resolve_media(img, f"tgt_img_path[{i}]", ctx),) if img else ()
-        side_text = join_instruction(tgt_inst, text) if text or not images else tgt_inst.strip()
-        if not text.strip() and not images:
+        if not text.strip() and not img:
             raise ctx.fail(f"empty candidate {i}: no tgt_text and no tgt_img_path")
-        candidates.append(Side(text=side_text, images=images))
+        images = (_resolve_media(img, f"tgt_img_path[{i}]", ctx),) if img else ()
+        candidates.append(Side(text=join_instruction(tgt_inst, text), images=images))
     return tuple(candidates)
 
 

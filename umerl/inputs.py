@@ -7,9 +7,10 @@ token ids, into one batch the model and ``generate`` both accept.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,9 @@ class InputEncoder:
         return batch
 
 
-def video_patches(frames: list[Image.Image], image_processor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def video_patches(
+    frames: list[Image.Image], image_processor: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen-VL video patches from frames, laid out as the image processor lays out one image.
 
     Frames share the first frame's resized size; an odd frame count repeats the last frame so

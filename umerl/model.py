@@ -63,8 +63,12 @@ def load_policy(
     path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
 ) -> PolicyBundle:
     """Load model, tokenizer and image processor from a Hugging Face folder, offline."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText
-    from transformers import AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageTextToText,
+        AutoTokenizer,
+    )
 
     path = Path(path)
     if not (path / "config.json").is_file():

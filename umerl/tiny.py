@@ -16,7 +16,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from umerl.tokens import (
     DISC_EMB,
@@ -31,6 +31,21 @@ from umerl.tokens import (
     VISION_END,
     VISION_START,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import (
+        PreTrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+# torch and transformers are imported inside the functions: `umerl.cli` imports this module
+# and transformers alone takes seconds to import.
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -53,9 +68,10 @@ _SPLIT_PATTERN = (
 # the corpus (and so the tokenizer) is the same on every run of the same Python.
 _STDLIB_CHAR_CAP = 3_000_000
 # Repeats make common English words win merges against the much larger Python corpus.
-_ENGLISH_REPEATS = 40
+_ENGLISH_REPEATS = 100
 
 _ENGLISH_TEXT = """\
+You are a helpful assistant. The system, the user and the assistant take turns in a chat.
 The quick brown fox jumps over the lazy dog. A picture is worth a thousand words.
 Represent the given image for classification. Represent the given video for retrieval.
 Represent the given text. Find an image that matches the given text. Find a video that
@@ -141,11 +157,11 @@ def _training_corpus() -> list[str]:
     return texts + [_ENGLISH_TEXT] * _ENGLISH_REPEATS
 
 
-def build_tiny_tokenizer(vocab_size: int = 2048) -> Any:
+def build_tiny_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (Qwen2-style pre-tokenizer) and wrap it with the Qwen chat setup.
 
     The `vocab_size` learned tokens get ids 0..vocab_size-1; the Qwen special tokens follow, as
-    in a real Qwen vocabulary. Returns a `PreTrainedTokenizerFast`.
+    in a real Qwen vocabulary.
     """
     from tokenizers import (
         AddedToken,
@@ -177,9 +193,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048) -> Any:
     bpe.train_from_iterator(_training_corpus(), trainer=trainer)
     # Added before wrapping so the ids follow Qwen's order (<|endoftext|> first), whatever
     # order the wrapper registers eos/pad in.
-    bpe.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
-    )
+    bpe.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -197,7 +211,7 @@ def build_tiny_tokenizer(vocab_size: int = 2048) -> Any:
     return tokenizer
 
 
-def model_class_for(model_type: Any) -> type:
+def model_class_for(model_type: str | PreTrainedConfig) -> type[PreTrainedModel]:
     """The `*ForConditionalGeneration` class for a config's `model_type` (or a config object)."""
     import transformers
 
@@ -209,9 +223,7 @@ def model_class_for(model_type: Any) -> type:
         "qwen3_vl": "Qwen3VLForConditionalGeneration",
     }
     if model_type not in classes:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}"
-        )
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(FAMILIES)}")
     return getattr(transformers, classes[model_type])
 
 
@@ -225,7 +237,9 @@ def _patch_size(family: str) -> int:
     return 16 if family == "qwen3_vl" else 14
 
 
-def _model_config(family: str, tokenizer: Any) -> Any:
+def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
+    """The tiny model config of `family`, with vocabulary and token ids from `tokenizer`."""
+    _check_family(family)
     import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -251,8 +265,8 @@ def _model_config(family: str, tokenizer: Any) -> Any:
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
     }
-    # M-RoPE splits head_dim/2 rotary frequencies between (t, h, w); same 2:3:3 shape as Qwen2-VL's
-    # [16, 24, 24] and Qwen3-VL's [24, 20, 20] scaled to head_dim 32.
+    # M-RoPE shares head_dim/2 = 16 rotary frequencies between (t, h, w), so mrope_section must
+    # sum to 16: Qwen2-VL's [16, 24, 24] and Qwen3-VL's [24, 20, 20] scaled down from 64.
     if family == "qwen3_vl":
         text |= {
             "head_dim": head_dim,
@@ -306,7 +320,9 @@ def _model_config(family: str, tokenizer: Any) -> Any:
     )
 
 
-def _image_processor(family: str) -> Any:
+def tiny_image_processor(family: str) -> Qwen2VLImageProcessorPil:
+    """The PIL Qwen2-VL image processor matching the tiny `family` vision tower."""
+    _check_family(family)
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -316,7 +332,8 @@ def _image_processor(family: str) -> Any:
     extra = {}
     if family == "qwen3_vl":
         extra = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}  # Qwen3-VL's
-    # min: one merged token (a 28x28 image); max: 4x4 merged tokens keeps the tower cheap.
+    # At least one merged token (28x28 px at patch 14) and at most 4x4 merged tokens (112x112
+    # px), so any image costs the tiny vision tower 4 to 64 patches.
     return Qwen2VLImageProcessorPil(
         patch_size=patch,
         merge_size=2,
@@ -331,7 +348,7 @@ def build_tiny_model(
     out_dir: str | Path,
     family: str = "qwen2_vl",
     seed: int = 0,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
     """Build a randomly initialised tiny `family` model and save a complete checkpoint to out_dir.
 
@@ -346,31 +363,31 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     if tokenizer is None:
         tokenizer = build_tiny_tokenizer()
-    config = _model_config(family, tokenizer)
+    config = tiny_config(family, tokenizer)
     torch.manual_seed(seed)
     model = model_class_for(config.model_type)(config)
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    model.generation_config = GenerationConfig(
-        bos_token_id=pad, eos_token_id=eos, pad_token_id=pad
-    )
+    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    _image_processor(family).save_pretrained(out_dir)
+    tiny_image_processor(family).save_pretrained(out_dir)
     marker = {"family": family, "seed": seed, "vocab_size": len(tokenizer)}
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out_dir
 
 
-def count_parameters(model: Any) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: build a tiny checkpoint and print its parameter count and build time."""
-    parser = argparse.ArgumentParser(prog="python -m umerl.tiny", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m umerl.tiny", description="Build a tiny offline Qwen-VL checkpoint."
+    )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--family", choices=FAMILIES, default="qwen2_vl")
     parser.add_argument("--seed", type=int, default=0)
@@ -383,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = AutoConfig.from_pretrained(out_dir)
     model = model_class_for(config.model_type).from_pretrained(out_dir)
-    print(f"{args.family}: {count_parameters(model):,} parameters, built in {seconds:.2f} s -> {out_dir}")
+    params = count_parameters(model)
+    print(f"{args.family}: {params:,} parameters, built in {seconds:.2f} s -> {out_dir}")
     return 0
 
 

@@ -1,0 +1,34 @@
+"""Shared fixtures: the tiny offline model and the bundled benchmark, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from umerl.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2_vl", family="qwen2_vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_dir: Path):
+    from umerl.model import load_policy
+
+    return load_policy(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def benchmark_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from umerl.tasks import ensure_benchmark
+
+    return ensure_benchmark(tmp_path_factory.mktemp("bench") / "umerl-mini")

@@ -1,0 +1,52 @@
+"""Recipes: defaults + file + overrides; unknown keys and bad values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from umerl.config import ConfigError, load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_shipped_recipe_loads_and_names_its_command() -> None:
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        cfg = load_recipe(recipe)
+        assert cfg.seed is not None
+        header = recipe.read_text().splitlines()[:6]
+        assert any("umerl" in line or "make run" in line for line in header), recipe
+
+
+def test_overrides_win_over_recipe_and_defaults() -> None:
+    cfg = load_recipe(REPO / "recipes" / "cpu_tiny.yaml",
+                      ["eval.pass_k=[1,8]", "model.tiny.family=qwen3_vl", "seed=7"])
+    assert list(cfg.eval.pass_k) == [1, 8]
+    assert cfg.model.tiny.family == "qwen3_vl" and cfg.seed == 7
+    assert cfg.eval.split == "test"  # untouched keys keep the recipe's / defaults' values
+
+
+def test_unknown_key_in_a_recipe_names_key_and_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("eval:\n  passk: [1]\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'eval.passk'"):
+        load_recipe(recipe)
+
+
+def test_unknown_override_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"command line: unknown config key 'model.tinyy'"):
+        load_recipe(None, ["model.tinyy.family=x"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_recipe(None, ["eval.split"])
+
+
+def test_broken_yaml_is_named(tmp_path: Path) -> None:
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("eval: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_recipe(recipe)
+    with pytest.raises(ConfigError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")

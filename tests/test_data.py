@@ -1,0 +1,167 @@
+"""The JSONL readers: good records parse; every bad-input case names its file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from umerl.data import DataError, read_eval_queries, read_rl_pairs, read_sft_pairs
+from umerl.tokens import format_completion
+
+COMPLETION = format_completion("a cat on a mat", "a cat")
+
+
+@pytest.fixture()
+def media(tmp_path: Path) -> Path:
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "cat.png")
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, i, i)).save(tmp_path / f"frame{i}.png")
+    return tmp_path
+
+
+def write_lines(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def sft_record(**changes) -> dict:
+    record = {
+        "id": "p0", "task": "toy",
+        "query": {"text": "find the cat", "images": ["cat.png"], "completion": COMPLETION},
+        "target": {"text": "a cat", "completion": COMPLETION},
+    }
+    record.update(changes)
+    return record
+
+
+def mmeb_record(**changes) -> dict:
+    record = {
+        "qry_inst": "Represent the given image.", "qry_text": "", "qry_img_path": "cat.png",
+        "tgt_inst": "Represent the label.", "tgt_text": ["cat", "dog", "bird"],
+        "tgt_img_path": ["", "", ""],
+    }
+    record.update(changes)
+    return record
+
+
+def test_sft_pairs_parse_with_media_resolved(media: Path) -> None:
+    path = write_lines(media / "sft.jsonl", [
+        sft_record(),
+        sft_record(id="p1", query={"video": ["frame0.png", "frame1.png", "frame2.png"],
+                                   "completion": COMPLETION}),
+    ])
+    pairs, report = read_sft_pairs(path)
+    assert report.kept == 2 and not report.skipped
+    assert pairs[0].query.images == (str(media / "cat.png"),)
+    assert pairs[0].target.is_text_only and pairs[0].target.completion == COMPLETION
+    assert len(pairs[1].query.video) == 3 and pairs[1].query.text == ""
+
+
+def test_rl_pairs_need_no_completion(media: Path) -> None:
+    record = sft_record()
+    del record["query"]["completion"], record["target"]["completion"]
+    pairs, _ = read_rl_pairs(write_lines(media / "rl.jsonl", [record]))
+    assert pairs[0].query.completion is None
+
+
+def test_media_root_overrides_the_files_folder(media: Path, tmp_path_factory) -> None:
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    path = write_lines(elsewhere / "sft.jsonl", [sft_record()])
+    with pytest.raises(DataError, match="missing media"):
+        read_sft_pairs(path)
+    pairs, _ = read_sft_pairs(path, media_root=media)
+    assert pairs[0].query.images == (str(media / "cat.png"),)
+
+
+BAD_SFT = [
+    ("{not json", r"sft.jsonl:2: malformed JSON"),
+    ("[1, 2]", r"sft.jsonl:2: expected a JSON object"),
+    (sft_record(query={"text": "", "completion": COMPLETION}), r"sft.jsonl:2: empty side 'query'"),
+    (sft_record(query={"text": "x", "images": ["nope.png"], "completion": COMPLETION}),
+     r"sft.jsonl:2: query: missing media file for 'images\[0\]'"),
+    (sft_record(query={"text": 5, "completion": COMPLETION}),
+     r"sft.jsonl:2: query: field 'text' must be str, got int"),
+    (sft_record(query={"text": "x", "images": "cat.png", "completion": COMPLETION}),
+     r"sft.jsonl:2: query: field 'images' must be list"),
+    (sft_record(target={"text": "a cat"}), r"sft.jsonl:2: target: missing field 'completion'"),
+    (sft_record(target={"text": "a cat", "completion": "<answer>cat</answer>"}),
+     r"sft.jsonl:2: target: completion does not match"),
+    (sft_record(task=None), r"sft.jsonl:2: field 'task' must be str, got NoneType"),
+    ({"id": "x", "task": "t", "query": {"text": "q", "completion": COMPLETION}},
+     r"sft.jsonl:2: missing field 'target'"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_SFT)
+def test_bad_sft_lines_name_file_and_line(media: Path, bad, message: str) -> None:
+    path = write_lines(media / "sft.jsonl", [sft_record(), bad])
+    with pytest.raises(DataError, match=message):
+        read_sft_pairs(path)
+
+
+def test_skip_invalid_counts_and_reports(media: Path) -> None:
+    path = write_lines(media / "sft.jsonl", [sft_record(), "{oops", sft_record(id="p2"),
+                                             sft_record(query={"text": ""})])
+    pairs, report = read_sft_pairs(path, skip_invalid=True)
+    assert [p.id for p in pairs] == ["p0", "p2"]
+    assert len(report.skipped) == 2
+    assert report.skipped[0].endswith("malformed JSON (Expecting property name enclosed in "
+                                      "double quotes at column 2)")
+    assert "sft.jsonl:4:" in report.skipped[1]
+    assert "2 skipped" in report.summary()
+
+
+def test_all_lines_bad_is_an_error_even_when_skipping(media: Path) -> None:
+    path = write_lines(media / "sft.jsonl", ["{oops"])
+    with pytest.raises(DataError, match="no valid records"):
+        read_sft_pairs(path, skip_invalid=True)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="nothere.jsonl: no such file"):
+        read_rl_pairs(tmp_path / "nothere.jsonl")
+
+
+def test_mmeb_queries_default_relevance_positive_first(media: Path) -> None:
+    items, _ = read_eval_queries(write_lines(media / "task.jsonl", [mmeb_record()]))
+    item = items[0]
+    assert item.query.text == "Represent the given image."
+    assert item.query.images == (str(media / "cat.png"),)
+    assert [c.text for c in item.candidates] == [
+        "Represent the label.\ncat", "Represent the label.\ndog", "Represent the label.\nbird"]
+    assert item.relevance == (1.0, 0.0, 0.0)
+
+
+def test_mmeb_graded_relevance_and_image_candidates(media: Path) -> None:
+    record = mmeb_record(qry_text="a cat", qry_img_path="", tgt_text=["", "cat"],
+                         tgt_img_path=["cat.png", ""], rel_scores=[2, 0.5])
+    items, _ = read_eval_queries(write_lines(media / "task.jsonl", [record]))
+    assert items[0].query.text == "Represent the given image.\na cat"
+    assert items[0].candidates[0].images == (str(media / "cat.png"),)
+    assert items[0].candidates[0].text == "Represent the label."
+    assert items[0].relevance == (2.0, 0.5)
+
+
+BAD_MMEB = [
+    (mmeb_record(tgt_img_path=["", ""]), "'tgt_img_path' has 2 entries but 'tgt_text' has 3"),
+    (mmeb_record(tgt_text=[]), "'tgt_text' is empty"),
+    (mmeb_record(qry_img_path="missing.png"), "missing media file for 'qry_img_path'"),
+    (mmeb_record(rel_scores=[1, 0]), "'rel_scores' has 2 entries but there are 3 candidates"),
+    (mmeb_record(rel_scores=[0, 0, 0]), "no relevant candidate"),
+    (mmeb_record(rel_scores=[1, "high", 0]), r"'rel_scores\[1\]' must be a number"),
+    (mmeb_record(qry_inst="", qry_img_path=""), "empty query"),
+    (mmeb_record(tgt_text=["cat", 3, "bird"]), "candidate 1: 'tgt_text' and 'tgt_img_path'"),
+    (mmeb_record(tgt_inst="", tgt_text=["cat", "", "bird"]), "empty candidate 1"),
+    (mmeb_record(tgt_text="cat"), "field 'tgt_text' must be list, got str"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_MMEB)
+def test_bad_mmeb_lines_name_file_and_line(media: Path, bad: dict, message: str) -> None:
+    path = write_lines(media / "task.jsonl", [mmeb_record(), mmeb_record(), bad])
+    with pytest.raises(DataError, match=rf"task.jsonl:3: .*{message}"):
+        read_eval_queries(path)

@@ -1,0 +1,112 @@
+"""Evaluation: pools, the `umerl eval` command end to end, and recomputing its scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from umerl.cli import main
+from umerl.data import EvalQuery, Side
+from umerl.evaluate import build_pools, parse_modes
+
+
+def test_local_pools_merge_duplicates_and_keep_grades_aligned() -> None:
+    a, b, c = Side(text="a"), Side(text="b"), Side(text="c")
+    items = [EvalQuery(Side(text="q1"), (a, b, c), (1.0, 0.0, 0.0)),
+             EvalQuery(Side(text="q2"), (c, a), (2.0, 0.5))]
+    pools = build_pools(items, "local")
+    assert [s.text for s in pools.candidates] == ["a", "b", "c"]
+    assert [p.tolist() for p in pools.pools] == [[0, 1, 2], [2, 0]]
+    assert [r.tolist() for r in pools.relevance] == [[1.0, 0.0, 0.0], [2.0, 0.5]]
+
+
+def test_global_pools_rank_against_every_unique_candidate() -> None:
+    a, b, c = Side(text="a"), Side(text="b"), Side(text="c")
+    items = [EvalQuery(Side(text="q1"), (a, b), (1.0, 0.0)),
+             EvalQuery(Side(text="q2"), (c,), (3.0,))]
+    pools = build_pools(items, "global")
+    assert [p.tolist() for p in pools.pools] == [[0, 1, 2], [0, 1, 2]]
+    assert [r.tolist() for r in pools.relevance] == [[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]]
+
+
+def test_modes_are_validated() -> None:
+    assert parse_modes(["disc:gen"]) == (("disc", "gen"),)
+    with pytest.raises(ValueError, match="query:target"):
+        parse_modes(["disc"])
+    with pytest.raises(ValueError, match="query:target"):
+        parse_modes(["gen:text"])
+
+
+@pytest.fixture(scope="module")
+def toy_task(tmp_path_factory) -> Path:
+    """A small local-pool task: colour patches against colour names."""
+    root = tmp_path_factory.mktemp("toy")
+    colours = {"red": (220, 20, 20), "green": (20, 180, 20), "blue": (20, 20, 220),
+               "yellow": (230, 230, 0)}
+    names = list(colours)
+    lines = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        Image.new("RGB", (40, 40), rgb).save(root / f"{name}.png")
+        others = [n for n in names if n != name]
+        lines.append(json.dumps({
+            "qry_inst": "Represent the given image.", "qry_text": "", "qry_img_path": f"{name}.png",
+            "tgt_inst": "Represent the colour name.", "tgt_text": [name, *others],
+            "tgt_img_path": [""] * len(names), "rel_scores": [2, 1, 0, 0] if i == 0 else None,
+        }))
+    text = "\n".join(line.replace(', "rel_scores": null', "") for line in lines) + "\n"
+    (root / "colours.jsonl").write_text(text, encoding="utf-8")
+    return root / "colours.jsonl"
+
+
+def test_umerl_eval_writes_scores_that_recompute_from_saved_embeddings(
+    tiny_model_dir: Path, toy_task: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "eval"
+    code = main(["eval", str(tiny_model_dir), str(toy_task), "--out", str(out),
+                 "--pass-k", "1", "2", "--max-new-tokens", "6", "--save-embeddings"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for column in ("disc", "gen", "oracle", "pass@1", "pass@2", "overall"):
+        assert column in printed
+    summary = json.loads((out / "summary.json").read_text())
+    task = summary["tasks"]["colours"]
+    assert task["num_queries"] == 4 and task["num_candidates"] == 4
+    assert set(task["scores"]) == {"disc", "gen", "oracle"}
+    assert task["scores"]["oracle"] >= max(task["scores"]["disc"], task["scores"]["gen"])
+    assert 0.0 <= task["pass_at_k"]["pass@1"] <= task["pass_at_k"]["pass@2"] <= 1.0
+    for mode in ("disc", "gen", "oracle"):
+        scores = json.loads((out / mode / "colours_score.json").read_text())
+        assert {"hit@1", "ndcg_linear@5", "hit@5", "ndcg_linear@10"} <= set(scores)
+
+    # Anyone can recompute the scores from the saved embeddings, without the model.
+    arrays = np.load(out / "embeddings" / "colours.npz")
+    layout = json.loads((out / "embeddings" / "colours.json").read_text())
+    assert len(layout["candidate_ids"]) == 4
+    for mode in ("disc", "gen"):
+        q, c = arrays[f"query_{mode}"], arrays[f"candidate_{mode}"]
+        hits, ndcgs = [], []
+        for i, (pool, rel) in enumerate(zip(layout["pools"], layout["relevance"])):
+            sims = c[pool] @ q[i]
+            order = sorted(range(len(pool)), key=lambda j: (-sims[j], j))
+            hits.append(float(rel[order[0]] > 0))
+            dcg = sum(rel[j] / np.log2(r + 2) for r, j in enumerate(order[:5]))
+            ideal = sum(g / np.log2(r + 2) for r, g in enumerate(sorted(rel, reverse=True)[:5]))
+            ndcgs.append(dcg / ideal)
+        scores = json.loads((out / mode / "colours_score.json").read_text())
+        assert scores["hit@1"] == pytest.approx(np.mean(hits), abs=1e-9)
+        assert scores["ndcg_linear@5"] == pytest.approx(np.mean(ndcgs), abs=1e-6)
+    completions = json.loads((out / "completions" / "colours.json").read_text())
+    assert len(completions["query_gen"]) == 4
+
+
+def test_eval_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(tiny_model_dir), str(tmp_path / "missing.jsonl")]) == 2
+    assert "task file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"qry_text": "x", "tgt_text": "oops"}\n')
+    assert main(["eval", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:1: field 'tgt_text' must be list" in capsys.readouterr().err

@@ -201,3 +201,26 @@ def test_checkpoint_without_config_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_policy(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_every_family_embeds_text_images_and_video(family, media, tmp_path_factory) -> None:
+    from umerl.model import load_policy
+    from umerl.tiny import build_tiny_model
+
+    bundle = load_policy(build_tiny_model(tmp_path_factory.mktemp(family) / "m", family=family))
+    family_sides = [
+        Side(text="text only"),
+        Side(text="an image", images=(media["red"],)),
+        Side(text="three frames", video=tuple(media[f"frame{i}"] for i in range(3))),
+        Side(text="four frames", video=tuple(media[f"frame{i}"] for i in range(4))),
+    ]
+    batched = disc_embeddings(bundle, family_sides, batch_size=4)
+    single = disc_embeddings(bundle, family_sides, batch_size=1)
+    assert torch.allclose(batched, single, atol=1e-5)
+    hidden, ids = manual_hidden(bundle, family_sides[2])
+    position = len(ids) - 1 - ids[::-1].index(bundle.disc_id)
+    assert torch.allclose(single[2], F.normalize(hidden[position], dim=-1), atol=1e-5)
+    engine = TransformersEngine(bundle)
+    out = gen_embeddings(bundle, engine, family_sides, 2, SamplingParams(max_new_tokens=4))
+    assert out.embeddings.shape == (4, 2, bundle.hidden_size)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from umerl.data import Side
 from umerl.prompts import BLANK_IMAGE_SIZE, render_prompt
-from umerl.tokens import IMAGE_PAD, VIDEO_PAD
+from umerl.tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values the Qwen-VL M-RoPE expects
 
@@ -47,9 +47,15 @@ def load_image(path: str) -> Image.Image:
 class InputEncoder:
     """Encodes sides for one tokenizer + image processor pair."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any):
+    def __init__(
+        self, tokenizer: Any, image_processor: Any, model_type: str = "qwen2_vl",
+        video_fps: float = 1.0,
+    ):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
+        self.model_type = model_type
+        # Frame lists carry no timing; Qwen3-VL's prompt states each temporal patch's time.
+        self.video_fps = video_fps
         self.merge_size = int(image_processor.merge_size)
         self.image_pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.video_pad_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
@@ -69,7 +75,10 @@ class InputEncoder:
             prompt.pixel_values_videos, prompt.video_grid_thw = video_patches(
                 frames, self.image_processor
             )
-            text = self._expand(text, VIDEO_PAD, prompt.video_grid_thw)
+            if self.model_type == "qwen3_vl":
+                text = self._expand_timed_video(text, prompt.video_grid_thw[0], len(frames))
+            else:
+                text = self._expand(text, VIDEO_PAD, prompt.video_grid_thw)
         prompt.input_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return prompt
 
@@ -83,6 +92,21 @@ class InputEncoder:
         for count, piece in zip(counts, pieces[1:]):
             out += pad * count + piece
         return out
+
+    def _expand_timed_video(self, text: str, grid: torch.Tensor, num_frames: int) -> str:
+        """Qwen3-VL reads a video as one vision block per temporal patch, each preceded by its
+        time in seconds (the mean time of the frames it holds)."""
+        temporal = int(self.image_processor.temporal_patch_size)
+        per_patch = int(grid[1] * grid[2]) // self.merge_size**2
+        blocks = []
+        for t in range(int(grid[0])):
+            frames = [min(f, num_frames - 1) for f in range(t * temporal, (t + 1) * temporal)]
+            seconds = sum(frames) / len(frames) / self.video_fps
+            blocks.append(f"<{seconds:.1f} seconds>{VISION_START}{VIDEO_PAD * per_patch}"
+                          f"{VISION_END}")
+        if text.count(VIDEO_PAD) != 1:
+            raise ValueError(f"prompt has {text.count(VIDEO_PAD)} {VIDEO_PAD}, expected 1")
+        return text.replace(VIDEO_PAD, "".join(blocks))
 
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(input_ids)

@@ -97,7 +97,7 @@ def bundle_for(model: Any, tokenizer: Any, image_processor: Any) -> PolicyBundle
     return PolicyBundle(
         model=model,
         tokenizer=tokenizer,
-        encoder=InputEncoder(tokenizer, image_processor),
+        encoder=InputEncoder(tokenizer, image_processor, model.config.model_type),
         disc_id=disc_id,
         gen_id=gen_id,
         # Stopping at <gen_emb> saves the tokens after it, which no embedding reads.

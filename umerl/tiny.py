@@ -44,8 +44,8 @@ if TYPE_CHECKING:
         Qwen2VLImageProcessorPil,
     )
 
-# torch and transformers are imported inside the functions: `umerl.cli` imports this module
-# and transformers alone takes seconds to import.
+# torch and transformers are imported inside the functions so that importing this module (for
+# FAMILIES or model_class_for) stays cheap; transformers alone takes seconds to import.
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 

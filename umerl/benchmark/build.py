@@ -85,7 +85,7 @@ DEFAULT_SIZES: dict[str, dict] = {
     "digits_cls": {"train": 200, "rl": 80, "test": 40},
     "faces_cls": {"train": 100, "rl": 60, "test": 40, "distractors": 3},
     "photo": {"train": 10, "rl": 4, "test": 2, "max_side": 112},
-    "photo_i2t": {"candidates": 10, "distractors": 2},
+    "photo_i2t": {"candidates": 10, "distractors": 2, "lemma_pool": 4},
     "lee_text": {"train": 24, "rl": 10, "test": 16, "threshold": 0.5, "max_chars": 300},
     "digits_reason": {"train": 200, "rl": 80, "test": 40, "pool_images": 3},
 }
@@ -313,12 +313,13 @@ def build_faces_cls(lemmas: list[str], sz: dict, seed: int) -> Task:
         chosen = [(int(i), True) for i in faces[:n_face]] + [(int(i), False)
                                                              for i in backs[:n_back]]
         faces, backs = faces[n_face:], backs[n_back:]
+        # One label set per split (like a classification task's class list), shuffled per line.
+        distr = [_article(lemmas[int(i)])
+                 for i in rng.choice(len(lemmas), size=n_distr, replace=False)]
         lines = []
         for k, j in enumerate(rng.permutation(len(chosen))):
             idx, face = chosen[int(j)]
             label, other = (FACE_LABEL, NONFACE_LABEL) if face else (NONFACE_LABEL, FACE_LABEL)
-            distr = [_article(lemmas[int(i)])
-                     for i in rng.choice(len(lemmas), size=n_distr, replace=False)]
             negs = [other] + distr
             negs = [negs[i] for i in rng.permutation(len(negs))]
             img = Image.fromarray(images[idx]).resize(
@@ -389,15 +390,19 @@ def build_photo_tasks(variants, lemmas: list[str], sz_i2t: dict, seed: int) -> l
     photos = sources.PHOTOS
     rng = _rng(seed, "photo_tasks")
     n_cand, n_distr = int(sz_i2t["candidates"]), int(sz_i2t["distractors"])
+    n_lemma = int(sz_i2t["lemma_pool"])
     n_other = n_cand - 1 - n_distr
-    if n_other < 1 or n_other > len(photos) - 1 or n_distr < 0:
-        raise ValueError(f"photo_i2t: {n_cand} candidates with {n_distr} distractors is invalid")
+    if n_other < 1 or n_other > len(photos) - 1 or not 0 <= n_distr <= n_lemma:
+        raise ValueError(f"photo_i2t: {n_cand} candidates with {n_distr} distractors from "
+                         f"{n_lemma} lemmas is invalid")
     t2i: dict[str, list[Line]] = {}
     i2t: dict[str, list[Line]] = {}
     for split in SPLITS:
         media = [[_png(v, f"images/{split}/p{p:02d}v{k:02d}.png") for k, v in enumerate(vs)]
                  for p, vs in enumerate(variants[split])]
         t2i_lines, i2t_lines = [], []
+        split_lemmas = [lemmas[int(i)] for i in rng.choice(len(lemmas), size=n_lemma,
+                                                          replace=False)]
         for p, photo in enumerate(photos):
             for k, m in enumerate(media[p]):
                 caption, phrase, t = _caption(photo, split, k)
@@ -419,8 +424,8 @@ def build_photo_tasks(variants, lemmas: list[str], sz_i2t: dict, seed: int) -> l
                     [q for q in range(len(photos)) if q != p], size=n_other, replace=False)]
                 negs = [CAPTION_TEMPLATES[t].format(photos[q].phrases[CAPTION_PLAN[split][0]])
                         for q in qs]
-                negs += [CAPTION_TEMPLATES[t].format(_article(lemmas[int(i)]))
-                         for i in rng.choice(len(lemmas), size=n_distr, replace=False)]
+                negs += [CAPTION_TEMPLATES[t].format(_article(split_lemmas[int(i)]))
+                         for i in rng.choice(n_lemma, size=n_distr, replace=False)]
                 negs = [negs[i] for i in rng.permutation(len(negs))]
                 i2t_lines.append(Line(
                     qry_inst="Find a caption that describes the given image.", qry_text="",
@@ -509,7 +514,7 @@ def build_lee_text(sz: dict, seed: int) -> Task:
 # Checks
 
 
-def check_task(task: Task, sz: dict) -> None:
+def check_task(task: Task) -> None:
     """Invariants checked before anything is written; raises :class:`BenchmarkError`."""
     seen: dict[tuple[str, str, str], str] = {}
     for split in SPLITS:
@@ -645,14 +650,19 @@ def _make_tasks(seed: int, sz: dict) -> list[Task]:
     return tasks
 
 
-def _prepare_out_dir(out: Path) -> Path:
-    """A fresh temporary sibling folder; ``out`` must be absent, empty or an earlier build."""
+def _check_out_dir(out: Path) -> None:
+    """``out`` must be absent, an empty folder or an earlier build (it holds a tasks.json)."""
     if out.exists():
         if not out.is_dir():
             raise FileExistsError(f"{out} exists and is not a folder")
         if any(out.iterdir()) and not (out / "tasks.json").is_file():
             raise FileExistsError(f"{out} is not empty and holds no tasks.json; refusing to "
                                   "overwrite it")
+
+
+def _prepare_out_dir(out: Path) -> Path:
+    """A fresh temporary sibling folder of ``out`` to build into."""
+    _check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     if tmp.exists():
@@ -668,10 +678,11 @@ def build_benchmark(out_dir: str | Path, seed: int = 0, sizes: dict | None = Non
     An existing ``out_dir`` is replaced only if it is empty or holds an earlier build.
     """
     sz = merge_sizes(sizes)
+    out = Path(out_dir).resolve()
+    _check_out_dir(out)
     tasks = _make_tasks(int(seed), sz)
     for task in tasks:
-        check_task(task, sz)
-    out = Path(out_dir).resolve()
+        check_task(task)
     tmp = _prepare_out_dir(out)
     try:
         entries = [_write_task(tmp, task) for task in tasks]

@@ -46,6 +46,7 @@ class TransformersEngine:
             max_new_tokens=sampling.max_new_tokens,
             num_return_sequences=n,
             eos_token_id=list(bundle.stop_ids),
+            suppress_tokens=bundle.encoder.suppressed_token_ids(),
             pad_token_id=bundle.tokenizer.pad_token_id,
         )
         new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()

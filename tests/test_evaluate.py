@@ -91,7 +91,7 @@ def test_umerl_eval_writes_scores_that_recompute_from_saved_embeddings(
         hits, ndcgs = [], []
         for i, (pool, rel) in enumerate(zip(layout["pools"], layout["relevance"])):
             sims = c[pool] @ q[i]
-            order = sorted(range(len(pool)), key=lambda j: (-sims[j], j))
+            order = sorted(range(len(pool)), key=lambda j: (-sims[j], rel[j], j))
             hits.append(float(rel[order[0]] > 0))
             dcg = sum(rel[j] / np.log2(r + 2) for r, j in enumerate(order[:5]))
             ideal = sum(g / np.log2(r + 2) for r, g in enumerate(sorted(rel, reverse=True)[:5]))

@@ -163,7 +163,7 @@ def test_hand_worked_truncation():
 # -- 4. ties and grade alignment ------------------------------------------------------------
 
 
-def test_ties_break_to_lower_index():
+def test_ties_break_deterministically_and_never_help():
     np.testing.assert_array_equal(rank(np.full(7, 0.3)), np.arange(7))
     np.testing.assert_array_equal(rank(np.array([0.1, 0.5, 0.5, 0.2, 0.5])), [1, 2, 4, 3, 0])
     np.testing.assert_array_equal(
@@ -173,11 +173,18 @@ def test_ties_break_to_lower_index():
     # expected order is by score descending, then index ascending.
     s = np.random.default_rng(5).integers(0, 3, size=1000).astype(float)
     np.testing.assert_array_equal(rank(s), np.lexsort((np.arange(s.size), -s)))
-    # All-equal scores: candidate 0 is first, so only its grade decides hit@1.
-    assert query_metrics(np.zeros(4), np.array([0, 0, 1, 0]), ks=(1,))["hit@1"] == 0.0
-    assert query_metrics(np.zeros(4), np.array([1, 0, 0, 0]), ks=(1,))["hit@1"] == 1.0
-    assert first_hit(np.zeros(3), np.array([1, 0, 0]))
-    assert not first_hit(np.zeros(3), np.array([0, 1, 1]))
+    # With relevance given, ties put the less relevant candidate first (then lower index):
+    # a collapsed model (all scores equal) gains nothing from the positive being listed first.
+    np.testing.assert_array_equal(rank(np.zeros(4), np.array([1, 0, 2, 0])), [1, 3, 0, 2])
+    np.testing.assert_array_equal(
+        rank(np.array([0.9, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 0])), [0, 2, 3, 1])
+    for rel in ([1, 0, 0, 0], [0, 0, 1, 0], [2, 1, 0, 0]):
+        assert query_metrics(np.zeros(4), np.array(rel), ks=(1,))["hit@1"] == 0.0
+        assert not first_hit(np.zeros(4), np.array(rel))
+    assert query_metrics(np.zeros(3), np.ones(3), ks=(1,))["hit@1"] == 1.0  # all relevant
+    # A strictly better score still wins regardless of listing order.
+    assert first_hit(np.array([0.2, 0.1, 0.1]), np.array([1, 0, 0]))
+    assert first_hit(np.array([0.1, 0.1, 0.2]), np.array([0, 0, 1]))
 
 
 def test_grades_stay_with_their_candidates():

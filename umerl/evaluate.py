@@ -114,7 +114,8 @@ class Evaluator:
     def embed(self, sides: Sequence[Side], mode: str, label: str) -> tuple[np.ndarray, list]:
         """[N, d] embeddings in ``mode`` (gen: greedy decoding) and the completions written."""
         s = self.settings
-        with tqdm(total=len(sides), desc=f"{label} [{mode}]", unit="input", leave=False) as bar:
+        with tqdm(total=len(sides), desc=f"{label} [{mode}]", unit="input", leave=False,
+                  disable=None) as bar:
             if mode == "disc":
                 emb = disc_embeddings(self.bundle, sides, s.batch_size, progress=bar.update)
                 return emb.numpy(), []
@@ -131,7 +132,8 @@ class Evaluator:
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
             seed=s.seed,
         )
-        with tqdm(total=len(sides), desc=f"{label} [gen x{n}]", unit="input", leave=False) as bar:
+        with tqdm(total=len(sides), desc=f"{label} [gen x{n}]", unit="input", leave=False,
+                  disable=None) as bar:
             out = gen_embeddings(
                 self.bundle, self.engine, sides, n, sampling, s.batch_size, progress=bar.update
             )

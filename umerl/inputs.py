@@ -18,7 +18,7 @@ from PIL import Image
 
 from umerl.data import Side
 from umerl.prompts import BLANK_IMAGE_SIZE, render_prompt
-from umerl.tokens import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from umerl.tokens import DISC_EMB, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values the Qwen-VL M-RoPE expects
 
@@ -108,6 +108,22 @@ class InputEncoder:
             raise ValueError(f"prompt has {text.count(VIDEO_PAD)} {VIDEO_PAD}, expected 1")
         return text.replace(VIDEO_PAD, "".join(blocks))
 
+    def _check_completions(self, completions: Sequence[Sequence[int]]) -> None:
+        # A vision placeholder in generated text would claim image features that do not exist.
+        forbidden = {self.image_pad_id, self.video_pad_id}
+        for i, completion in enumerate(completions):
+            if forbidden.intersection(completion):
+                raise ValueError(
+                    f"completion {i} contains {IMAGE_PAD}/{VIDEO_PAD}; rollout engines must "
+                    "suppress vision placeholder tokens (see suppressed_token_ids)"
+                )
+
+    def suppressed_token_ids(self) -> list[int]:
+        """Tokens a completion must never contain: vision markers and <disc_emb>."""
+        names = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, DISC_EMB)
+        ids = [self.tokenizer.convert_tokens_to_ids(name) for name in names]
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         types = torch.zeros_like(input_ids)
         types[input_ids == self.image_pad_id] = IMAGE
@@ -130,6 +146,8 @@ class InputEncoder:
             list(p.input_ids) + (list(completions[i]) if completions is not None else [])
             for i, p in enumerate(prompts)
         ]
+        if completions is not None:
+            self._check_completions(completions)
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -8,8 +8,11 @@ graded (0, 1, 2, ...) for nDCG.
 Two deliberate departures from the MMEB reference code, both so results are reproducible:
 
 * Ties. MMEB ranks with ``np.argsort(-scores)``, numpy's default quicksort, which is not a
-  stable sort, so the order of equal-scored candidates is an implementation detail. We use a
-  stable sort: equal scores put the lower candidate index first.
+  stable sort, so the order of equal-scored candidates is an implementation detail. We break
+  ties deterministically and pessimistically: among equal scores, less relevant candidates
+  come first, then lower candidate index. MMEB files list the positive first, so a
+  "lower index first" rule alone would hand a collapsed model (all scores equal) a perfect
+  Hit@1; with this rule ties never help a model.
 * Grade alignment. VLM2Vec builds ``true_labels = list(set(labels))`` and zips it with
   ``rel_scores`` kept in the original order. Set iteration order depends on string hashing, so
   with graded relevance each grade can end up attached to a different candidate and nDCG
@@ -33,10 +36,12 @@ DEFAULT_KS = (1, 5, 10)
 METRIC_NAMES = ("hit", "ndcg_linear", "ndcg_exponential", "precision", "recall", "mrr", "map")
 
 
-def rank(scores: np.ndarray) -> np.ndarray:
+def rank(scores: np.ndarray, relevance: np.ndarray | None = None) -> np.ndarray:
     """Candidate indices best first; equal scores keep the lower index first.
 
-    A 1-D array is one query; a 2-D ``[queries, candidates]`` array ranks each row.
+    With ``relevance`` (aligned with ``scores``), ties put the less relevant candidate first,
+    so a tie can never improve a score. A 1-D array is one query; a 2-D
+    ``[queries, candidates]`` array ranks each row.
     """
     s = np.asarray(scores)
     if s.ndim not in (1, 2):
@@ -46,7 +51,12 @@ def rank(scores: np.ndarray) -> np.ndarray:
     if np.isnan(s).any():
         # NaN has no place in a descending order; it usually means a broken embedding.
         raise ValueError("scores contain NaN")
-    return np.argsort(-s, axis=-1, kind="stable")
+    if relevance is None:
+        return np.argsort(-s, axis=-1, kind="stable")
+    rel = np.broadcast_to(np.asarray(relevance, dtype=np.float64), s.shape)
+    if s.ndim == 1:
+        return np.lexsort((rel, -s))  # lexsort is stable: equal keys keep index order
+    return np.stack([np.lexsort((r, -row)) for row, r in zip(s, rel)])
 
 
 def metric_keys(ks: Iterable[int] = DEFAULT_KS) -> list[str]:
@@ -97,7 +107,7 @@ def query_metrics(
     if num_relevant == 0:
         raise ValueError(f"{where} has no relevant candidate (all relevance grades are 0)")
 
-    ranked_rel = rel[rank(s)]
+    ranked_rel = rel[rank(s, rel)]
     is_rel = ranked_rel > 0
     hits_so_far = np.cumsum(is_rel)
     first_rank = int(np.argmax(is_rel)) + 1  # exists: num_relevant > 0
@@ -163,12 +173,12 @@ def mean_metrics(per_query: Mapping[str, np.ndarray]) -> dict[str, float]:
 
 
 def first_hit(scores: np.ndarray, relevance: np.ndarray) -> bool:
-    """Whether the top-ranked candidate (stable tie-break) is relevant."""
+    """Whether the top-ranked candidate (pessimistic tie-break) is relevant."""
     s = np.asarray(scores)
     rel = np.asarray(relevance)
     if s.ndim != 1 or s.shape != rel.shape or s.size == 0:
         raise ValueError(f"need non-empty 1-D scores and relevance, got {s.shape}, {rel.shape}")
-    return bool(rel[rank(s)[0]] > 0)
+    return bool(rel[rank(s, rel)[0]] > 0)
 
 
 def num_first_hits(sample_scores: np.ndarray, relevance: np.ndarray) -> int:

@@ -47,6 +47,7 @@ digits_reason  "The input describes a number: {explanation}."  digit name
 ============== =============================================== =====================================
 
 Determinism: every random choice comes from ``numpy.random.default_rng([seed, crc32(key)])``,
+splits are drawn test first (the test split depends only on the seed and the test sizes),
 iteration is over sorted or fixed-order lists, PNGs are written by Pillow without metadata, and
 JSON is written with a fixed key order and ``ensure_ascii=False``. The same seed gives a
 byte-identical tree.
@@ -78,6 +79,8 @@ from umerl.tokens import format_completion
 BENCHMARK_NAME = "umerl-mini"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "rl", "test")
+# Splits are drawn in this order, so the test split depends only on the seed and test sizes.
+GEN_ORDER = ("test", "rl", "train")
 
 # Per-task sizes. Split counts are numbers of queries, except under "photo", where they are
 # image variants per photo (17 photos, so 170 / 68 / 34 queries for photo_t2i and photo_i2t).
@@ -207,35 +210,37 @@ def _digit_png(img8: np.ndarray, path: str) -> Media:
 
 
 def _digit_allocation(labels: np.ndarray, sz: dict, seed: int) -> tuple[dict, dict]:
-    """Disjoint sklearn indices: digits_cls queries per split, digits_reason image pools."""
+    """Disjoint sklearn indices: digits_cls queries per split, digits_reason image pools.
+
+    Drawn test first, so the test split does not change when train or rl sizes do.
+    """
     rng = _rng(seed, "digits")
     by_class = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(10)]
-    cls_idx: dict[str, list[int]] = {}
-    for split in SPLITS:
-        counts = _per_class(int(sz["digits_cls"][split]), 10, rng)
-        chosen: list[int] = []
-        for c in range(10):
-            if counts[c] > len(by_class[c]):
-                raise ValueError(f"digits_cls: not enough images of digit {c}")
-            chosen += [int(i) for i in by_class[c][: counts[c]]]
-            by_class[c] = by_class[c][counts[c]:]
-        cls_idx[split] = [chosen[i] for i in rng.permutation(len(chosen))]
+
+    def take(c: int, n: int, what: str) -> list[int]:
+        if n > len(by_class[c]):
+            raise ValueError(f"{what}: not enough images of digit {c}")
+        out = [int(i) for i in by_class[c][:n]]
+        by_class[c] = by_class[c][n:]
+        return out
+
     k = int(sz["digits_reason"]["pool_images"])
+    if k < 1:
+        raise ValueError("digits_reason: pool_images must be >= 1")
+    cls_idx: dict[str, list[int]] = {}
     pools: dict[str, list[list[int]]] = {}
-    for split in SPLITS:
-        pools[split] = []
-        for c in range(10):
-            if k < 1 or k > len(by_class[c]):
-                raise ValueError(f"digits_reason: cannot take {k} images of digit {c}")
-            pools[split].append([int(i) for i in by_class[c][:k]])
-            by_class[c] = by_class[c][k:]
+    for split in GEN_ORDER:
+        pools[split] = [take(c, k, "digits_reason") for c in range(10)]
+        counts = _per_class(int(sz["digits_cls"][split]), 10, rng)
+        chosen = [i for c in range(10) for i in take(c, counts[c], "digits_cls")]
+        cls_idx[split] = [chosen[i] for i in rng.permutation(len(chosen))]
     return cls_idx, pools
 
 
 def build_digits_cls(images, labels, cls_idx, seed: int) -> Task:
     rng = _rng(seed, "digits_cls")
     splits: dict[str, list[Line]] = {}
-    for split in SPLITS:
+    for split in GEN_ORDER:
         lines = []
         for n, idx in enumerate(cls_idx[split]):
             label = int(labels[idx])
@@ -261,7 +266,7 @@ def build_digits_reason(images, pools, sz: dict, seed: int) -> Task:
     by_digit = [[group[i] for i in rng.permutation(len(group))] for group in by_digit]
     inst = "Work out the number described below and find an image of that digit."
     splits: dict[str, list[Line]] = {}
-    for split in SPLITS:
+    for split in GEN_ORDER:
         # The candidate images of the split: pool_images per digit, numbered in a seeded order.
         flat = [(d, idx) for d in range(10) for idx in pools[split][d]]
         media: dict[int, Media] = {}
@@ -305,7 +310,7 @@ def build_faces_cls(lemmas: list[str], sz: dict, seed: int) -> Task:
     backs = list(rng.permutation(np.flatnonzero(~is_face)))
     n_distr = int(sz["distractors"])
     splits: dict[str, list[Line]] = {}
-    for split in SPLITS:
+    for split in GEN_ORDER:
         n = int(sz[split])
         n_face, n_back = n // 2, n - n // 2
         if n_face > len(faces) or n_back > len(backs):
@@ -372,7 +377,7 @@ def _photo_variants(sz: dict, seed: int) -> dict[str, list[list[np.ndarray]]]:
         if len(keys) != len(variants):
             raise BenchmarkError(f"photo {photo.name}: two identical variants")
         start = 0
-        for s in ("test", "rl", "train"):
+        for s in GEN_ORDER:
             out[s].append(variants[start:start + counts[s]])
             start += counts[s]
     return out
@@ -397,7 +402,7 @@ def build_photo_tasks(variants, lemmas: list[str], sz_i2t: dict, seed: int) -> l
                          f"{n_lemma} lemmas is invalid")
     t2i: dict[str, list[Line]] = {}
     i2t: dict[str, list[Line]] = {}
-    for split in SPLITS:
+    for split in GEN_ORDER:
         media = [[_png(v, f"images/{split}/p{p:02d}v{k:02d}.png") for k, v in enumerate(vs)]
                  for p, vs in enumerate(variants[split])]
         t2i_lines, i2t_lines = [], []
@@ -485,7 +490,7 @@ def build_lee_text(sz: dict, seed: int) -> Task:
         raise ValueError(f"lee_text: {sum(want.values())} queries requested, {n} documents")
     splits: dict[str, list[Line]] = {}
     start = 0
-    for split in ("test", "rl", "train"):
+    for split in GEN_ORDER:
         ids = order[start:start + want[split]]
         start += want[split]
         lines = []

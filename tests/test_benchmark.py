@@ -1,0 +1,480 @@
+"""The bundled umerl-mini benchmark builder (umerl/benchmark): format, splits, determinism."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from umerl.benchmark import DEFAULT_BENCHMARK, build_benchmark
+from umerl.benchmark import build as bb
+
+SPLITS = ("train", "rl", "test")
+COMPLETION = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+LOCAL_POOL_SIZES = {"digits_cls": 10, "faces_cls": 5, "photo_i2t": 10, "digits_reason": 10}
+MMEB_FIELDS = {"qry_inst": str, "qry_text": str, "qry_img_path": str, "tgt_inst": str,
+               "tgt_text": list, "tgt_img_path": list, "rel_scores": list}
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: one API build and one CLI build with the same seed, one build with another seed.
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    manifest = build_benchmark(tmp_path_factory.mktemp("api") / "umerl-mini", seed=0)
+    assert manifest.name == "tasks.json" and manifest.is_file()
+    return manifest.parent
+
+
+@pytest.fixture(scope="module")
+def cli_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("cli") / "bench"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bb.main([str(out), "--seed", "0"]) == 0
+    return out, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def manifest(bench: Path) -> dict:
+    return json.loads((bench / "tasks.json").read_text(encoding="utf-8"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def task_lines(bench: Path, manifest: dict, task: str, split: str) -> list[dict]:
+    entry = next(t for t in manifest["tasks"] if t["name"] == task)
+    return read_jsonl(bench / entry["splits"][split])
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def pixels_key(path: Path) -> str:
+    arr = np.asarray(Image.open(path).convert("RGB"))
+    return hashlib.sha256(repr(arr.shape).encode() + arr.tobytes()).hexdigest()
+
+
+def query_identity(folder: Path, line: dict) -> tuple[str, str, str]:
+    img = line["qry_img_path"]
+    return line["qry_inst"], line["qry_text"], pixels_key(folder / img) if img else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Independent digit recovery: map a built PNG back to its sklearn digit by its pixels.
+
+
+@pytest.fixture(scope="module")
+def digit_of_png():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    table = {d.images[i].astype(np.uint8).tobytes(): int(d.target[i])
+             for i in range(len(d.target))}
+
+    def lookup(path: Path) -> int:
+        arr = np.asarray(Image.open(path).convert("RGB"))
+        assert arr.shape == (32, 32, 3)
+        ink = 255 - arr[::4, ::4, 0].astype(np.float64)
+        levels = np.round(ink * 16 / 255).astype(np.uint8)
+        return table[levels.tobytes()]
+
+    return lookup
+
+
+# --------------------------------------------------------------------------------------------
+# Build, determinism, summary
+
+
+def test_cli_prints_summary_and_build_time(cli_build: tuple[Path, str]) -> None:
+    out, text = cli_build
+    assert (out / "tasks.json").is_file()
+    assert re.search(r"in \d+\.\d+ seconds", text), text
+    for task in bb.TASKS:
+        assert re.search(rf"^{task}\s+\S+\s+(local|global)\s+\S+\s+\d+\s+\d+\s+\d+", text,
+                         re.MULTILINE), text
+
+
+def test_same_seed_gives_identical_tree(bench: Path, cli_build: tuple[Path, str]) -> None:
+    a, b = tree_hashes(bench), tree_hashes(cli_build[0])
+    assert len(a) > 500
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_other_seed_differs(bench: Path, tmp_path: Path) -> None:
+    other = build_benchmark(tmp_path / "seed1", seed=1).parent
+    a, b = tree_hashes(bench), tree_hashes(other)
+    for task in bb.TASKS:
+        assert a[f"{task}/test.jsonl"] != b[f"{task}/test.jsonl"], task
+    # The sources and the manifest do not depend on the seed.
+    assert a["tasks.json"] == b["tasks.json"]
+
+
+def test_test_split_does_not_depend_on_train_or_rl_sizes(bench: Path, tmp_path: Path) -> None:
+    small = {"digits_cls": {"train": 30, "rl": 10}, "faces_cls": {"train": 20, "rl": 10},
+             "photo": {"train": 3, "rl": 1}, "lee_text": {"train": 5, "rl": 5},
+             "digits_reason": {"train": 30, "rl": 10}}
+    other = build_benchmark(tmp_path / "small", seed=0, sizes=small).parent
+    a, b = tree_hashes(bench), tree_hashes(other)
+    test_files = [k for k in a if k.endswith("/test.jsonl") or "/images/test/" in k]
+    assert len(test_files) > 100
+    assert [k for k in test_files if a[k] != b.get(k)] == []
+    assert a["digits_cls/train.jsonl"] != b["digits_cls/train.jsonl"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        build_benchmark(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_unknown_size_keys_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        bb.merge_sizes({"digits_cls": {"tset": 3}})
+    with pytest.raises(ValueError):
+        bb.merge_sizes({"no_such_task": {"test": 3}})
+    assert bb.merge_sizes({"digits_cls": {"test": 7}})["digits_cls"] == {
+        "train": 200, "rl": 80, "test": 7}
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest and file formats
+
+
+def test_manifest_format(bench: Path, manifest: dict) -> None:
+    assert set(manifest) == {"name", "version", "tasks", "sources"}
+    assert manifest["name"] == DEFAULT_BENCHMARK == "umerl-mini"
+    assert manifest["version"] == 1
+    assert [t["name"] for t in manifest["tasks"]] == list(bb.TASKS)
+    for entry in manifest["tasks"]:
+        assert set(entry) == {"name", "modality", "kind", "pool", "metric", "splits", "sft",
+                              "rl_pairs"}
+        assert entry["modality"] in ("image", "video", "visdoc", "text")
+        assert entry["pool"] in ("local", "global")
+        assert entry["metric"] in ("hit@1", "ndcg_linear@5")
+        assert set(entry["splits"]) == set(SPLITS)
+        for rel in [*entry["splits"].values(), entry["sft"], entry["rl_pairs"]]:
+            assert not Path(rel).is_absolute() and (bench / rel).is_file(), rel
+    by_name = {t["name"]: t for t in manifest["tasks"]}
+    assert by_name["lee_text"]["modality"] == "text"
+    assert by_name["lee_text"]["metric"] == "ndcg_linear@5"
+    assert by_name["photo_t2i"]["pool"] == "global"
+    assert manifest["sources"] and all(
+        {"name", "license", "credit", "package"} <= set(s) for s in manifest["sources"])
+    assert (bench / "SOURCES.md").is_file()
+
+
+def test_manifest_is_readable_by_the_task_loader(bench: Path) -> None:
+    from umerl.tasks import read_manifest
+
+    specs = read_manifest(bench / "tasks.json", "test")
+    assert [s.name for s in specs] == list(bb.TASKS)
+    assert all(s.path.is_file() for s in specs)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_mmeb_lines_fields_types_and_media(bench: Path, manifest: dict, split: str) -> None:
+    for entry in manifest["tasks"]:
+        path = bench / entry["splits"][split]
+        folder = path.parent  # media paths are relative to the JSONL's own folder
+        lines = read_jsonl(path)
+        assert lines, path
+        for n, line in enumerate(lines):
+            where = f"{path}:{n + 1}"
+            assert set(line) == set(MMEB_FIELDS), where
+            for key, kind in MMEB_FIELDS.items():
+                assert isinstance(line[key], kind), (where, key)
+            k = len(line["tgt_text"])
+            assert k >= 2 and len(line["tgt_img_path"]) == k and len(line["rel_scores"]) == k
+            assert all(isinstance(t, str) for t in line["tgt_text"] + line["tgt_img_path"])
+            assert all(isinstance(r, (int, float)) and not isinstance(r, bool) and r >= 0
+                       for r in line["rel_scores"])
+            assert line["qry_text"] or line["qry_img_path"], where
+            for t, img in zip(line["tgt_text"], line["tgt_img_path"]):
+                assert t or img, where
+            for img in [line["qry_img_path"], *line["tgt_img_path"]]:
+                if img:
+                    assert not Path(img).is_absolute() and (folder / img).is_file(), (where, img)
+            if entry["modality"] == "text":
+                assert line["qry_img_path"] == "" and set(line["tgt_img_path"]) == {""}
+
+
+def test_mmeb_files_pass_the_project_reader(bench: Path, manifest: dict) -> None:
+    from umerl.data import read_eval_queries
+
+    for entry in manifest["tasks"]:
+        for split in SPLITS:
+            items, report = read_eval_queries(bench / entry["splits"][split])
+            assert report.kept == len(items) and not report.skipped
+
+
+def test_images_are_small_rgb_pngs(bench: Path) -> None:
+    paths = sorted(bench.rglob("*.png"))
+    assert len(paths) > 500
+    for path in paths:
+        raw = path.read_bytes()
+        assert raw.startswith(b"\x89PNG") and b"tIME" not in raw and b"tEXt" not in raw
+        with Image.open(path) as im:
+            assert im.mode == "RGB" and max(im.size) <= 112, path
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates and relevance
+
+
+def test_positive_first_and_local_pool_sizes(bench: Path, manifest: dict) -> None:
+    for entry in manifest["tasks"]:
+        for split in SPLITS:
+            lines = task_lines(bench, manifest, entry["name"], split)
+            for line in lines:
+                rel = line["rel_scores"]
+                assert rel[0] > 0 and rel[0] == max(rel)
+                names = [f"{i}\t{t}" for t, i in zip(line["tgt_text"], line["tgt_img_path"])]
+                assert len(set(names)) == len(names)
+                if entry["pool"] == "local":
+                    assert len(names) == LOCAL_POOL_SIZES[entry["name"]]
+                    assert rel == [1] + [0] * (len(rel) - 1)
+
+
+def test_classification_candidates(bench: Path, manifest: dict) -> None:
+    for split in SPLITS:
+        for line in task_lines(bench, manifest, "digits_cls", split):
+            assert sorted(line["tgt_text"]) == sorted(DIGITS)
+        for line in task_lines(bench, manifest, "faces_cls", split):
+            assert {"a human face", "a background patch"} <= set(line["tgt_text"])
+
+
+def test_photo_t2i_global_pool(bench: Path, manifest: dict) -> None:
+    for split in SPLITS:
+        lines = task_lines(bench, manifest, "photo_t2i", split)
+        folder = bench / "photo_t2i"
+        every = {p for line in lines for p in line["tgt_img_path"]}
+        assert len(every) == len(lines)  # one image variant per query
+        for line in lines:
+            assert line["qry_img_path"] == "" and line["qry_text"]
+            assert set(line["tgt_img_path"]) == every
+            assert set(line["tgt_text"]) == {""}
+        positives = [line["tgt_img_path"][0] for line in lines]
+        assert len(set(positives)) == len(positives)
+        assert len({pixels_key(folder / p) for p in positives}) == len(positives)
+
+
+def test_lee_text_graded_shared_corpus(bench: Path, manifest: dict) -> None:
+    corpus = None
+    for split in SPLITS:
+        for line in task_lines(bench, manifest, "lee_text", split):
+            rel = line["rel_scores"]
+            assert len(rel) == 50 and rel[0] == 1.0
+            assert sum(r > 0 for r in rel[1:]) >= 1  # at least one other relevant document
+            graded = [r for r in rel[1:] if r > 0]
+            assert graded == sorted(graded, reverse=True)
+            assert rel[1:len(graded) + 1] == graded  # relevant ones right after the positive
+            assert all(0 < r <= 1 for r in graded)
+            assert len(line["qry_text"]) <= 300 and all(len(t) <= 300 for t in line["tgt_text"])
+            assert line["qry_text"] not in line["tgt_text"]
+            if corpus is None:
+                corpus = set(line["tgt_text"])
+            assert set(line["tgt_text"]) == corpus
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+@pytest.mark.parametrize("task", list(bb.TASKS))
+def test_splits_are_disjoint(bench: Path, manifest: dict, task: str) -> None:
+    folder = bench / task
+    ids = {s: {query_identity(folder, x) for x in task_lines(bench, manifest, task, s)}
+           for s in SPLITS}
+    assert all(ids[s] for s in SPLITS)
+    assert not ids["train"] & ids["rl"]
+    assert not ids["train"] & ids["test"]
+    assert not ids["rl"] & ids["test"]
+
+
+def test_photo_variants_differ_across_splits(bench: Path) -> None:
+    keys = {s: {pixels_key(p) for p in (bench / "photo_t2i" / "images" / s).glob("*.png")}
+            for s in SPLITS}
+    assert [len(keys[s]) for s in SPLITS] == [170, 68, 34]
+    assert not keys["train"] & keys["test"] and not keys["rl"] & keys["test"]
+    assert not keys["train"] & keys["rl"]
+
+
+def test_disjointness_check_fires() -> None:
+    line = bb.Line(qry_inst="i", qry_text="same query", qry_img=None, tgt_inst="t",
+                   cands=[("a", None), ("b", None)], rel=[1, 0], summary="a", q_reason="q",
+                   t_reason="t")
+    other = bb.Line(**{**line.__dict__, "qry_text": "another query"})
+    third = bb.Line(**{**line.__dict__, "qry_text": "a third query"})
+    bb.check_task(bb.Task("digits_cls", {"train": [line], "rl": [other], "test": [third]}))
+    with pytest.raises(bb.BenchmarkError, match="both"):
+        bb.check_task(bb.Task("digits_cls", {"train": [line], "rl": [other], "test": [line]}))
+    bad = bb.Line(**{**line.__dict__, "rel": [0, 1]})
+    with pytest.raises(bb.BenchmarkError, match="positive"):
+        bb.check_task(bb.Task("digits_cls", {"train": [bad], "rl": [other], "test": [third]}))
+
+
+def test_default_split_sizes(bench: Path, manifest: dict) -> None:
+    counts = {t: [len(task_lines(bench, manifest, t, s)) for s in SPLITS] for t in bb.TASKS}
+    assert counts == {
+        "digits_cls": [200, 80, 40], "faces_cls": [100, 60, 40], "photo_t2i": [170, 68, 34],
+        "photo_i2t": [170, 68, 34], "lee_text": [24, 10, 16], "digits_reason": [200, 80, 40],
+    }
+    assert all(n <= 40 for n in (c[2] for c in counts.values()))
+
+
+# --------------------------------------------------------------------------------------------
+# Labels, checked independently of the builder
+
+
+def test_digit_labels_match_pixels(bench: Path, manifest: dict, digit_of_png) -> None:
+    folder = bench / "digits_cls"
+    for split in SPLITS:
+        lines = task_lines(bench, manifest, "digits_cls", split)
+        labels = [digit_of_png(folder / x["qry_img_path"]) for x in lines]
+        assert [DIGITS[d] for d in labels] == [x["tgt_text"][0] for x in lines]
+        if split == "test":  # stratified: 4 of each digit
+            assert np.bincount(labels, minlength=10).tolist() == [4] * 10
+
+
+def test_faces_labels_follow_lfw_order(bench: Path) -> None:
+    # lfw_subset: images 0..99 are faces, 100..199 non-faces.
+    for pair in read_jsonl(bench / "faces_cls" / "sft.jsonl"):
+        idx = int(pair["meta"]["source"].split(":")[1])
+        want = "a human face" if idx < 100 else "a background patch"
+        assert pair["target"]["text"].endswith("\n" + want)
+
+
+WORD = {w: i for i, w in enumerate(DIGITS + (
+    "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+    "eighteen", "nineteen", "twenty"))}
+for _tens, _name in ((20, "twenty"), (30, "thirty"), (40, "forty"), (50, "fifty"),
+                     (60, "sixty"), (70, "seventy"), (80, "eighty"), (90, "ninety")):
+    WORD[_name] = _tens
+    for _u in range(1, 10):
+        WORD[f"{_name}-{DIGITS[_u]}"] = _tens + _u
+FACTS = {
+    "the number of sides of a triangle": 3, "the number of sides of a hexagon": 6,
+    "the number of legs of a spider": 8, "the number of days in a week": 7,
+    "the number of wheels on a bicycle": 2, "the number of months in a year": 12,
+    "the number of fingers on one hand": 5, "the smallest odd prime": 3,
+    "the largest single-digit prime": 7, "the number of planets in the solar system": 8,
+}
+
+
+def expected_digit(text: str) -> int | None:
+    """The digit a query describes, for the templates this table knows; None otherwise."""
+    ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b,
+           "times": lambda a, b: a * b, "divided by": lambda a, b: a // b if a % b == 0 else -1}
+    m = re.fullmatch(r"([a-z-]+) (plus|minus|times|divided by) ([a-z-]+)", text)
+    if m and m[1] in WORD and m[3] in WORD:
+        return ops[m[2]](WORD[m[1]], WORD[m[3]])
+    if text in FACTS:
+        return FACTS[text]
+    m = re.fullmatch(r"(.+) (plus|minus) ([a-z]+)", text)
+    if m and m[1] in FACTS and m[3] in WORD:
+        return ops[m[2]](FACTS[m[1]], WORD[m[3]])
+    m = re.fullmatch(r'the number of letters in the word "([A-Za-z]+)"', text)
+    if m:
+        return len(m[1])
+    return None
+
+
+def test_reasoning_queries_map_to_their_target_digit(bench: Path, manifest: dict,
+                                                     digit_of_png) -> None:
+    folder = bench / "digits_reason"
+    checked = 0
+    for split in SPLITS:
+        for line in task_lines(bench, manifest, "digits_reason", split):
+            digits = [digit_of_png(folder / p) for p in line["tgt_img_path"]]
+            assert sorted(digits) == list(range(10)), line  # one image of every digit
+            want = expected_digit(line["qry_text"])
+            if want is not None:
+                assert digits[0] == want, line["qry_text"]
+                checked += 1
+    assert checked >= 150  # most queries use the templates the table covers
+
+
+def test_expected_digit_table_self_check() -> None:
+    assert expected_digit("three plus four") == 7
+    assert expected_digit("fifteen minus eight") == 7
+    assert expected_digit("eighty-one divided by nine") == 9
+    assert expected_digit("the number of days in a week minus two") == 5
+    assert expected_digit('the number of letters in the word "house"') == 5
+    assert expected_digit("something else") is None
+
+
+def test_reasoning_generator_is_valid() -> None:
+    from umerl.benchmark.reasoning import reason_items
+
+    items = reason_items()
+    assert len({it.text for it in items}) == len(items) >= 500
+    for it in items:
+        want = expected_digit(it.text)
+        if want is not None:
+            assert want == it.digit, it
+
+
+# --------------------------------------------------------------------------------------------
+# SFT and RL pairs
+
+
+def test_sft_and_rl_pairs(bench: Path, manifest: dict) -> None:
+    from umerl.data import read_rl_pairs, read_sft_pairs
+
+    for entry in manifest["tasks"]:
+        task = entry["name"]
+        train = task_lines(bench, manifest, task, "train")
+        rl = task_lines(bench, manifest, task, "rl")
+        sft = read_jsonl(bench / entry["sft"])
+        pairs = read_jsonl(bench / entry["rl_pairs"])
+        assert len(sft) == len(train) and len(pairs) == len(rl)
+        for rows, lines, with_completion in ((sft, train, True), (pairs, rl, False)):
+            assert len({r["id"] for r in rows}) == len(rows)
+            for row, line in zip(rows, lines):
+                assert set(row) == {"id", "task", "query", "target", "meta"}
+                assert row["task"] == task and isinstance(row["id"], str)
+                q, t = row["query"], row["target"]
+                assert ("completion" in q) == ("completion" in t) == with_completion
+                assert q["text"] == bb.side_text(line["qry_inst"], line["qry_text"])
+                assert t["text"] == bb.side_text(line["tgt_inst"], line["tgt_text"][0])
+                assert q.get("images", []) == ([line["qry_img_path"]]
+                                               if line["qry_img_path"] else [])
+                assert t.get("images", []) == ([line["tgt_img_path"][0]]
+                                               if line["tgt_img_path"][0] else [])
+                for side in (q, t):
+                    assert set(side) <= {"text", "images", "completion"}
+                    if with_completion:
+                        assert COMPLETION.fullmatch(side["completion"]), side["completion"]
+                if with_completion:  # both sides give the same answer
+                    answer = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+                    assert answer.search(q["completion"])[1] == answer.search(t["completion"])[1]
+        got, report = read_sft_pairs(bench / entry["sft"])
+        assert len(got) == len(sft) and not report.skipped
+        got, report = read_rl_pairs(bench / entry["rl_pairs"])
+        assert len(got) == len(pairs) and not report.skipped
+
+
+def test_no_test_caption_leaks_into_training_files(bench: Path, manifest: dict) -> None:
+    test_captions = {x["qry_text"] for x in task_lines(bench, manifest, "photo_t2i", "test")}
+    for name in ("train.jsonl", "rl.jsonl", "sft.jsonl", "rl_pairs.jsonl"):
+        for folder in ("photo_t2i", "photo_i2t"):
+            text = (bench / folder / name).read_text(encoding="utf-8")
+            for caption in test_captions:
+                assert f'"{caption}"' not in text and f"\\n{caption}\"" not in text
+                assert f">{caption}<" not in text

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,9 +142,19 @@ def ensure_tiny_model(tiny_cfg) -> str:
     from umerl.tiny import build_tiny_model
 
     out = Path(tiny_cfg.dir)
-    if not (out / "config.json").is_file():
-        print(f"building the tiny {tiny_cfg.family} model into {out} ...", flush=True)
-        build_tiny_model(out, family=tiny_cfg.family, seed=tiny_cfg.seed)
+    if (out / "config.json").is_file():
+        return str(out)
+    print(f"building the tiny {tiny_cfg.family} model into {out} ...", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: an interrupted build leaves nothing.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_tiny_model(staging, family=tiny_cfg.family, seed=tiny_cfg.seed)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return str(out)
 
 

@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: run test lint install clean-venv
 
 run: $(STAMP)
-	$(BIN)/umerl run recipes/cpu_tiny.yaml $(ARGS)
+	$(BIN)/umerl train recipes/cpu_tiny.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -28,12 +28,12 @@ lint: $(STAMP)
 install: $(STAMP)
 
 # torch first, from the CPU wheel: left to the resolver, torch would come as a multi-GB CUDA
-# build. gensim and timm are data sources only (see pyproject.toml), hence --no-deps.
+# build. gensim and timm are data sources, verl a test reference (see pyproject.toml): --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps gensim==4.4.0 timm==1.0.31
+	$(BIN)/pip install -q --no-deps gensim==4.4.0 timm==1.0.31 verl==0.9.1
 	touch $(STAMP)
 
 clean-venv:

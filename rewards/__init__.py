@@ -35,6 +35,7 @@ from rewards.registry import (
     RewardSpec,
     WeightedReward,
     load_reward,
+    reward_metrics,
     run_guarded,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "matches_format",
     "pair_meta",
     "rank_and_margin",
+    "reward_metrics",
     "rewards_from_config",
     "run_guarded",
 ]

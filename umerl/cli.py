@@ -1,6 +1,6 @@
 """The ``umerl`` command.
 
-    umerl run RECIPE [key=value ...]        the recipe's job (today: evaluate its model)
+    umerl train RECIPE [key=value ...]      a recipe's job: evaluate, SFT, evaluate again
     umerl eval CHECKPOINT TASK ... [opts]   MMEB-style evaluation of a checkpoint
     umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark
@@ -31,6 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _offline_env()
     parser = _parser()
     args = parser.parse_args(argv)
+    if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
+        # A local Ray binds to loopback only; read by Ray at import, so set before importing it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -43,10 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a recipe's job")
-    run.add_argument("recipe")
-    run.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
-    run.set_defaults(handler=_cmd_run)
+    train = sub.add_parser("train", help="run a recipe: evaluate, SFT, evaluate again")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    train.add_argument("--address", default=None,
+                       help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    train.set_defaults(handler=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on MMEB-format tasks")
     ev.add_argument("checkpoint", help="Hugging Face checkpoint folder")
@@ -117,23 +122,14 @@ def run_eval(checkpoint: str | Path, specs, settings, out_dir: str | Path,
     return summary
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from umerl.config import load_recipe
-    from umerl.evaluate import EvalSettings, parse_modes
-    from umerl.tasks import resolve_tasks
+    from umerl.driver import train
 
-    cfg = load_recipe(args.recipe, args.overrides)
-    checkpoint = cfg.model.path or ensure_tiny_model(cfg.model.tiny)
-    settings = EvalSettings(
-        modes=parse_modes(list(cfg.eval.modes)), pass_k=tuple(cfg.eval.pass_k),
-        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=cfg.eval.temperature, top_k=cfg.eval.top_k, seed=cfg.seed,
-        save_embeddings=cfg.eval.save_embeddings, skip_invalid=cfg.data.skip_invalid,
-    )
-    specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                          cfg.data.benchmark_seed)
-    run_eval(checkpoint, specs, settings, cfg.eval.out_dir or Path(cfg.output_dir) / "eval",
-             cfg.model.dtype)
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    train(load_recipe(args.recipe, overrides))
     return 0
 
 

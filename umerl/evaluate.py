@@ -287,3 +287,22 @@ def evaluate(
     if out is not None:
         _write_json(out / "summary.json", summary)
     return summary
+
+
+def comparison_table(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Headline score per task and mode, before and after training, side by side."""
+    modes = [m for m in before["modes"] if m in after["modes"] and not m.startswith("pass@")]
+    rows = []
+    for name, task in after["tasks"].items():
+        row: dict[str, object] = {"task": name}
+        for mode in modes:
+            row[f"{mode} before"] = before["tasks"].get(name, {}).get("scores", {}).get(mode)
+            row[f"{mode} after"] = task["scores"].get(mode)
+        rows.append(row)
+    overall = {"task": "overall"}
+    for mode in modes:
+        overall[f"{mode} before"] = before["modes"][mode]["overall"]
+        overall[f"{mode} after"] = after["modes"][mode]["overall"]
+    rows.append(overall)
+    columns = ["task"] + [f"{m} {when}" for m in modes for when in ("before", "after")]
+    return metrics.format_table(rows, columns)

@@ -1,0 +1,586 @@
+"""Tests for umerl.losses (SFT) and umerl.grpo (RL) against sentence-transformers, verl 0.9.1,
+a 2-process gloo run and hand-written loops over the paper's formulas."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from umerl.grpo import (
+    clipped_policy_loss,
+    group_advantages,
+    grpo_loss,
+    grpo_side_loss,
+    k3_kl,
+)
+from umerl.losses import (
+    SftLossWeights,
+    assistant_labels,
+    completion_ce,
+    gather_with_grad,
+    info_nce,
+    sft_loss,
+)
+
+
+def _unit(gen: torch.Generator, rows: int, dim: int, dtype=torch.float32) -> torch.Tensor:
+    return F.normalize(torch.randn(rows, dim, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+
+
+def _reference_nce(q: torch.Tensor, t: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric InfoNCE over one whole batch, written out with log-softmax."""
+    logits = scale * q @ t.T
+    diag = torch.arange(q.shape[0])
+    forward = -logits.log_softmax(dim=1)[diag, diag].mean()
+    backward = -logits.T.log_softmax(dim=1)[diag, diag].mean()
+    return (forward + backward) / 2
+
+
+# -- 1. InfoNCE vs sentence-transformers ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def st_losses():
+    """A tiny offline SentenceTransformer (in-memory word-level tokenizer + StaticEmbedding):
+    the losses only need a model object; compute_loss_from_embeddings never calls it."""
+    pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from sentence_transformers.util import dot_score
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0, "query": 1, "target": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    model = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=8)], device="cpu")
+    with warnings.catch_warnings():  # MNSRL is deprecated in favour of MNRL(directions=...)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        symmetric = losses.MultipleNegativesSymmetricRankingLoss(model, scale=50.0)
+    return {
+        "symmetric": symmetric,
+        "mnrl": losses.MultipleNegativesRankingLoss(model, scale=50.0),
+        "mnrl_both_dot": losses.MultipleNegativesRankingLoss(
+            model,
+            scale=50.0,
+            similarity_fct=dot_score,
+            directions=("query_to_doc", "doc_to_query"),
+            partition_mode="per_direction",
+        ),
+    }
+
+
+@pytest.mark.parametrize("batch,dim", [(2, 4), (16, 32), (64, 24)])
+def test_info_nce_matches_sentence_transformers(st_losses, batch, dim):
+    gen = torch.Generator().manual_seed(batch * 1000 + dim)
+    q, t = _unit(gen, batch, dim), _unit(gen, batch, dim)
+    ours = info_nce(q, t, scale=50.0)
+    symmetric = st_losses["symmetric"].compute_loss_from_embeddings([q, t], None)
+    mnrl = st_losses["mnrl"]
+    averaged = (
+        mnrl.compute_loss_from_embeddings([q, t], None)
+        + mnrl.compute_loss_from_embeddings([t, q], None)
+    ) / 2
+    torch.testing.assert_close(ours, symmetric, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, averaged, atol=1e-5, rtol=0)
+    # Without a process group, gather=True is a no-op.
+    torch.testing.assert_close(ours, info_nce(q, t, scale=50.0, gather=False), atol=0, rtol=0)
+
+
+def test_info_nce_gradients_match_sentence_transformers(st_losses):
+    # ST's default cos_sim re-normalises (its gradient is projected), so compare gradients with
+    # ST's raw dot product, which is what info_nce uses on pre-normalised inputs.
+    gen = torch.Generator().manual_seed(7)
+    q0, t0 = _unit(gen, 12, 16, torch.float64), _unit(gen, 12, 16, torch.float64)
+    q1, t1 = q0.clone().requires_grad_(), t0.clone().requires_grad_()
+    q2, t2 = q0.clone().requires_grad_(), t0.clone().requires_grad_()
+    ours = info_nce(q1, t1, scale=50.0)
+    theirs = st_losses["mnrl_both_dot"].compute_loss_from_embeddings([q2, t2], None)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+    torch.testing.assert_close(q1.grad, q2.grad, atol=1e-10, rtol=0)
+    torch.testing.assert_close(t1.grad, t2.grad, atol=1e-10, rtol=0)
+
+
+def test_info_nce_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        info_nce(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+# -- 2. InfoNCE across 2 gloo ranks -----------------------------------------------------------
+
+WORLD, LOCAL_B, D_IN, D_OUT, SCALE = 2, 5, 6, 4, 50.0
+
+
+def _gather_inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    xq = torch.randn(WORLD * LOCAL_B, D_IN, generator=gen, dtype=torch.float64)
+    xt = torch.randn(WORLD * LOCAL_B, D_IN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64) / math.sqrt(D_IN)
+    return xq, xt, weight
+
+
+def _embed(xq, xt, weight):
+    return F.normalize(xq @ weight.T, dim=-1), F.normalize(xt @ weight.T, dim=-1)
+
+
+def _gather_worker(rank: int, port: int, out_dir: str, seed: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        xq_all, xt_all, weight0 = _gather_inputs(seed)
+        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        xq = xq_all[rows].clone().requires_grad_()
+        xt = xt_all[rows].clone().requires_grad_()
+        weight = weight0.clone().requires_grad_()  # a replicated "model parameter"
+        q, t = _embed(xq, xt, weight)
+        loss = info_nce(q, t, scale=SCALE)
+        loss.backward()
+        # What DDP / DeepSpeed do with parameter gradients: average over ranks.
+        dist.all_reduce(weight.grad)
+        weight.grad /= WORLD
+        gathered = gather_with_grad(q.detach())
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "xq_grad": xq.grad,
+                "xt_grad": xt.grad,
+                "weight_grad": weight.grad,
+                "gathered": gathered,
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_info_nce_two_ranks_equals_one_rank(tmp_path):
+    seed = 11
+    context = mp.start_processes(
+        _gather_worker,
+        args=(_free_port(), str(tmp_path), seed),
+        nprocs=WORLD,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the 2-rank gloo workers did not finish in 60 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    xq0, xt0, weight0 = _gather_inputs(seed)
+    xq, xt, weight = (x.clone().requires_grad_() for x in (xq0, xt0, weight0))
+    q, t = _embed(xq, xt, weight)
+    reference = _reference_nce(q, t, SCALE)
+    reference.backward()
+
+    # Forward: the gather returns the concatenated batch on every rank.
+    for result in ranks:
+        torch.testing.assert_close(result["gathered"], q.detach(), atol=1e-12, rtol=0)
+    # Loss: the DP average of the per-rank losses is the global-batch loss.
+    dp_loss = sum(r["loss"] for r in ranks) / WORLD
+    torch.testing.assert_close(dp_loss, reference.detach(), atol=1e-6, rtol=0)
+    # Replicated parameters: the DP-averaged gradient equals the 1-rank gradient.
+    for result in ranks:
+        torch.testing.assert_close(result["weight_grad"], weight.grad, atol=1e-6, rtol=0)
+    # Per-rank inputs: the gradient at rank r's slice is W x dL/dx (every rank's loss sends its
+    # share back through the gather); the DP average's 1/W brings it to the 1-rank slice.
+    for r, result in enumerate(ranks):
+        rows = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+        torch.testing.assert_close(result["xq_grad"] / WORLD, xq.grad[rows], atol=1e-6, rtol=0)
+        torch.testing.assert_close(result["xt_grad"] / WORLD, xt.grad[rows], atol=1e-6, rtol=0)
+
+
+# -- 3. Completion cross-entropy --------------------------------------------------------------
+
+
+def test_assistant_labels_left_padded():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6], [0, 9, 9, 9, 9, 9]])
+    labels = assistant_labels(ids, [2, 6, 0])
+    assert labels.tolist() == [[-100, -100, -100, -100, 7, 8], [1, 2, 3, 4, 5, 6], [-100] * 6]
+    with pytest.raises(ValueError):
+        assistant_labels(ids, [7, 1, 1])
+    with pytest.raises(ValueError):
+        assistant_labels(ids, [1, 1])
+
+
+def _ce_batch(seed: int, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    rows, width, vocab = 4, 9, 13
+    ids = torch.randint(1, vocab, (rows, width), generator=gen)
+    completion = torch.tensor([3, 1, 8, 5])
+    logits = torch.randn(rows, width, vocab, generator=gen, dtype=dtype)
+    return ids, completion, logits
+
+
+def _manual_ce(logits: torch.Tensor, ids: torch.Tensor, completion: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    width = ids.shape[1]
+    for i in range(ids.shape[0]):
+        for pos in range(width - int(completion[i]), width):  # completion tokens of row i
+            if pos == 0:
+                continue  # nothing predicts the very first token
+            log_probs = logits[i, pos - 1].log_softmax(dim=-1)
+            total -= float(log_probs[ids[i, pos]])
+            count += 1
+    return total / count
+
+
+def test_completion_ce_matches_manual_loop():
+    ids, completion, logits = _ce_batch(0)
+    loss = completion_ce(logits, assistant_labels(ids, completion))
+    assert float(loss) == pytest.approx(_manual_ce(logits, ids, completion), abs=1e-10)
+    # float32 / bf16 logits are scored in float32
+    loss32 = completion_ce(logits.float(), assistant_labels(ids, completion))
+    assert loss32.dtype == torch.float32
+    assert float(loss32) == pytest.approx(float(loss), abs=1e-5)
+    assert (
+        completion_ce(logits.bfloat16(), assistant_labels(ids, completion)).dtype == torch.float32
+    )
+
+
+def test_completion_ce_ignores_non_assistant_tokens():
+    ids, completion, logits = _ce_batch(1)
+    labels = assistant_labels(ids, completion)
+    base = completion_ce(logits, labels)
+    width = ids.shape[1]
+    # Logits at positions that predict a masked label (and the last position) do not count.
+    predicts_completion = torch.zeros(ids.shape, dtype=torch.bool)
+    predicts_completion[:, :-1] = labels[:, 1:] != -100
+    noisy = logits.clone()
+    noisy[~predicts_completion] = torch.randn_like(noisy[~predicts_completion]) * 100
+    torch.testing.assert_close(completion_ce(noisy, labels), base, atol=1e-12, rtol=0)
+    # Prompt token ids do not count either.
+    prompt = torch.arange(width)[None, :] < (width - completion)[:, None]
+    other_ids = torch.where(prompt, (ids + 5) % 13, ids)
+    torch.testing.assert_close(
+        completion_ce(logits, assistant_labels(other_ids, completion)), base, atol=0, rtol=0
+    )
+    # ...but changing a logit that predicts a completion token does.
+    noisy = logits.clone()
+    noisy[predicts_completion] += torch.randn_like(noisy[predicts_completion])
+    assert abs(float(completion_ce(noisy, labels) - base)) > 1e-3
+    # The gradient is zero outside the positions that predict completion tokens.
+    leaf = logits.clone().requires_grad_()
+    completion_ce(leaf, labels).backward()
+    assert float(leaf.grad[~predicts_completion].abs().max()) == 0.0
+
+
+def test_completion_ce_denominator_and_empty_batch():
+    ids, completion, logits = _ce_batch(2)
+    labels = assistant_labels(ids, completion)
+    count = int((labels[:, 1:] != -100).sum())
+    mean = completion_ce(logits, labels)
+    torch.testing.assert_close(completion_ce(logits, labels, denominator=2 * count), mean / 2)
+    leaf = logits.clone().requires_grad_()
+    empty = completion_ce(leaf, assistant_labels(ids, [0, 0, 0, 0]))
+    assert float(empty.detach()) == 0.0
+    empty.backward()  # still part of the graph
+    assert float(leaf.grad.abs().max()) == 0.0
+
+
+def test_sft_loss_weighted_sum_and_logs():
+    parts = {
+        "gen_nce": torch.tensor(1.5, requires_grad=True),
+        "disc_nce": torch.tensor(2.0),
+        "query_ce": torch.tensor(0.25),
+        "target_ce": torch.tensor(0.5),
+    }
+    loss, logs = sft_loss(parts, SftLossWeights())
+    assert float(loss.detach()) == pytest.approx(4.25)
+    assert logs == {
+        "gen_nce": 1.5,
+        "disc_nce": 2.0,
+        "query_ce": 0.25,
+        "target_ce": 0.5,
+        "loss": 4.25,
+    }
+    loss.backward()
+    assert float(parts["gen_nce"].grad) == 1.0
+    weights = SftLossWeights(gen_nce=2.0, disc_nce=0.0, query_ce=0.5, target_ce=1.0)
+    loss, _ = sft_loss({k: v for k, v in parts.items() if k != "disc_nce"}, weights)
+    assert float(loss.detach()) == pytest.approx(2 * 1.5 + 0.5 * 0.25 + 0.5)
+    with pytest.raises(KeyError):
+        sft_loss({"gen_nce": parts["gen_nce"]}, SftLossWeights())
+    with pytest.raises(KeyError):
+        sft_loss({**parts, "other": torch.tensor(1.0)})
+
+
+# -- 4. GRPO vs verl 0.9.1 --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def verl_algos():
+    pytest.importorskip("verl")
+    # verl is installed --no-deps; core_algos also needs tensordict (and ray, transformers)
+    return pytest.importorskip("verl.trainer.ppo.core_algos")
+
+
+def _response_mask(gen: torch.Generator, rows: int, width: int) -> torch.Tensor:
+    lengths = torch.randint(1, width + 1, (rows,), generator=gen)
+    return (torch.arange(width)[None, :] < lengths[:, None]).float()
+
+
+def _verl_advantages(verl_algos, rewards, group_size, mask, eps, vectorized=False):
+    token_rewards = torch.zeros_like(mask)
+    last = mask.sum(dim=1).long() - 1
+    token_rewards[torch.arange(len(rewards)), last] = rewards  # scalar at the last valid token
+    index = np.repeat(np.arange(len(rewards) // group_size), group_size)
+    fn = (
+        verl_algos.compute_grpo_vectorized_outcome_advantage
+        if vectorized
+        else verl_algos.compute_grpo_outcome_advantage
+    )
+    advantages, _ = fn(
+        token_level_rewards=token_rewards, response_mask=mask, index=index, epsilon=eps
+    )
+    return advantages
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 4, 8])
+def test_group_advantages_match_verl(verl_algos, group_size):
+    gen = torch.Generator().manual_seed(group_size)
+    groups, width, eps = 6, 7, 1e-4
+    n = groups * group_size
+    # format reward (0/1) + a continuous embedding reward; one group of identical rewards
+    rewards = torch.randint(0, 2, (n,), generator=gen).double() + torch.rand(
+        n, generator=gen, dtype=torch.float64
+    )
+    rewards[:group_size] = 0.75
+    mask = _response_mask(gen, n, width).double()
+    ours = group_advantages(rewards, group_size, eps=eps)
+    assert ours.shape == (n,)
+    assert float(ours[:group_size].abs().max()) == 0.0
+    for vectorized in (False, True):
+        theirs = _verl_advantages(verl_algos, rewards, group_size, mask, eps, vectorized)
+        torch.testing.assert_close(ours[:, None] * mask, theirs, atol=1e-6, rtol=0)
+    # and against a plain loop with the unbiased std
+    for g in range(groups):
+        chunk = rewards[g * group_size : (g + 1) * group_size].tolist()
+        mean = sum(chunk) / group_size
+        std = math.sqrt(sum((x - mean) ** 2 for x in chunk) / (group_size - 1))
+        for j, x in enumerate(chunk):
+            assert float(ours[g * group_size + j]) == pytest.approx(
+                (x - mean) / (std + eps), abs=1e-9
+            )
+
+
+def test_group_size_one_differs_from_verl_by_design(verl_algos):
+    rewards = torch.tensor([0.3, 1.2, -0.5], dtype=torch.float64)
+    mask = torch.ones(3, 4, dtype=torch.float64)
+    ours = group_advantages(rewards, 1, eps=1e-4)
+    assert ours.tolist() == [0.0, 0.0, 0.0]  # no group baseline for a single sample
+    theirs = _verl_advantages(verl_algos, rewards, 1, mask, 1e-4)
+    # verl: mean 0, std 1 for a size-1 group, so A = r / (1 + eps) (its 0 and 1 are float32
+    # tensors, so 1 + eps is rounded to float32: hence 1e-6, not float64 precision)
+    torch.testing.assert_close(theirs[:, 0], rewards / (1 + 1e-4), atol=1e-6, rtol=0)
+
+
+def test_group_advantages_validation():
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(7), 4)
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(2, 4), 4)
+
+
+def _policy_batch(seed: int, rows: int = 24, width: int = 10):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(rows, width, generator=gen, dtype=torch.float64) * 3
+    old_logp = logp + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.8
+    ref_logp = logp + torch.randn(rows, width, generator=gen, dtype=torch.float64) * 0.5
+    advantages = torch.randn(rows, generator=gen, dtype=torch.float64) * 1.5
+    mask = _response_mask(gen, rows, width).double()
+    return logp, old_logp, ref_logp, advantages, mask
+
+
+def _verl_actor_config(clip_ratio_c: float, **global_batch_info):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "clip_ratio": 0.2,
+            "clip_ratio_low": 0.2,
+            "clip_ratio_high": 0.28,
+            "clip_ratio_c": clip_ratio_c,
+            "global_batch_info": dict(global_batch_info),
+        }
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_clipped_policy_loss_matches_verl(verl_algos, seed):
+    logp, old_logp, _, advantages, mask = _policy_batch(seed)
+    token_adv = advantages[:, None] * mask
+    assert (advantages < 0).any() and (advantages > 0).any()
+    results = {}
+    # verl always dual-clips (clip_ratio_c must be > 1): c = 1e9 never binds, i.e. plain PPO.
+    for ours_c, verl_c in ((3.0, 3.0), (None, 1e9)):
+        per_token, clip_fraction = clipped_policy_loss(
+            logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, clip_ratio_c=ours_c
+        )
+        assert float(per_token[mask == 0].abs().max()) == 0.0
+        ours = per_token.sum() / mask.sum()  # token-mean
+        theirs, metrics = verl_algos.compute_policy_loss_vanilla(
+            old_log_prob=old_logp,
+            log_prob=logp,
+            advantages=token_adv,
+            response_mask=mask,
+            loss_agg_mode="token-mean",
+            config=_verl_actor_config(verl_c),
+        )
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+        assert clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+        results[ours_c] = float(ours)
+    assert abs(results[3.0] - results[None]) > 1e-3  # the dual clip binds on these inputs
+
+
+def test_k3_matches_verl(verl_algos):
+    gen = torch.Generator().manual_seed(3)
+    logp = -torch.rand(400, generator=gen, dtype=torch.float64) * 5
+    # log-ratios spanning both clamps: |ref - logp| > 20 and k3 > 10
+    ref_logp = logp + (torch.rand(400, generator=gen, dtype=torch.float64) - 0.5) * 60
+    ours = k3_kl(logp, ref_logp)
+    assert float(ours.max()) == 10.0 and ((ref_logp - logp).abs() > 20).any()
+    for name in ("low_var_kl", "k3"):
+        theirs = verl_algos.kl_penalty(logp, ref_logp, name)
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    small = ref_logp.clamp(logp - 1, logp + 1)
+    delta = small - logp
+    torch.testing.assert_close(k3_kl(logp, small), delta.exp() - delta - 1)
+
+
+def test_grpo_side_loss_matches_verl_seq_mean_token_sum_norm(verl_algos):
+    logp, old_logp, ref_logp, advantages, mask = _policy_batch(5)
+    max_len, beta = 16, 0.04
+    ours, metrics = grpo_side_loss(
+        logp, old_logp, ref_logp, advantages, mask, max_len, kl_beta=beta
+    )
+    pg, pg_metrics = verl_algos.compute_policy_loss_vanilla(
+        old_log_prob=old_logp,
+        log_prob=logp,
+        advantages=advantages[:, None] * mask,
+        response_mask=mask,
+        loss_agg_mode="seq-mean-token-sum-norm",
+        config=_verl_actor_config(1e9, loss_scale_factor=max_len),
+    )
+    kl = verl_algos.agg_loss(
+        verl_algos.kl_penalty(logp, ref_logp, "low_var_kl"),
+        mask,
+        "seq-mean-token-sum-norm",
+        loss_scale_factor=max_len,
+    )
+    torch.testing.assert_close(ours, pg + beta * kl, atol=1e-6, rtol=0)
+    assert metrics["policy_loss"] == pytest.approx(float(pg), abs=1e-6)
+    assert metrics["kl_loss"] == pytest.approx(float(kl), abs=1e-6)
+    assert metrics["clip_fraction"] == pytest.approx(pg_metrics["actor/pg_clipfrac"], abs=1e-6)
+
+
+# -- 5. GRPO side loss vs a loop over the paper's formula -------------------------------------
+
+
+def _paper_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len, beta, lo, hi):
+    """Sequence by sequence, token by token, with 0-d tensors so autograd still works."""
+    total = torch.zeros((), dtype=logp.dtype)
+    kl_sum, kl_count, clipped, tokens = 0.0, 0, 0, 0
+    for i in range(logp.shape[0]):
+        seq = torch.zeros((), dtype=logp.dtype)
+        for t in range(logp.shape[1]):
+            if not mask[i, t]:
+                continue
+            a = float(advantages[i])
+            ratio = torch.exp(logp[i, t] - old_logp[i, t])
+            clipped_ratio = torch.clamp(ratio, 1 - lo, 1 + hi)
+            policy = torch.maximum(-a * ratio, -a * clipped_ratio)
+            d = ref_logp[i, t] - logp[i, t]
+            k3 = torch.exp(d) - d - 1
+            seq = seq + policy + beta * k3
+            kl_sum += float(k3.detach())
+            kl_count += 1
+            tokens += 1
+            r = float(ratio.detach())
+            clipped += int((a > 0 and r > 1 + hi) or (a < 0 and r < 1 - lo))
+        total = total + seq / max_len
+    return total / logp.shape[0], kl_sum / kl_count, clipped / tokens
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_side_loss_matches_paper_loop(seed):
+    logp0, old_logp, ref_logp, advantages, mask = _policy_batch(seed, rows=8, width=9)
+    max_len, beta, lo, hi = 12, 0.04, 0.2, 0.28
+    logp1, logp2 = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
+    ours, metrics = grpo_side_loss(
+        logp1,
+        old_logp,
+        ref_logp,
+        advantages,
+        mask.bool(),
+        max_len,
+        kl_beta=beta,
+        eps_low=lo,
+        eps_high=hi,
+    )
+    expected, kl, clip_fraction = _paper_side_loss(
+        logp2, old_logp, ref_logp, advantages, mask, max_len, beta, lo, hi
+    )
+    ours.backward()
+    expected.backward()
+    torch.testing.assert_close(ours, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(logp1.grad, logp2.grad, atol=1e-10, rtol=0)
+    assert metrics["loss"] == pytest.approx(float(expected.detach()), abs=1e-10)
+    assert metrics["kl"] == pytest.approx(kl, abs=1e-10)
+    assert metrics["clip_fraction"] == pytest.approx(clip_fraction, abs=1e-10)
+    assert 0 < clip_fraction < 1
+
+
+def test_grpo_on_policy_and_two_sides():
+    logp0, _, ref_logp, advantages, mask = _policy_batch(9, rows=6, width=5)
+    # on-policy: old_logp=None means logp.detach(); the gradient is -A / max_len per token
+    logp = logp0.clone().requires_grad_()
+    loss, metrics = grpo_side_loss(logp, None, None, advantages, mask, 8, kl_beta=0.0)
+    loss.backward()
+    expected = -(advantages[:, None] * mask).sum() / 8 / 6
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logp.grad, -advantages[:, None] * mask / 8 / 6)
+    assert metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0
+    with pytest.raises(ValueError):
+        grpo_side_loss(logp0, None, None, advantages, mask, 8, kl_beta=0.04)
+    # the two sides are averaged
+    query = {
+        "logp": logp0,
+        "old_logp": None,
+        "ref_logp": ref_logp,
+        "advantages": advantages,
+        "mask": mask,
+    }
+    target = {**query, "advantages": -advantages}
+    total, metrics = grpo_loss(query, target, max_completion_length=8)
+    q_loss, _ = grpo_side_loss(logp0, None, ref_logp, advantages, mask, 8)
+    t_loss, _ = grpo_side_loss(logp0, None, ref_logp, -advantages, mask, 8)
+    torch.testing.assert_close(total, (q_loss + t_loss) / 2)
+    assert metrics["query/loss"] == pytest.approx(float(q_loss))
+    assert metrics["target/loss"] == pytest.approx(float(t_loss))
+    assert metrics["loss"] == pytest.approx(float(total))

@@ -1,0 +1,145 @@
+"""Atomic checkpoints: a crash mid-save never damages the last good checkpoint.
+
+Layout under a run's checkpoint root::
+
+    step_00000040/            a Hugging Face folder (from_pretrained / umerl eval load it)
+        config.json, model.safetensors, tokenizer files, preprocessor_config.json
+        train_state/          what resume needs: DeepSpeed engine state (optimizer,
+                              scheduler), data cursor, step, RNG state per rank
+        umerl_checkpoint.json the manifest, written last: step, stage, files and sizes
+    latest                    the name of the newest complete checkpoint
+    .step_00000050.partial/   a save in progress (or one that crashed): never loaded
+
+Every rank writes into the ``.partial`` folder; rank 0 writes the manifest, renames the folder
+into place (the commit point: a rename within a filesystem is atomic) and then replaces
+``latest``. A reader trusts a folder only if its manifest matches the files on disk.
+On a multi-node cluster the root must be on storage every rank can reach.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "umerl_checkpoint.json"
+LATEST = "latest"
+TRAIN_STATE = "train_state"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def partial_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f".step_{step:08d}.partial"
+
+
+def begin(root: str | Path, step: int) -> Path:
+    """A fresh staging folder for ``step`` (a leftover from a crashed save is discarded)."""
+    staging = partial_dir(root, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit(root: str | Path, step: int, stage: str, extra: dict[str, Any] | None = None) -> Path:
+    """Seal the staging folder of ``step`` and make it the latest checkpoint (rank 0 only)."""
+    root = Path(root)
+    staging = partial_dir(root, step)
+    files = {
+        str(p.relative_to(staging)): p.stat().st_size
+        for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    manifest = {"step": step, "stage": stage, "created": time.time(), "files": files,
+                **(extra or {})}
+    _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
+    _fsync_tree(staging)
+    final = step_dir(root, step)
+    if final.exists():  # re-saving a step (e.g. after resume): replace it as a whole
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(root)
+    _write_atomic(root / LATEST, final.name)
+    return final
+
+
+def is_complete(path: str | Path) -> bool:
+    """The manifest exists, parses, and every file it lists is there with its size."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / name).stat().st_size == size
+                   for name, size in manifest["files"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint: ``latest`` if it is sound, else the highest sound step."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if _STEP_DIR.match(candidate.name) and is_complete(candidate):
+            return candidate
+    steps = sorted((p for p in root.glob("step_*") if _STEP_DIR.match(p.name)), reverse=True)
+    return next((p for p in steps if is_complete(p)), None)
+
+
+def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
+    """``auto``: the latest good checkpoint under root, if any; ``null``/``none``: start fresh;
+    anything else: that checkpoint folder, which must be complete."""
+    if resume is None or str(resume).lower() in ("none", "null", "false", ""):
+        return None
+    if str(resume).lower() == "auto":
+        return latest(root)
+    path = Path(resume)
+    if not is_complete(path):
+        raise ValueError(f"resume={resume}: not a complete umerl checkpoint (no valid {MANIFEST})")
+    return path
+
+
+def prune(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale partials."""
+    root = Path(root)
+    steps = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and is_complete(p))
+    doomed = steps[:-keep_last] if keep_last > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

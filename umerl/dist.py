@@ -1,0 +1,83 @@
+"""Process-group helpers shared by the SFT workers and the RL learners."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from contextlib import closing
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
+                       backend: str | None = None) -> None:
+    """Join (or create) the default group; a no-op when one already exists (Ray Train)."""
+    if dist.is_initialized():
+        return
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"))
+    dist.init_process_group(backend or default_backend(), rank=rank, world_size=world_size)
+
+
+def init_single_process() -> None:
+    """World size 1 on loopback: the same code paths as a cluster, in one process."""
+    init_process_group(0, 1, "127.0.0.1", free_port())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def disable_deepspeed_jit_ops() -> None:
+    """DeepSpeed JIT-builds a shared-memory comm op on first init (about a minute on CPU);
+    gloo does the same job here, so mark the op unavailable before ``initialize``."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -1,0 +1,151 @@
+"""The single controller: read top to bottom to see what a job does.
+
+    train(cfg):  start or join Ray
+                 -> base model (a checkpoint, or the tiny offline one)
+                 -> evaluate it (the "before" table)
+                 -> SFT warm start on a Ray Train worker group (DeepSpeed inside)
+                 -> evaluate the result (the "after" table) and print both side by side
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from umerl import checkpoint as ckpt
+from umerl.config import to_container
+from umerl.evaluate import EvalSettings, comparison_table, parse_modes
+from umerl.tasks import ensure_benchmark, resolve_tasks
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run every enabled stage of a recipe; returns the before/after summaries."""
+    cfg = absolute_paths(cfg)
+    init_ray(cfg)
+    model = cfg.model.path or ensure_tiny_model(cfg.model.tiny)
+    results: dict[str, Any] = {}
+    if cfg.eval.enabled and cfg.eval.before:
+        results["before"] = evaluate_checkpoint(cfg, model, "before")
+    if cfg.sft.enabled:
+        model = str(run_sft_stage(cfg, model))
+        print(f"[driver] SFT checkpoint: {model}", flush=True)
+    if cfg.eval.enabled:
+        results["after"] = evaluate_checkpoint(cfg, model, "after")
+    if "before" in results and "after" in results:
+        print("\nbefore -> after (headline metric per task, %):")
+        print(comparison_table(results["before"], results["after"]))
+    results["checkpoint"] = model
+    return results
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """Workers may start in another folder: every path they read is made absolute here."""
+    cfg = OmegaConf.create(to_container(cfg))
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    if cfg.model.path:
+        cfg.model.path = str(Path(cfg.model.path).resolve())
+    cfg.model.tiny.dir = str(Path(cfg.model.tiny.dir).resolve())
+    if not cfg.sft.data:
+        manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
+        cfg.sft.data = [str(manifest.parent / entry["sft"]) for entry in _manifest(manifest)]
+    cfg.sft.data = [str(Path(p).resolve()) for p in cfg.sft.data]
+    return cfg
+
+
+def _manifest(path: Path) -> list[dict]:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))["tasks"]
+
+
+def init_ray(cfg: DictConfig) -> None:
+    """Join ``ray.address`` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env)
+        return
+    ray.init(
+        _node_ip_address="127.0.0.1", num_cpus=cfg.ray.num_cpus,
+        object_store_memory=int(cfg.ray.object_store_memory), include_dashboard=False,
+        runtime_env=runtime_env, log_to_driver=True,
+    )
+
+
+def worker_env() -> dict[str, str]:
+    """What every Ray worker needs: offline hubs, DeepSpeed's accelerator, one thread each."""
+    import torch
+
+    env = {
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": os.environ.get("UMERL_WORKER_THREADS", "1"),
+        "WANDB_MODE": os.environ.get("WANDB_MODE", ""),
+        "DS_BUILD_OPS": "0",
+    }
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    for key in ("TORCH_EXTENSIONS_DIR", "UMERL_DATA_DIR", "WANDB_API_KEY"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return {k: v for k, v in env.items() if v}
+
+
+def ensure_tiny_model(tiny_cfg: DictConfig) -> str:
+    from umerl.cli import ensure_tiny_model as build
+
+    return build(tiny_cfg)
+
+
+def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
+    """SFT on ``sft.num_workers`` Ray Train workers; returns the final checkpoint."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from umerl.sft import sft_worker
+
+    scfg = cfg.sft
+    use_gpu = float(scfg.gpus_per_worker) > 0
+    resources = {"CPU": float(scfg.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(scfg.gpus_per_worker)
+    trainer = TorchTrainer(
+        sft_worker,
+        train_loop_config={"cfg": to_container(cfg), "init_checkpoint": str(init_checkpoint)},
+        scaling_config=ScalingConfig(num_workers=int(scfg.num_workers), use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=str(Path(cfg.output_dir) / "ray_train"), name="sft"),
+    )
+    trainer.fit()  # raises TrainingFailedError with the worker's traceback on failure
+    final = ckpt.latest(Path(cfg.output_dir) / scfg.output_subdir)
+    if final is None:
+        raise RuntimeError(f"SFT finished but wrote no checkpoint under {cfg.output_dir}")
+    return final
+
+
+def eval_settings(cfg: DictConfig) -> EvalSettings:
+    e = cfg.eval
+    return EvalSettings(
+        modes=parse_modes(list(e.modes)), pass_k=tuple(e.pass_k), batch_size=int(e.batch_size),
+        max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature),
+        top_k=int(e.top_k), seed=int(cfg.seed), save_embeddings=bool(e.save_embeddings),
+        skip_invalid=bool(cfg.data.skip_invalid),
+    )
+
+
+def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[str, Any]:
+    from umerl.cli import run_eval
+
+    specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
+                          int(cfg.data.benchmark_seed))
+    out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
+    print(f"\n[driver] evaluating ({label}) {checkpoint}", flush=True)
+    return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+

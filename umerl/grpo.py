@@ -1,0 +1,207 @@
+"""GRPO numerics for UME-R1 stage 2 (docs: ume-r1-method.md section 3).
+
+Per side (query rollouts, target rollouts), with N = pairs x G sampled completions::
+
+    A_i      = (r_i - mean_g(r)) / (std_g(r) + eps)             unbiased std, eps 1e-4
+    rho_it   = exp(logp_it - old_logp_it)
+    pg_it    = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps_low, 1 + eps_high))   eps 0.2 / 0.28
+    k3_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
+    L_side   = mean_i [ sum_t mask_it (pg_it + beta k3_it) / max_completion_length ]   beta 0.04
+    L        = (L_query + L_target) / 2
+
+Every constant is a parameter. Notes against verl 0.9.1 ``verl.trainer.ppo.core_algos`` (the
+cross-check reference in tests/test_losses.py):
+
+* Advantages: verl's ``compute_grpo_outcome_advantage`` uses the same formula (its default
+  epsilon is 1e-6, pass 1e-4). For a group of size 1 verl uses mean 0 and std 1, i.e. A = r /
+  (1 + eps); here a single sample has no group baseline, so its advantage is 0.
+* Clamping: like verl, the log-ratio is clamped to [-20, 20] before ``exp`` (policy ratio and
+  k3), and k3 itself is clamped to [-10, 10]. The clamps zero the gradient where they bind.
+* Dual clip: verl's ``compute_policy_loss_vanilla`` always applies dual-clip PPO for A < 0
+  (loss capped at -A * clip_ratio_c, default 3). The paper does not; ``clip_ratio_c=None`` (the
+  default) disables it, a number enables it.
+* Aggregation: ``grpo_side_loss`` is verl's ``seq-mean-token-sum-norm`` mode with
+  ``loss_scale_factor = max_completion_length`` (TRL calls it ``dr_grpo``), except that verl
+  drops fully masked sequences from the mean, while here every sequence counts (a sampled
+  completion always has at least one token, so the two agree in practice).
+* Data parallel: the side loss is a mean over the LOCAL sequences; DP gradient averaging over
+  ranks holding equal numbers of sequences gives the global mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """Group-normalised advantages ``(r - mean_g) / (std_g + eps)``, unbiased std.
+
+    Args:
+        rewards: [N] scalar rewards, ordered group-major: group g is rows g*G .. g*G + G - 1.
+        group_size: G; N must be a multiple of it.
+        eps: added to the std (the paper: 1e-4).
+
+    Returns:
+        [N] advantages (detached, float32 or wider). A group with identical rewards gets 0.
+        For G == 1 every advantage is 0: a single sample has no group baseline (verl instead
+        returns r / (1 + eps) for size-1 groups).
+    """
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be [N], got {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    rewards = rewards.detach()
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    if group_size == 1:
+        return torch.zeros_like(rewards)
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True, unbiased=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def k3_kl(
+    logp: Tensor, ref_logp: Tensor, log_ratio_clamp: float = 20.0, value_clamp: float = 10.0
+) -> Tensor:
+    """Per-token k3 estimator of KL(policy || reference): ``exp(d) - d - 1``, d = ref - logp.
+
+    ``d`` is clamped to [-log_ratio_clamp, log_ratio_clamp] before ``exp`` and the result to
+    [-value_clamp, value_clamp], exactly as verl's ``kl_penalty(..., "low_var_kl")``.
+    """
+    delta = (ref_logp - logp).clamp(-log_ratio_clamp, log_ratio_clamp)
+    return (torch.exp(delta) - delta - 1).clamp(-value_clamp, value_clamp)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    count = int(mask.sum())
+    if count == 0:
+        return 0.0
+    return float(torch.where(mask, values, torch.zeros_like(values)).sum() / count)
+
+
+def _token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    return advantages.to(like.dtype).expand_as(like)
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_ratio_c: float | None = None,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[Tensor, float]:
+    """Token-level PPO clipped objective (as a loss to minimise).
+
+    Args:
+        logp, old_logp: [N, T] per-token log-probs of the sampled tokens under the current policy
+            and the policy that sampled them.
+        advantages: [N] (one per sequence, broadcast over tokens) or [N, T].
+        mask: [N, T] valid completion tokens (bool or 0/1).
+        eps_low, eps_high: ratio clip range [1 - eps_low, 1 + eps_high].
+        clip_ratio_c: if set (> 1), dual-clip PPO: for A < 0 the loss is capped at -A * c.
+        log_ratio_clamp: logp - old_logp is clamped to +-this before ``exp``.
+
+    Returns:
+        per_token_loss: [N, T], ``max(-A r, -A clip(r))`` (dual-clipped if enabled), 0 where
+            mask is False.
+        clip_fraction: share of valid tokens where the clipped term is the active one (verl's
+            ``pg_clipfrac``; dual-clip activations are not counted).
+    """
+    mask = mask.bool()
+    adv = _token_advantages(advantages, logp)
+    ratio = torch.exp((logp - old_logp).clamp(-log_ratio_clamp, log_ratio_clamp))
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1:
+            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_ratio_c), loss)
+    clip_fraction = _masked_mean((clipped > unclipped).to(logp.dtype), mask)
+    return torch.where(mask, loss, torch.zeros_like(loss)), clip_fraction
+
+
+def grpo_side_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    max_completion_length: int,
+    kl_beta: float = 0.04,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_ratio_c: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """GRPO loss of one side (query or target rollouts).
+
+    ``sum_t mask * (pg + kl_beta * k3) / max_completion_length``, averaged over the N sequences.
+
+    Args:
+        logp: [N, T] current-policy log-probs (with grad).
+        old_logp: [N, T] sampling-policy log-probs; ``None`` = fully on-policy (``logp.detach()``,
+            so the ratio is 1 but its gradient is the policy gradient).
+        ref_logp: [N, T] frozen-reference log-probs; may be ``None`` only when kl_beta == 0.
+        advantages: [N] or [N, T]; mask: [N, T] valid completion tokens.
+        max_completion_length: the constant divisor (the generation limit), not the batch's T.
+
+    Returns:
+        (loss, metrics): metrics hold ``policy_loss`` and ``kl_loss`` (the two parts of the loss
+        under the same aggregation: loss = policy_loss + kl_beta * kl_loss), ``kl`` (masked
+        token mean of k3), ``clip_fraction`` and ``loss``.
+    """
+    if max_completion_length <= 0:
+        raise ValueError("max_completion_length must be positive")
+    mask = mask.bool()
+    if old_logp is None:
+        old_logp = logp.detach()
+    pg, clip_fraction = clipped_policy_loss(
+        logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c
+    )
+    rows = logp.shape[0]
+    policy_loss = pg.sum(dim=1).div(max_completion_length).sum() / rows
+    if ref_logp is None:
+        if kl_beta != 0:
+            raise ValueError("ref_logp is required when kl_beta != 0")
+        kl_tok = torch.zeros_like(logp)
+    else:
+        kl_tok = torch.where(mask, k3_kl(logp, ref_logp), torch.zeros_like(logp))
+    kl_loss = kl_tok.sum(dim=1).div(max_completion_length).sum() / rows
+    loss = policy_loss + kl_beta * kl_loss
+    metrics = {
+        "loss": float(loss.detach()),
+        "policy_loss": float(policy_loss.detach()),
+        "kl_loss": float(kl_loss.detach()),
+        "kl": _masked_mean(kl_tok.detach(), mask),
+        "clip_fraction": clip_fraction,
+    }
+    return loss, metrics
+
+
+def grpo_loss(
+    query_side: Mapping[str, Tensor | None], target_side: Mapping[str, Tensor | None], **kwargs
+) -> tuple[Tensor, dict[str, float]]:
+    """``(L_query + L_target) / 2``.
+
+    Each side maps ``logp, old_logp, ref_logp, advantages, mask`` to tensors (``old_logp`` and
+    ``ref_logp`` may be None, see ``grpo_side_loss``); ``kwargs`` (max_completion_length,
+    kl_beta, eps_low, eps_high, clip_ratio_c) are shared. Metrics are prefixed ``query/`` and
+    ``target/``, plus the total ``loss``.
+    """
+    keys = ("logp", "old_logp", "ref_logp", "advantages", "mask")
+    losses, metrics = [], {}
+    for name, side in (("query", query_side), ("target", target_side)):
+        side_loss, side_metrics = grpo_side_loss(*(side.get(k) for k in keys), **kwargs)
+        losses.append(side_loss)
+        metrics.update({f"{name}/{k}": v for k, v in side_metrics.items()})
+    loss = (losses[0] + losses[1]) / 2
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics

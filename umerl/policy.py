@@ -1,0 +1,106 @@
+"""One forward pass of the policy over prompt + completion, as training and RL need it.
+
+``PolicyModule`` wraps a Hugging Face Qwen-VL model so a DeepSpeed engine can own it. One call
+returns, per row of a left-padded batch (see ``InputEncoder.collate``):
+
+- ``disc``: the hidden state at the last ``<disc_emb>`` of the prompt, L2-normalised;
+- ``gen``: the hidden state at the last ``<gen_emb>`` of the completion (else its last token);
+- ``logprobs``: log p(token) of every completion token (0 elsewhere) and ``completion_mask``.
+
+Vocabulary logits are computed only at completion positions: on a 150k-token vocabulary the
+full ``[B, T, V]`` tensor would dominate memory for nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PolicyOutput:
+    disc: torch.Tensor  # [B, d], L2-normalised
+    gen: torch.Tensor | None  # [B, d], L2-normalised; None without completions
+    gen_found: torch.Tensor | None  # [B] bool: the completion wrote <gen_emb>
+    logprobs: torch.Tensor | None  # [B, T]: log-prob of each completion token, 0 elsewhere
+    completion_mask: torch.Tensor  # [B, T] bool
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last True per row (-1 where a row has none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def completion_mask_for(input_ids: torch.Tensor, completion_lengths: torch.Tensor) -> torch.Tensor:
+    """Left-padded rows end with their completion: the last ``length`` positions of each row."""
+    width = input_ids.shape[1]
+    index = torch.arange(width, device=input_ids.device).expand_as(input_ids)
+    return index >= (width - completion_lengths.to(input_ids.device))[:, None]
+
+
+def embedding_positions(
+    input_ids: torch.Tensor, completion_mask: torch.Tensor, disc_id: int, gen_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(disc position, gen position, gen found) per row."""
+    disc = last_index((input_ids == disc_id) & ~completion_mask)
+    if (disc < 0).any():
+        row = int((disc < 0).nonzero()[0])
+        raise ValueError(f"batch row {row} has no <disc_emb> token in its prompt")
+    gen = last_index((input_ids == gen_id) & completion_mask)
+    found = gen >= 0
+    gen = torch.where(found, gen, torch.full_like(gen, input_ids.shape[1] - 1))
+    return disc, gen, found
+
+
+class PolicyModule(nn.Module):
+    """The HF model plus the embedding-token ids: the unit DeepSpeed trains."""
+
+    def __init__(self, model: nn.Module, disc_id: int, gen_id: int):
+        super().__init__()
+        self.model = model
+        self.disc_id = disc_id
+        self.gen_id = gen_id
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_lengths: torch.Tensor,
+        with_logprobs: bool = True,
+        temperature: float = 1.0,
+        **vision: torch.Tensor,
+    ) -> PolicyOutput:
+        completion_mask = completion_mask_for(input_ids, completion_lengths)
+        disc_pos, gen_pos, found = embedding_positions(
+            input_ids, completion_mask, self.disc_id, self.gen_id
+        )
+        hidden = self.model.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        disc = F.normalize(hidden[rows, disc_pos].float(), dim=-1)
+        has_completion = bool(completion_mask.any())
+        gen = F.normalize(hidden[rows, gen_pos].float(), dim=-1) if has_completion else None
+        logprobs = None
+        if with_logprobs and has_completion:
+            logprobs = self._completion_logprobs(hidden, input_ids, completion_mask, temperature)
+        return PolicyOutput(disc, gen, found if has_completion else None, logprobs,
+                            completion_mask)
+
+    def _completion_logprobs(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+        temperature: float,
+    ) -> torch.Tensor:
+        # The state at t-1 predicts the token at t.
+        predicts = completion_mask[:, 1:]
+        logits = self.model.lm_head(hidden[:, :-1][predicts]).float() / temperature
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(
+            -1, input_ids[:, 1:][predicts].unsqueeze(-1)
+        ).squeeze(-1)
+        out = torch.zeros(input_ids.shape, dtype=token_logprobs.dtype, device=hidden.device)
+        out[:, 1:][predicts] = token_logprobs
+        return out

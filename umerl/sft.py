@@ -1,0 +1,282 @@
+"""Cold-start SFT: InfoNCE on gen and disc embeddings + CE on both completions, DeepSpeed-trained.
+
+``sft_worker`` is the per-rank training loop: Ray Train runs it on every worker (the process
+group already exists there); tests run it in-process with world size 1. Per micro-step, each
+rank takes its slice of one contrastive batch and runs ONE teacher-forced forward per side
+(prompt + completion + <|im_end|>), which yields the disc embedding, the gen embedding and the
+completion log-probs together.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from umerl import checkpoint as ckpt
+from umerl import dist as udist
+from umerl.data import Pair, Side
+from umerl.losses import info_nce
+from umerl.model import PolicyBundle, load_policy
+from umerl.policy import PolicyModule, PolicyOutput
+from umerl.sft_data import ContrastiveBatcher, load_sft_datasets, shard
+from umerl.tokens import IM_END
+
+LOSS_PARTS = ("gen_nce", "disc_nce", "query_ce", "target_ce")
+
+
+def parameter_group(name: str) -> str:
+    """Which part of a Qwen-VL model a parameter belongs to: vision, projector or llm."""
+    if ".visual." in f".{name}":
+        return "projector" if "merger" in name else "vision"
+    return "llm"
+
+
+def set_trainable(model: torch.nn.Module, train: dict[str, bool]) -> dict[str, int]:
+    """Freeze what the recipe does not train; returns trainable parameter counts per part."""
+    counts = {"llm": 0, "projector": 0, "vision": 0}
+    for name, param in model.named_parameters():
+        part = parameter_group(name)
+        param.requires_grad_(bool(train[part]))
+        if param.requires_grad:
+            counts[part] += param.numel()
+    if not any(counts.values()):
+        raise ValueError("sft.train: every part is frozen; nothing to train")
+    return counts
+
+
+def side_inputs(bundle: PolicyBundle, sides: list[Side]) -> dict[str, torch.Tensor]:
+    """Teacher-forced inputs: prompt + completion + <|im_end|>, the assistant turn's tokens."""
+    im_end = bundle.tokenizer.convert_tokens_to_ids(IM_END)
+    prompts = [bundle.encoder.encode(side) for side in sides]
+    completions = [
+        bundle.tokenizer(side.completion, add_special_tokens=False)["input_ids"] + [im_end]
+        for side in sides
+    ]
+    batch = bundle.encoder.collate(prompts, completions)
+    batch.pop("prompt_lengths")
+    batch["completion_lengths"] = torch.tensor([len(c) for c in completions])
+    return batch
+
+
+def completion_nll(output: PolicyOutput) -> torch.Tensor:
+    """Mean token cross-entropy over the completion (assistant) tokens only."""
+    mask = output.completion_mask
+    return -(output.logprobs * mask).sum() / mask.sum().clamp(min=1)
+
+
+def loss_parts(engine: Any, bundle: PolicyBundle, pairs: list[Pair], scale: float
+               ) -> tuple[dict[str, torch.Tensor], int]:
+    """The four SFT losses for this rank's pairs, and the number of tokens processed."""
+    device = next(engine.parameters()).device
+    outputs, tokens = [], 0
+    for sides in ([p.query for p in pairs], [p.target for p in pairs]):
+        batch = {k: v.to(device) for k, v in side_inputs(bundle, sides).items()}
+        tokens += int(batch["attention_mask"].sum())
+        outputs.append(engine(**batch))
+    query, target = outputs
+    parts = {
+        "gen_nce": info_nce(query.gen, target.gen, scale=scale),
+        "disc_nce": info_nce(query.disc, target.disc, scale=scale),
+        "query_ce": completion_nll(query),
+        "target_ce": completion_nll(target),
+    }
+    return parts, tokens
+
+
+def cosine_schedule(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = max(0, round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
+
+    return factor
+
+
+def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": int(cfg.micro_batch_size),
+        "gradient_accumulation_steps": int(cfg.gradient_accumulation_steps),
+        "gradient_clipping": float(cfg.grad_clip),
+        "zero_optimization": {"stage": int(cfg.zero_stage)},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def use_bf16(setting: Any) -> bool:
+    if str(setting).lower() == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(setting)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+
+
+class SftRun:
+    """One rank's SFT run: engine, data, checkpoints and logging, built from the recipe."""
+
+    def __init__(self, cfg: DictConfig, init_checkpoint: str):
+        import deepspeed
+
+        self.cfg, self.scfg = cfg, cfg.sft
+        self.rank, self.world = udist.rank(), udist.world_size()
+        udist.seed_everything(int(cfg.seed) + self.rank)
+        self.root = Path(cfg.output_dir) / self.scfg.output_subdir
+        self.bundle = load_policy(init_checkpoint, dtype=cfg.model.dtype)
+        model = self.bundle.model
+        if self.scfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.trainable = set_trainable(model, dict(self.scfg.train))
+        module = PolicyModule(model, self.bundle.disc_id, self.bundle.gen_id)
+        params = [p for p in module.parameters() if p.requires_grad]
+        # A client torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for minutes.
+        optimizer = torch.optim.AdamW(params, lr=float(self.scfg.lr),
+                                      weight_decay=float(self.scfg.weight_decay))
+        schedule = cosine_schedule(int(self.scfg.max_steps), float(self.scfg.warmup_ratio),
+                                   float(self.scfg.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        udist.disable_deepspeed_jit_ops()
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(self.scfg, use_bf16(self.scfg.bf16)),
+        )
+        datasets = load_sft_datasets(list(self.scfg.data), bool(cfg.data.skip_invalid))
+        self.batcher = ContrastiveBatcher(
+            datasets, int(self.scfg.micro_batch_size) * self.world, seed=int(cfg.seed)
+        )
+        self.state = TrainState()
+
+    def resume(self) -> Path | None:
+        path = ckpt.resolve_resume(self.scfg.resume, self.root)
+        if path is None:
+            return None
+        _, client = self.engine.load_checkpoint(str(path / ckpt.TRAIN_STATE), tag="ds")
+        self.state.step = int(client["step"])
+        self.batcher.load_state_dict(client["data"])
+        rng_file = path / ckpt.TRAIN_STATE / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            udist.set_rng_state(torch.load(rng_file, weights_only=False))
+        return path
+
+    def train(self, tracker: Any = None) -> Path:
+        resumed = self.resume()
+        total = int(self.scfg.max_steps)
+        if self.rank == 0:
+            where = f"resumed from {resumed}" if resumed else "from scratch"
+            print(f"[sft] {where}: step {self.state.step}/{total}, world size {self.world}, "
+                  f"contrastive batch {self.batcher.batch_size}, "
+                  f"{self.batcher.batches_per_epoch()} batches/epoch, trainable "
+                  f"{self.trainable}", flush=True)
+        last_saved = None
+        while self.state.step < total:
+            metrics = self.optimizer_step()
+            self.state.step += 1
+            step = self.state.step
+            if self.rank == 0 and (step % int(self.scfg.log_every) == 0 or step == total):
+                print(_format_metrics(step, total, metrics), flush=True)
+            if tracker is not None:
+                tracker.log(metrics, step)
+            if step % int(self.scfg.save_every) == 0 or step == total:
+                last_saved = self.save()
+        return last_saved or ckpt.latest(self.root)
+
+    def optimizer_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        sums = dict.fromkeys(LOSS_PARTS + ("loss",), 0.0)
+        tokens = samples = 0
+        weights = self.scfg.loss_weights
+        accum = int(self.scfg.gradient_accumulation_steps)
+        for _ in range(accum):
+            _, batch = self.batcher.next_batch()
+            local = shard(batch, self.rank, self.world)
+            parts, n_tokens = loss_parts(self.engine, self.bundle, local,
+                                         float(self.scfg.logit_scale))
+            loss = sum(float(weights[name]) * parts[name] for name in LOSS_PARTS)
+            self.engine.backward(loss)
+            self.engine.step()
+            for name in LOSS_PARTS:
+                sums[name] += parts[name].item() / accum
+            sums["loss"] += loss.item() / accum
+            tokens += n_tokens
+            samples += len(batch)
+        seconds = time.perf_counter() - start
+        total_tokens = udist.all_reduce_sum(tokens)
+        metrics = {f"sft/{k}": v for k, v in sums.items()}
+        metrics.update({
+            "sft/lr": self.engine.get_lr()[0],
+            "sft/epoch": self.batcher.state.epoch,
+            "perf/samples_per_s": samples / seconds,
+            "perf/tokens_per_s": total_tokens / seconds,
+            "timing/step": seconds,
+        })
+        return metrics
+
+    def save(self) -> Path:
+        """Every rank writes its DeepSpeed state; rank 0 writes HF weights and commits."""
+        step = self.state.step
+        if self.rank == 0:
+            ckpt.begin(self.root, step)
+        udist.barrier()
+        staging = ckpt.partial_dir(self.root, step)
+        client = {"step": step, "data": self.batcher.state_dict(), "stage": "sft"}
+        self.engine.save_checkpoint(str(staging / ckpt.TRAIN_STATE), tag="ds",
+                                    client_state=client, save_latest=False)
+        torch.save(udist.rng_state(), staging / ckpt.TRAIN_STATE / f"rng_rank{self.rank}.pt")
+        state_dict = self._full_state_dict()
+        if self.rank == 0:
+            self.bundle.model.save_pretrained(staging, state_dict=state_dict)
+            self.bundle.tokenizer.save_pretrained(staging)
+            self.bundle.encoder.image_processor.save_pretrained(staging)
+        udist.barrier()
+        final = ckpt.step_dir(self.root, step)
+        if self.rank == 0:
+            final = ckpt.commit(self.root, step, "sft", {"world_size": self.world})
+            ckpt.prune(self.root, int(self.scfg.keep_last))
+            print(f"[sft] checkpoint {final}", flush=True)
+        udist.barrier()
+        return final
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """ZeRO-3 shards parameters: gather them (collective, every rank); else rank 0 has all."""
+        if int(self.scfg.zero_stage) == 3:
+            return {k.removeprefix("model."): v for k, v in
+                    self.engine._zero3_consolidated_16bit_state_dict().items()}
+        return None
+
+
+def _format_metrics(step: int, total: int, m: dict[str, float]) -> str:
+    parts = " ".join(f"{name} {m['sft/' + name]:.3f}" for name in LOSS_PARTS)
+    return (f"[sft] step {step}/{total} loss {m['sft/loss']:.3f} ({parts}) lr {m['sft/lr']:.2e} "
+            f"{m['perf/samples_per_s']:.1f} samples/s {m['perf/tokens_per_s']:.0f} tokens/s")
+
+
+def sft_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point (the process group already exists)."""
+    from umerl.tracking import Tracker
+
+    cfg = OmegaConf.create(config["cfg"])
+    run = SftRun(cfg, config["init_checkpoint"])
+    tracker = Tracker(cfg, stage="sft") if udist.rank() == 0 else None
+    try:
+        final = run.train(tracker)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    try:
+        import ray.train
+
+        ray.train.report({"checkpoint": str(final), "step": run.state.step})
+    except (ImportError, RuntimeError):  # outside Ray Train (tests, single process)
+        pass

@@ -1,0 +1,120 @@
+"""SFT batches: each contrastive batch comes from one sub-dataset, with distinct targets.
+
+The sampler is a pure function of (seed, epoch, position), so its state is two integers and a
+resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from umerl.data import Pair, read_sft_pairs
+
+
+def load_sft_datasets(
+    paths: list[str | Path], skip_invalid: bool = False
+) -> dict[str, list[Pair]]:
+    """One sub-dataset per file, named by the task of its pairs (or the file's stem)."""
+    datasets: dict[str, list[Pair]] = {}
+    for path in paths:
+        pairs, report = read_sft_pairs(path, skip_invalid=skip_invalid)
+        if report.skipped:
+            print(f"warning: {report.summary()}", flush=True)
+        name = pairs[0].task or Path(path).stem
+        datasets.setdefault(name, []).extend(pairs)
+    return datasets
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    position: int = 0  # batches already taken in this epoch
+
+
+class ContrastiveBatcher:
+    """Global contrastive batches of ``batch_size`` pairs, each from a single sub-dataset.
+
+    No batch holds two pairs with the same target (or the same query): in-batch negatives
+    that equal the positive would teach the model to push a pair's own target away.
+    """
+
+    def __init__(self, datasets: dict[str, list[Pair]], batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.datasets = {name: pairs for name, pairs in sorted(datasets.items()) if pairs}
+        self.batch_size = batch_size
+        self.seed = seed
+        self.state = SamplerState()
+        self._epoch_cache: tuple[int, list[tuple[str, list[int]]]] | None = None
+        if not self.epoch_batches(0):
+            sizes = {name: len(p) for name, p in self.datasets.items()}
+            raise ValueError(
+                f"no sub-dataset can fill a batch of {batch_size} distinct pairs (sizes: {sizes})"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
+        """All (sub-dataset, pair indices) batches of one epoch, in order."""
+        if self._epoch_cache and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches = []
+        for name, pairs in self.datasets.items():
+            order = rng.permutation(len(pairs)).tolist()
+            batches.extend((name, idx) for idx in self._distinct_batches(pairs, order))
+        shuffled = [batches[i] for i in rng.permutation(len(batches))]
+        self._epoch_cache = (epoch, shuffled)
+        return shuffled
+
+    def _distinct_batches(self, pairs: list[Pair], order: list[int]) -> list[list[int]]:
+        """Greedy: fill each batch with the next pairs whose query and target are new to it;
+        pairs that clash wait for a later batch of the same epoch."""
+        batches, waiting = [], list(order)
+        while len(waiting) >= self.batch_size:
+            batch, rest, targets, queries = [], [], set(), set()
+            for i in waiting:
+                q, t = pairs[i].query.key(), pairs[i].target.key()
+                if len(batch) < self.batch_size and t not in targets and q not in queries:
+                    batch.append(i)
+                    targets.add(t)
+                    queries.add(q)
+                else:
+                    rest.append(i)
+            if len(batch) < self.batch_size:
+                break  # the rest cannot make a full batch of distinct targets
+            batches.append(batch)
+            waiting = rest
+        return batches
+
+    def next_batch(self) -> tuple[str, list[Pair]]:
+        """The next global batch; moves to the next epoch when one runs out."""
+        batches = self.epoch_batches(self.state.epoch)
+        if self.state.position >= len(batches):
+            self.state = SamplerState(self.state.epoch + 1, 0)
+            batches = self.epoch_batches(self.state.epoch)
+        name, indices = batches[self.state.position]
+        self.state.position += 1
+        return name, [self.datasets[name][i] for i in indices]
+
+    def batches_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"data cursor was saved with seed {state['seed']}, this run has {self.seed}"
+            )
+        self.state = SamplerState(int(state["epoch"]), int(state["position"]))
+
+
+def shard(batch: list[Pair], rank: int, world_size: int) -> list[Pair]:
+    """Rank r's contiguous slice; the InfoNCE gather puts the slices back in rank order."""
+    if len(batch) % world_size:
+        raise ValueError(f"batch of {len(batch)} does not split over {world_size} ranks")
+    per_rank = len(batch) // world_size
+    return batch[rank * per_rank:(rank + 1) * per_rank]

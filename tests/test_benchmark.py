@@ -87,8 +87,8 @@ def digit_of_png():
 
     def lookup(path: Path) -> int:
         arr = np.asarray(Image.open(path).convert("RGB"))
-        assert arr.shape == (32, 32, 3)
-        ink = 255 - arr[::4, ::4, 0].astype(np.float64)
+        assert arr.shape == (8 * bb.DIGIT_SCALE, 8 * bb.DIGIT_SCALE, 3)
+        ink = 255 - arr[::bb.DIGIT_SCALE, ::bb.DIGIT_SCALE, 0].astype(np.float64)
         levels = np.round(ink * 16 / 255).astype(np.uint8)
         return table[levels.tobytes()]
 
@@ -159,7 +159,7 @@ def test_unknown_size_keys_are_rejected() -> None:
 def test_manifest_format(bench: Path, manifest: dict) -> None:
     assert set(manifest) == {"name", "version", "tasks", "sources"}
     assert manifest["name"] == DEFAULT_BENCHMARK == "umerl-mini"
-    assert manifest["version"] == 1
+    assert manifest["version"] == bb.MANIFEST_VERSION
     assert [t["name"] for t in manifest["tasks"]] == list(bb.TASKS)
     for entry in manifest["tasks"]:
         assert set(entry) == {"name", "modality", "kind", "pool", "metric", "splits", "sft",

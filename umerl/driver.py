@@ -88,6 +88,10 @@ def worker_env() -> dict[str, str]:
         "OMP_NUM_THREADS": os.environ.get("UMERL_WORKER_THREADS", "1"),
         "WANDB_MODE": os.environ.get("WANDB_MODE", ""),
         "DS_BUILD_OPS": "0",
+        # Ray Train re-routes print() through a logger that wandb's stdout wrapper then
+        # echoes again: every line would show twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "WANDB_SILENT": "true",
     }
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"

@@ -87,7 +87,21 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def info_nce(query: Tensor, target: Tensor, scale: float = 50.0, gather: bool = True) -> Tensor:
+def _gather_ids(ids: Tensor, world: int) -> Tensor:
+    if world == 1:
+        return ids
+    parts = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(parts, ids.contiguous())
+    return torch.cat(parts)
+
+
+def info_nce(
+    query: Tensor,
+    target: Tensor,
+    scale: float = 50.0,
+    gather: bool = True,
+    target_ids: Tensor | None = None,
+) -> Tensor:
     """Symmetric InfoNCE with in-batch negatives gathered from all data-parallel ranks.
 
     Args:
@@ -95,6 +109,10 @@ def info_nce(query: Tensor, target: Tensor, scale: float = 50.0, gather: bool = 
             row i of ``target``. B must be equal on every rank.
         scale: logit scale (1 / temperature); the paper uses 50.
         gather: gather negatives from all ranks (no-op without a process group).
+        target_ids: optional [B] int64 identity of each pair's target (equal ids = the same
+            target). In-batch "negatives" with the positive's id are false negatives (two
+            digit images of class "seven" share the target "seven"): their logits are masked
+            out of both directions, so classification batches may repeat a class.
 
     Returns:
         Scalar: the mean over the B LOCAL rows of ``(CE(q_i -> T_all) + CE(t_i -> Q_all)) / 2``,
@@ -117,6 +135,13 @@ def info_nce(query: Tensor, target: Tensor, scale: float = 50.0, gather: bool = 
     dtype = _at_least_fp32(query.dtype)  # bf16 values near 50 are 0.25 apart
     q_to_t = scale * (query.to(dtype) @ target_all.to(dtype).T)  # [B, W*B]
     t_to_q = scale * (target.to(dtype) @ query_all.to(dtype).T)  # [B, W*B]
+    if target_ids is not None:
+        all_ids = _gather_ids(target_ids.to(query.device), world)
+        same = target_ids.to(query.device)[:, None] == all_ids[None, :]  # [B, W*B]
+        false_negative = same & (torch.arange(all_ids.shape[0], device=query.device)[None, :]
+                                 != labels[:, None])
+        q_to_t = q_to_t.masked_fill(false_negative, float("-inf"))
+        t_to_q = t_to_q.masked_fill(false_negative, float("-inf"))
     return (F.cross_entropy(q_to_t, labels) + F.cross_entropy(t_to_q, labels)) / 2
 
 

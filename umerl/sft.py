@@ -24,7 +24,7 @@ from umerl.data import Pair, Side
 from umerl.losses import info_nce
 from umerl.model import PolicyBundle, load_policy
 from umerl.policy import PolicyModule, PolicyOutput
-from umerl.sft_data import ContrastiveBatcher, load_sft_datasets, shard
+from umerl.sft_data import ContrastiveBatcher, load_sft_datasets, shard, target_id
 from umerl.tokens import IM_END
 
 LOSS_PARTS = ("gen_nce", "disc_nce", "query_ce", "target_ce")
@@ -80,9 +80,10 @@ def loss_parts(engine: Any, bundle: PolicyBundle, pairs: list[Pair], scale: floa
         tokens += int(batch["attention_mask"].sum())
         outputs.append(engine(**batch))
     query, target = outputs
+    ids = torch.tensor([target_id(p.target) for p in pairs], device=device)
     parts = {
-        "gen_nce": info_nce(query.gen, target.gen, scale=scale),
-        "disc_nce": info_nce(query.disc, target.disc, scale=scale),
+        "gen_nce": info_nce(query.gen, target.gen, scale=scale, target_ids=ids),
+        "disc_nce": info_nce(query.disc, target.disc, scale=scale, target_ids=ids),
         "query_ce": completion_nll(query),
         "target_ce": completion_nll(target),
     }

@@ -1,4 +1,4 @@
-"""SFT batches: each contrastive batch comes from one sub-dataset, with distinct targets.
+"""SFT batches: each contrastive batch comes from one sub-dataset.
 
 The sampler is a pure function of (seed, epoch, position), so its state is two integers and a
 resumed run sees exactly the batches an uninterrupted run would have seen.
@@ -6,12 +6,13 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from umerl.data import Pair, read_sft_pairs
+from umerl.data import Pair, Side, read_sft_pairs
 
 
 def load_sft_datasets(
@@ -37,8 +38,8 @@ class SamplerState:
 class ContrastiveBatcher:
     """Global contrastive batches of ``batch_size`` pairs, each from a single sub-dataset.
 
-    No batch holds two pairs with the same target (or the same query): in-batch negatives
-    that equal the positive would teach the model to push a pair's own target away.
+    A batch may hold several pairs with the same target (two images of the digit seven): the
+    loss masks such false negatives using ``target_id``.
     """
 
     def __init__(self, datasets: dict[str, list[Pair]], batch_size: int, seed: int = 0):
@@ -52,41 +53,24 @@ class ContrastiveBatcher:
         if not self.epoch_batches(0):
             sizes = {name: len(p) for name, p in self.datasets.items()}
             raise ValueError(
-                f"no sub-dataset can fill a batch of {batch_size} distinct pairs (sizes: {sizes})"
+                f"no sub-dataset has {batch_size} pairs for one batch (sizes: {sizes})"
             )
 
     def epoch_batches(self, epoch: int) -> list[tuple[str, list[int]]]:
-        """All (sub-dataset, pair indices) batches of one epoch, in order."""
+        """All (sub-dataset, pair indices) batches of one epoch, in order; each sub-dataset's
+        last incomplete batch is dropped (a contrastive batch must fill every rank)."""
         if self._epoch_cache and self._epoch_cache[0] == epoch:
             return self._epoch_cache[1]
         rng = np.random.default_rng([self.seed, epoch])
         batches = []
         for name, pairs in self.datasets.items():
             order = rng.permutation(len(pairs)).tolist()
-            batches.extend((name, idx) for idx in self._distinct_batches(pairs, order))
+            full = len(order) - len(order) % self.batch_size
+            batches.extend((name, order[i:i + self.batch_size])
+                           for i in range(0, full, self.batch_size))
         shuffled = [batches[i] for i in rng.permutation(len(batches))]
         self._epoch_cache = (epoch, shuffled)
         return shuffled
-
-    def _distinct_batches(self, pairs: list[Pair], order: list[int]) -> list[list[int]]:
-        """Greedy: fill each batch with the next pairs whose query and target are new to it;
-        pairs that clash wait for a later batch of the same epoch."""
-        batches, waiting = [], list(order)
-        while len(waiting) >= self.batch_size:
-            batch, rest, targets, queries = [], [], set(), set()
-            for i in waiting:
-                q, t = pairs[i].query.key(), pairs[i].target.key()
-                if len(batch) < self.batch_size and t not in targets and q not in queries:
-                    batch.append(i)
-                    targets.add(t)
-                    queries.add(q)
-                else:
-                    rest.append(i)
-            if len(batch) < self.batch_size:
-                break  # the rest cannot make a full batch of distinct targets
-            batches.append(batch)
-            waiting = rest
-        return batches
 
     def next_batch(self) -> tuple[str, list[Pair]]:
         """The next global batch; moves to the next epoch when one runs out."""
@@ -118,3 +102,9 @@ def shard(batch: list[Pair], rank: int, world_size: int) -> list[Pair]:
         raise ValueError(f"batch of {len(batch)} does not split over {world_size} ranks")
     per_rank = len(batch) // world_size
     return batch[rank * per_rank:(rank + 1) * per_rank]
+
+
+def target_id(side: Side) -> int:
+    """A process-independent int64 identity of a side (equal content, equal id)."""
+    digest = hashlib.blake2b(side.key().encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)

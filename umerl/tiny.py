@@ -237,18 +237,30 @@ def _patch_size(family: str) -> int:
     return 16 if family == "qwen3_vl" else 14
 
 
-def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
+# Text-model sizes; head_dim stays 32 in both (what vLLM's CPU attention supports).
+SIZES = {
+    "tiny": {"hidden": 64, "heads": 2, "layers": 2, "intermediate": 128},
+    "small": {"hidden": 128, "heads": 4, "layers": 4, "intermediate": 384},
+}
+
+
+def tiny_config(
+    family: str, tokenizer: PreTrainedTokenizerBase, size: str = "tiny"
+) -> PreTrainedConfig:
     """The tiny model config of `family`, with vocabulary and token ids from `tokenizer`."""
     _check_family(family)
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; supported: {', '.join(SIZES)}")
     import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    hidden, heads, head_dim = 64, 2, 32
+    dims = SIZES[size]
+    hidden, heads, head_dim = dims["hidden"], dims["heads"], 32
     text = {
         "vocab_size": len(tokenizer),
         "hidden_size": hidden,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
+        "intermediate_size": dims["intermediate"],
+        "num_hidden_layers": dims["layers"],
         "num_attention_heads": heads,
         "num_key_value_heads": 1,
         "max_position_embeddings": 4096,
@@ -288,7 +300,7 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedCo
     else:
         assert hidden // heads == head_dim  # Qwen2 text configs derive head_dim from hidden/heads
         text |= {
-            "max_window_layers": 2,
+            "max_window_layers": dims["layers"],
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1_000_000.0,
@@ -349,6 +361,7 @@ def build_tiny_model(
     family: str = "qwen2_vl",
     seed: int = 0,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    size: str = "tiny",
 ) -> Path:
     """Build a randomly initialised tiny `family` model and save a complete checkpoint to out_dir.
 
@@ -363,7 +376,7 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     if tokenizer is None:
         tokenizer = build_tiny_tokenizer()
-    config = tiny_config(family, tokenizer)
+    config = tiny_config(family, tokenizer, size)
     torch.manual_seed(seed)
     model = model_class_for(config.model_type)(config)
     eos = tokenizer.convert_tokens_to_ids(IM_END)
@@ -373,7 +386,7 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     tiny_image_processor(family).save_pretrained(out_dir)
-    marker = {"family": family, "seed": seed, "vocab_size": len(tokenizer)}
+    marker = {"family": family, "size": size, "seed": seed, "vocab_size": len(tokenizer)}
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out_dir
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from umerl.inputs import EncodedPrompt
+from umerl.data import Side
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,18 @@ class SamplingParams:
 
 
 class RolloutEngine(Protocol):
-    """Generates completions; returns ``[prompt][sample] -> completion token ids``.
+    """Generates completions: ``[side][sample] -> completion token ids``.
 
     A completion ends with its stop token (``<gen_emb>`` or ``<|im_end|>``) when one was
-    produced, and has no padding.
+    produced, and has no padding. With ``seeds`` (one per side), each side's samples depend only
+    on its own seed, never on which other sides share the call or the engine: a pool of any size
+    samples the same completions.
     """
 
     def generate(
-        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
+        self,
+        sides: Sequence[Side],
+        n: int,
+        sampling: SamplingParams,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[list[int]]]: ...

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from rollout.engine import SamplingParams
+from umerl.data import Side
 from umerl.inputs import EncodedPrompt
 from umerl.model import PolicyBundle
 
@@ -22,10 +23,30 @@ class TransformersEngine:
         self.bundle = bundle
         self.batch_size = batch_size
 
-    @torch.no_grad()
     def generate(
+        self,
+        sides: Sequence[Side],
+        n: int,
+        sampling: SamplingParams,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[list[int]]]:
+        prompts = [self.bundle.encoder.encode(side) for side in sides]
+        if seeds is None:
+            return self.generate_encoded(prompts, n, sampling)
+        if len(seeds) != len(sides):
+            raise ValueError(f"{len(sides)} sides but {len(seeds)} seeds")
+        # One call per side, each under its own seed: the samples cannot depend on batching.
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            torch.manual_seed(seed)
+            out.extend(self._generate_chunk([prompt], n, sampling))
+        return out
+
+    @torch.no_grad()
+    def generate_encoded(
         self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
     ) -> list[list[list[int]]]:
+        """Prompts already encoded (e.g. with a custom message); batched over prompts."""
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         out: list[list[list[int]]] = []
@@ -34,6 +55,7 @@ class TransformersEngine:
             out.extend(self._generate_chunk(prompts[start:start + per_call], n, sampling))
         return out
 
+    @torch.no_grad()
     def _generate_chunk(
         self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
     ) -> list[list[list[int]]]:

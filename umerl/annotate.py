@@ -143,7 +143,7 @@ class Annotator:
         encoder = self.teacher.encoder
         prompts = [encoder.encode(side, teacher_messages(side, instruction, self.text_only))
                    for side, instruction in zip(sides, instructions)]
-        outputs = self.engine.generate(prompts, 1, self.sampling)
+        outputs = self.engine.generate_encoded(prompts, 1, self.sampling)
         results = []
         for (ids,) in outputs:
             stopped = bool(ids) and ids[-1] in self.teacher.stop_ids

@@ -75,8 +75,9 @@ def gen_embeddings(
     sampling = sampling or SamplingParams()
     embeddings, texts, found = [], [], []
     for start in range(0, len(sides), batch_size):
-        prompts = [bundle.encoder.encode(s) for s in sides[start:start + batch_size]]
-        samples = engine.generate(prompts, num_samples, sampling)
+        chunk = sides[start:start + batch_size]
+        samples = engine.generate(chunk, num_samples, sampling)
+        prompts = [bundle.encoder.encode(s) for s in chunk]
         flat_prompts = [p for p in prompts for _ in range(num_samples)]
         flat_completions = [c for group in samples for c in group]
         for sub in range(0, len(flat_prompts), batch_size):

@@ -13,9 +13,10 @@ from umerl.config import load_recipe
 from umerl.data import Pair, Side
 from umerl.losses import assistant_labels, completion_ce
 from umerl.policy import PolicyModule
-from umerl.sft import completion_nll, cosine_schedule, parameter_group, side_inputs
+from umerl.sft import completion_nll, side_inputs
 from umerl.sft_data import ContrastiveBatcher, shard
 from umerl.tokens import format_completion
+from umerl.training import cosine_schedule, parameter_group
 
 
 def pair(i: int, target: str, task: str = "t") -> Pair:

@@ -9,7 +9,6 @@ completion log-probs together.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,28 +25,15 @@ from umerl.model import PolicyBundle, load_policy
 from umerl.policy import PolicyModule, PolicyOutput
 from umerl.sft_data import ContrastiveBatcher, load_sft_datasets, shard, target_id
 from umerl.tokens import IM_END
+from umerl.training import (
+    build_engine,
+    load_checkpoint,
+    save_checkpoint,
+    set_trainable,
+    use_bf16,
+)
 
 LOSS_PARTS = ("gen_nce", "disc_nce", "query_ce", "target_ce")
-
-
-def parameter_group(name: str) -> str:
-    """Which part of a Qwen-VL model a parameter belongs to: vision, projector or llm."""
-    if ".visual." in f".{name}":
-        return "projector" if "merger" in name else "vision"
-    return "llm"
-
-
-def set_trainable(model: torch.nn.Module, train: dict[str, bool]) -> dict[str, int]:
-    """Freeze what the recipe does not train; returns trainable parameter counts per part."""
-    counts = {"llm": 0, "projector": 0, "vision": 0}
-    for name, param in model.named_parameters():
-        part = parameter_group(name)
-        param.requires_grad_(bool(train[part]))
-        if param.requires_grad:
-            counts[part] += param.numel()
-    if not any(counts.values()):
-        raise ValueError("sft.train: every part is frozen; nothing to train")
-    return counts
 
 
 def side_inputs(bundle: PolicyBundle, sides: list[Side]) -> dict[str, torch.Tensor]:
@@ -90,36 +76,6 @@ def loss_parts(engine: Any, bundle: PolicyBundle, pairs: list[Pair], scale: floa
     return parts, tokens
 
 
-def cosine_schedule(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
-    warmup = max(0, round(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
-
-    return factor
-
-
-def deepspeed_config(cfg: DictConfig, bf16: bool) -> dict[str, Any]:
-    return {
-        "train_micro_batch_size_per_gpu": int(cfg.micro_batch_size),
-        "gradient_accumulation_steps": int(cfg.gradient_accumulation_steps),
-        "gradient_clipping": float(cfg.grad_clip),
-        "zero_optimization": {"stage": int(cfg.zero_stage)},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def use_bf16(setting: Any) -> bool:
-    if str(setting).lower() == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(setting)
-
-
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -129,8 +85,6 @@ class SftRun:
     """One rank's SFT run: engine, data, checkpoints and logging, built from the recipe."""
 
     def __init__(self, cfg: DictConfig, init_checkpoint: str):
-        import deepspeed
-
         self.cfg, self.scfg = cfg, cfg.sft
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + self.rank)
@@ -140,22 +94,18 @@ class SftRun:
         if self.scfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.trainable = set_trainable(model, dict(self.scfg.train))
-        module = PolicyModule(model, self.bundle.disc_id, self.bundle.gen_id)
-        params = [p for p in module.parameters() if p.requires_grad]
-        # A client torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for minutes.
-        optimizer = torch.optim.AdamW(params, lr=float(self.scfg.lr),
-                                      weight_decay=float(self.scfg.weight_decay))
-        schedule = cosine_schedule(int(self.scfg.max_steps), float(self.scfg.warmup_ratio),
-                                   float(self.scfg.min_lr_ratio))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        udist.disable_deepspeed_jit_ops()
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.scfg, use_bf16(self.scfg.bf16)),
+        s = self.scfg
+        self.engine = build_engine(
+            PolicyModule(model, self.bundle.disc_id, self.bundle.gen_id),
+            lr=float(s.lr), weight_decay=float(s.weight_decay), total_steps=int(s.max_steps),
+            warmup_ratio=float(s.warmup_ratio), min_lr_ratio=float(s.min_lr_ratio),
+            micro_batch_size=int(s.micro_batch_size),
+            gradient_accumulation_steps=int(s.gradient_accumulation_steps),
+            grad_clip=float(s.grad_clip), zero_stage=int(s.zero_stage), bf16=use_bf16(s.bf16),
         )
-        datasets = load_sft_datasets(list(self.scfg.data), bool(cfg.data.skip_invalid))
+        datasets = load_sft_datasets(list(s.data), bool(cfg.data.skip_invalid))
         self.batcher = ContrastiveBatcher(
-            datasets, int(self.scfg.micro_batch_size) * self.world, seed=int(cfg.seed)
+            datasets, int(s.micro_batch_size) * self.world, seed=int(cfg.seed)
         )
         self.state = TrainState()
 
@@ -163,12 +113,9 @@ class SftRun:
         path = ckpt.resolve_resume(self.scfg.resume, self.root)
         if path is None:
             return None
-        _, client = self.engine.load_checkpoint(str(path / ckpt.TRAIN_STATE), tag="ds")
+        client = load_checkpoint(self.engine, path)
         self.state.step = int(client["step"])
         self.batcher.load_state_dict(client["data"])
-        rng_file = path / ckpt.TRAIN_STATE / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            udist.set_rng_state(torch.load(rng_file, weights_only=False))
         return path
 
     def train(self, tracker: Any = None) -> Path:
@@ -225,36 +172,11 @@ class SftRun:
         return metrics
 
     def save(self) -> Path:
-        """Every rank writes its DeepSpeed state; rank 0 writes HF weights and commits."""
-        step = self.state.step
-        if self.rank == 0:
-            ckpt.begin(self.root, step)
-        udist.barrier()
-        staging = ckpt.partial_dir(self.root, step)
-        client = {"step": step, "data": self.batcher.state_dict(), "stage": "sft"}
-        self.engine.save_checkpoint(str(staging / ckpt.TRAIN_STATE), tag="ds",
-                                    client_state=client, save_latest=False)
-        torch.save(udist.rng_state(), staging / ckpt.TRAIN_STATE / f"rng_rank{self.rank}.pt")
-        state_dict = self._full_state_dict()
-        if self.rank == 0:
-            self.bundle.model.save_pretrained(staging, state_dict=state_dict)
-            self.bundle.tokenizer.save_pretrained(staging)
-            self.bundle.encoder.image_processor.save_pretrained(staging)
-        udist.barrier()
-        final = ckpt.step_dir(self.root, step)
-        if self.rank == 0:
-            final = ckpt.commit(self.root, step, "sft", {"world_size": self.world})
-            ckpt.prune(self.root, int(self.scfg.keep_last))
-            print(f"[sft] checkpoint {final}", flush=True)
-        udist.barrier()
-        return final
-
-    def _full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """ZeRO-3 shards parameters: gather them (collective, every rank); else rank 0 has all."""
-        if int(self.scfg.zero_stage) == 3:
-            return {k.removeprefix("model."): v for k, v in
-                    self.engine._zero3_consolidated_16bit_state_dict().items()}
-        return None
+        return save_checkpoint(
+            self.engine, self.bundle, self.root, self.state.step, "sft",
+            {"data": self.batcher.state_dict()}, int(self.scfg.zero_stage),
+            int(self.scfg.keep_last),
+        )
 
 
 def _format_metrics(step: int, total: int, m: dict[str, float]) -> str:

@@ -4,6 +4,7 @@
                  -> base model (a checkpoint, or the tiny offline one)
                  -> evaluate it (the "before" table)
                  -> SFT warm start on a Ray Train worker group (DeepSpeed inside)
+                 -> GRPO: rollout pool + learner pool, weight sync each step (umerl/rl.py)
                  -> evaluate the result (the "after" table) and print both side by side
 """
 
@@ -32,6 +33,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.sft.enabled:
         model = str(run_sft_stage(cfg, model))
         print(f"[driver] SFT checkpoint: {model}", flush=True)
+    if cfg.rl.enabled:
+        model = str(run_rl_stage(cfg, model))
+        print(f"[driver] RL checkpoint: {model}", flush=True)
     if cfg.eval.enabled:
         results["after"] = evaluate_checkpoint(cfg, model, "after")
     if "before" in results and "after" in results:
@@ -52,6 +56,10 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
         cfg.sft.data = [str(manifest.parent / entry["sft"]) for entry in _manifest(manifest)]
     cfg.sft.data = [str(Path(p).resolve()) for p in cfg.sft.data]
+    if not cfg.rl.data:
+        manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
+        cfg.rl.data = [str(manifest.parent / entry["rl_pairs"]) for entry in _manifest(manifest)]
+    cfg.rl.data = [str(Path(p).resolve()) for p in cfg.rl.data]
     return cfg
 
 
@@ -132,6 +140,18 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     if final is None:
         raise RuntimeError(f"SFT finished but wrote no checkpoint under {cfg.output_dir}")
     return final
+
+
+def run_rl_stage(cfg: DictConfig, start: str) -> Path:
+    """GRPO from ``start`` (the SFT checkpoint), which is also the frozen KL reference."""
+    from umerl.rl import run_rl
+    from umerl.tracking import Tracker
+
+    tracker = Tracker(cfg, stage="rl")
+    try:
+        return run_rl(cfg, start, start, tracker)
+    finally:
+        tracker.finish()
 
 
 def eval_settings(cfg: DictConfig) -> EvalSettings:

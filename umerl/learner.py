@@ -1,0 +1,337 @@
+"""GRPO learners: DeepSpeed data-parallel ranks that score rollouts and update the policy.
+
+Per RL step each rank holds a contiguous slice of the step's pairs with their G query and G
+target completions, and:
+
+1. scores its rollouts without gradients: one forward of the policy over prompt + completion
+   gives the gen embedding at <gen_emb>; the frozen reference gives reference log-probs;
+2. all-gathers the gen embeddings and completions of every rank, so each reward sees the
+   whole step, and computes the rewards (identically on every rank);
+3. turns rewards into group advantages, (r - mean) / (std + eps) over each pair-side group;
+4. runs the policy again with gradients and minimises the token-level clipped objective with
+   the k3 KL to the reference, token sums / max completion length, (query + target) / 2.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from rewards import RewardContext, reward_metrics, rewards_from_config
+from rewards.builtin import rank_and_margin
+from umerl import checkpoint as ckpt
+from umerl import dist as udist
+from umerl.data import Pair, Side
+from umerl.grpo import group_advantages, grpo_side_loss
+from umerl.model import PolicyBundle, load_policy
+from umerl.policy import PolicyModule, PolicyOutput
+from umerl.training import build_engine, load_checkpoint, save_checkpoint, set_trainable, use_bf16
+
+
+@dataclass
+class StepShard:
+    """One learner rank's part of an RL step (a picklable message from the driver)."""
+
+    step: int
+    pairs: list[Pair]
+    pair_offset: int  # global index of pairs[0] within the step
+    query_completions: list[list[list[int]]]  # [pair][sample] token ids
+    target_completions: list[list[list[int]]]
+
+
+def rollout_rows(bundle: PolicyBundle, sides: list[Side], completions: list[list[int]]
+                 ) -> dict[str, torch.Tensor]:
+    """Left-padded prompt + completion rows for a policy forward."""
+    prompts = [bundle.encoder.encode(side) for side in sides]
+    batch = bundle.encoder.collate(prompts, completions)
+    batch.pop("prompt_lengths")
+    batch["completion_lengths"] = torch.tensor([len(c) for c in completions])
+    return batch
+
+
+class Learner:
+    """One learner rank (the Ray actor ``LearnerActor`` wraps it; tests use it directly)."""
+
+    def __init__(self, cfg: DictConfig, policy_checkpoint: str, reference_checkpoint: str):
+        self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
+        self.rank, self.world = udist.rank(), udist.world_size()
+        udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
+        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
+        if self.lcfg.gradient_checkpointing:
+            self.bundle.model.gradient_checkpointing_enable()
+        self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
+        rows = self.rows_per_side()
+        micro = int(self.lcfg.micro_batch_size) or rows
+        if rows % micro:
+            raise ValueError(f"learner.micro_batch_size={micro} must divide the {rows} rollouts "
+                             "per side per rank (rl.pairs_per_step / learner.num_workers * G)")
+        self.micro = micro
+        r = self.rcfg
+        self.engine = build_engine(
+            PolicyModule(self.bundle.model, self.bundle.disc_id, self.bundle.gen_id),
+            lr=float(r.lr), weight_decay=float(r.weight_decay), total_steps=int(r.max_steps),
+            warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
+            gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
+            zero_stage=int(self.lcfg.zero_stage), bf16=use_bf16(self.lcfg.bf16),
+        )
+        reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype)
+        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
+        self.reference.requires_grad_(False).eval()
+        self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
+        self.root = Path(cfg.output_dir) / r.output_subdir
+
+    def rows_per_side(self) -> int:
+        pairs = int(self.rcfg.pairs_per_step)
+        if pairs % self.world:
+            raise ValueError(f"rl.pairs_per_step={pairs} must be a multiple of "
+                             f"learner.num_workers={self.world}")
+        return pairs // self.world * int(self.rcfg.group_size)
+
+    @property
+    def max_completion_length(self) -> int:
+        return int(self.rcfg.max_completion_length or self.rcfg.max_new_tokens)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self, shard: StepShard) -> dict[str, float]:
+        start = time.perf_counter()
+        G = int(self.rcfg.group_size)
+        sides = {
+            "query": ([p.query for p in shard.pairs for _ in range(G)],
+                      [c for group in shard.query_completions for c in group]),
+            "target": ([p.target for p in shard.pairs for _ in range(G)],
+                       [c for group in shard.target_completions for c in group]),
+        }
+        scored = {name: self._score(*rows) for name, rows in sides.items()}
+        rewards, metrics = self._rewards(shard, scored)
+        advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
+        local = self._local_rows(advantages, len(shard.pairs) * G)
+        metrics.update(self._update(sides, scored, local))
+        metrics["timing/learner_rank"] = time.perf_counter() - start
+        return metrics
+
+    @torch.no_grad()
+    def _score(self, sides: list[Side], completions: list[list[int]]) -> dict[str, Any]:
+        """Gen embeddings (current policy) and reference log-probs, micro-batch by micro-batch."""
+        gen, found, ref = [], [], []
+        for a in range(0, len(sides), self.micro):
+            batch = self._to_device(rollout_rows(self.bundle, sides[a:a + self.micro],
+                                                 completions[a:a + self.micro]))
+            out: PolicyOutput = self.engine.module(**batch, with_logprobs=False)
+            gen.append(out.gen)
+            found.append(out.gen_found)
+            ref.append(self.reference(**batch).logprobs)
+        return {"gen": torch.cat(gen), "found": torch.cat(found), "ref": ref}
+
+    def _rewards(self, shard: StepShard, scored: dict[str, Any]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Gather every rank's rollouts; every rank computes the same step-wide rewards."""
+        query_emb = _all_gather_rows(scored["query"]["gen"])
+        target_emb = _all_gather_rows(scored["target"]["gen"])
+        local = {"pairs": shard.pairs, "q": shard.query_completions,
+                 "t": shard.target_completions}
+        everyone = _all_gather_objects(local)
+        pairs = [p for part in everyone for p in part["pairs"]]
+        q_ids = [c for part in everyone for group in part["q"] for c in group]
+        t_ids = [c for part in everyone for group in part["t"] for c in group]
+        decode = self.bundle.tokenizer.batch_decode
+        ids = q_ids + t_ids
+        ctx = RewardContext.from_pairs(
+            pairs, completions=decode(ids, skip_special_tokens=True), completion_ids=ids,
+            query_embeddings=query_emb, target_embeddings=target_emb,
+            group_size=int(self.rcfg.group_size), step=shard.step,
+        )
+        total, parts, timings = self.rewards(ctx)
+        metrics = reward_metrics(ctx, total, parts, timings)
+        factors = rank_and_margin(query_emb, target_emb, int(self.rcfg.group_size))
+        metrics["reward/rank_score"] = float(
+            torch.cat([factors.query_rank, factors.target_rank]).float().mean())
+        lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)
+        metrics.update({"rollout/completion_len_mean": float(lengths.mean()),
+                        "rollout/completion_len_max": float(lengths.max()),
+                        "rollout/gen_emb_found": float(torch.cat(
+                            [scored["query"]["found"], scored["target"]["found"]]).float().mean())})
+        return total, metrics
+
+    def _local_rows(self, advantages: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+        """This rank's advantages: its slice of the query half and of the target half."""
+        half = advantages.shape[0] // 2
+        start = self.rank * rows
+        return {"query": advantages[start:start + rows],
+                "target": advantages[half + start:half + start + rows]}
+
+    def _update(self, sides: dict, scored: dict, advantages: dict) -> dict[str, float]:
+        """Policy forward with gradients, micro-batch by micro-batch; one optimizer step."""
+        sums: dict[str, float] = {}
+        n_micro = 2 * len(sides["query"][0]) // self.micro
+        for name, (side_list, completions) in sides.items():
+            for i, a in enumerate(range(0, len(side_list), self.micro)):
+                batch = self._to_device(rollout_rows(self.bundle, side_list[a:a + self.micro],
+                                                     completions[a:a + self.micro]))
+                out: PolicyOutput = self.engine(**batch)
+                loss, parts = grpo_side_loss(
+                    out.logprobs, None, scored[name]["ref"][i],
+                    advantages[name][a:a + self.micro].to(out.logprobs.device),
+                    out.completion_mask, self.max_completion_length,
+                    kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
+                    eps_high=float(self.rcfg.clip_eps_high),
+                )
+                # DeepSpeed averages micro-batch losses over gradient accumulation; with both
+                # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
+                self.engine.backward(loss)
+                self.engine.step()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / n_micro
+        return {f"actor/{k}": v for k, v in sums.items()} | {"actor/lr": self.engine.get_lr()[0]}
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.engine.module.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # -- weights and checkpoints ----------------------------------------------------------------
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
+                if p.requires_grad]
+
+    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
+                               int(self.lcfg.zero_stage), int(self.rcfg.keep_last))
+
+    def resume(self) -> tuple[Path | None, dict[str, Any]]:
+        path = ckpt.resolve_resume(self.rcfg.resume, self.root)
+        if path is None:
+            return None, {}
+        return path, load_checkpoint(self.engine, path)
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    if udist.world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(udist.world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if udist.world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * udist.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class LearnerActor:
+    """A learner rank as a Ray actor; ``ray.remote`` is applied by ``LearnerPool``."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int):
+        self.cfg = OmegaConf.create(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.learner: Learner | None = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), udist.free_port()
+
+    def setup(self, master: tuple[str, int], policy: str, reference: str) -> dict[str, Any]:
+        udist.init_process_group(self.rank, self.world_size, master[0], master[1])
+        self.learner = Learner(self.cfg, policy, reference)
+        return {"rank": self.rank, "trainable": self.learner.trainable}
+
+    def step(self, shard: StepShard) -> dict[str, float]:
+        return self.learner.step(shard)
+
+    def publish_weights(self):
+        """Rank 0 puts the trainable weights in the object store, bucket by bucket."""
+        from rollout.weight_sync import ObjectStoreSender
+
+        sender = ObjectStoreSender(bucket_bytes=int(self.cfg.rl.weight_sync_bucket_mb) << 20)
+        return sender.publish(self.learner.trainable_named_parameters())
+
+    def trainable_names(self) -> list[str]:
+        return sorted(n for n, _ in self.learner.trainable_named_parameters())
+
+    def digest(self) -> str:
+        from rollout.weight_sync import weights_digest
+
+        return weights_digest(self.learner.bundle.model,
+                              [n for n, _ in self.learner.trainable_named_parameters()])
+
+    def save(self, step: int, client_state: dict[str, Any]) -> str:
+        return str(self.learner.save(step, client_state))
+
+    def resume(self) -> tuple[str | None, dict[str, Any]]:
+        path, client = self.learner.resume()
+        return (str(path) if path else None), client
+
+
+class LearnerPool:
+    """``learner.num_workers`` learner actors in one placement group, one process group."""
+
+    def __init__(self, cfg: DictConfig, policy: str, reference: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        lcfg = cfg.learner
+        n, gpus = int(lcfg.num_workers), float(lcfg.gpus_per_worker)
+        bundle = {"CPU": float(lcfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
+        self.placement_group = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self.placement_group.ready(), timeout=600)
+        actor_cls = ray.remote(LearnerActor)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=float(lcfg.cpus_per_worker), num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+            ).remote(plain, i, n)
+            for i in range(n)
+        ]
+        master = ray.get(self.actors[0].address.remote())
+        self.info = ray.get([a.setup.remote(master, policy, reference) for a in self.actors])
+
+    def step(self, shards: list[StepShard]) -> list[dict[str, float]]:
+        import ray
+
+        return ray.get([a.step.remote(s) for a, s in zip(self.actors, shards)])
+
+    def publish_weights(self) -> Any:
+        import ray
+
+        return ray.get(self.actors[0].publish_weights.remote())
+
+    def digest(self) -> str:
+        import ray
+
+        return ray.get(self.actors[0].digest.remote())
+
+    def trainable_names(self) -> list[str]:
+        import ray
+
+        return ray.get(self.actors[0].trainable_names.remote())
+
+    def save(self, step: int, client_state: dict[str, Any]) -> str:
+        import ray
+
+        return ray.get([a.save.remote(step, client_state) for a in self.actors])[0]
+
+    def resume(self) -> tuple[str | None, dict[str, Any]]:
+        import ray
+
+        return ray.get([a.resume.remote() for a in self.actors])[0]
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)

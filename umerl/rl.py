@@ -1,0 +1,130 @@
+"""The GRPO loop, run by the driver: sample pairs -> rollout -> learn -> sync weights -> log.
+
+    for each step:
+        pairs      <- the RL sampler (one sub-dataset per step, resumable cursor)
+        rollout    G completions per query prompt AND per target prompt (rollout pool)
+        learner    score, reward, advantages, clipped loss + KL, optimizer step (learner pool)
+        sync       trainable weights: learner rank 0 -> every rollout actor
+        log        reward parts, rank score, KL, clip fraction, lengths, phase timings
+        checkpoint every rl.save_every steps (learners write it; resume=auto continues)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from rollout.engine import SamplingParams
+from rollout.pool import RolloutPool, prompt_seed
+from umerl import checkpoint as ckpt
+from umerl.data import Pair, read_rl_pairs
+from umerl.learner import LearnerPool, StepShard
+from umerl.sft_data import ContrastiveBatcher
+
+CONSOLE_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
+                "actor/kl", "actor/clip_fraction", "rollout/completion_len_mean")
+
+
+def load_rl_datasets(paths: list[str], skip_invalid: bool) -> dict[str, list[Pair]]:
+    datasets: dict[str, list[Pair]] = {}
+    for path in paths:
+        pairs, report = read_rl_pairs(path, skip_invalid=skip_invalid)
+        if report.skipped:
+            print(f"warning: {report.summary()}", flush=True)
+        datasets.setdefault(pairs[0].task, []).extend(pairs)
+    return datasets
+
+
+def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) -> Path:
+    """GRPO from ``policy`` (KL to the frozen ``reference``); returns the last checkpoint."""
+    r = cfg.rl
+    sampler = ContrastiveBatcher(load_rl_datasets(list(r.data), bool(cfg.data.skip_invalid)),
+                                 int(r.pairs_per_step), seed=int(cfg.seed))
+    learners = LearnerPool(cfg, policy, reference)
+    resumed, client = learners.resume()
+    first = int(client.get("step", 0)) + 1
+    if resumed:
+        sampler.load_state_dict(client["data"])
+    rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.model.dtype)
+    names = learners.trainable_names()
+    _check_in_sync(learners, rollout, names)
+    print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
+          f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
+          f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
+          f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage}", flush=True)
+    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens),
+                              temperature=float(r.temperature), top_k=int(r.top_k),
+                              top_p=float(r.top_p))
+    last = resumed
+    try:
+        for step in range(first, int(r.max_steps) + 1):
+            metrics = rl_step(cfg, step, sampler, rollout, learners, sampling)
+            if step % int(r.log_every) == 0 or step == int(r.max_steps):
+                print(_console_line(step, int(r.max_steps), metrics), flush=True)
+            if tracker is not None:
+                tracker.log(metrics, step)
+            if step % int(r.save_every) == 0 or step == int(r.max_steps):
+                last = learners.save(step, {"data": sampler.state_dict()})
+        _check_in_sync(learners, rollout, names)
+    finally:
+        rollout.shutdown()
+        learners.shutdown()
+    final = ckpt.latest(Path(cfg.output_dir) / r.output_subdir)
+    return final or Path(last)
+
+
+def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: RolloutPool,
+            learners: LearnerPool, sampling: SamplingParams) -> dict[str, float]:
+    import ray
+
+    r = cfg.rl
+    G = int(r.group_size)
+    t0 = time.perf_counter()
+    _, pairs = sampler.next_batch()
+    sides = [p.query for p in pairs] + [p.target for p in pairs]
+    seeds = ([prompt_seed(int(cfg.seed), step, i, "query") for i in range(len(pairs))]
+             + [prompt_seed(int(cfg.seed), step, i, "target") for i in range(len(pairs))])
+    completions = [c for part in ray.get(rollout.generate(sides, seeds, G, sampling))
+                   for c in part]
+    t1 = time.perf_counter()
+    per_rank = len(pairs) // int(cfg.learner.num_workers)
+    shards = [
+        StepShard(step, pairs[a:a + per_rank], a, completions[a:a + per_rank],
+                  completions[len(pairs) + a:len(pairs) + a + per_rank])
+        for a in range(0, len(pairs), per_rank)
+    ]
+    per_learner = learners.step(shards)
+    t2 = time.perf_counter()
+    payload = learners.publish_weights()
+    sync = rollout.load_weights(payload)
+    t3 = time.perf_counter()
+    metrics = {k: v for k, v in per_learner[0].items() if not k.startswith("actor/")}
+    for key in per_learner[0]:
+        if key.startswith("actor/"):
+            metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
+    metrics.pop("timing/learner_rank", None)
+    sync_bytes = max(s["bytes"] for s in sync)
+    metrics.update({
+        "timing/rollout": t1 - t0, "timing/learner": t2 - t1, "timing/weight_sync": t3 - t2,
+        "timing/step": t3 - t0, "weight_sync/bytes": float(sync_bytes),
+        "weight_sync/gb_per_s": sync_bytes / max(t3 - t2, 1e-9) / 1e9,
+    })
+    return metrics
+
+
+def _check_in_sync(learners: LearnerPool, rollout: RolloutPool, names: list[str]) -> None:
+    """Rollout actors must hold exactly the learners' trainable weights (bit for bit)."""
+    reference = learners.digest()
+    digests = rollout.digests(names)
+    if any(d != reference for d in digests):
+        raise RuntimeError(f"rollout weights differ from the learner's: {digests} vs {reference}")
+
+
+def _console_line(step: int, total: int, m: dict[str, float]) -> str:
+    parts = " ".join(f"{k.split('/')[-1]} {m[k]:.3f}" for k in CONSOLE_KEYS if k in m)
+    timing = " ".join(f"{k.split('/')[-1]} {m[k]:.1f}s" for k in
+                      ("timing/rollout", "timing/learner", "timing/weight_sync", "timing/step"))
+    return f"[rl] step {step}/{total} {parts} | {timing}"

@@ -52,10 +52,13 @@ does the fusing. Any subset of layers can be sent (layers not sent keep their we
 "Failed to load weights" for each), but every part of a fused layer must come in the same
 update session: a layer loaded in part is re-processed with its other parts undefined.
 
-Bucket layout (the only contract with ``rollout/weight_sync.py``): a bucket is ``metadata``, a
-list of ``(name, dtype, shape)`` with dtype a torch dtype name such as ``"bfloat16"``, plus one
-flat ``uint8`` buffer holding each tensor's contiguous row-major bytes back to back, in metadata
-order, without padding (``pack_bucket`` / ``unpack_bucket``).
+Bucket layout (the contract with ``rollout/weight_sync.py``, by simple data only): a bucket is
+a flat ``uint8`` buffer (CPU tensor, numpy array or bytes) plus its metadata, one entry per
+tensor: ``(name, dtype, shape)`` for tensors packed back to back in metadata order
+(``pack_bucket``), or ``(name, dtype, shape, offset)`` / an object with ``name``, ``dtype``,
+``shape`` and ``offset`` attributes (weight_sync's ``TensorMeta``, 64-byte aligned offsets) for
+explicit placement; dtype is a torch dtype name such as ``"bfloat16"``. Bytes are the tensor's
+contiguous row-major bytes. ``weights_digest`` uses weight_sync's formula (``named_digest``).
 """
 
 from __future__ import annotations
@@ -142,11 +145,39 @@ def pack_bucket(
     return metadata, buffer
 
 
+def meta_entries(metadata: Iterable[Any]) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """Normalise bucket metadata to ``(name, dtype, shape, offset)`` with explicit offsets."""
+    return _entries(metadata)[0]
+
+
+def _entries(metadata: Iterable[Any]) -> tuple[list[tuple[str, str, tuple[int, ...], int]], bool]:
+    out, offset, explicit = [], 0, False
+    for entry in metadata:
+        if hasattr(entry, "name"):
+            name, dtype, shape = entry.name, entry.dtype, entry.shape
+            at = getattr(entry, "offset", None)
+        else:
+            name, dtype, shape, *rest = entry
+            at = rest[0] if rest else None
+        dtype, shape = dtype_name(dtype_from_name(dtype)), tuple(int(d) for d in shape)
+        if at is not None:
+            offset, explicit = int(at), True
+        out.append((str(name), dtype, shape, offset))
+        offset += _nbytes(dtype_from_name(dtype), shape)
+    return out, explicit
+
+
+def bucket_size(metadata: Iterable[Any]) -> int:
+    """Bytes a buffer needs for ``metadata`` (the end of its last tensor)."""
+    return max((o + _nbytes(dtype_from_name(d), s) for _, d, s, o in meta_entries(metadata)),
+               default=0)
+
+
 def unpack_bucket(
     buffer: torch.Tensor | np.ndarray | bytes | memoryview,
-    metadata: Sequence[tuple[str, str, Sequence[int]]],
+    metadata: Iterable[Any],
 ) -> list[tuple[str, torch.Tensor]]:
-    """Split a flat uint8 buffer back into named tensors (views where alignment allows)."""
+    """Split a flat uint8 buffer into named tensors (views where alignment allows)."""
     if not isinstance(buffer, torch.Tensor):
         with warnings.catch_warnings():  # Ray hands out read-only numpy arrays; we only read
             warnings.simplefilter("ignore", UserWarning)
@@ -154,10 +185,12 @@ def unpack_bucket(
     buffer = buffer.reshape(-1)
     if buffer.dtype != torch.uint8:
         raise ValueError(f"bucket buffer must be uint8, got {buffer.dtype}")
-    out, offset = [], 0
-    for name, dtype_str, shape in metadata:
-        dtype, shape = dtype_from_name(dtype_str), tuple(int(s) for s in shape)
+    entries, explicit = _entries(metadata)
+    out, end = [], 0
+    for name, dtype_str, shape, offset in entries:
+        dtype = dtype_from_name(dtype_str)
         size = _nbytes(dtype, shape)
+        end = max(end, offset + size)
         if offset + size > buffer.numel():
             raise ValueError(f"bucket buffer too short for {name}: needs {offset + size} bytes, "
                              f"has {buffer.numel()}")
@@ -165,9 +198,8 @@ def unpack_bucket(
         if (buffer.storage_offset() + offset) % torch.empty((), dtype=dtype).element_size():
             chunk = chunk.clone()  # a dtype view needs an aligned storage offset
         out.append((name, chunk.view(dtype).reshape(shape)))
-        offset += size
-    if offset != buffer.numel():
-        raise ValueError(f"bucket buffer has {buffer.numel()} bytes, metadata describes {offset}")
+    if not explicit and end != buffer.numel():
+        raise ValueError(f"bucket buffer has {buffer.numel()} bytes, metadata describes {end}")
     return out
 
 
@@ -184,6 +216,19 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     """sha256 over ``dtype name | shape | raw bytes`` of one tensor."""
     digest = hashlib.sha256(f"{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}|".encode())
     digest.update(memoryview(_raw_bytes(tensor).numpy()))
+    return digest.hexdigest()
+
+
+def named_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the tensors in sorted name order, each ``"name|dtype|shape\\n"`` then its
+    raw bytes: the formula of ``rollout.weight_sync.weights_digest``, so a learner's digest and
+    a rollout engine's compare bit for bit."""
+    tensors = dict(named_tensors)
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
+        digest.update(memoryview(_raw_bytes(tensor).numpy()))
     return digest.hexdigest()
 
 
@@ -256,10 +301,10 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
 
         named_tensors = list(named_tensors)
-        if record_digests:
+        if record_digests:  # a host copy of what arrived, for weights_digest
             received = self.__dict__.setdefault("_umerl_received", {})
             for name, tensor in named_tensors:
-                received[name] = tensor_digest(tensor)
+                received[name] = tensor.detach().to("cpu", copy=True)
 
         own_session = not getattr(self, "_umerl_session", False)
         if own_session:
@@ -273,9 +318,7 @@ class WeightSyncExtension:
         return len(named_tensors)
 
     def load_bucket(
-        self,
-        metadata: Sequence[tuple[str, str, Sequence[int]]],
-        buffer: bytes | memoryview | np.ndarray | torch.Tensor,
+        self, metadata: Sequence[Any], buffer: bytes | memoryview | np.ndarray | torch.Tensor,
         record_digests: bool = True,
     ) -> int:
         """``load_named_tensors`` of one packed bucket: the form ``collective_rpc`` carries
@@ -283,13 +326,14 @@ class WeightSyncExtension:
         """
         return self.load_named_tensors(unpack_bucket(buffer, metadata), record_digests)
 
-    def received_digest(self, names: Sequence[str]) -> str:
-        """``combine_digests`` of the tensors last received under ``names`` (checkpoint names)."""
+    def received_digest(self, names: Sequence[tuple[str, str]]) -> str:
+        """``named_digest`` of the tensors last received, ``names`` being (learner name,
+        checkpoint name) pairs: hashed under the learner name, as the learner hashes them."""
         received = self.__dict__.get("_umerl_received", {})
-        missing = [name for name in names if name not in received]
+        missing = [stored for _, stored in names if stored not in received]
         if missing:
-            raise KeyError(f"never received (or digests off): {missing[:5]}")
-        return combine_digests((name, received[name]) for name in names)
+            raise KeyError(f"never received (or record_digests off): {missing[:5]}")
+        return named_digest((name, received[stored]) for name, stored in names)
 
     def parameters_digest(self) -> str:
         """``combine_digests`` over the served model's own parameters (vLLM names, sorted): a
@@ -316,14 +360,12 @@ class WeightSyncExtension:
         self._umerl_comm = PyNcclCommunicator(group, device=self.device)
         return rank
 
-    def receive_broadcast(
-        self, metadata: Sequence[tuple[str, str, Sequence[int]]], record_digests: bool = True
-    ) -> int:
+    def receive_broadcast(self, metadata: Sequence[Any], record_digests: bool = True) -> int:
         """Receive one bucket broadcast from rank 0 and load it; returns its byte count."""
         comm = getattr(self, "_umerl_comm", None)
         if comm is None:
             raise RuntimeError("receive_broadcast before init_broadcast_group")
-        size = sum(_nbytes(dtype_from_name(d), shape) for _, d, shape in metadata)
+        size = bucket_size(metadata)
         buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
         comm.broadcast(buffer, src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
@@ -336,7 +378,10 @@ class VllmEngine:
 
     ``checkpoint`` must already hold ``<disc_emb>`` and ``<gen_emb>`` in its tokenizer (SFT
     checkpoints do). ``llm_kwargs`` go to ``vllm.LLM`` unchanged (e.g.
-    ``distributed_executor_backend``, ``kv_cache_memory_bytes``).
+    ``distributed_executor_backend``, ``kv_cache_memory_bytes``). ``record_digests`` makes each
+    worker keep a host copy of the weights it last received, for ``weights_digest`` (the
+    learner-vs-rollout check): one extra host copy of the synced weights per worker, so turn it
+    off for large models once syncs are trusted. ``bucket_bytes`` sizes ``load_weights``'s RPCs.
     """
 
     def __init__(
@@ -513,18 +558,25 @@ class VllmEngine:
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def load_weights_from_payload(
-        self, payload: Iterable[tuple[Sequence[tuple[str, str, Sequence[int]]], Any]]
-    ) -> WeightLoadStats:
-        """Load buckets ``(metadata, flat uint8 buffer)`` laid out as ``pack_bucket`` does
-        (learner names; the buffer a CPU tensor, numpy array or bytes)."""
+    def load_weights_from_payload(self, payload: Any) -> WeightLoadStats:
+        """Load learner buckets: an iterable of ``(metadata, buffer)`` pairs or of bucket objects
+        (``.metas`` + ``.buffer``, as weight_sync's ``Bucket``), or an object whose ``.refs``
+        hold such buckets as Ray object refs (weight_sync's ``SyncPayload``): fetched one at a
+        time, so one bucket at most is in this process. Names are learner names."""
         start = time.perf_counter()
         stats = WeightLoadStats()
         with self._weight_update():
-            for metadata, buffer in payload:
-                mapped = [(to_checkpoint_name(name, self.model_type), dtype, tuple(shape))
-                          for name, dtype, shape in metadata]
+            for item in getattr(payload, "refs", payload):
+                if type(item).__name__ == "ObjectRef":
+                    import ray
+
+                    item = ray.get(item)
+                metadata, buffer = ((item.metas, item.buffer) if hasattr(item, "metas")
+                                    else item)
+                mapped = [(to_checkpoint_name(name, self.model_type), dtype, shape, offset)
+                          for name, dtype, shape, offset in meta_entries(metadata)]
                 self._send_bucket(mapped, buffer, stats)
+                del item, buffer
         stats.seconds = time.perf_counter() - start
         return stats
 
@@ -545,15 +597,16 @@ class VllmEngine:
         self.llm.collective_rpc("finish_weight_sync")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def _send_bucket(self, metadata: list, buffer: Any, stats: WeightLoadStats) -> None:
+    def _send_bucket(self, metadata: Sequence[Any], buffer: Any, stats: WeightLoadStats) -> None:
         array = _uint8_array(buffer)
+        entries = meta_entries(metadata)
         counts = self.llm.collective_rpc(
             "load_bucket",
-            args=([list(m) for m in metadata], memoryview(array)),
+            args=([list(e) for e in entries], memoryview(array)),
             kwargs={"record_digests": self.record_digests},
         )
         stats.tensors += int(counts[0])
-        stats.bytes += int(array.nbytes)
+        stats.bytes += sum(_nbytes(dtype_from_name(d), shape) for _, d, shape, _ in entries)
 
     def init_broadcast_group(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int
@@ -563,24 +616,26 @@ class VllmEngine:
             "init_broadcast_group", args=(master_address, master_port, rank_offset, world_size)
         )
 
-    def receive_broadcast(self, metadata: Sequence[tuple[str, str, Sequence[int]]]) -> int:
+    def receive_broadcast(self, metadata: Sequence[Any]) -> int:
         """Receive one broadcast bucket in every worker (blocks until rank 0 sends it).
 
-        ``metadata`` names must already be checkpoint names (``to_checkpoint_name``). Bracket
-        the buckets of one update with ``begin_weight_update`` / ``finish_weight_update``.
+        ``metadata`` (learner names) is any form ``meta_entries`` reads; rank 0 broadcasts a
+        uint8 buffer of ``bucket_size(metadata)`` bytes. Bracket the buckets of one update with
+        ``begin_weight_update`` / ``finish_weight_update``.
         """
+        entries = [[to_checkpoint_name(name, self.model_type), dtype, list(shape), offset]
+                   for name, dtype, shape, offset in meta_entries(metadata)]
         sizes = self.llm.collective_rpc(
-            "receive_broadcast", args=(list(metadata),),
-            kwargs={"record_digests": self.record_digests},
+            "receive_broadcast", args=(entries,), kwargs={"record_digests": self.record_digests}
         )
         return int(sizes[0])
 
     def weights_digest(self, names: Sequence[str]) -> str:
-        """Digest of the tensors last received under the learner ``names`` (mapped with
-        ``to_checkpoint_name``), ``combine_digests`` of ``tensor_digest`` in that order; the
-        same in every worker, else an error."""
-        mapped = [to_checkpoint_name(name, self.model_type) for name in names]
-        return _same(self.llm.collective_rpc("received_digest", args=(mapped,)))
+        """``named_digest`` of the tensors last received under the learner ``names``: equal to
+        ``rollout.weight_sync.weights_digest(learner_model, names)`` after a sync. Needs
+        ``record_digests`` (each worker keeps a host copy of what it received)."""
+        pairs = [(name, to_checkpoint_name(name, self.model_type)) for name in sorted(set(names))]
+        return _same(self.llm.collective_rpc("received_digest", args=(pairs,)))
 
     def parameters_digest(self) -> list[str]:
         """Per worker: a bit-exact fingerprint of the parameters it serves (vLLM layout)."""

@@ -1,6 +1,7 @@
 """The ``umerl`` command.
 
-    umerl train RECIPE [key=value ...]      a recipe's job: evaluate, SFT, evaluate again
+    umerl train RECIPE [key=value ...]      a recipe's job: evaluate, SFT, GRPO, evaluate again
+    umerl rl RECIPE --checkpoint CKPT       the GRPO stage alone, from an SFT checkpoint
     umerl eval CHECKPOINT TASK ... [opts]   MMEB-style evaluation of a checkpoint
     umerl annotate PAIRS --teacher M --out F  cold-start SFT data from a teacher model
     umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
@@ -47,12 +48,21 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="run a recipe: evaluate, SFT, evaluate again")
+    train = sub.add_parser("train", help="run a recipe: evaluate, SFT, GRPO, evaluate again")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
     train.add_argument("--address", default=None,
                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     train.set_defaults(handler=_cmd_train)
+
+    rl = sub.add_parser("rl", help="run a recipe's GRPO stage from a given checkpoint")
+    rl.add_argument("recipe")
+    rl.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    rl.add_argument("--checkpoint", required=True,
+                    help="the SFT checkpoint: the starting policy and the KL reference")
+    rl.add_argument("--address", default=None,
+                    help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    rl.set_defaults(handler=_cmd_rl)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on MMEB-format tasks")
     ev.add_argument("checkpoint", help="Hugging Face checkpoint folder")
@@ -146,6 +156,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from umerl.driver import train
 
     overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    train(load_recipe(args.recipe, overrides))
+    return 0
+
+
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from umerl.config import load_recipe
+    from umerl.driver import train
+
+    overrides = [*args.overrides, f"model.path={args.checkpoint}", "sft.enabled=false",
+                 "rl.enabled=true"]
     if args.address:
         overrides.append(f"ray.address={args.address}")
     train(load_recipe(args.recipe, overrides))

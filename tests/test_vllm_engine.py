@@ -13,15 +13,18 @@ In the main venv (no vllm) the engine tests are skipped.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from rollout.engine import SamplingParams
 from rollout.vllm_engine import (
+    bucket_size,
     combine_digests,
+    meta_entries,
+    named_digest,
     pack_bucket,
     tensor_digest,
     to_checkpoint_name,
@@ -86,6 +89,50 @@ def test_pack_unpack_roundtrip_mixed_dtypes_and_buffer_types():
             assert torch.equal(got, want)
     with pytest.raises(ValueError):
         unpack_bucket(buffer[:-1], metadata)
+
+
+@dataclass(frozen=True)
+class _Meta:  # the shape of rollout.weight_sync.TensorMeta, without importing it
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    nbytes: int
+
+
+def test_unpack_explicit_offsets_tuples_and_objects():
+    a = torch.arange(3, dtype=torch.bfloat16)
+    b = torch.arange(4, dtype=torch.float32).reshape(2, 2)
+    buffer = torch.zeros(64 + 16, dtype=torch.uint8)
+    buffer[0:6] = a.view(torch.uint8)
+    buffer[64:80] = b.reshape(-1).view(torch.uint8)
+    tuples = [("a", "bfloat16", (3,), 0), ("b", "torch.float32", [2, 2], 64)]
+    objects = [_Meta("a", (3,), "bfloat16", 0, 6), _Meta("b", (2, 2), "float32", 64, 16)]
+    for metadata in (tuples, objects):
+        assert meta_entries(metadata) == [("a", "bfloat16", (3,), 0), ("b", "float32", (2, 2), 64)]
+        assert bucket_size(metadata) == 80
+        (na, ta), (nb, tb) = unpack_bucket(buffer.numpy(), metadata)
+        assert (na, nb) == ("a", "b") and torch.equal(ta, a) and torch.equal(tb, b)
+
+
+def test_matches_weight_sync_layout_and_digest():
+    """Cross-check with the learners' side, when rollout/weight_sync.py is there."""
+    try:
+        from rollout import weight_sync
+    except ImportError:
+        pytest.skip("rollout.weight_sync not available")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)).to(torch.bfloat16)
+    named = list(model.named_parameters())
+    buckets = weight_sync.pack_buckets(named, bucket_bytes=64)
+    assert len(buckets) > 1
+    got = [item for bucket in buckets for item in unpack_bucket(bucket.buffer, bucket.metas)]
+    assert [n for n, _ in got] == [n for n, _ in named]
+    assert all(torch.equal(t, dict(named)[n]) for n, t in got)
+    assert named_digest(named) == weight_sync.weights_digest(model)
+    names = ["1.weight", "0.bias"]
+    assert named_digest((n, dict(named)[n]) for n in names) == (
+        weight_sync.weights_digest(model, names)
+    )
 
 
 def test_digests_are_order_and_dtype_sensitive():
@@ -265,8 +312,7 @@ def test_load_weights_changes_then_restores_exactly(engine, tiny_qwen2: Path):
     assert engine.parameters_digest() == digest0  # bit-exact restore in the worker
     assert engine.generate(SIDES, 1, greedy) == greedy0
     assert engine.generate(SIDES, 3, sampling, seeds=seeds) == sampled0
-    expected = combine_digests((name, tensor_digest(original[name])) for name in names)
-    assert engine.weights_digest(names) == expected
+    assert engine.weights_digest(names) == named_digest(original.items())
 
 
 def test_load_weights_reaches_fused_repacked_linears_across_buckets(engine, tiny_qwen2: Path):
@@ -294,19 +340,32 @@ def test_load_weights_reaches_fused_repacked_linears_across_buckets(engine, tiny
 
 
 def test_load_weights_from_payload_buckets(engine, tiny_qwen2: Path):
+    """Buckets as ``(metadata, buffer)`` pairs, and weight_sync's own buckets (aligned offsets,
+    ``.metas``/``.buffer``) behind a ``.refs`` payload, as ``RolloutActor`` passes them."""
+    from types import SimpleNamespace
+
     from transformers import Qwen2ForCausalLM
 
     original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2).state_dict()
     digest0 = engine.parameters_digest()
     names = sorted(original)
+    # The engine serves bf16, so bf16-rounded originals are the same parameters.
     bf16 = [(name, original[name].to(torch.bfloat16)) for name in names]
     payload = [pack_bucket(bf16[:5]), pack_bucket(bf16[5:])]
-    payload = [(metadata, buffer.numpy()) for metadata, buffer in payload]  # Ray's zero-copy form
+    payload = [(metadata, buffer.numpy()) for metadata, buffer in payload]
     stats = engine.load_weights_from_payload(payload)
     assert stats.tensors == len(names)
-    # The engine serves bf16, so bf16-rounded originals are the same parameters.
+    assert stats.bytes == sum(t.numel() * 2 for _, t in bf16)
     assert engine.parameters_digest() == digest0
-    assert engine.weights_digest(names) == combine_digests(
-        (name, tensor_digest(t)) for name, t in bf16
-    )
-    assert np.all(np.isfinite([stats.seconds]))
+    assert engine.weights_digest(names) == named_digest(bf16)
+    try:
+        from rollout import weight_sync
+    except ImportError:
+        return
+    buckets = weight_sync.pack_buckets(bf16, bucket_bytes=40_000)
+    assert len(buckets) > 2
+    stats = engine.load_weights_from_payload(SimpleNamespace(refs=buckets))
+    assert stats.tensors == len(names) and stats.seconds > 0
+    assert engine.parameters_digest() == digest0
+    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
+    assert engine.weights_digest(names) == weight_sync.weights_digest(model, names)

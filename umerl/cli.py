@@ -32,7 +32,14 @@ def _offline_env() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_env()
     parser = _parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (argparse alone would refuse
+    # "train RECIPE --address A key=value").
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
         # A local Ray binds to loopback only; read by Ray at import, so set before importing it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,20 +24,23 @@ def cluster_env() -> dict[str, str]:
 
 
 @pytest.fixture()
-def head_node(tmp_path):
+def head_node():
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.fail("the ray CLI is missing from the virtual environment")
     env = cluster_env()
+    # Ray puts unix sockets under its temp dir: keep the path short (sockets max ~107 chars).
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
              "--port", "6391", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8271",
              "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
-             "--temp-dir", str(tmp_path / "ray")]
+             "--temp-dir", temp_dir]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
         yield "http://127.0.0.1:8271"
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_recipe(head_node, tiny_model_dir, benchmark_manifest,

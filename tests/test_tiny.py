@@ -128,7 +128,7 @@ def test_checkpoint_reloads_and_runs_on_an_image(family, checkpoints, tokenizer)
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id
     marker = json.loads((path / tiny.MARKER_FILE).read_text())
-    assert marker == {"family": family, "seed": 0, "vocab_size": len(tokenizer)}
+    assert marker == {"family": family, "size": "tiny", "seed": 0, "vocab_size": len(tokenizer)}
 
     torch.manual_seed(0)
     built = tiny.model_class_for(family)(tiny.tiny_config(family, tokenizer)).state_dict()

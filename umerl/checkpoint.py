@@ -9,6 +9,8 @@ Layout under a run's checkpoint root::
         umerl_checkpoint.json the manifest, written last: step, stage, files and sizes
     latest                    the name of the newest complete checkpoint
     .step_00000050.partial/   a save in progress (or one that crashed): never loaded
+    .step_00000040.replaced/  the previous copy of a step being saved again (loaded only if
+                              a crash left no step_00000040/)
 
 Every rank writes into the ``.partial`` folder; rank 0 writes the manifest, renames the folder
 into place (the commit point: a rename within a filesystem is atomic) and then replaces
@@ -62,11 +64,14 @@ def commit(root: str | Path, step: int, stage: str, extra: dict[str, Any] | None
     _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_tree(staging)
     final = step_dir(root, step)
-    if final.exists():  # re-saving a step (e.g. after resume): replace it as a whole
-        shutil.rmtree(final)
+    replaced = root / f".{final.name}.replaced"
+    if final.exists():  # re-saving a step: set the old copy aside until the new one is in
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(staging, final)
     _fsync_dir(root)
     _write_atomic(root / LATEST, final.name)
+    shutil.rmtree(replaced, ignore_errors=True)
     return final
 
 
@@ -93,7 +98,11 @@ def latest(root: str | Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if _STEP_DIR.match(candidate.name) and is_complete(candidate):
             return candidate
-    steps = sorted((p for p in root.glob("step_*") if _STEP_DIR.match(p.name)), reverse=True)
+    steps = [p for p in root.glob("step_*") if _STEP_DIR.match(p.name)]
+    # A crash while re-saving a step leaves only its previous copy, set aside.
+    steps += [p for p in root.glob(".step_*.replaced") if _STEP_DIR.match(p.name[1:-9])]
+    steps.sort(key=lambda p: (p.name.strip(".").removesuffix(".replaced"),
+                              not p.name.startswith(".")), reverse=True)
     return next((p for p in steps if is_complete(p)), None)
 
 

@@ -27,10 +27,7 @@ def forward_embeddings(
     completions: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One forward pass: (disc, gen, gen_found); gen is None without completions. L2-normalised."""
-    batch = bundle.encoder.collate(prompts, completions)
-    batch.pop("prompt_lengths")
-    lengths = [len(c) for c in completions] if completions is not None else [0] * len(prompts)
-    batch["completion_lengths"] = torch.tensor(lengths)
+    batch = bundle.encoder.policy_inputs(prompts, completions)
     device = bundle.model.device
     policy = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id)
     out = policy(**{k: v.to(device) for k, v in batch.items()}, with_logprobs=False)

@@ -115,6 +115,16 @@ class InputEncoder:
             raise ValueError(f"prompt has {text.count(VIDEO_PAD)} {VIDEO_PAD}, expected 1")
         return text.replace(VIDEO_PAD, "".join(blocks))
 
+    def policy_inputs(
+        self, prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]] | None
+    ) -> dict[str, torch.Tensor]:
+        """``collate`` plus ``completion_lengths``: the kwargs ``PolicyModule`` takes."""
+        batch = self.collate(prompts, completions)
+        batch.pop("prompt_lengths")
+        lengths = [len(c) for c in completions] if completions is not None else [0] * len(prompts)
+        batch["completion_lengths"] = torch.tensor(lengths)
+        return batch
+
     def _check_completions(self, completions: Sequence[Sequence[int]]) -> None:
         # A vision placeholder in generated text would claim image features that do not exist.
         forbidden = {self.image_pad_id, self.video_pad_id}

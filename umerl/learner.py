@@ -30,7 +30,7 @@ from umerl import checkpoint as ckpt
 from umerl import dist as udist
 from umerl.data import Pair, Side
 from umerl.grpo import group_advantages, grpo_side_loss
-from umerl.model import PolicyBundle, load_policy
+from umerl.model import load_policy
 from umerl.policy import PolicyModule, PolicyOutput
 from umerl.training import build_engine, load_checkpoint, save_checkpoint, set_trainable, use_bf16
 
@@ -44,16 +44,6 @@ class StepShard:
     pair_offset: int  # global index of pairs[0] within the step
     query_completions: list[list[list[int]]]  # [pair][sample] token ids
     target_completions: list[list[list[int]]]
-
-
-def rollout_rows(bundle: PolicyBundle, sides: list[Side], completions: list[list[int]]
-                 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompt + completion rows for a policy forward."""
-    prompts = [bundle.encoder.encode(side) for side in sides]
-    batch = bundle.encoder.collate(prompts, completions)
-    batch.pop("prompt_lengths")
-    batch["completion_lengths"] = torch.tensor([len(c) for c in completions])
-    return batch
 
 
 class Learner:
@@ -109,21 +99,31 @@ class Learner:
             "target": ([p.target for p in shard.pairs for _ in range(G)],
                        [c for group in shard.target_completions for c in group]),
         }
-        scored = {name: self._score(*rows) for name, rows in sides.items()}
+        # Encoded once: the scoring pass and the update pass read the same micro-batches.
+        batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
+        scored = {name: self._score(batches[name]) for name in batches}
         rewards, metrics = self._rewards(shard, scored)
         advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
         local = self._local_rows(advantages, len(shard.pairs) * G)
-        metrics.update(self._update(sides, scored, local))
+        metrics.update(self._update(batches, scored, local))
         metrics["timing/learner_rank"] = time.perf_counter() - start
         return metrics
 
+    def _micro_batches(self, sides: list[Side], completions: list[list[int]]
+                       ) -> list[dict[str, torch.Tensor]]:
+        encoder = self.bundle.encoder
+        return [
+            self._to_device(encoder.policy_inputs(
+                [encoder.encode(side) for side in sides[a:a + self.micro]],
+                completions[a:a + self.micro]))
+            for a in range(0, len(sides), self.micro)
+        ]
+
     @torch.no_grad()
-    def _score(self, sides: list[Side], completions: list[list[int]]) -> dict[str, Any]:
+    def _score(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Gen embeddings (current policy) and reference log-probs, micro-batch by micro-batch."""
         gen, found, ref = [], [], []
-        for a in range(0, len(sides), self.micro):
-            batch = self._to_device(rollout_rows(self.bundle, sides[a:a + self.micro],
-                                                 completions[a:a + self.micro]))
+        for batch in batches:
             out: PolicyOutput = self.engine.module(**batch, with_logprobs=False)
             gen.append(out.gen)
             found.append(out.gen_found)
@@ -167,14 +167,13 @@ class Learner:
         return {"query": advantages[start:start + rows],
                 "target": advantages[half + start:half + start + rows]}
 
-    def _update(self, sides: dict, scored: dict, advantages: dict) -> dict[str, float]:
+    def _update(self, batches: dict, scored: dict, advantages: dict) -> dict[str, float]:
         """Policy forward with gradients, micro-batch by micro-batch; one optimizer step."""
         sums: dict[str, float] = {}
-        n_micro = 2 * len(sides["query"][0]) // self.micro
-        for name, (side_list, completions) in sides.items():
-            for i, a in enumerate(range(0, len(side_list), self.micro)):
-                batch = self._to_device(rollout_rows(self.bundle, side_list[a:a + self.micro],
-                                                     completions[a:a + self.micro]))
+        n_micro = sum(len(side_batches) for side_batches in batches.values())
+        for name, side_batches in batches.items():
+            for i, batch in enumerate(side_batches):
+                a = i * self.micro
                 out: PolicyOutput = self.engine(**batch)
                 loss, parts = grpo_side_loss(
                     out.logprobs, None, scored[name]["ref"][i],

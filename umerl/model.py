@@ -105,7 +105,9 @@ def bundle_for(model: Any, tokenizer: Any, image_processor: Any) -> PolicyBundle
     )
 
 
-def save_policy(bundle: PolicyBundle, path: str | Path) -> None:
-    bundle.model.save_pretrained(path)
+def save_policy(bundle: PolicyBundle, path: str | Path,
+                state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A complete Hugging Face folder: weights (``state_dict`` if given), tokenizer, processor."""
+    bundle.model.save_pretrained(path, state_dict=state_dict)
     bundle.tokenizer.save_pretrained(path)
     bundle.encoder.image_processor.save_pretrained(path)

@@ -44,10 +44,7 @@ def side_inputs(bundle: PolicyBundle, sides: list[Side]) -> dict[str, torch.Tens
         bundle.tokenizer(side.completion, add_special_tokens=False)["input_ids"] + [im_end]
         for side in sides
     ]
-    batch = bundle.encoder.collate(prompts, completions)
-    batch.pop("prompt_lengths")
-    batch["completion_lengths"] = torch.tensor([len(c) for c in completions])
-    return batch
+    return bundle.encoder.policy_inputs(prompts, completions)
 
 
 def completion_nll(output: PolicyOutput) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from umerl import checkpoint as ckpt
 from umerl import dist as udist
-from umerl.model import PolicyBundle
+from umerl.model import PolicyBundle, save_policy
 
 
 def parameter_group(name: str) -> str:
@@ -107,9 +107,7 @@ def save_checkpoint(
     torch.save(udist.rng_state(), staging / ckpt.TRAIN_STATE / f"rng_rank{rank}.pt")
     state_dict = full_state_dict(engine, zero_stage)
     if rank == 0:
-        bundle.model.save_pretrained(staging, state_dict=state_dict)
-        bundle.tokenizer.save_pretrained(staging)
-        bundle.encoder.image_processor.save_pretrained(staging)
+        save_policy(bundle, staging, state_dict)
     udist.barrier()
     final = ckpt.step_dir(root, step)
     if rank == 0:

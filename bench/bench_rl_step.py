@@ -49,9 +49,8 @@ def main() -> None:
 
     from rollout.engine import SamplingParams
     from rollout.pool import RolloutPool
-    from umerl.cli import ensure_tiny_model
     from umerl.config import load_recipe
-    from umerl.driver import absolute_paths, init_ray
+    from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
     from umerl.learner import LearnerPool
     from umerl.rl import load_rl_datasets, rl_step
     from umerl.sft_data import ContrastiveBatcher
@@ -63,7 +62,7 @@ def main() -> None:
     learners = LearnerPool(cfg, checkpoint, checkpoint)
     rollout = RolloutPool(cfg.rollout, checkpoint)
     r = cfg.rl
-    sampler = ContrastiveBatcher(load_rl_datasets(list(r.data), False), int(r.pairs_per_step))
+    sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
     rows = []
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 from rollout.engine import SamplingParams
 from umerl.data import Side
+from umerl.remote import gather
 
 
 def prompt_seed(seed: int, step: int, pair_index: int, side: str) -> int:
@@ -90,23 +91,23 @@ class RolloutPool:
             for i in range(int(cfg.num_workers))
         ]
         self.engine = engine
+        self.names = [f"rollout actor {i}" for i in range(len(self.actors))]
 
     def generate(self, sides: Sequence[Side], seeds: Sequence[int], n: int,
-                 sampling: SamplingParams) -> list[Any]:
-        """Object refs, one per actor, each with its contiguous share of the prompts' samples."""
-        shares = _split(len(sides), len(self.actors))
-        return [actor.generate.remote(list(sides[a:b]), list(seeds[a:b]), n, sampling)
-                for actor, (a, b) in zip(self.actors, shares) if b > a]
+                 sampling: SamplingParams) -> list[list[list[int]]]:
+        """``n`` samples per side; each actor generates a contiguous share of the sides."""
+        shares = [(i, a, b) for i, (a, b) in enumerate(_split(len(sides), len(self.actors)))
+                  if b > a]
+        refs = [self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n, sampling)
+                for i, a, b in shares]
+        parts = gather(refs, [self.names[i] for i, _, _ in shares])
+        return [samples for part in parts for samples in part]
 
     def load_weights(self, payload: Any) -> list[dict[str, float]]:
-        import ray
-
-        return ray.get([actor.load_weights.remote(payload) for actor in self.actors])
+        return gather([actor.load_weights.remote(payload) for actor in self.actors], self.names)
 
     def digests(self, names: list[str]) -> list[str]:
-        import ray
-
-        return ray.get([actor.digest.remote(names) for actor in self.actors])
+        return gather([actor.digest.remote(names) for actor in self.actors], self.names)
 
     def shutdown(self) -> None:
         import ray

@@ -32,7 +32,7 @@ def test_overrides_win_over_recipe_and_defaults() -> None:
 def test_unknown_key_in_a_recipe_names_key_and_file(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("eval:\n  passk: [1]\n")
-    with pytest.raises(ConfigError, match=r"r.yaml: unknown config key 'eval.passk'"):
+    with pytest.raises(ConfigError, match=r"r.yaml:2: unknown config key 'eval.passk'"):
         load_recipe(recipe)
 
 

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from umerl.data import DataError, read_eval_queries, read_rl_pairs, read_sft_pairs
+from umerl.data import (
+    DataError,
+    Side,
+    image_header_size,
+    read_eval_queries,
+    read_rl_pairs,
+    read_sft_pairs,
+)
 from umerl.tokens import format_completion
 
 COMPLETION = format_completion("a cat on a mat", "a cat")
@@ -19,6 +26,8 @@ def media(tmp_path: Path) -> Path:
     Image.new("RGB", (32, 32), (10, 20, 30)).save(tmp_path / "cat.png")
     for i in range(3):
         Image.new("RGB", (32, 32), (i, i, i)).save(tmp_path / f"frame{i}.png")
+    Image.new("RGB", (48, 32), (5, 5, 5)).save(tmp_path / "wide.png")
+    (tmp_path / "text.png").write_text("this is not an image\n", encoding="utf-8")
     return tmp_path
 
 
@@ -91,6 +100,17 @@ BAD_SFT = [
     (sft_record(target={"text": "a cat", "completion": "<answer>cat</answer>"}),
      r"sft.jsonl:2: target: completion does not match"),
     (sft_record(task=None), r"sft.jsonl:2: field 'task' must be str, got NoneType"),
+    (sft_record(query={"text": "x", "images": ["text.png"], "completion": COMPLETION}),
+     r"sft.jsonl:2: query: field 'images\[0\]': not a readable image: \S*text.png "
+     r"\(cannot identify image file\)$"),
+    (sft_record(target={"video": ["frame0.png", "text.png"], "completion": COMPLETION}),
+     r"sft.jsonl:2: target: field 'video\[1\]': not a readable image: \S*text.png"),
+    (sft_record(query={"video": ["frame0.png", "frame1.png", "gone.png"],
+                       "completion": COMPLETION}),
+     r"sft.jsonl:2: query: missing media file for 'video\[2\]': \S*gone.png$"),
+    (sft_record(query={"video": ["frame0.png", "frame1.png", "wide.png"],
+                       "completion": COMPLETION}),
+     r"sft.jsonl:2: query: field 'video\[2\]': video frame 2 is 48x32 but frame 0 is 32x32"),
     ({"id": "x", "task": "t", "query": {"text": "q", "completion": COMPLETION}},
      r"sft.jsonl:2: missing field 'target'"),
 ]
@@ -157,6 +177,14 @@ BAD_MMEB = [
     (mmeb_record(tgt_text=["cat", 3, "bird"]), "candidate 1: 'tgt_text' and 'tgt_img_path'"),
     (mmeb_record(tgt_inst="", tgt_text=["cat", "", "bird"]), "empty candidate 1"),
     (mmeb_record(tgt_text="cat"), "field 'tgt_text' must be list, got str"),
+    (mmeb_record(qry_img_path="text.png"),
+     r"field 'qry_img_path': not a readable image: \S*text.png \(cannot identify image file\)"),
+    (mmeb_record(tgt_img_path=["", "text.png", ""]),
+     r"field 'tgt_img_path\[1\]': not a readable image: \S*text.png"),
+    (mmeb_record(qry_video=["frame0.png", "missing.png"]),
+     r"missing media file for 'qry_video\[1\]'"),
+    (mmeb_record(qry_video=["wide.png", "frame1.png"]),
+     r"field 'qry_video\[1\]': video frame 1 is 32x32 but frame 0 is 48x32"),
 ]
 
 
@@ -165,3 +193,67 @@ def test_bad_mmeb_lines_name_file_and_line(media: Path, bad: dict, message: str)
     path = write_lines(media / "task.jsonl", [mmeb_record(), mmeb_record(), bad])
     with pytest.raises(DataError, match=rf"task.jsonl:3: .*{message}"):
         read_eval_queries(path)
+
+
+def test_non_utf8_line_names_file_line_and_column(media: Path) -> None:
+    good = json.dumps(sft_record()).encode()
+    bad = good.replace(b'"p0"', b'"p\xff\xfe"')
+    column = bad.index(b"\xff") + 1
+    path = media / "sft.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n" + good.replace(b'"p0"', b'"p2"') + b"\n")
+    with pytest.raises(DataError, match=rf"sft.jsonl:2: not valid UTF-8 \(byte 0xff at column "
+                                        rf"{column}\)$"):
+        read_sft_pairs(path)
+    pairs, report = read_sft_pairs(path, skip_invalid=True)
+    assert [p.id for p in pairs] == ["p0", "p2"]
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"{path}:2: not valid UTF-8")
+
+
+def test_skip_invalid_counts_media_errors(media: Path) -> None:
+    lines = [
+        sft_record(),
+        sft_record(id="p1", query={"text": "x", "images": ["text.png"], "completion": COMPLETION}),
+        sft_record(id="p2", query={"video": ["frame0.png", "wide.png"], "completion": COMPLETION}),
+        sft_record(id="p3", query={"video": ["frame0.png", "nope.png"], "completion": COMPLETION}),
+        sft_record(id="p4"),
+    ]
+    pairs, report = read_sft_pairs(write_lines(media / "sft.jsonl", lines), skip_invalid=True)
+    assert [p.id for p in pairs] == ["p0", "p4"]
+    assert [m.split(": ", 2)[:2] for m in report.skipped] == [
+        [f"{media}/sft.jsonl:2", "query"], [f"{media}/sft.jsonl:3", "query"],
+        [f"{media}/sft.jsonl:4", "query"]]
+    assert "not a readable image" in report.skipped[0]
+    assert "video frame 1 is 48x32" in report.skipped[1]
+    assert "missing media file for 'video[1]'" in report.skipped[2]
+    assert report.summary().startswith(f"{media}/sft.jsonl: 2 records, 3 skipped")
+
+
+def test_eval_skip_invalid_counts_unreadable_candidate_image(media: Path) -> None:
+    path = write_lines(media / "task.jsonl", [
+        mmeb_record(), mmeb_record(tgt_img_path=["", "", "text.png"]), mmeb_record()])
+    items, report = read_eval_queries(path, skip_invalid=True)
+    assert len(items) == 2 and len(report.skipped) == 1
+    assert report.skipped[0].startswith(f"{path}:2: field 'tgt_img_path[2]': not a readable image")
+
+
+def test_sides_record_their_source_outside_their_identity(media: Path) -> None:
+    pairs, _ = read_sft_pairs(write_lines(media / "sft.jsonl", [sft_record(), sft_record()]))
+    sft = str(media / "sft.jsonl")
+    assert [(p.query.source, p.target.source) for p in pairs] == [
+        (f"{sft}:1", f"{sft}:1"), (f"{sft}:2", f"{sft}:2")]
+    assert pairs[0].query == pairs[1].query and hash(pairs[0].query) == hash(pairs[1].query)
+    assert pairs[0].query.key() == pairs[1].query.key()
+    items, _ = read_eval_queries(write_lines(media / "task.jsonl", [mmeb_record()]))
+    task = str(media / "task.jsonl")
+    assert items[0].query.source == f"{task}:1"
+    assert [c.source for c in items[0].candidates] == [
+        f"{task}:1: candidate {i}" for i in range(3)]
+    assert Side(text="a", source="x:1") == Side(text="a", source="y:2")
+
+
+def test_image_header_cache_sees_a_replaced_file(media: Path) -> None:
+    path = media / "text.png"
+    assert image_header_size(path) == "cannot identify image file"
+    Image.new("RGB", (20, 10)).save(path, format="PNG")
+    assert image_header_size(path) == (20, 10)
+    assert image_header_size(media / "absent.png") == "No such file or directory"

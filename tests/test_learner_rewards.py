@@ -40,8 +40,8 @@ def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
     from rollout.engine import SamplingParams
     from rollout.transformers_engine import TransformersEngine
     from umerl import dist as udist
+    from umerl.data import read_rl_pairs
     from umerl.learner import Learner, StepShard
-    from umerl.rl import load_rl_datasets
 
     udist.init_single_process()
     cfg = load_recipe(None, [
@@ -50,8 +50,8 @@ def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
     ])
     cfg.rewards = rewards
     learner = Learner(cfg, str(tiny_model_dir), str(tiny_model_dir))
-    pairs = load_rl_datasets([str(benchmark_manifest.parent / "digits_cls" / "rl_pairs.jsonl")],
-                             False)["digits_cls"][:2]
+    pairs, _ = read_rl_pairs(benchmark_manifest.parent / "digits_cls" / "rl_pairs.jsonl")
+    pairs = pairs[:2]
     engine = TransformersEngine(learner.bundle)
     sampling = SamplingParams(max_new_tokens=6, seed=0)
     q = engine.generate([p.query for p in pairs], 2, sampling, seeds=[1, 2])

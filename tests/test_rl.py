@@ -103,7 +103,7 @@ def test_weight_sync_makes_rollout_weights_bit_equal(local_ray, tiny_model_dir,
     try:
         names = learners.trainable_names()
         assert rollout.digests(names) == [learners.digest()]  # same starting checkpoint
-        sampler = ContrastiveBatcher(load_rl_datasets(list(cfg.rl.data), False), 2, seed=0)
+        sampler = ContrastiveBatcher(load_rl_datasets(cfg, str(tiny_model_dir)), 2, seed=0)
         sampling = SamplingParams(max_new_tokens=8)
         metrics = rl_step(cfg, 1, sampler, rollout, learners, sampling)
         assert rollout.digests(names) == [learners.digest()]

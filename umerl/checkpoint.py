@@ -106,6 +106,85 @@ def latest(root: str | Path) -> Path | None:
     return next((p for p in steps if is_complete(p)), None)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder cannot be loaded; the message names the folder and the file."""
+
+
+def verify(path: str | Path) -> Path:
+    """A loadable Hugging Face folder, checked without loading it; returns the folder.
+
+    ``path`` may be a checkpoint folder or a run's checkpoint root (then its newest complete
+    checkpoint). A umerl manifest must match the files; every safetensors file must be as
+    long as its header says (a truncated copy fails here, not half-way through a load).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not (path / "config.json").is_file() and _is_root(path):
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"{path}: no complete checkpoint here{_pointer_note(path)}")
+        path = found
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face checkpoint (no config.json)")
+    if (path / MANIFEST).is_file():
+        problem = _manifest_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: incomplete checkpoint: {problem}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights and not list(path.glob("*.bin")):
+        raise CheckpointError(f"{path}: no weights (*.safetensors or *.bin)")
+    for file in weights:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise CheckpointError(f"{file}: {problem}")
+    return path
+
+
+def _is_root(path: Path) -> bool:
+    return (path / LATEST).exists() or any(_STEP_DIR.match(p.name) for p in path.iterdir())
+
+
+def _pointer_note(root: Path) -> str:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return ""
+    name = pointer.read_text().strip()
+    state = "does not exist" if not (root / name).exists() else "is incomplete"
+    return f" ('{LATEST}' names {name}, which {state})"
+
+
+def _manifest_problem(path: Path) -> str | None:
+    try:
+        files = read_manifest(path)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {MANIFEST} ({err})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                return f"truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(handle.read(header_len))
+    except (OSError, ValueError) as err:
+        return f"unreadable safetensors header ({err})"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + header_len + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} bytes, its header needs {expected}"
+    return None
+
+
 def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
     """``auto``: the latest good checkpoint under root, if any; ``null``/``none``: start fresh;
     anything else: that checkpoint folder, which must be complete."""
@@ -115,7 +194,8 @@ def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
         return latest(root)
     path = Path(resume)
     if not is_complete(path):
-        raise ValueError(f"resume={resume}: not a complete umerl checkpoint (no valid {MANIFEST})")
+        raise CheckpointError(f"resume={resume}: not a complete umerl checkpoint "
+                              f"(no valid {MANIFEST})")
     return path
 
 

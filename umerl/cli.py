@@ -11,15 +11,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from umerl.config import ConfigError
+from omegaconf import DictConfig, OmegaConf
+
+from umerl.config import ConfigError, defaults, load_recipe, load_recipe_with_sources
 
 
 def _offline_env() -> None:
@@ -43,11 +43,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
         # A local Ray binds to loopback only; read by Ray at import, so set before importing it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from umerl.driver import StageError
+
     try:
         return args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError) as err:  # DataError, CheckpointError
         print(f"umerl: error: {err}", file=sys.stderr)
         return 2
+    except StageError as err:
+        print(f"umerl: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("umerl: interrupted (checkpoints are atomic: the last one is intact)",
+              file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,27 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     rl.set_defaults(handler=_cmd_rl)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on MMEB-format tasks")
-    ev.add_argument("checkpoint", help="Hugging Face checkpoint folder")
+    ev.add_argument("checkpoint", help="Hugging Face checkpoint folder (or a run's checkpoint "
+                    "root: its latest complete checkpoint)")
     ev.add_argument("tasks", nargs="+",
                     help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--modes", nargs="+", default=["disc:disc", "gen:gen"],
-                    help="query:target mode pairs (disc or gen each)")
-    ev.add_argument("--pass-k", nargs="*", type=int, default=[1, 2, 4])
+    _options(ev, EVAL_OPTIONS)
     ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
-    ev.add_argument("--save-embeddings", action="store_true")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--temperature", type=float, default=1.0)
-    ev.add_argument("--top-k", type=int, default=50)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--dtype", default="float32")
-    ev.add_argument("--skip-invalid", action="store_true",
-                    help="skip (and count) malformed lines instead of stopping")
     ev.add_argument("--pool", default="local", choices=["local", "global"],
                     help="pool type for plain .jsonl task files")
     ev.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
-    ev.add_argument("--benchmark-dir", default=None)
     ev.set_defaults(handler=_cmd_eval)
 
     ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
@@ -101,15 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     ann.add_argument("--gguf-file", default=None, help="GGUF file inside --teacher")
     ann.add_argument("--out", required=True, help="SFT JSONL to write")
     ann.add_argument("--limit", type=int, default=None, help="annotate only the first N pairs")
-    ann.add_argument("--max-new-tokens", type=int, default=96)
-    ann.add_argument("--max-completion-tokens", type=int, default=256,
-                     help="drop pairs whose reasoning + summary are longer")
-    ann.add_argument("--temperature", type=float, default=0.7)
-    ann.add_argument("--top-k", type=int, default=50)
-    ann.add_argument("--batch-size", type=int, default=8)
-    ann.add_argument("--seed", type=int, default=0)
     ann.add_argument("--media-root", default=None)
-    ann.add_argument("--skip-invalid", action="store_true")
+    _options(ann, ANNOTATE_OPTIONS)
     ann.set_defaults(handler=_cmd_annotate)
 
     tiny = sub.add_parser("build-tiny", help="build the tiny offline model")
@@ -126,86 +116,115 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
+# umerl/defaults.yaml and their values go through the recipe schema, like any recipe key.
+EVAL_OPTIONS = [
+    ("--split", "eval.split", {}),
+    ("--modes", "eval.modes", {"nargs": "+", "help": "query:target mode pairs (disc or gen)"}),
+    ("--pass-k", "eval.pass_k", {"nargs": "*", "type": int}),
+    ("--save-embeddings", "eval.save_embeddings", {"action": "store_const", "const": True}),
+    ("--batch-size", "eval.batch_size", {"type": int}),
+    ("--max-new-tokens", "eval.max_new_tokens", {"type": int}),
+    ("--temperature", "eval.temperature", {"type": float}),
+    ("--top-k", "eval.top_k", {"type": int}),
+    ("--seed", "seed", {"type": int}),
+    ("--dtype", "model.dtype", {}),
+    ("--skip-invalid", "data.skip_invalid",
+     {"action": "store_const", "const": True,
+      "help": "skip (and count) malformed lines instead of stopping"}),
+    ("--max-prompt-tokens", "data.max_prompt_tokens", {}),
+    ("--benchmark-dir", "data.benchmark_dir", {}),
+]
+ANNOTATE_OPTIONS = [
+    ("--max-new-tokens", "annotate.max_new_tokens", {"type": int}),
+    ("--max-completion-tokens", "annotate.max_completion_tokens",
+     {"type": int, "help": "drop pairs whose reasoning + summary are longer"}),
+    ("--temperature", "annotate.temperature", {"type": float}),
+    ("--top-k", "annotate.top_k", {"type": int}),
+    ("--batch-size", "annotate.batch_size", {"type": int}),
+    ("--seed", "seed", {"type": int}),
+    ("--skip-invalid", "data.skip_invalid", {"action": "store_const", "const": True}),
+]
+
+
+def _options(parser: argparse.ArgumentParser, options: list) -> None:
+    base = defaults()
+    for flag, key, kwargs in options:
+        default = OmegaConf.select(base, key)
+        shown = list(default) if OmegaConf.is_list(default) else default
+        helptext = kwargs.pop("help", "")
+        parser.add_argument(flag, default=None, help=f"{helptext} (default: {shown}; recipe key "
+                            f"{key})".lstrip(), **kwargs)
+
+
+def _options_config(args: argparse.Namespace, options: list) -> DictConfig:
+    """The defaults with the given options applied, checked by the recipe schema."""
+    overrides, named = [], {}
+    for flag, key, _ in options:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={_dotlist_value(value)}")
+            named[key] = f"option {flag}"
+    return load_recipe(None, overrides, option_sources=named)
+
+
+def _dotlist_value(value: object) -> str:
+    if isinstance(value, list):  # quoted items: "disc:disc" must stay one string
+        return "[" + ",".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from umerl.evaluate import EvalSettings, parse_modes
+    from umerl.console import quiet
+    from umerl.driver import eval_settings, run_eval
+    from umerl.model import load_encoder, prompt_limit
+    from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.tasks import resolve_tasks
 
-    settings = EvalSettings(
-        modes=parse_modes(args.modes), pass_k=tuple(args.pass_k), batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        seed=args.seed, save_embeddings=args.save_embeddings, skip_invalid=args.skip_invalid,
-    )
-    specs = resolve_tasks(args.tasks, args.split, args.benchmark_dir,
+    quiet()
+    cfg = _options_config(args, EVAL_OPTIONS)
+    checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
+    specs = resolve_tasks(args.tasks, cfg.eval.split, cfg.data.benchmark_dir,
                           pool=args.pool, modality=args.modality)
+    check_eval_specs(specs, load_encoder(checkpoint), cfg)
     out = args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_eval(args.checkpoint, specs, settings, out, args.dtype)
+    run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
     return 0
 
 
-def run_eval(checkpoint: str | Path, specs, settings, out_dir: str | Path,
-             dtype: str = "float32") -> dict:
-    """Load, evaluate, write JSON, print the table; returns the summary."""
-    from rollout.transformers_engine import TransformersEngine
-    from umerl.evaluate import evaluate, summary_table
-    from umerl.model import load_policy
-
-    bundle = load_policy(checkpoint, dtype=dtype)
-    summary = evaluate(bundle, TransformersEngine(bundle, settings.batch_size), specs, settings,
-                       out_dir)
-    print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
-    print(summary_table(summary))
-    print(f"scores: {Path(out_dir) / 'summary.json'}")
-    return summary
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from umerl.config import load_recipe
     from umerl.driver import train
 
-    overrides = list(args.overrides)
+    overrides, named = list(args.overrides), {}
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    train(load_recipe(args.recipe, overrides))
+        named["ray.address"] = "option --address"
+    train(*load_recipe_with_sources(args.recipe, overrides, named))
     return 0
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
-    from umerl.config import load_recipe
     from umerl.driver import train
 
     overrides = [*args.overrides, f"model.path={args.checkpoint}", "sft.enabled=false",
                  "rl.enabled=true"]
+    named = {"model.path": "option --checkpoint"}
     if args.address:
         overrides.append(f"ray.address={args.address}")
-    train(load_recipe(args.recipe, overrides))
+        named["ray.address"] = "option --address"
+    train(*load_recipe_with_sources(args.recipe, overrides, named))
     return 0
-
-
-def ensure_tiny_model(tiny_cfg) -> str:
-    """Build the tiny model once; later runs reuse the folder."""
-    from umerl.tiny import build_tiny_model
-
-    out = Path(tiny_cfg.dir)
-    if (out / "config.json").is_file():
-        return str(out)
-    print(f"building the tiny {tiny_cfg.family} model into {out} ...", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside the target and renamed into place: an interrupted build leaves nothing.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        build_tiny_model(staging, family=tiny_cfg.family, seed=tiny_cfg.seed,
-                         size=tiny_cfg.size)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(out)
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
     from umerl.annotate import run_annotate
 
+    cfg = _options_config(args, ANNOTATE_OPTIONS)
+    for flag, key, _ in ANNOTATE_OPTIONS:
+        setattr(args, flag.lstrip("-").replace("-", "_"), OmegaConf.select(cfg, key))
     run_annotate(args)
     return 0
 

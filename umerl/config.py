@@ -1,16 +1,19 @@
-"""OmegaConf recipes: a YAML file, checked against the schema, with ``key=value`` overrides.
+"""OmegaConf recipes: the defaults file, then a recipe, then ``key=value`` overrides, checked.
 
-The schema is the set of keys in ``umerl/defaults.yaml``; a recipe or an override naming any
-other key is an error that names it (and the file it came from). An empty mapping in the
-defaults is free-form: it accepts any keys.
+``umerl/defaults.yaml`` holds every key and its default (the one source of defaults);
+``umerl/schema.py`` holds each key's type and range and the rules between keys. A recipe or an
+override naming an unknown key, or giving a value of the wrong type or out of range, is a
+``ConfigError`` that names the key, where its value came from (``file:line`` or the command
+line) and what is allowed. An empty mapping in the defaults is free-form: it accepts any keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -22,19 +25,91 @@ class ConfigError(ValueError):
     """A recipe or an override is invalid; the message names the key and its source."""
 
 
-def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the recipe file, then command-line overrides; unknown keys are errors."""
+class Sources:
+    """Where each key's value came from: ``file:line``, ``command line`` or a CLI option."""
+
+    def __init__(self) -> None:
+        self._where: dict[str, str] = {}
+
+    def record(self, mapping: Mapping[str, str]) -> None:
+        """A later source replaces a key and everything under it (a list replaces a list)."""
+        for key in mapping:
+            for old in [k for k in self._where if k.startswith((f"{key}.", f"{key}["))]:
+                del self._where[old]
+        self._where.update(mapping)
+
+    def of(self, key: str) -> str:
+        """The source of ``key`` (a dotted path, list items as ``key[i]``), or of its parent."""
+        probe = key
+        while probe:
+            if probe in self._where:
+                return self._where[probe]
+            cut = max(probe.rfind("."), probe.rfind("["))
+            probe = probe[:cut] if cut > 0 else ""
+        return "defaults"
+
+    def describe(self, key: str) -> str:
+        return f"'{key}' (from {self.of(key)})"
+
+
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = (),
+                option_sources: Mapping[str, str] | None = None) -> DictConfig:
+    """Defaults, then the recipe file, then overrides; unknown keys and bad values are errors.
+
+    ``option_sources`` names, per override key, the CLI option that set it (``--batch-size``).
+    """
+    return load_recipe_with_sources(path, overrides, option_sources)[0]
+
+
+def load_recipe_with_sources(
+    path: str | Path | None, overrides: Sequence[str] = (),
+    option_sources: Mapping[str, str] | None = None,
+) -> tuple[DictConfig, Sources]:
+    from umerl.schema import validate
+
+    sources = Sources()
     config = _load_yaml(DEFAULTS_FILE)
+    sources.record(yaml_lines(DEFAULTS_FILE, "defaults "))
     if path is not None:
         recipe = _load_yaml(Path(path))
-        _check_known(config, recipe, str(path))
+        lines = yaml_lines(Path(path))
+        _check_known(config, recipe, lambda key: lines.get(key, str(path)))
         config = OmegaConf.merge(config, recipe)
+        sources.record(lines)
     if overrides:
         parsed = _parse_overrides(overrides)
-        _check_known(config, parsed, "command line")
+        named = dict(option_sources or {})
+        _check_known(config, parsed, lambda key: named.get(key, "command line"))
         config = OmegaConf.merge(config, parsed)
+        sources.record({item.split("=", 1)[0].strip():
+                        named.get(item.split("=", 1)[0].strip(), f"command line '{item}'")
+                        for item in overrides})
     OmegaConf.set_readonly(config, False)
-    return config
+    validate(config, sources)
+    return config, sources
+
+
+def yaml_lines(path: Path, prefix: str = "") -> dict[str, str]:
+    """``dotted.key -> "path:line"`` for every key (and list item) of a YAML mapping file."""
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    lines: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = f"{key}.{key_node.value}" if key else str(key_node.value)
+                lines[child] = f"{prefix}{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[f"{key}[{i}]"] = f"{prefix}{path}:{item.start_mark.line + 1}"
+                walk(item, f"{key}[{i}]")
+
+    walk(root, "")
+    return lines
 
 
 def _load_yaml(path: Path) -> DictConfig:
@@ -43,12 +118,16 @@ def _load_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except (OmegaConfBaseException, ValueError) as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
     except Exception as err:  # yaml.YAMLError carries the line and column
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: a recipe must be a mapping at the top level")
     return loaded
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
@@ -58,11 +137,12 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid override: {err}") from None
+        raise ConfigError(f"invalid override: {_one_line(err)}") from None
 
 
-def _check_known(schema: Any, update: Any, source: str, prefix: str = "") -> None:
-    """Every key of ``update`` must exist in ``schema`` (free-form mappings excepted)."""
+def _check_known(schema: Any, update: Any, where: Callable[[str], str], prefix: str = "") -> None:
+    """Every key of ``update`` must exist in ``schema`` (free-form mappings excepted);
+    ``where(key)`` names the place that set it."""
     if not isinstance(update, DictConfig) or not isinstance(schema, DictConfig):
         return
     if _is_free_form(schema):
@@ -71,16 +151,21 @@ def _check_known(schema: Any, update: Any, source: str, prefix: str = "") -> Non
         name = f"{prefix}{key}"
         if key not in schema:
             known = ", ".join(sorted(str(k) for k in schema.keys()))
-            raise ConfigError(f"{source}: unknown config key '{name}' (known here: {known})")
+            raise ConfigError(f"{where(name)}: unknown config key '{name}' (known here: {known})")
         child = schema._get_node(key)
         if isinstance(child, ListConfig):
             continue
-        _check_known(schema[key], update._get_node(key), source, f"{name}.")
+        _check_known(schema[key], update._get_node(key), where, f"{name}.")
 
 
 def _is_free_form(node: DictConfig) -> bool:
     """An empty mapping in the defaults takes user keys (e.g. a reward's kwargs)."""
     return len(node) == 0
+
+
+def defaults() -> DictConfig:
+    """The defaults file alone (CLI options take their defaults from here)."""
+    return _load_yaml(DEFAULTS_FILE)
 
 
 def to_container(config: DictConfig) -> dict[str, Any]:

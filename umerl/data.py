@@ -1,17 +1,25 @@
 """Readers for the three JSONL formats in docs/data-formats.md, with validation.
 
-Every problem is reported as ``DataError("path:line: what is wrong")``. Nothing is skipped
-silently: ``skip_invalid=True`` skips bad lines but counts them in the returned ``DataReport``.
+Every problem is reported as ``DataError("path:line: what is wrong")``: malformed JSON or
+non-UTF-8 lines, wrong fields, missing media, media that are not readable images, video frames of
+differing sizes. Nothing is skipped silently: ``skip_invalid=True`` skips bad lines but counts
+them in the returned ``DataReport``. Images are checked from their header only (no pixel
+decode), once per file version.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
+
+from PIL import Image
 
 from umerl.tokens import GEN_EMB
 
@@ -33,6 +41,8 @@ class Side:
     images: tuple[str, ...] = ()
     video: tuple[str, ...] = ()
     completion: str | None = None
+    # Where the side was read ("path:line", "path:line: candidate i"); not part of its identity.
+    source: str = field(default="", compare=False)
 
     @property
     def is_text_only(self) -> bool:
@@ -121,9 +131,12 @@ def _read(
     root = Path(media_root) if media_root is not None else path.parent
     report = DataReport(str(path))
     records: list[T] = []
-    for line_no, line in _numbered_lines(path):
+    for line_no, raw in _numbered_lines(path):
         ctx = _Context(f"{path}:{line_no}", root)
         try:
+            line = _decode(raw, ctx)
+            if not line.strip():
+                continue
             records.append(parse(_parse_json(line, ctx), ctx))
         except DataError as err:
             if not skip_invalid:
@@ -135,11 +148,19 @@ def _read(
     return records, report
 
 
-def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if line.strip():
-                yield line_no, line
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """Lines as bytes, so that one undecodable line is one bad line, not a crash."""
+    with path.open("rb") as handle:
+        yield from enumerate(handle, start=1)
+
+
+def _decode(raw: bytes, ctx: _Context) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ctx.fail(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+        ) from None
 
 
 def _parse_json(line: str, ctx: _Context) -> dict[str, Any]:
@@ -165,23 +186,71 @@ def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], ctx: _
     return value
 
 
-def _media_list(record: dict[str, Any], key: str, ctx: _Context) -> tuple[str, ...]:
+def image_header_size(path: str | Path) -> tuple[int, int] | str:
+    """``(width, height)`` of an image file read from its header only (pixels are not decoded),
+    or a short reason why the file is not a readable image. Cached per path and file version:
+    classification candidates repeat the same image thousands of times."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return _header_size(str(path), info.st_mtime_ns, info.st_size)
+
+
+@lru_cache(maxsize=1 << 18)
+def _header_size(path: str, mtime_ns: int, size: int) -> tuple[int, int] | str:
+    del mtime_ns, size  # only part of the cache key
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        reason = str(err) or type(err).__name__
+        # PIL names the file in its message; the caller already does.
+        return reason.replace(f" {path!r}", "").replace(f" {path}", "")
+    if width < 1 or height < 1:
+        return f"empty image ({width}x{height})"
+    return width, height
+
+
+def _media_list(
+    record: dict[str, Any], key: str, ctx: _Context, video: bool = False
+) -> tuple[str, ...]:
+    """Paths of ``record[key]``, each an existing image; for a video (``video=True``) all
+    frames must have the first frame's size."""
     values = _get(record, key, list, ctx, default=[])
-    paths = []
+    paths: list[str] = []
+    first: tuple[int, int] | None = None
     for i, value in enumerate(values):
         if not isinstance(value, str) or not value:
             raise ctx.fail(f"field '{key}[{i}]' must be a non-empty path string")
-        paths.append(_resolve_media(value, f"{key}[{i}]", ctx))
+        path, size = _resolve_image(value, f"{key}[{i}]", ctx)
+        if video and first is not None and size != first:
+            raise ctx.fail(
+                f"field '{key}[{i}]': video frame {i} is {size[0]}x{size[1]} but frame 0 is "
+                f"{first[0]}x{first[1]} (all frames of a video need one size): {path}"
+            )
+        first = first or size
+        paths.append(path)
     return tuple(paths)
 
 
 def _resolve_media(value: str, name: str, ctx: _Context) -> str:
+    return _resolve_image(value, name, ctx)[0]
+
+
+def _resolve_image(value: str, name: str, ctx: _Context) -> tuple[str, tuple[int, int]]:
+    """The resolved path of an image and its ``(width, height)`` from the file's header."""
     path = Path(value)
     if not path.is_absolute():
         path = ctx.media_root / path
     if not path.is_file():
         raise ctx.fail(f"missing media file for '{name}': {path}")
-    return str(path)
+    size = image_header_size(path)
+    if isinstance(size, str):
+        raise ctx.fail(f"field '{name}': not a readable image: {path} ({size})")
+    return str(path), size
 
 
 def _parse_side(record: Any, name: str, ctx: _Context, needs_completion: bool) -> Side:
@@ -190,7 +259,7 @@ def _parse_side(record: Any, name: str, ctx: _Context, needs_completion: bool) -
     side_ctx = _Context(f"{ctx.where}: {name}", ctx.media_root)
     text = _get(record, "text", str, side_ctx, default="")
     images = _media_list(record, "images", side_ctx)
-    video = _media_list(record, "video", side_ctx)
+    video = _media_list(record, "video", side_ctx, video=True)
     if not text.strip() and not images and not video:
         raise ctx.fail(f"empty side '{name}': no text, images or video")
     completion = None
@@ -200,7 +269,7 @@ def _parse_side(record: Any, name: str, ctx: _Context, needs_completion: bool) -
             raise side_ctx.fail(
                 "completion does not match <think>…</think><answer>…</answer><gen_emb>"
             )
-    return Side(text=text, images=images, video=video, completion=completion)
+    return Side(text=text, images=images, video=video, completion=completion, source=ctx.where)
 
 
 def _parse_pair(record: dict[str, Any], ctx: _Context, needs_completion: bool) -> Pair:
@@ -224,10 +293,10 @@ def _parse_eval_query(record: dict[str, Any], ctx: _Context) -> EvalQuery:
     )
     qry_img = _get(record, "qry_img_path", str, ctx, default="")
     images = (_resolve_media(qry_img, "qry_img_path", ctx),) if qry_img else ()
-    video = _media_list(record, "qry_video", ctx)
+    video = _media_list(record, "qry_video", ctx, video=True)
     if not qry_text and not images and not video:
         raise ctx.fail("empty query: no qry_inst/qry_text, qry_img_path or qry_video")
-    query = Side(text=qry_text, images=images, video=video)
+    query = Side(text=qry_text, images=images, video=video, source=ctx.where)
     candidates = _parse_candidates(record, ctx)
     relevance = _parse_relevance(record, len(candidates), ctx)
     return EvalQuery(query=query, candidates=candidates, relevance=relevance)
@@ -250,7 +319,8 @@ def _parse_candidates(record: dict[str, Any], ctx: _Context) -> tuple[Side, ...]
         if not text.strip() and not img:
             raise ctx.fail(f"empty candidate {i}: no tgt_text and no tgt_img_path")
         images = (_resolve_media(img, f"tgt_img_path[{i}]", ctx),) if img else ()
-        candidates.append(Side(text=join_instruction(tgt_inst, text), images=images))
+        candidates.append(Side(text=join_instruction(tgt_inst, text), images=images,
+                               source=f"{ctx.where}: candidate {i}"))
     return tuple(candidates)
 
 

@@ -11,30 +11,55 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from umerl import checkpoint as ckpt
-from umerl.config import to_container
+from umerl.config import Sources, to_container
+from umerl.console import quiet
 from umerl.evaluate import EvalSettings, comparison_table, parse_modes
+from umerl.model import prompt_limit
+from umerl.preflight import check_checkpoint, preflight
+from umerl.remote import WorkerError, summarize, traceback_text
 from umerl.tasks import ensure_benchmark, resolve_tasks
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run every enabled stage of a recipe; returns the before/after summaries."""
+class StageError(RuntimeError):
+    """A stage failed inside a worker: one line for the console, the traceback in a log."""
+
+
+def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
+    """Run every enabled stage of a recipe; returns the before/after summaries.
+
+    Everything that can be checked without a cluster is checked first (``umerl.preflight``):
+    a bad recipe, reward, checkpoint or data line fails here, before Ray starts.
+    """
+    quiet()
     cfg = absolute_paths(cfg)
+    if cfg.model.path:
+        model = str(check_checkpoint(cfg.model.path, (sources or Sources()).describe("model.path")))
+    else:
+        model = ensure_tiny_model(cfg.model.tiny)
+    cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, model)
+    preflight(cfg, model, sources)
     init_ray(cfg)
-    model = cfg.model.path or ensure_tiny_model(cfg.model.tiny)
     results: dict[str, Any] = {}
     if cfg.eval.enabled and cfg.eval.before:
         results["before"] = evaluate_checkpoint(cfg, model, "before")
     if cfg.sft.enabled:
-        model = str(run_sft_stage(cfg, model))
+        with reported_failures(cfg, "SFT", cfg.sft.output_subdir):
+            model = str(run_sft_stage(cfg, model))
         print(f"[driver] SFT checkpoint: {model}", flush=True)
     if cfg.rl.enabled:
-        model = str(run_rl_stage(cfg, model))
+        with reported_failures(cfg, "RL", cfg.rl.output_subdir):
+            model = str(run_rl_stage(cfg, model))
         print(f"[driver] RL checkpoint: {model}", flush=True)
     if cfg.eval.enabled:
         results["after"] = evaluate_checkpoint(cfg, model, "after")
@@ -43,6 +68,43 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(comparison_table(results["before"], results["after"]))
     results["checkpoint"] = model
     return results
+
+
+@contextmanager
+def reported_failures(cfg: DictConfig, stage: str, subdir: str) -> Iterator[None]:
+    """A worker failure becomes a ``StageError``: stage, worker and cause in one line; every
+    traceback goes to ``output_dir/logs/``. Checkpoints are atomic: the last one is intact."""
+    try:
+        yield
+    except Exception as err:
+        if not isinstance(err, WorkerError) and not _is_train_failure(err):
+            raise
+        summary, details = _failure_text(err)
+        logs = Path(cfg.output_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log = logs / f"{stage.lower()}-failure-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.write_text(details, encoding="utf-8")
+        last = ckpt.latest(Path(cfg.output_dir) / subdir)
+        kept = f"last checkpoint {last} (intact)" if last else "no checkpoint was written"
+        raise StageError(f"{stage} failed: {summary}; traceback: {log}; {kept}") from None
+
+
+def _is_train_failure(err: BaseException) -> bool:
+    from ray.train import TrainingFailedError
+
+    return isinstance(err, TrainingFailedError)
+
+
+def _failure_text(err: BaseException) -> tuple[str, str]:
+    if isinstance(err, WorkerError):
+        return str(err), err.details
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:  # Ray Train: {rank: exception}
+        rank = min(failures)
+        details = "\n\n".join(f"=== SFT worker rank {r} ===\n{traceback_text(e)}"
+                               for r, e in sorted(failures.items()))
+        return f"SFT worker rank {rank}: {summarize(failures[rank])}", details
+    return summarize(err), traceback_text(err)
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:
@@ -76,15 +138,19 @@ def init_ray(cfg: DictConfig) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
+    # The hook runs in every worker process: the same quiet console as the driver's.
+    runtime_env = {"env_vars": worker_env(), "worker_process_setup_hook": "umerl.console.quiet"}
     if address:
-        ray.init(address=address, runtime_env=runtime_env)
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
+        print(f"[driver] joined the Ray cluster at {address}", flush=True)
         return
     ray.init(
         _node_ip_address="127.0.0.1", num_cpus=cfg.ray.num_cpus,
         object_store_memory=int(cfg.ray.object_store_memory), include_dashboard=False,
-        runtime_env=runtime_env, log_to_driver=True,
+        runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING",
     )
+    print(f"[driver] started a local Ray on 127.0.0.1 with "
+          f"{int(ray.cluster_resources().get('CPU', 0))} CPUs", flush=True)
 
 
 def worker_env() -> dict[str, str]:
@@ -100,6 +166,7 @@ def worker_env() -> dict[str, str]:
         # echoes again: every line would show twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "WANDB_SILENT": "true",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
@@ -110,9 +177,25 @@ def worker_env() -> dict[str, str]:
 
 
 def ensure_tiny_model(tiny_cfg: DictConfig) -> str:
-    from umerl.cli import ensure_tiny_model as build
+    """Build the tiny model once; later runs reuse the folder."""
+    from umerl.tiny import build_tiny_model
 
-    return build(tiny_cfg)
+    out = Path(tiny_cfg.dir)
+    if (out / "config.json").is_file():
+        return str(out)
+    print(f"building the tiny {tiny_cfg.family} model into {out} ...", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: an interrupted build leaves nothing.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        build_tiny_model(staging, family=tiny_cfg.family, seed=tiny_cfg.seed,
+                         size=tiny_cfg.size)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(out)
 
 
 def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
@@ -165,11 +248,25 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[str, Any]:
-    from umerl.cli import run_eval
-
     specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
                           int(cfg.data.benchmark_seed))
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
     print(f"\n[driver] evaluating ({label}) {checkpoint}", flush=True)
     return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
 
+
+
+def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str | Path,
+             dtype: str = "float32") -> dict:
+    """Load, evaluate, write JSON, print the table; returns the summary."""
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.evaluate import evaluate, summary_table
+    from umerl.model import load_policy
+
+    bundle = load_policy(checkpoint, dtype=dtype)
+    summary = evaluate(bundle, TransformersEngine(bundle, settings.batch_size), specs, settings,
+                       out_dir)
+    print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
+    print(summary_table(summary))
+    print(f"scores: {Path(out_dir) / 'summary.json'}")
+    return summary

@@ -32,6 +32,7 @@ from umerl.data import Pair, Side
 from umerl.grpo import group_advantages, grpo_side_loss
 from umerl.model import load_policy
 from umerl.policy import PolicyModule, PolicyOutput
+from umerl.remote import gather
 from umerl.training import build_engine, load_checkpoint, save_checkpoint, set_trainable, use_bf16
 
 
@@ -294,38 +295,31 @@ class LearnerPool:
             ).remote(plain, i, n)
             for i in range(n)
         ]
-        master = ray.get(self.actors[0].address.remote())
-        self.info = ray.get([a.setup.remote(master, policy, reference) for a in self.actors])
+        self.names = [f"learner rank {i}" for i in range(n)]
+        master = gather([self.actors[0].address.remote()], self.names[:1])[0]
+        self.info = gather([a.setup.remote(master, policy, reference) for a in self.actors],
+                           self.names)
 
     def step(self, shards: list[StepShard]) -> list[dict[str, float]]:
-        import ray
-
-        return ray.get([a.step.remote(s) for a, s in zip(self.actors, shards)])
+        return gather([a.step.remote(s) for a, s in zip(self.actors, shards)], self.names)
 
     def publish_weights(self) -> Any:
-        import ray
-
-        return ray.get(self.actors[0].publish_weights.remote())
+        return self._on_rank0("publish_weights")
 
     def digest(self) -> str:
-        import ray
-
-        return ray.get(self.actors[0].digest.remote())
+        return self._on_rank0("digest")
 
     def trainable_names(self) -> list[str]:
-        import ray
-
-        return ray.get(self.actors[0].trainable_names.remote())
+        return self._on_rank0("trainable_names")
 
     def save(self, step: int, client_state: dict[str, Any]) -> str:
-        import ray
-
-        return ray.get([a.save.remote(step, client_state) for a in self.actors])[0]
+        return gather([a.save.remote(step, client_state) for a in self.actors], self.names)[0]
 
     def resume(self) -> tuple[str | None, dict[str, Any]]:
-        import ray
+        return gather([a.resume.remote() for a in self.actors], self.names)[0]
 
-        return ray.get([a.resume.remote() for a in self.actors])[0]
+    def _on_rank0(self, method: str) -> Any:
+        return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
 
     def shutdown(self) -> None:
         import ray

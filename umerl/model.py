@@ -63,18 +63,43 @@ def load_policy(
     path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
 ) -> PolicyBundle:
     """Load model, tokenizer and image processor from a Hugging Face folder, offline."""
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForImageTextToText,
-        AutoTokenizer,
-    )
+    from transformers import AutoModelForImageTextToText
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    _, tokenizer, image_processor = _load_processors(Path(path), trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    add_embedding_tokens(model, tokenizer)
+    model.eval()
+    return bundle_for(model, tokenizer, image_processor)
+
+
+def load_encoder(path: str | Path) -> InputEncoder:
+    """The tokenizer and image processor alone, no weights: prompts are measured cheaply."""
+    config, tokenizer, image_processor = _load_processors(Path(path))
+    missing = [t for t in EMBEDDING_TOKENS if t not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(missing, special_tokens=False)
+    return InputEncoder(tokenizer, image_processor, config.model_type)
+
+
+def context_length(path: str | Path) -> int:
+    """The model's context length (``max_position_embeddings`` of its language model)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return int(getattr(config, "text_config", config).max_position_embeddings)
+
+
+def prompt_limit(setting: int | str, path: str | Path) -> int:
+    """``data.max_prompt_tokens``: an int as it is; ``auto``: the model's context length."""
+    return context_length(path) if setting == "auto" else int(setting)
+
+
+def _load_processors(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -84,10 +109,7 @@ def load_policy(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     image_processor = AutoImageProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-    add_embedding_tokens(model, tokenizer)
-    model.eval()
-    return bundle_for(model, tokenizer, image_processor)
+    return config, tokenizer, image_processor
 
 
 def bundle_for(model: Any, tokenizer: Any, image_processor: Any) -> PolicyBundle:

@@ -20,29 +20,30 @@ from omegaconf import DictConfig
 from rollout.engine import SamplingParams
 from rollout.pool import RolloutPool, prompt_seed
 from umerl import checkpoint as ckpt
+from umerl.console import Progress
 from umerl.data import Pair, read_rl_pairs
 from umerl.learner import LearnerPool, StepShard
-from umerl.sft_data import ContrastiveBatcher
+from umerl.remote import WorkerError
+from umerl.sft_data import ContrastiveBatcher, load_pair_datasets
 
 CONSOLE_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
                 "actor/kl", "actor/clip_fraction", "rollout/completion_len_mean")
 
 
-def load_rl_datasets(paths: list[str], skip_invalid: bool) -> dict[str, list[Pair]]:
-    datasets: dict[str, list[Pair]] = {}
-    for path in paths:
-        pairs, report = read_rl_pairs(path, skip_invalid=skip_invalid)
-        if report.skipped:
-            print(f"warning: {report.summary()}", flush=True)
-        datasets.setdefault(pairs[0].task, []).extend(pairs)
-    return datasets
+def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
+    """The RL pairs, with the same line and prompt-length checks as the preflight."""
+    from umerl.model import load_encoder, prompt_limit
+
+    return load_pair_datasets(list(cfg.rl.data), read_rl_pairs, bool(cfg.data.skip_invalid),
+                              load_encoder(policy),
+                              prompt_limit(cfg.data.max_prompt_tokens, policy), key="rl.data")
 
 
 def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) -> Path:
     """GRPO from ``policy`` (KL to the frozen ``reference``); returns the last checkpoint."""
     r = cfg.rl
-    sampler = ContrastiveBatcher(load_rl_datasets(list(r.data), bool(cfg.data.skip_invalid)),
-                                 int(r.pairs_per_step), seed=int(cfg.seed))
+    sampler = ContrastiveBatcher(load_rl_datasets(cfg, policy), int(r.pairs_per_step),
+                                 seed=int(cfg.seed))
     learners = LearnerPool(cfg, policy, reference)
     resumed, client = learners.resume()
     first = int(client.get("step", 0)) + 1
@@ -59,16 +60,22 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) ->
                               temperature=float(r.temperature), top_k=int(r.top_k),
                               top_p=float(r.top_p))
     last = resumed
+    progress = Progress(int(r.max_steps), "steps", done=first - 1)
+    step = first
     try:
         for step in range(first, int(r.max_steps) + 1):
             metrics = rl_step(cfg, step, sampler, rollout, learners, sampling)
             if step % int(r.log_every) == 0 or step == int(r.max_steps):
-                print(_console_line(step, int(r.max_steps), metrics), flush=True)
+                print(f"{_console_line(step, int(r.max_steps), metrics)} | "
+                      f"{progress.line(step)}", flush=True)
             if tracker is not None:
                 tracker.log(metrics, step)
             if step % int(r.save_every) == 0 or step == int(r.max_steps):
                 last = learners.save(step, {"data": sampler.state_dict()})
         _check_in_sync(learners, rollout, names)
+    except WorkerError as err:
+        err.context = f"step {step}"
+        raise
     finally:
         rollout.shutdown()
         learners.shutdown()
@@ -78,8 +85,6 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) ->
 
 def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: RolloutPool,
             learners: LearnerPool, sampling: SamplingParams) -> dict[str, float]:
-    import ray
-
     r = cfg.rl
     G = int(r.group_size)
     t0 = time.perf_counter()
@@ -87,8 +92,7 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
     sides = [p.query for p in pairs] + [p.target for p in pairs]
     seeds = ([prompt_seed(int(cfg.seed), step, i, "query") for i in range(len(pairs))]
              + [prompt_seed(int(cfg.seed), step, i, "target") for i in range(len(pairs))])
-    completions = [c for part in ray.get(rollout.generate(sides, seeds, G, sampling))
-                   for c in part]
+    completions = rollout.generate(sides, seeds, G, sampling)
     t1 = time.perf_counter()
     per_rank = len(pairs) // int(cfg.learner.num_workers)
     shards = [

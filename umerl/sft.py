@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from umerl import checkpoint as ckpt
 from umerl import dist as udist
-from umerl.data import Pair, Side
+from umerl.console import Progress
+from umerl.data import Pair, Side, read_sft_pairs
 from umerl.losses import info_nce
-from umerl.model import PolicyBundle, load_policy
+from umerl.model import PolicyBundle, load_policy, prompt_limit
 from umerl.policy import PolicyModule, PolicyOutput
-from umerl.sft_data import ContrastiveBatcher, load_sft_datasets, shard, target_id
+from umerl.sft_data import ContrastiveBatcher, load_pair_datasets, shard, target_id
 from umerl.tokens import IM_END
 from umerl.training import (
     build_engine,
@@ -100,7 +101,9 @@ class SftRun:
             gradient_accumulation_steps=int(s.gradient_accumulation_steps),
             grad_clip=float(s.grad_clip), zero_stage=int(s.zero_stage), bf16=use_bf16(s.bf16),
         )
-        datasets = load_sft_datasets(list(s.data), bool(cfg.data.skip_invalid))
+        datasets = load_pair_datasets(
+            list(s.data), read_sft_pairs, bool(cfg.data.skip_invalid), self.bundle.encoder,
+            prompt_limit(cfg.data.max_prompt_tokens, init_checkpoint), key="sft.data")
         self.batcher = ContrastiveBatcher(
             datasets, int(s.micro_batch_size) * self.world, seed=int(cfg.seed)
         )
@@ -125,12 +128,14 @@ class SftRun:
                   f"{self.batcher.batches_per_epoch()} batches/epoch, trainable "
                   f"{self.trainable}", flush=True)
         last_saved = None
+        progress = Progress(total, "steps", done=self.state.step)
         while self.state.step < total:
             metrics = self.optimizer_step()
             self.state.step += 1
             step = self.state.step
             if self.rank == 0 and (step % int(self.scfg.log_every) == 0 or step == total):
-                print(_format_metrics(step, total, metrics), flush=True)
+                print(f"{_format_metrics(step, total, metrics)} | {progress.line(step)}",
+                      flush=True)
             if tracker is not None:
                 tracker.log(metrics, step)
             if step % int(self.scfg.save_every) == 0 or step == total:

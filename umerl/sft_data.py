@@ -7,25 +7,47 @@ resumed run sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from umerl.data import Pair, Side, read_sft_pairs
+from umerl.config import ConfigError, Sources
+from umerl.data import DataError, Pair, Side
 
 
-def load_sft_datasets(
-    paths: list[str | Path], skip_invalid: bool = False
+def load_pair_datasets(
+    paths: Sequence[str | Path], reader: Callable[..., tuple[list[Pair], Any]],
+    skip_invalid: bool = False, encoder: Any = None, max_prompt_tokens: int | None = None,
+    key: str = "data", sources: Sources | None = None,
 ) -> dict[str, list[Pair]]:
-    """One sub-dataset per file, named by the task of its pairs (or the file's stem)."""
+    """Pair files (``read_sft_pairs`` or ``read_rl_pairs``) -> one sub-dataset per task.
+
+    Every line is checked; given an ``encoder``, every prompt's length too. The driver's
+    preflight, the SFT workers and the RL loop all load through here, so with ``skip_invalid``
+    they all skip the same lines.
+    """
     datasets: dict[str, list[Pair]] = {}
-    for path in paths:
-        pairs, report = read_sft_pairs(path, skip_invalid=skip_invalid)
-        if report.skipped:
-            print(f"warning: {report.summary()}", flush=True)
-        name = pairs[0].task or Path(path).stem
-        datasets.setdefault(name, []).extend(pairs)
+    for i, path in enumerate(paths):
+        if not Path(path).is_file():
+            where = sources.describe(f"{key}[{i}]") if sources else f"'{key}[{i}]'"
+            raise ConfigError(f"{where}: data file not found: {path}")
+        pairs, report = reader(path, skip_invalid=skip_invalid)
+        skipped = list(report.skipped)
+        if encoder is not None and max_prompt_tokens:
+            from umerl.inputs import check_prompt_lengths
+
+            pairs, too_long = check_prompt_lengths(encoder, pairs, max_prompt_tokens,
+                                                   skip_invalid)
+            skipped += too_long
+        if skipped:
+            print(f"warning: {path}: {len(pairs)} pairs kept, {len(skipped)} skipped "
+                  f"(first: {skipped[0]})", flush=True)
+        if not pairs:
+            raise DataError(f"{path}: no valid pairs left")
+        datasets.setdefault(pairs[0].task or Path(path).stem, []).extend(pairs)
     return datasets
 
 

@@ -22,8 +22,13 @@ class Tracker:
         self.run = wandb.init(
             project=str(cfg.wandb.project), name=name, mode=mode, dir=str(directory),
             config=OmegaConf.to_container(cfg, resolve=True), job_type=stage, reinit="create_new",
+            # wandb's banner and end-of-run summary would bury the run's own lines.
+            settings=wandb.Settings(silent=True),
         )
         self.directory = directory
+        if mode != "disabled":
+            where = f"offline, {self.run.dir} (upload: wandb sync)" if mode == "offline" else mode
+            print(f"[wandb] {stage} run {name}: {where}", flush=True)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(dict(metrics), step=step)

@@ -1,0 +1,60 @@
+"""A readable console: library noise silenced in the driver and in every Ray worker.
+
+``quiet`` runs in the driver and, as Ray's ``worker_process_setup_hook``, at the start of every
+worker process (Ray Train's controller and workers, rollout and learner actors). It silences
+what means nothing to a user of umerl: Ray Train's controller chatter and its placement-group
+cleaner, which polls the state API (absent without the dashboard) and warns every few seconds;
+transformers' per-load progress bars; a deprecation warning DeepSpeed triggers in every
+all-gather. Errors and warnings from these libraries still show.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+_SILENCED_LOGGERS = {
+    # "Failed to query Ray Train Controller actor state" every few seconds without a dashboard.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+    # Resource requests, worker-group start-up and "Reporting training result" lines.
+    "ray.train": logging.WARNING,
+    "ray.tune": logging.WARNING,
+}
+
+
+def quiet() -> None:
+    for name, level in _SILENCED_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated",
+                            category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+class Progress:
+    """A periodic progress line's rate and ETA: ``Progress(total).line(done)``."""
+
+    def __init__(self, total: int, unit: str = "steps", done: int = 0):
+        self.total, self.unit, self.start_done = total, unit, done
+        self.start = time.perf_counter()
+
+    def line(self, done: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = (done - self.start_done) / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float("nan")
+        return f"{rate:.2f} {self.unit}/s, elapsed {_clock(elapsed)}, ETA {_clock(left)}"
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate yet
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"

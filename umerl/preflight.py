@@ -1,0 +1,121 @@
+"""Everything a recipe needs from the world, checked before Ray starts.
+
+``umerl.schema`` checks the config alone (types, ranges, rules between keys); this module checks
+what the config points at: ``output_dir`` is writable, the starting checkpoint and any explicit
+``resume`` checkpoint are loadable, every reward loads (built-in, module or file, with its
+kwargs), every data file reads cleanly (each bad line a ``DataError`` naming ``file:line``,
+prompts within ``data.max_prompt_tokens``), each stage's batches can be filled, and every
+evaluation task resolves. Errors name the key and where its value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from umerl import checkpoint as ckpt
+from umerl.config import ConfigError, Sources
+from umerl.data import read_eval_queries, read_rl_pairs, read_sft_pairs
+from umerl.sft_data import load_pair_datasets
+
+
+def preflight(cfg: DictConfig, model: str, sources: Sources | None = None) -> None:
+    """Check ``cfg`` (with absolute paths and a resolved ``data.max_prompt_tokens``) and the
+    starting checkpoint ``model``; raises ``ConfigError``, ``DataError`` or ``CheckpointError``."""
+    sources = sources or Sources()
+    start = time.perf_counter()
+    check_output_dir(cfg.output_dir, sources.describe("output_dir"))
+    check_checkpoint(model, sources.describe("model.path"))
+    for stage in ("sft", "rl"):
+        resume = cfg[stage].resume
+        if cfg[stage].enabled and resume not in (None, "auto", "none", "null", ""):
+            check_checkpoint(resume, sources.describe(f"{stage}.resume"))
+    if cfg.rl.enabled:
+        check_rewards(cfg.rewards, sources)
+    encoder = _encoder(model)
+    limit = int(cfg.data.max_prompt_tokens)
+    skip = bool(cfg.data.skip_invalid)
+    if cfg.sft.enabled:
+        datasets = load_pair_datasets(list(cfg.sft.data), read_sft_pairs, skip, encoder, limit,
+                                      key="sft.data", sources=sources)
+        _check_batches(datasets, int(cfg.sft.micro_batch_size) * int(cfg.sft.num_workers),
+                       "sft.micro_batch_size x sft.num_workers", sources)
+    if cfg.rl.enabled:
+        datasets = load_pair_datasets(list(cfg.rl.data), read_rl_pairs, skip, encoder, limit,
+                                      key="rl.data", sources=sources)
+        _check_batches(datasets, int(cfg.rl.pairs_per_step), "rl.pairs_per_step", sources)
+    if cfg.eval.enabled:
+        check_eval_tasks(cfg, encoder, sources)
+    print(f"[preflight] recipe, checkpoint, rewards and data checked in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
+def check_output_dir(path: str, described: str) -> None:
+    """``path`` can be created and written to (a probe file is written and removed)."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".umerl-write-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{described}: cannot write to {path}: {err.strerror or err}") from None
+
+
+def check_checkpoint(path: str, described: str) -> Path:
+    try:
+        return ckpt.verify(path)
+    except ckpt.CheckpointError as err:
+        raise ckpt.CheckpointError(f"{described}: {err}") from None
+
+
+def check_rewards(entries: Any, sources: Sources) -> None:
+    """Import every reward as the learners will (the same loader, relative to the cwd)."""
+    from rewards import RewardError, rewards_from_config
+
+    try:
+        rewards_from_config(entries, base_dir=os.getcwd())
+    except RewardError as err:
+        where = sources.of(err.entry or "rewards")
+        raise ConfigError(f"{err} (from {where})") from None
+
+
+def check_eval_tasks(cfg: DictConfig, encoder: Any, sources: Sources) -> None:
+    from umerl.tasks import resolve_tasks
+
+    try:
+        specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
+                              int(cfg.data.benchmark_seed))
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"{sources.describe('eval.tasks')}: {err}") from None
+    check_eval_specs(specs, encoder, cfg)
+
+
+def check_eval_specs(specs: list, encoder: Any, cfg: DictConfig) -> None:
+    """Every task file reads cleanly and every prompt fits ``data.max_prompt_tokens``."""
+    from umerl.inputs import check_prompt_lengths
+
+    for spec in specs:
+        items, _ = read_eval_queries(spec.path, skip_invalid=bool(cfg.data.skip_invalid))
+        check_prompt_lengths(encoder, items, int(cfg.data.max_prompt_tokens),
+                             bool(cfg.data.skip_invalid))
+
+
+def _check_batches(datasets: dict[str, list], batch: int, keys: str, sources: Sources) -> None:
+    from umerl.sft_data import ContrastiveBatcher
+
+    try:
+        ContrastiveBatcher(datasets, batch)
+    except ValueError as err:
+        first = keys.split(" ")[0]
+        raise ConfigError(f"{keys} = {batch} (from {sources.of(first)}): {err}; each batch is "
+                          "drawn from one sub-dataset") from None
+
+
+def _encoder(model: str) -> Any:
+    from umerl.model import load_encoder
+
+    return load_encoder(ckpt.verify(model))

@@ -1,0 +1,108 @@
+"""Waiting on Ray workers so that a failure reads as one line: which worker, what went wrong.
+
+``gather`` waits for one call per worker. When a worker fails, the others get ``grace_s`` to
+finish (a rank blocked in a collective with a dead peer never would) and a ``WorkerError``
+names the first failed worker and its cause in one line; ``details`` keeps every failed
+worker's full traceback for the run's log file (``umerl.driver`` writes it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+class WorkerError(RuntimeError):
+    """A Ray worker failed: ``str(err)`` is one line, ``details`` the tracebacks."""
+
+    def __init__(self, worker: str, summary: str, details: str):
+        self.worker, self.summary, self.details = worker, summary, details
+        self.context = ""
+        super().__init__(f"{worker}: {summary}")
+
+    def __str__(self) -> str:
+        where = f" ({self.context})" if self.context else ""
+        return f"{self.worker}{where}: {self.summary}"
+
+
+def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0) -> list[Any]:
+    """``ray.get`` of one ref per worker, raising ``WorkerError`` for the first failure."""
+    import ray
+
+    pending = list(refs)
+    first_failure: float | None = None
+    while pending:
+        timeout = None if first_failure is None else max(0.0, first_failure + grace_s
+                                                          - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:
+            break  # the grace period is over; the rest are stuck behind the failure
+        if first_failure is None and _failed(done[0]):
+            first_failure = time.monotonic()
+    failures = []
+    results = []
+    for ref, name in zip(refs, workers):
+        if ref in pending:
+            continue
+        try:
+            results.append(ray.get(ref))
+        except Exception as err:  # noqa: BLE001 - every failure is reported, none swallowed
+            failures.append((name, err))
+    if failures:
+        raise _worker_error(failures, stuck=[n for r, n in zip(refs, workers) if r in pending])
+    return results
+
+
+def _failed(ref: Any) -> bool:
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _worker_error(failures: list[tuple[str, BaseException]], stuck: list[str]) -> WorkerError:
+    name, err = failures[0]
+    details = "\n\n".join(f"=== {n} ===\n{traceback_text(e)}" for n, e in failures)
+    if stuck:
+        details += f"\n\nstill running after the failure (stopped): {', '.join(stuck)}"
+    return WorkerError(name, summarize(err), details)
+
+
+def summarize(err: BaseException) -> str:
+    """One line for a failure seen through Ray: the user's exception type and message."""
+    from ray.exceptions import RayActorError, RayTaskError
+
+    if isinstance(err, RayTaskError):
+        cause = err.cause
+        return f"{type(cause).__name__}: {_first_line(str(cause))}"
+    if isinstance(err, RayActorError):
+        text = getattr(err, "error_msg", "") or str(err)
+        if getattr(err, "actor_init_failed", False):
+            return f"failed to start: {_last_error_line(text)}"
+        return f"actor died: {_first_line(text.replace(chr(9), ' '))}"
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def traceback_text(err: BaseException) -> str:
+    import traceback
+
+    text = getattr(err, "traceback_str", None)
+    if text:
+        return str(text)
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__))
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if ":" in line and line.split(":")[0].endswith(
+        ("Error", "Exception", "Exit"))]
+    return (errors or lines or ["(no message)"])[-1]

@@ -52,6 +52,10 @@ class RewardError(Exception):
         message = f"reward '{reward}' ({origin}): {problem}"
         super().__init__(f"{entry}: {message}" if entry else message)
 
+    def __reduce__(self) -> tuple:
+        # Ray pickles a worker's exception to raise it in the driver: rebuild from the parts.
+        return (type(self), (self.reward, self.origin, self.problem, self.entry))
+
 
 @dataclass(frozen=True)
 class RewardSpec:

@@ -480,3 +480,16 @@ def test_accepted_output_types(tmp_path: Path) -> None:
         reward = rewards.Reward("x", "test", lambda ctx, out=output: out)
         values = rewards.run_guarded(reward, make_ctx(2, 2))
         assert values.shape == (8,) and values.dtype == torch.float32
+
+
+def test_reward_error_survives_pickling() -> None:
+    """Ray pickles a learner's RewardError to raise it in the driver."""
+    import pickle
+
+    from rewards import RewardError
+
+    err = RewardError("flaky", "file /x.py", "raised ZeroDivisionError at step 2", "rewards[1]")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is RewardError and str(back) == str(err)
+    assert (back.reward, back.origin, back.problem, back.entry) == (
+        "flaky", "file /x.py", "raised ZeroDivisionError at step 2", "rewards[1]")

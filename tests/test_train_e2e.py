@@ -96,3 +96,19 @@ def test_second_invocation_resumes_from_the_latest_checkpoint(first_run, tiny_mo
     assert "resumed from" in output and "step_00000004: step 4/6" in output
     assert "[sft] step 5/6" in output and "[sft] step 1/6" not in output
     assert ckpt.latest(tmp / "run" / "sft").name == "step_00000006"
+
+
+NOISE = ("Failed to query Ray Train Controller", "Reporting training result",
+         "Requesting resources", "Setting up process group", "FutureWarning",
+         "Loading weights", "Writing model shards", "core_worker.cc", "wandb: Run summary",
+         "Traceback")
+
+
+def test_console_has_no_library_noise_and_shows_progress(first_run):
+    _, output = first_run
+    noisy = [line for line in output.splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, "\n".join(noisy[:20])
+    assert "[preflight] recipe, checkpoint, rewards and data checked" in output
+    assert "ETA" in next(line for line in output.splitlines() if "[sft] step 4/4" in line)
+    assert "ETA" in next(line for line in output.splitlines() if "[rl] step 2/2" in line)
+    assert "ETA" in next(line for line in output.splitlines() if "[eval] 2/2 lee_text" in line)

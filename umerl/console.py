@@ -2,8 +2,8 @@
 
 ``quiet`` runs in the driver and, as Ray's ``worker_process_setup_hook``, at the start of every
 worker process (Ray Train's controller and workers, rollout and learner actors). It silences
-what means nothing to a user of umerl: Ray Train's controller chatter and its placement-group
-cleaner, which polls the state API (absent without the dashboard) and warns every few seconds;
+what means nothing to a user of umerl: Ray Train's placement-group cleaner, which polls the
+state API (absent without the dashboard) and warns every few seconds;
 transformers' per-load progress bars; a deprecation warning DeepSpeed triggers in every
 all-gather. Errors and warnings from these libraries still show.
 """
@@ -14,18 +14,34 @@ import logging
 import time
 import warnings
 
-_SILENCED_LOGGERS = {
-    # "Failed to query Ray Train Controller actor state" every few seconds without a dashboard.
-    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
-    # Resource requests, worker-group start-up and "Reporting training result" lines.
-    "ray.train": logging.WARNING,
-    "ray.tune": logging.WARNING,
+# Ray Train's own INFO lines (resource requests, worker-group start-up, "Reporting training
+# result") are cut by the LoggingConfig the driver gives its RunConfig. These two come from
+# loggers outside that config's reach. Filters, not levels: Ray Train's logging dictConfig
+# resets the levels of its child loggers, but not their filters.
+_DROPPED = {
+    # Every few seconds without a dashboard (the state API it polls is absent).
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Failed to query Ray Train Controller actor state",
+    # Each failed SFT worker's traceback: the driver prints the failure in one line and
+    # writes the tracebacks to output_dir/logs/.
+    "ray.train.v2._internal.util": "Error in training function",
 }
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def quiet() -> None:
-    for name, level in _SILENCED_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    for name, prefix in _DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated",

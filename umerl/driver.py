@@ -101,9 +101,8 @@ def _failure_text(err: BaseException) -> tuple[str, str]:
     failures = getattr(err, "worker_failures", None) or {}
     if failures:  # Ray Train: {rank: exception}
         rank = min(failures)
-        details = "\n\n".join(f"=== SFT worker rank {r} ===\n{traceback_text(e)}"
-                               for r, e in sorted(failures.items()))
-        return f"SFT worker rank {rank}: {summarize(failures[rank])}", details
+        # Ray Train unwraps each worker's exception; its message keeps their tracebacks.
+        return f"SFT worker rank {rank}: {summarize(failures[rank])}", str(err)
     return summarize(err), traceback_text(err)
 
 
@@ -200,7 +199,7 @@ def ensure_tiny_model(tiny_cfg: DictConfig) -> str:
 
 def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     """SFT on ``sft.num_workers`` Ray Train workers; returns the final checkpoint."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from umerl.sft import sft_worker
@@ -216,7 +215,9 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
         scaling_config=ScalingConfig(num_workers=int(scfg.num_workers), use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str(Path(cfg.output_dir) / "ray_train"), name="sft"),
+        run_config=RunConfig(storage_path=str(Path(cfg.output_dir) / "ray_train"), name="sft",
+                             # Ray Train's INFO lines to its log files only, not the console.
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     trainer.fit()  # raises TrainingFailedError with the worker's traceback on failure
     final = ckpt.latest(Path(cfg.output_dir) / scfg.output_subdir)
@@ -244,6 +245,8 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature),
         top_k=int(e.top_k), seed=int(cfg.seed), save_embeddings=bool(e.save_embeddings),
         skip_invalid=bool(cfg.data.skip_invalid),
+        max_prompt_tokens=None if cfg.data.max_prompt_tokens == "auto"
+        else int(cfg.data.max_prompt_tokens),
     )
 
 

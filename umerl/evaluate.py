@@ -20,8 +20,10 @@ from tqdm.auto import tqdm
 
 from rollout.engine import RolloutEngine, SamplingParams
 from umerl import metrics
+from umerl.console import Progress
 from umerl.data import EvalQuery, Side, read_eval_queries
 from umerl.embed import disc_embeddings, gen_embeddings
+from umerl.inputs import check_prompt_lengths
 from umerl.model import PolicyBundle
 from umerl.tasks import TaskSpec
 
@@ -39,6 +41,8 @@ class EvalSettings:
     seed: int = 0
     save_embeddings: bool = False
     skip_invalid: bool = False
+    # Longer prompts are data errors (or, with skip_invalid, skipped queries); None: no limit.
+    max_prompt_tokens: int | None = None
 
 
 def parse_modes(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -142,8 +146,15 @@ class Evaluator:
     def run_task(self, spec: TaskSpec, out_dir: Path | None) -> TaskResult:
         start = time.perf_counter()
         items, report = read_eval_queries(spec.path, skip_invalid=self.settings.skip_invalid)
-        if report.skipped:
-            print(f"warning: {report.summary()}", flush=True)
+        skipped = list(report.skipped)
+        if self.settings.max_prompt_tokens:
+            items, too_long = check_prompt_lengths(self.bundle.encoder, items,
+                                                   self.settings.max_prompt_tokens,
+                                                   self.settings.skip_invalid)
+            skipped += too_long
+        if skipped:
+            print(f"warning: {spec.path}: {len(items)} queries kept, {len(skipped)} skipped "
+                  f"(first: {skipped[0]})", flush=True)
         pools = build_pools(items, spec.pool)
         result = TaskResult(spec, len(pools.queries), len(pools.candidates))
         query_emb, cand_emb, completions = self._embed_all(spec.name, pools)
@@ -279,9 +290,13 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
     results = []
+    progress = Progress(len(specs), "tasks")
     for i, spec in enumerate(specs, start=1):
-        print(f"[{i}/{len(specs)}] {spec.name}: {spec.path}", flush=True)
-        results.append(Evaluator(bundle, engine, settings).run_task(spec, out))
+        result = Evaluator(bundle, engine, settings).run_task(spec, out)
+        results.append(result)
+        print(f"[eval] {i}/{len(specs)} {spec.name}: {result.num_queries} queries, "
+              f"{result.num_candidates} candidates, {result.seconds:.1f} s | "
+              f"{progress.line(i)}", flush=True)
     summary = summarize(results, settings)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:

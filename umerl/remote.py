@@ -74,8 +74,12 @@ def _worker_error(failures: list[tuple[str, BaseException]], stuck: list[str]) -
 
 def summarize(err: BaseException) -> str:
     """One line for a failure seen through Ray: the user's exception type and message."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError, UnserializableException
 
+    if isinstance(err, UnserializableException):  # the cause survives only as text
+        return _last_error_line(err._original_stack_trace)
+    if isinstance(err, RayTaskError) and isinstance(err.cause, UnserializableException):
+        return _last_error_line(err.cause._original_stack_trace)
     if isinstance(err, RayTaskError):
         cause = err.cause
         return f"{type(cause).__name__}: {_first_line(str(cause))}"

@@ -264,11 +264,16 @@ def weights_digest(model: torch.nn.Module, names: Iterable[str] | None = None) -
     targets = _targets(model)
     if names is None:
         names = [name for name, _ in model.named_parameters()]
+    missing = sorted(set(names) - set(targets))
+    if missing:
+        raise ValueError(f"weights_digest: the model has no parameter or buffer {missing[0]!r}")
+    return tensors_digest((name, targets[name]) for name in set(names))
+
+
+def tensors_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The digest of ``weights_digest`` over (name, tensor) pairs, in sorted name order."""
     digest = hashlib.sha256()
-    for name in sorted(set(names)):
-        tensor = targets.get(name)
-        if tensor is None:
-            raise ValueError(f"weights_digest: the model has no parameter or buffer {name!r}")
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         digest.update(f"{name}|{_dtype_name(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
         digest.update(_as_bytes(tensor).cpu().numpy().data)
     return digest.hexdigest()

@@ -50,3 +50,55 @@ def test_broken_yaml_is_named(tmp_path: Path) -> None:
         load_recipe(recipe)
     with pytest.raises(ConfigError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_schema_covers_exactly_the_keys_of_the_defaults() -> None:
+    from umerl.config import defaults
+    from umerl.schema import SCHEMA, leaf_keys
+
+    assert set(leaf_keys(defaults())) == set(SCHEMA)
+
+
+def test_every_default_value_passes_its_own_rule() -> None:
+    from omegaconf import OmegaConf
+
+    from umerl.config import defaults
+    from umerl.schema import SCHEMA
+
+    base = defaults()
+    for key, rule in SCHEMA.items():
+        assert rule.check(OmegaConf.select(base, key)) is None, key
+
+
+def test_sources_name_recipe_lines_and_overrides(tmp_path: Path) -> None:
+    from umerl.config import load_recipe_with_sources
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 3\nrl:\n  group_size: 4\nrewards:\n  - {name: format}\n")
+    _, sources = load_recipe_with_sources(recipe, ["rl.lr=2e-6"], {"seed": "option --seed"})
+    assert sources.of("rl.group_size") == f"{recipe}:3"
+    assert sources.of("rewards[0]") == f"{recipe}:5"
+    assert sources.of("rl.lr") == "command line 'rl.lr=2e-6'"
+    assert sources.of("rl.kl_beta").startswith("defaults ") and "defaults.yaml:" in \
+        sources.of("rl.kl_beta")
+    _, sources = load_recipe_with_sources(recipe, ["seed=5"], {"seed": "option --seed"})
+    assert sources.of("seed") == "option --seed"
+
+
+def test_a_later_list_replaces_the_sources_of_the_earlier_one(tmp_path: Path) -> None:
+    from umerl.config import load_recipe_with_sources
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rewards:\n  - {name: format}\n  - {name: embedding}\n")
+    _, sources = load_recipe_with_sources(recipe, ["rewards=[{name: rank}]"])
+    assert sources.of("rewards[0]") == "command line 'rewards=[{name: rank}]'"
+    assert sources.of("rewards[1]") == "command line 'rewards=[{name: rank}]'"
+
+
+def test_shipped_recipes_pass_the_schema_and_their_rules() -> None:
+    """Each paper recipe also satisfies the rules between keys (validated on load)."""
+    from umerl.schema import rollout_engine
+
+    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
+        cfg = load_recipe(recipe)
+        assert rollout_engine(cfg) in ("transformers", "vllm"), recipe

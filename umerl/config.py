@@ -32,11 +32,15 @@ class Sources:
         self._where: dict[str, str] = {}
 
     def record(self, mapping: Mapping[str, str]) -> None:
-        """A later source replaces a key and everything under it (a list replaces a list)."""
-        for key in mapping:
+        """A later source replaces a value and everything under it (a list replaces a list);
+        a mapping merges (a key ending in ``.`` is a mapping: its children keep their sources)."""
+        for key, where in mapping.items():
+            if key.endswith("."):
+                self._where[key[:-1]] = where
+                continue
             for old in [k for k in self._where if k.startswith((f"{key}.", f"{key}["))]:
                 del self._where[old]
-        self._where.update(mapping)
+            self._where[key] = where
 
     def of(self, key: str) -> str:
         """The source of ``key`` (a dotted path, list items as ``key[i]``), or of its parent."""
@@ -73,7 +77,8 @@ def load_recipe_with_sources(
     if path is not None:
         recipe = _load_yaml(Path(path))
         lines = yaml_lines(Path(path))
-        _check_known(config, recipe, lambda key: lines.get(key, str(path)))
+        _check_known(config, recipe,
+                     lambda key: lines.get(key) or lines.get(f"{key}.", str(path)))
         config = OmegaConf.merge(config, recipe)
         sources.record(lines)
     if overrides:
@@ -90,7 +95,8 @@ def load_recipe_with_sources(
 
 
 def yaml_lines(path: Path, prefix: str = "") -> dict[str, str]:
-    """``dotted.key -> "path:line"`` for every key (and list item) of a YAML mapping file."""
+    """``dotted.key -> "path:line"`` for every key (and list item) of a YAML mapping file;
+    a key whose value is a mapping appears as ``key.`` (merged, not replaced, by a later file)."""
     try:
         root = yaml.compose(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
@@ -101,7 +107,8 @@ def yaml_lines(path: Path, prefix: str = "") -> dict[str, str]:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 child = f"{key}.{key_node.value}" if key else str(key_node.value)
-                lines[child] = f"{prefix}{path}:{key_node.start_mark.line + 1}"
+                mark = "." if isinstance(value_node, yaml.MappingNode) else ""
+                lines[child + mark] = f"{prefix}{path}:{key_node.start_mark.line + 1}"
                 walk(value_node, child)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):

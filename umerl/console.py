@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from pathlib import Path
 
 # Ray Train's own INFO lines (resource requests, worker-group start-up, "Reporting training
 # result") are cut by the LoggingConfig the driver gives its RunConfig. These two come from
@@ -26,6 +27,9 @@ _DROPPED = {
     # writes the tracebacks to output_dir/logs/.
     "ray.train.v2._internal.util": "Error in training function",
 }
+# Every SFT worker's final ray.train.report as a dataclass repr, from a logger named by its
+# file's path (getLogger(__file__)), which is why no Ray Train setting reaches it.
+_DROPPED_BY_FILE = {"train/v2/_internal/execution/context.py": "Reporting training result"}
 
 
 class _DropMessage(logging.Filter):
@@ -38,7 +42,10 @@ class _DropMessage(logging.Filter):
 
 
 def quiet() -> None:
-    for name, prefix in _DROPPED.items():
+    import ray
+
+    by_file = {str(Path(ray.__file__).parent / f): p for f, p in _DROPPED_BY_FILE.items()}
+    for name, prefix in {**_DROPPED, **by_file}.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):
             logger.addFilter(_DropMessage(prefix))

@@ -50,12 +50,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL only moves CUDA tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: float) -> float:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def configure_accelerator() -> str:
+    """DeepSpeed's accelerator for THIS worker, from its own devices (a CPU-only head node
+    must not give GPU learners the CPU accelerator); an explicit DS_ACCELERATOR wins.
+    Call before importing deepspeed."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return os.environ["DS_ACCELERATOR"]
 
 
 def seed_everything(seed: int) -> None:

@@ -103,6 +103,9 @@ def _failure_text(err: BaseException) -> tuple[str, str]:
         rank = min(failures)
         # Ray Train unwraps each worker's exception; its message keeps their tracebacks.
         return f"SFT worker rank {rank}: {summarize(failures[rank])}", str(err)
+    cause = getattr(err, "controller_failure", None)  # Ray Train's controller failed
+    if cause is not None:
+        return f"Ray Train controller: {summarize(cause)}", traceback_text(cause)
     return summarize(err), traceback_text(err)
 
 
@@ -121,6 +124,11 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
         cfg.rl.data = [str(manifest.parent / entry["rl_pairs"]) for entry in _manifest(manifest)]
     cfg.rl.data = [str(Path(p).resolve()) for p in cfg.rl.data]
+    for entry in cfg.rewards:  # a plug-in file named relative to where the user ran umerl
+        name = entry.get("name") if isinstance(entry, DictConfig) else None
+        where, _, attr = str(name).rpartition(":")
+        if where.endswith(".py") and Path(where).is_file():
+            entry.name = f"{Path(where).resolve()}:{attr}"
     return cfg
 
 
@@ -138,7 +146,12 @@ def init_ray(cfg: DictConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # The hook runs in every worker process: the same quiet console as the driver's.
-    runtime_env = {"env_vars": worker_env(), "worker_process_setup_hook": "umerl.console.quiet"}
+    env = worker_env()
+    if not address:
+        # One machine has no preemptible nodes; Ray Train's preemption watcher would only log
+        # a core-worker error about its own constructor arguments.
+        env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "umerl.console.quiet"}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         print(f"[driver] joined the Ray cluster at {address}", flush=True)
@@ -152,10 +165,18 @@ def init_ray(cfg: DictConfig) -> None:
           f"{int(ray.cluster_resources().get('CPU', 0))} CPUs", flush=True)
 
 
-def worker_env() -> dict[str, str]:
-    """What every Ray worker needs: offline hubs, DeepSpeed's accelerator, one thread each."""
-    import torch
+# The user's settings for NCCL, CUDA, gloo and DeepSpeed reach every worker. Not
+# CUDA_VISIBLE_DEVICES: Ray assigns each worker its own GPUs. Not a DeepSpeed accelerator
+# chosen here: each worker picks its own from its own devices (umerl.dist.configure_accelerator)
+# unless the user set DS_ACCELERATOR.
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_", "PYTORCH_CUDA_", "NVIDIA_", "GLOO_",
+                      "TORCH_DISTRIBUTED_", "DS_")
+NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)
 
+
+def worker_env() -> dict[str, str]:
+    """What every Ray worker needs: offline hubs, one thread each, the user's NCCL/CUDA/
+    DeepSpeed settings."""
     env = {
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": os.environ.get("UMERL_WORKER_THREADS", "1"),
@@ -167,8 +188,9 @@ def worker_env() -> dict[str, str]:
         "WANDB_SILENT": "true",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
+    for key, value in os.environ.items():
+        if key.startswith(FORWARDED_PREFIXES) and key not in NOT_FORWARDED:
+            env[key] = value
     for key in ("TORCH_EXTENSIONS_DIR", "UMERL_DATA_DIR", "WANDB_API_KEY"):
         if os.environ.get(key):
             env[key] = os.environ[key]

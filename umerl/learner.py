@@ -33,7 +33,14 @@ from umerl.grpo import group_advantages, grpo_side_loss
 from umerl.model import load_policy
 from umerl.policy import PolicyModule, PolicyOutput
 from umerl.remote import gather
-from umerl.training import build_engine, load_checkpoint, save_checkpoint, set_trainable, use_bf16
+from umerl.training import (
+    build_engine,
+    load_checkpoint,
+    prepare_for_training,
+    save_checkpoint,
+    set_trainable,
+    use_bf16,
+)
 
 
 @dataclass
@@ -55,8 +62,7 @@ class Learner:
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
         self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
-        if self.lcfg.gradient_checkpointing:
-            self.bundle.model.gradient_checkpointing_enable()
+        prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
         self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
         rows = self.rows_per_side()
         micro = int(self.lcfg.micro_batch_size) or rows
@@ -72,7 +78,9 @@ class Learner:
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
             zero_stage=int(self.lcfg.zero_stage), bf16=use_bf16(self.lcfg.bf16),
         )
-        reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype)
+        # The frozen reference lives where DeepSpeed put the policy: batches go there.
+        reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
+                                device=str(self.engine.device))
         self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
         self.reference.requires_grad_(False).eval()
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
@@ -198,8 +206,26 @@ class Learner:
     # -- weights and checkpoints ----------------------------------------------------------------
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's trainable parameters (under ZeRO-3: its shards, shape (0,) or partial)."""
         return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
                 if p.requires_grad]
+
+    def full_trainable_weights(self, bucket_bytes: int) -> list[tuple[str, torch.Tensor]] | None:
+        """The trainable weights as full tensors on rank 0 (None elsewhere). Under ZeRO-3 a
+        collective: every rank gathers bucket by bucket, never the whole model at once, and
+        rank 0 keeps CPU copies."""
+        named = self.trainable_named_parameters()
+        if int(self.lcfg.zero_stage) != 3:
+            return named if self.rank == 0 else None
+        import deepspeed
+
+        params = dict(self.bundle.model.named_parameters())
+        kept: list[tuple[str, torch.Tensor]] = []
+        for bucket in _buckets([n for n, _ in named], params, bucket_bytes):
+            with deepspeed.zero.GatheredParameters([params[n] for n in bucket]):
+                if self.rank == 0:
+                    kept.extend((n, params[n].detach().cpu().clone()) for n in bucket)
+        return kept if self.rank == 0 else None
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
@@ -210,6 +236,23 @@ class Learner:
         if path is None:
             return None, {}
         return path, load_checkpoint(self.engine, path)
+
+
+def _buckets(names: list[str], params: dict[str, torch.Tensor], bucket_bytes: int
+             ) -> list[list[str]]:
+    """Consecutive groups of parameter names of at most ``bucket_bytes`` (full sizes)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        param = params[name]
+        numel = int(getattr(param, "ds_numel", param.numel()))
+        nbytes = numel * param.element_size()
+        if groups[-1] and size + nbytes > bucket_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return [g for g in groups if g]
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -232,6 +275,7 @@ class LearnerActor:
     """A learner rank as a Ray actor; ``ray.remote`` is applied by ``LearnerPool``."""
 
     def __init__(self, cfg: dict[str, Any], rank: int, world_size: int):
+        udist.configure_accelerator()
         self.cfg = OmegaConf.create(cfg)
         self.rank, self.world_size = rank, world_size
         self.learner: Learner | None = None
@@ -250,20 +294,23 @@ class LearnerActor:
         return self.learner.step(shard)
 
     def publish_weights(self):
-        """Rank 0 puts the trainable weights in the object store, bucket by bucket."""
+        """Every rank takes part (ZeRO-3 gathers); rank 0 puts the trainable weights in the
+        object store, bucket by bucket, and returns the payload."""
         from rollout.weight_sync import ObjectStoreSender
 
-        sender = ObjectStoreSender(bucket_bytes=int(self.cfg.rl.weight_sync_bucket_mb) << 20)
-        return sender.publish(self.learner.trainable_named_parameters())
+        bucket_bytes = int(self.cfg.rl.weight_sync_bucket_mb) << 20
+        weights = self.learner.full_trainable_weights(bucket_bytes)
+        return None if weights is None else ObjectStoreSender(bucket_bytes).publish(weights)
 
     def trainable_names(self) -> list[str]:
         return sorted(n for n, _ in self.learner.trainable_named_parameters())
 
-    def digest(self) -> str:
-        from rollout.weight_sync import weights_digest
+    def digest(self) -> str | None:
+        """Over the full (gathered) trainable tensors; every rank takes part, rank 0 answers."""
+        from rollout.weight_sync import tensors_digest
 
-        return weights_digest(self.learner.bundle.model,
-                              [n for n, _ in self.learner.trainable_named_parameters()])
+        weights = self.learner.full_trainable_weights(int(self.cfg.rl.weight_sync_bucket_mb) << 20)
+        return None if weights is None else tensors_digest(weights)
 
     def save(self, step: int, client_state: dict[str, Any]) -> str:
         return str(self.learner.save(step, client_state))
@@ -304,10 +351,10 @@ class LearnerPool:
         return gather([a.step.remote(s) for a, s in zip(self.actors, shards)], self.names)
 
     def publish_weights(self) -> Any:
-        return self._on_rank0("publish_weights")
+        return self._on_every_rank("publish_weights")
 
     def digest(self) -> str:
-        return self._on_rank0("digest")
+        return self._on_every_rank("digest")
 
     def trainable_names(self) -> list[str]:
         return self._on_rank0("trainable_names")
@@ -320,6 +367,10 @@ class LearnerPool:
 
     def _on_rank0(self, method: str) -> Any:
         return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
+
+    def _on_every_rank(self, method: str) -> Any:
+        """A collective call (ZeRO-3 gathers); rank 0's answer."""
+        return gather([getattr(a, method).remote() for a in self.actors], self.names)[0]
 
     def shutdown(self) -> None:
         import ray

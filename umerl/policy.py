@@ -13,15 +13,17 @@ full ``[B, T, V]`` tensor would dominate memory for nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class PolicyOutput:
+class PolicyOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors of a module's output
+    (for its backward hooks) only inside tuples, lists and dicts."""
+
     disc: torch.Tensor  # [B, d], L2-normalised
     gen: torch.Tensor | None  # [B, d], L2-normalised; None without completions
     gen_found: torch.Tensor | None  # [B] bool: the completion wrote <gen_emb>

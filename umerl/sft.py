@@ -29,6 +29,7 @@ from umerl.tokens import IM_END
 from umerl.training import (
     build_engine,
     load_checkpoint,
+    prepare_for_training,
     save_checkpoint,
     set_trainable,
     use_bf16,
@@ -89,8 +90,7 @@ class SftRun:
         self.root = Path(cfg.output_dir) / self.scfg.output_subdir
         self.bundle = load_policy(init_checkpoint, dtype=cfg.model.dtype)
         model = self.bundle.model
-        if self.scfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        prepare_for_training(model, bool(self.scfg.gradient_checkpointing))
         self.trainable = set_trainable(model, dict(self.scfg.train))
         s = self.scfg
         self.engine = build_engine(
@@ -191,6 +191,7 @@ def sft_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point (the process group already exists)."""
     from umerl.tracking import Tracker
 
+    udist.configure_accelerator()
     cfg = OmegaConf.create(config["cfg"])
     run = SftRun(cfg, config["init_checkpoint"])
     tracker = Tracker(cfg, stage="sft") if udist.rank() == 0 else None

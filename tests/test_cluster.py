@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -382,7 +383,8 @@ def test_one_node_needs_no_check(tmp_path: Path) -> None:
 def local_ray():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     old_tmp = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(dir="/tmp", prefix="rc")  # short socket paths
+    ray_tmp = tempfile.mkdtemp(dir="/tmp", prefix="rc")  # Ray's socket paths are length-capped
+    os.environ["RAY_TMPDIR"] = ray_tmp
     import ray
 
     ray.init(_node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False,
@@ -393,6 +395,7 @@ def local_ray():
         os.environ.pop("RAY_TMPDIR", None)
     else:
         os.environ["RAY_TMPDIR"] = old_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_nodes_from_ray_against_the_recipe(local_ray) -> None:

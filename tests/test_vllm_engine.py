@@ -7,7 +7,8 @@ built offline here:
     bash scripts/vllm_cpu_env.sh
     .venv-vllm/bin/python -m pytest -q tests/test_vllm_engine.py
 
-In the main venv (no vllm) the engine tests are skipped.
+In the main venv (no vllm) the engine tests are skipped; with UMERL_REQUIRE_VLLM=1 (as CI sets
+for its vLLM-CPU run) a missing vllm is an error instead, so no engine test can skip silently.
 """
 
 from __future__ import annotations
@@ -191,15 +192,22 @@ def _build_tiny_qwen2(out_dir: Path) -> Path:
     return out_dir
 
 
+def _require_vllm() -> None:
+    if os.environ.get("UMERL_REQUIRE_VLLM"):
+        import vllm  # noqa: F401  - an ImportError here fails the run
+    else:
+        pytest.importorskip("vllm")
+
+
 @pytest.fixture(scope="module")
 def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("vllm")
+    _require_vllm()
     return _build_tiny_qwen2(tmp_path_factory.mktemp("vllm") / "tiny_qwen2")
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen2: Path):
-    pytest.importorskip("vllm")
+    _require_vllm()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from rollout.vllm_engine import VllmEngine
@@ -369,3 +377,71 @@ def test_load_weights_from_payload_buckets(engine, tiny_qwen2: Path):
     assert engine.parameters_digest() == digest0
     model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
     assert engine.weights_digest(names) == weight_sync.weights_digest(model, names)
+
+
+def test_rl_start_sends_the_learners_weights_before_checking_digests(engine, tiny_qwen2: Path):
+    """The RL loop's start (umerl.rl.start_in_sync) against a real vLLM engine: a vLLM engine
+    can only report the digest of weights it received, so the loop sends them first; then an
+    image-free prompt generates with them. The two pools are stand-ins around the engine (the
+    vLLM-CPU environment has no Ray); the engine and the loop's function are the real ones."""
+    from types import SimpleNamespace
+
+    from transformers import Qwen2ForCausalLM
+
+    from rollout import weight_sync
+    from umerl.rl import start_in_sync
+
+    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
+    names = sorted(n for n, _ in model.named_parameters())
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # the learners hold weights the engine has never seen
+    learner_weights = [(n, p.detach()) for n, p in model.named_parameters()]
+
+    class Learners:
+        def publish_weights(self):
+            return SimpleNamespace(refs=weight_sync.pack_buckets(learner_weights, 1 << 16))
+
+        def digest(self):
+            return weight_sync.tensors_digest(learner_weights)
+
+    class Rollout:
+        def load_weights(self, payload):
+            return [engine.load_weights_from_payload(payload)]
+
+        def digests(self, wanted):
+            return [engine.weights_digest(wanted)]
+
+    sampling = _sampling(max_new_tokens=6)
+    before = engine.generate(SIDES[:1], 2, sampling, seeds=[3])
+    start_in_sync(Learners(), Rollout(), names)
+    assert engine.weights_digest(names) == weight_sync.weights_digest(model, names)
+    after = engine.generate(SIDES[:1], 2, sampling, seeds=[3])
+    assert after != before and all(len(c) > 0 for c in after[0])
+    original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
+    engine.load_weights(original.named_parameters())  # leave the shared engine as it was
+    assert engine.generate(SIDES[:1], 2, sampling, seeds=[3]) == before
+
+
+def test_tensor_parallel_engines_use_one_process_per_gpu(tiny_bundle, tmp_path, monkeypatch):
+    """With tensor_parallel_size > 1 the engine asks vLLM for its multiprocessing executor: in
+    a rollout actor's placement-group bundle vLLM would otherwise choose its Ray executor and
+    wait forever for GPUs the actor already holds. (A recording stand-in for vllm.LLM: TP > 1
+    needs GPUs.)"""
+    import sys
+    from types import SimpleNamespace
+
+    from rollout.vllm_engine import VllmEngine
+    from umerl.model import save_policy
+
+    save_policy(tiny_bundle, tmp_path / "ckpt")
+    seen = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
+    VllmEngine(tmp_path / "ckpt", tensor_parallel_size=2)
+    VllmEngine(tmp_path / "ckpt", tensor_parallel_size=1)
+    assert seen[0]["distributed_executor_backend"] == "mp"
+    assert "distributed_executor_backend" not in seen[1]

@@ -174,6 +174,8 @@ def _fits(bundle: dict[str, float], node: dict[str, float]) -> bool:
 def _packs(bundles: list[dict[str, float]], nodes: Sequence[dict[str, float]]) -> bool | None:
     """Whether every bundle can sit whole on some node at once: an exact search (bundles of a
     stage come in at most two shapes); ``None`` when it ran out of budget (then no error)."""
+    if len(bundles) > 900:  # the search recurses once per bundle
+        return None
     resources = sorted({r for b in bundles for r in b})
     items = sorted((tuple(b.get(r, 0.0) for r in resources) for b in bundles), reverse=True)
     free = [[float(n.get(r, 0.0)) for r in resources] for n in nodes]

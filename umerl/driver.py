@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from umerl import checkpoint as ckpt
+from umerl.cluster import check_cluster, check_shared_output_dir, nodes_from_ray
 from umerl.config import Sources, to_container
 from umerl.console import quiet
 from umerl.evaluate import EvalSettings, comparison_table, parse_modes
@@ -50,6 +51,10 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, model)
     preflight(cfg, model, sources)
     init_ray(cfg)
+    # What only the live cluster can say: enough GPUs/CPUs for each stage, bundles that fit
+    # on a node, and an output_dir every node can write and the driver can read.
+    check_cluster(cfg, nodes_from_ray(), sources)
+    check_shared_output_dir(cfg.output_dir, name=(sources or Sources()).describe("output_dir"))
     results: dict[str, Any] = {}
     if cfg.eval.enabled and cfg.eval.before:
         results["before"] = evaluate_checkpoint(cfg, model, "before")

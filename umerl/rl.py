@@ -49,9 +49,9 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) ->
     first = int(client.get("step", 0)) + 1
     if resumed:
         sampler.load_state_dict(client["data"])
-    rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.model.dtype)
+    rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype)
     names = learners.trainable_names()
-    _check_in_sync(learners, rollout, names)
+    start_in_sync(learners, rollout, names)
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
           f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
@@ -117,6 +117,23 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
         "weight_sync/gb_per_s": sync_bytes / max(t3 - t2, 1e-9) / 1e9,
     })
     return metrics
+
+
+def start_in_sync(learners: Any, rollout: Any, names: list[str]) -> None:
+    """Every rollout engine starts from the learners' weights: sent, then checked. (A vLLM
+    engine can only report the digest of weights it has received; and a DeepSpeed bf16 engine
+    holds bf16-rounded weights, which the rollout must generate with.)"""
+    rollout.load_weights(learners.publish_weights())
+    _check_in_sync(learners, rollout, names)
+
+
+def rollout_dtype(cfg: DictConfig) -> str:
+    """The rollout engines generate in the learners' training dtype: bit-equal weights after
+    every sync. ``learner.bf16: auto`` is resolved by each rollout actor on its own device."""
+    bf16 = str(cfg.learner.bf16).lower()
+    if bf16 == "auto":
+        return "auto"
+    return "bfloat16" if bf16 == "true" else str(cfg.model.dtype)
 
 
 def _check_in_sync(learners: LearnerPool, rollout: RolloutPool, names: list[str]) -> None:

@@ -116,3 +116,45 @@ def test_learner_policy_trains_and_reference_sits_beside_it(tiny_model_dir, tmp_
     assert learner.bundle.model.is_gradient_checkpointing
     devices = {p.device for p in learner.reference.parameters()}
     assert devices == {learner.engine.device}
+
+
+def test_evaluation_runs_in_a_ray_task_with_the_recipes_gpu(tiny_model_dir, benchmark_manifest,
+                                                            tmp_path) -> None:
+    """eval.gpus_per_worker > 0: the evaluation leaves the driver for a Ray task holding that
+    GPU (here a local Ray that declares one GPU; on CPU the task finds no CUDA and uses CPU)."""
+    import os
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from umerl.driver import evaluate_checkpoint, worker_env
+
+    cfg = load_recipe(None, [f"output_dir={tmp_path}", "eval.tasks=[digits_cls]",
+                             f"data.benchmark_dir={benchmark_manifest.parent}",
+                             "eval.pass_k=[]", "eval.max_new_tokens=4", "eval.gpus_per_worker=1",
+                             "wandb.mode=disabled"])
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, num_gpus=1, include_dashboard=False,
+             runtime_env={"env_vars": worker_env()})
+    try:
+        summary = evaluate_checkpoint(cfg, str(tiny_model_dir), "before")
+    finally:
+        ray.shutdown()
+    assert summary["worker"]["pid"] != os.getpid()
+    assert (tmp_path / "eval" / "before" / "summary.json").is_file()
+    assert set(summary["tasks"]) == {"digits_cls"}
+
+
+def test_rollout_engines_generate_in_the_learners_training_dtype(tiny_model_dir, monkeypatch):
+    """DeepSpeed bf16 learners publish bf16 weights; a float32 rollout engine would refuse
+    them (or differ from them). learner.bf16=auto is resolved on the rollout actor's device."""
+    from rollout.pool import RolloutActor
+    from umerl.rl import rollout_dtype
+
+    assert rollout_dtype(load_recipe(None, ["learner.bf16=true"])) == "bfloat16"
+    assert rollout_dtype(load_recipe(None, ["learner.bf16=false"])) == "float32"
+    assert rollout_dtype(load_recipe(None, ["learner.bf16=auto"])) == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a bf16 GPU's answers
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    actor = RolloutActor(str(tiny_model_dir), "transformers", "auto", model_dtype="float32")
+    assert actor.dtype == "bfloat16"
+    assert next(actor.model.parameters()).dtype == torch.bfloat16

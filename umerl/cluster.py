@@ -61,6 +61,10 @@ class Pool:
         field = {"count": "num_workers", "CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
         return f"{self.section}.{field[resource]}"
 
+    def count_text(self, name: Callable[[str], str]) -> str:
+        """The count's key as ``name`` shows it; evaluation is always one worker."""
+        return "1" if self.section == "eval" else name(self.key("count"))
+
     def amount(self, resource: str) -> float:
         return self.bundle.get(resource, 0.0)
 
@@ -101,6 +105,9 @@ def required_resources(cfg: DictConfig) -> list[Stage]:
                     float(c.gpus_per_worker))
 
     stages = []
+    if cfg.eval.enabled and float(cfg.eval.gpus_per_worker) > 0:  # before and after training
+        stages.append(Stage("eval", (Pool("eval", 1, float(cfg.eval.cpus_per_worker),
+                                          float(cfg.eval.gpus_per_worker)),)))
     if cfg.sft.enabled:
         stages.append(Stage("sft", (pool("sft"),)))
     if cfg.rl.enabled:
@@ -127,7 +134,7 @@ def check_cluster(cfg: DictConfig, nodes: Sequence[dict[str, float]],
             if problem:
                 raise ConfigError(problem)
         if _packs(stage.bundles, nodes) is False:
-            pools = ", ".join(f"{name(p.key('count'))} = {p.count} bundles of "
+            pools = ", ".join(f"{p.count_text(name)} = {p.count} bundles of "
                               f"{_show_bundle(p.bundle)} (one per {p.role})" for p in stage.pools)
             raise ConfigError(
                 f"the {stage.label} stage's placement-group bundles ({pools}) fit the cluster's "
@@ -142,7 +149,7 @@ def _total_problem(stage: Stage, resource: str, unit: str, nodes: Sequence[dict[
     if need <= have + _EPS:
         return None
     pools = [p for p in stage.pools if p.amount(resource) > 0]
-    keys = " + ".join(f"{name(p.key('count'))} x {name(p.key(resource))}" for p in pools)
+    keys = " + ".join(f"{p.count_text(name)} x {name(p.key(resource))}" for p in pools)
     values = " + ".join(f"{p.count} x {_num(p.amount(resource))}" for p in pools)
     return (f"the {stage.label} stage needs {keys} = {values} = {_num(need)} {unit}, but the "
             f"cluster has {_num(have)} ({_show_nodes(nodes)})")

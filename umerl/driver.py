@@ -28,7 +28,7 @@ from umerl.console import quiet
 from umerl.evaluate import EvalSettings, comparison_table, parse_modes
 from umerl.model import prompt_limit
 from umerl.preflight import check_checkpoint, preflight
-from umerl.remote import WorkerError, summarize, traceback_text
+from umerl.remote import WorkerError, gather, summarize, traceback_text
 from umerl.tasks import ensure_benchmark, resolve_tasks
 
 
@@ -87,7 +87,8 @@ def reported_failures(cfg: DictConfig, stage: str, subdir: str) -> Iterator[None
         summary, details = _failure_text(err)
         logs = Path(cfg.output_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{stage.lower()}-failure-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        slug = "-".join("".join(c if c.isalnum() else " " for c in stage.lower()).split())
+        log = logs / f"{slug}-failure-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.write_text(details, encoding="utf-8")
         last = ckpt.latest(Path(cfg.output_dir) / subdir)
         kept = f"last checkpoint {last} (intact)" if last else "no checkpoint was written"
@@ -281,22 +282,38 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[st
     specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
                           int(cfg.data.benchmark_seed))
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
-    print(f"\n[driver] evaluating ({label}) {checkpoint}", flush=True)
-    return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+    gpus = float(cfg.eval.gpus_per_worker)
+    where = f"a Ray task with {gpus:g} GPU(s)" if gpus > 0 else "the driver, on CPU"
+    print(f"\n[driver] evaluating ({label}) {checkpoint} in {where}", flush=True)
+    if gpus <= 0:
+        return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+    import ray
+
+    # A head node's CPU would take hours over the paper's 512 new tokens and pass@k.
+    task = ray.remote(num_gpus=gpus, num_cpus=float(cfg.eval.cpus_per_worker))(run_eval)
+    ref = task.remote(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype, "auto")
+    with reported_failures(cfg, f"evaluation ({label})", cfg.sft.output_subdir):
+        return gather([ref], [f"evaluation task ({label})"])[0]
 
 
 
 def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str | Path,
-             dtype: str = "float32") -> dict:
-    """Load, evaluate, write JSON, print the table; returns the summary."""
+             dtype: str = "float32", device: str = "cpu") -> dict:
+    """Load, evaluate, write JSON, print the table; returns the summary (plus, under
+    ``worker``, the process and device that ran it). ``device="auto"``: CUDA if this process
+    has a GPU."""
+    import torch
+
     from rollout.transformers_engine import TransformersEngine
     from umerl.evaluate import evaluate, summary_table
     from umerl.model import load_policy
 
-    bundle = load_policy(checkpoint, dtype=dtype)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = load_policy(checkpoint, dtype=dtype, device=device)
     summary = evaluate(bundle, TransformersEngine(bundle, settings.batch_size), specs, settings,
                        out_dir)
     print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
     print(summary_table(summary))
     print(f"scores: {Path(out_dir) / 'summary.json'}")
-    return summary
+    return {**summary, "worker": {"pid": os.getpid(), "device": device}}

@@ -202,6 +202,8 @@ SCHEMA: dict[str, Rule] = {
     "eval.top_k": Int(0),
     "eval.save_embeddings": Bool(),
     "eval.out_dir": Str(nullable=True),
+    "eval.gpus_per_worker": NONNEG,
+    "eval.cpus_per_worker": POSITIVE,
     "ray.address": Str(nullable=True),
     "ray.num_cpus": Int(1, nullable=True),
     # Ray refuses an object store under 75 MiB.

@@ -445,3 +445,37 @@ def test_tensor_parallel_engines_use_one_process_per_gpu(tiny_bundle, tmp_path, 
     VllmEngine(tmp_path / "ckpt", tensor_parallel_size=1)
     assert seen[0]["distributed_executor_backend"] == "mp"
     assert "distributed_executor_backend" not in seen[1]
+
+
+def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bundle, tmp_path,
+                                                                       monkeypatch):
+    """After new weights, cached vision-encoder outputs are stale. vLLM 0.32 keeps them in the
+    model runners AND in the engine core scheduler's encoder-cache manager; only the engine's
+    ``reset_encoder_cache`` clears both (a worker-side reset leaves the scheduler believing
+    they exist). A recording stand-in for vllm.LLM: the multimodal path needs a GPU vLLM."""
+    import sys
+    from types import SimpleNamespace
+
+    from rollout.vllm_engine import VllmEngine
+    from umerl.model import save_policy
+
+    save_policy(tiny_bundle, tmp_path / "ckpt")
+    calls = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = SimpleNamespace(
+                reset_encoder_cache=lambda: calls.append("engine.reset_encoder_cache"))
+
+        def collective_rpc(self, method, args=()):
+            calls.append(f"workers.{method}")
+            return [None]
+
+        def reset_prefix_cache(self):
+            calls.append("reset_prefix_cache")
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
+    engine = VllmEngine(tmp_path / "ckpt")
+    engine.load_weights([])
+    assert calls == ["workers.begin_weight_sync", "workers.finish_weight_sync",
+                     "reset_prefix_cache", "engine.reset_encoder_cache"]

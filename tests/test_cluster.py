@@ -441,3 +441,21 @@ def test_a_node_that_is_gone(local_ray, tmp_path: Path) -> None:
     assert f"node {gone} (10.9.9.9) could not write its marker: its marker task" in message
     assert f"node {here}" not in message
     assert markers(tmp_path) == []
+
+
+def test_evaluation_task_must_fit_a_node() -> None:
+    """eval.gpus_per_worker: the evaluation task is one more bundle, checked after training's."""
+    from umerl.cluster import evaluation_resources
+
+    cfg, sources = recipe("qwen2vl_2b_grpo.yaml")
+    assert [(p.section, p.count, p.gpus) for s in evaluation_resources(cfg) for p in s.pools] \
+        == [("eval", 1, 1.0)]
+    check_cluster(cfg, describe_cluster("1x8"), sources)
+    cfg, sources = recipe("qwen2vl_2b_grpo.yaml", "eval.gpus_per_worker=16")
+    with pytest.raises(ConfigError, match=r"the EVAL stage needs 1 x 'eval\.gpus_per_worker' "
+                                          r"\(from command line.*\) = 1 x 16 = 16 GPUs"):
+        check_cluster(cfg, describe_cluster("1x8"), sources)
+    with pytest.raises(ConfigError, match=r"'eval\.gpus_per_worker' .* = 8 GPUs per evaluation "
+                                          r"task"):
+        check_cluster(recipe("qwen2vl_2b_grpo.yaml", "eval.gpus_per_worker=8")[0],
+                      describe_cluster("2x4"), sources)

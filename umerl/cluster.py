@@ -34,7 +34,8 @@ DEFAULT_CPUS_PER_NODE = 64
 MARKER_PREFIX = ".umerl-shared-"
 _EPS = 1e-6
 _PACK_BUDGET = 200_000  # placement attempts before the packing search gives up (no error then)
-_ROLES = {"sft": "SFT worker", "rollout": "rollout actor", "learner": "learner rank"}
+_ROLES = {"sft": "SFT worker", "rollout": "rollout actor", "learner": "learner rank",
+          "eval": "evaluation task"}
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,19 @@ def required_resources(cfg: DictConfig) -> list[Stage]:
                     float(c.gpus_per_worker))
 
     stages = []
-    if cfg.eval.enabled and float(cfg.eval.gpus_per_worker) > 0:  # before and after training
-        stages.append(Stage("eval", (Pool("eval", 1, float(cfg.eval.cpus_per_worker),
-                                          float(cfg.eval.gpus_per_worker)),)))
     if cfg.sft.enabled:
         stages.append(Stage("sft", (pool("sft"),)))
     if cfg.rl.enabled:
         stages.append(Stage("rl", (pool("rollout"), pool("learner"))))
     return stages
+
+
+def evaluation_resources(cfg: DictConfig) -> list[Stage]:
+    """The evaluation task (before and after training), when it runs on the cluster's GPUs."""
+    if not cfg.eval.enabled or float(cfg.eval.gpus_per_worker) <= 0:
+        return []
+    return [Stage("eval", (Pool("eval", 1, float(cfg.eval.cpus_per_worker),
+                                float(cfg.eval.gpus_per_worker)),))]
 
 
 def check_cluster(cfg: DictConfig, nodes: Sequence[dict[str, float]],
@@ -124,7 +130,7 @@ def check_cluster(cfg: DictConfig, nodes: Sequence[dict[str, float]],
     where each key's value came from. Stages run one after the other, so each is checked alone.
     """
     name = sources.describe if sources is not None else (lambda key: f"'{key}'")
-    for stage in required_resources(cfg):
+    for stage in required_resources(cfg) + evaluation_resources(cfg):
         for resource, unit in (("GPU", "GPUs"), ("CPU", "CPUs")):
             problem = _total_problem(stage, resource, unit, nodes, name)
             if problem:

@@ -10,6 +10,7 @@ all-gather. Errors and warnings from these libraries still show.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 import warnings
@@ -42,9 +43,9 @@ class _DropMessage(logging.Filter):
 
 
 def quiet() -> None:
-    import ray
-
-    by_file = {str(Path(ray.__file__).parent / f): p for f, p in _DROPPED_BY_FILE.items()}
+    spec = importlib.util.find_spec("ray")  # where ray lives, without importing it here
+    root = Path(spec.origin).parent if spec and spec.origin else None
+    by_file = {str(root / f): p for f, p in _DROPPED_BY_FILE.items()} if root else {}
     for name, prefix in {**_DROPPED, **by_file}.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessage) for f in logger.filters):

@@ -43,18 +43,19 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
     a bad recipe, reward, checkpoint or data line fails here, before Ray starts.
     """
     quiet()
+    sources = sources or Sources()
     cfg = absolute_paths(cfg)
     if cfg.model.path:
-        model = str(check_checkpoint(cfg.model.path, (sources or Sources()).describe("model.path")))
+        model = str(check_checkpoint(cfg.model.path, sources.describe("model.path")))
     else:
         model = ensure_tiny_model(cfg.model.tiny)
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, model)
-    preflight(cfg, model, sources)
+    checked = preflight(cfg, model, sources)
     init_ray(cfg)
     # What only the live cluster can say: enough GPUs/CPUs for each stage, bundles that fit
     # on a node, and an output_dir every node can write and the driver can read.
     check_cluster(cfg, nodes_from_ray(), sources)
-    check_shared_output_dir(cfg.output_dir, name=(sources or Sources()).describe("output_dir"))
+    check_shared_output_dir(cfg.output_dir, name=sources.describe("output_dir"))
     results: dict[str, Any] = {}
     if cfg.eval.enabled and cfg.eval.before:
         results["before"] = evaluate_checkpoint(cfg, model, "before")
@@ -64,7 +65,7 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
         print(f"[driver] SFT checkpoint: {model}", flush=True)
     if cfg.rl.enabled:
         with reported_failures(cfg, "RL", cfg.rl.output_subdir):
-            model = str(run_rl_stage(cfg, model))
+            model = str(run_rl_stage(cfg, model, checked.get("rl")))
         print(f"[driver] RL checkpoint: {model}", flush=True)
     if cfg.eval.enabled:
         results["after"] = evaluate_checkpoint(cfg, model, "after")
@@ -76,9 +77,10 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
 
 
 @contextmanager
-def reported_failures(cfg: DictConfig, stage: str, subdir: str) -> Iterator[None]:
+def reported_failures(cfg: DictConfig, stage: str, subdir: str | None) -> Iterator[None]:
     """A worker failure becomes a ``StageError``: stage, worker and cause in one line; every
-    traceback goes to ``output_dir/logs/``. Checkpoints are atomic: the last one is intact."""
+    traceback goes to ``output_dir/logs/``. Checkpoints are atomic: the last one under
+    ``subdir`` (a training stage's) is intact."""
     try:
         yield
     except Exception as err:
@@ -90,6 +92,8 @@ def reported_failures(cfg: DictConfig, stage: str, subdir: str) -> Iterator[None
         slug = "-".join("".join(c if c.isalnum() else " " for c in stage.lower()).split())
         log = logs / f"{slug}-failure-{time.strftime('%Y%m%d-%H%M%S')}.log"
         log.write_text(details, encoding="utf-8")
+        if subdir is None:
+            raise StageError(f"{stage} failed: {summary}; traceback: {log}") from None
         last = ckpt.latest(Path(cfg.output_dir) / subdir)
         kept = f"last checkpoint {last} (intact)" if last else "no checkpoint was written"
         raise StageError(f"{stage} failed: {summary}; traceback: {log}; {kept}") from None
@@ -254,14 +258,15 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     return final
 
 
-def run_rl_stage(cfg: DictConfig, start: str) -> Path:
-    """GRPO from ``start`` (the SFT checkpoint), which is also the frozen KL reference."""
+def run_rl_stage(cfg: DictConfig, start: str, datasets: dict | None = None) -> Path:
+    """GRPO from ``start`` (the SFT checkpoint), which is also the frozen KL reference;
+    ``datasets``: the RL pairs the preflight already read and checked."""
     from umerl.rl import run_rl
     from umerl.tracking import Tracker
 
     tracker = Tracker(cfg, stage="rl")
     try:
-        return run_rl(cfg, start, start, tracker)
+        return run_rl(cfg, start, start, tracker, datasets)
     finally:
         tracker.finish()
 
@@ -292,9 +297,8 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[st
     # A head node's CPU would take hours over the paper's 512 new tokens and pass@k.
     task = ray.remote(num_gpus=gpus, num_cpus=float(cfg.eval.cpus_per_worker))(run_eval)
     ref = task.remote(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype, "auto")
-    with reported_failures(cfg, f"evaluation ({label})", cfg.sft.output_subdir):
+    with reported_failures(cfg, f"evaluation ({label})", None):
         return gather([ref], [f"evaluation task ({label})"])[0]
-
 
 
 def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str | Path,

@@ -24,9 +24,11 @@ from umerl.data import read_eval_queries, read_rl_pairs, read_sft_pairs
 from umerl.sft_data import load_pair_datasets
 
 
-def preflight(cfg: DictConfig, model: str, sources: Sources | None = None) -> None:
+def preflight(cfg: DictConfig, model: str, sources: Sources | None = None
+              ) -> dict[str, dict[str, list]]:
     """Check ``cfg`` (with absolute paths and a resolved ``data.max_prompt_tokens``) and the
-    starting checkpoint ``model``; raises ``ConfigError``, ``DataError`` or ``CheckpointError``."""
+    starting checkpoint ``model``; raises ``ConfigError``, ``DataError`` or ``CheckpointError``.
+    Returns the pair datasets it read, by stage (``sft``, ``rl``), for the driver to reuse."""
     sources = sources or Sources()
     start = time.perf_counter()
     check_output_dir(cfg.output_dir, sources.describe("output_dir"))
@@ -40,19 +42,21 @@ def preflight(cfg: DictConfig, model: str, sources: Sources | None = None) -> No
     encoder = _encoder(model)
     limit = int(cfg.data.max_prompt_tokens)
     skip = bool(cfg.data.skip_invalid)
+    loaded: dict[str, dict[str, list]] = {}
     if cfg.sft.enabled:
-        datasets = load_pair_datasets(list(cfg.sft.data), read_sft_pairs, skip, encoder, limit,
-                                      key="sft.data", sources=sources)
-        _check_batches(datasets, int(cfg.sft.micro_batch_size) * int(cfg.sft.num_workers),
+        loaded["sft"] = load_pair_datasets(list(cfg.sft.data), read_sft_pairs, skip, encoder,
+                                           limit, key="sft.data", sources=sources)
+        _check_batches(loaded["sft"], int(cfg.sft.micro_batch_size) * int(cfg.sft.num_workers),
                        "sft.micro_batch_size x sft.num_workers", sources)
     if cfg.rl.enabled:
-        datasets = load_pair_datasets(list(cfg.rl.data), read_rl_pairs, skip, encoder, limit,
-                                      key="rl.data", sources=sources)
-        _check_batches(datasets, int(cfg.rl.pairs_per_step), "rl.pairs_per_step", sources)
+        loaded["rl"] = load_pair_datasets(list(cfg.rl.data), read_rl_pairs, skip, encoder,
+                                          limit, key="rl.data", sources=sources)
+        _check_batches(loaded["rl"], int(cfg.rl.pairs_per_step), "rl.pairs_per_step", sources)
     if cfg.eval.enabled:
         check_eval_tasks(cfg, encoder, sources)
     print(f"[preflight] recipe, checkpoint, rewards and data checked in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
+    return loaded
 
 
 def check_output_dir(path: str, described: str) -> None:

@@ -30,38 +30,26 @@ def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0) -
     """``ray.get`` of one ref per worker, raising ``WorkerError`` for the first failure."""
     import ray
 
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: dict[int, Any] = {}
+    failures: list[tuple[int, BaseException]] = []
     pending = list(refs)
-    first_failure: float | None = None
+    deadline: float | None = None
     while pending:
-        timeout = None if first_failure is None else max(0.0, first_failure + grace_s
-                                                          - time.monotonic())
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
         if not done:
             break  # the grace period is over; the rest are stuck behind the failure
-        if first_failure is None and _failed(done[0]):
-            first_failure = time.monotonic()
-    failures = []
-    results = []
-    for ref, name in zip(refs, workers):
-        if ref in pending:
-            continue
         try:
-            results.append(ray.get(ref))
+            results[index[done[0]]] = ray.get(done[0])
         except Exception as err:  # noqa: BLE001 - every failure is reported, none swallowed
-            failures.append((name, err))
+            failures.append((index[done[0]], err))
+            deadline = deadline or time.monotonic() + grace_s
     if failures:
-        raise _worker_error(failures, stuck=[n for r, n in zip(refs, workers) if r in pending])
-    return results
-
-
-def _failed(ref: Any) -> bool:
-    import ray
-
-    try:
-        ray.get(ref, timeout=0)
-        return False
-    except Exception:  # noqa: BLE001
-        return True
+        failures.sort(key=lambda item: item[0])
+        raise _worker_error([(workers[i], err) for i, err in failures],
+                            stuck=[workers[index[ref]] for ref in pending])
+    return [results[i] for i in range(len(refs))]
 
 
 def _worker_error(failures: list[tuple[str, BaseException]], stuck: list[str]) -> WorkerError:

@@ -39,10 +39,12 @@ def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
                               prompt_limit(cfg.data.max_prompt_tokens, policy), key="rl.data")
 
 
-def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None) -> Path:
-    """GRPO from ``policy`` (KL to the frozen ``reference``); returns the last checkpoint."""
+def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
+           datasets: dict[str, list[Pair]] | None = None) -> Path:
+    """GRPO from ``policy`` (KL to the frozen ``reference``); returns the last checkpoint.
+    ``datasets``: RL pairs already read and checked (the driver's preflight), else read here."""
     r = cfg.rl
-    sampler = ContrastiveBatcher(load_rl_datasets(cfg, policy), int(r.pairs_per_step),
+    sampler = ContrastiveBatcher(datasets or load_rl_datasets(cfg, policy), int(r.pairs_per_step),
                                  seed=int(cfg.seed))
     learners = LearnerPool(cfg, policy, reference)
     resumed, client = learners.resume()

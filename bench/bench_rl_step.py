@@ -47,12 +47,12 @@ def main() -> None:
 
     import ray
 
-    from rollout.engine import SamplingParams
     from rollout.pool import RolloutPool
     from umerl.config import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
     from umerl.learner import LearnerPool
     from umerl.rl import load_rl_datasets, rl_step
+    from umerl.sampling import SamplingParams
     from umerl.sft_data import ContrastiveBatcher
 
     cfg = absolute_paths(load_recipe(REPO / "recipes" / "cpu_tiny.yaml", [

@@ -11,9 +11,9 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from rollout.engine import SamplingParams
 from umerl.data import Side
 from umerl.remote import gather
+from umerl.sampling import SamplingParams
 
 
 def prompt_seed(seed: int, step: int, pair_index: int, side: str) -> int:
@@ -54,22 +54,40 @@ class RolloutActor:
                  sampling: SamplingParams) -> list[list[list[int]]]:
         return self.engine.generate(sides, n, sampling, seeds)
 
-    def load_weights(self, payload: Any) -> dict[str, float]:
-        """Receive the learners' trainable weights (object-store buckets) into the engine."""
-        from rollout.weight_sync import receive
+    def sync_ranks(self) -> dict[str, Any]:
+        """This actor's node and how many ranks it takes in the sync group (its vLLM workers:
+        every tensor-parallel rank receives the full weights)."""
+        import ray
 
-        if self.model is None:  # vLLM: the engine pushes them into its worker processes
-            stats = self.engine.load_weights_from_payload(payload)
-        else:
-            stats = receive(payload, self.model)
-        return {"bytes": stats.bytes, "seconds": stats.seconds}
+        ranks = self.engine.weight_sync_ranks() if self.model is None else 1
+        return {"node": ray.util.get_node_ip_address(), "ranks": ranks}
 
-    def digest(self, names: list[str]) -> str:
-        from rollout.weight_sync import weights_digest
+    def open_weight_sync(self, spec: Any, plan: Any, rank: int, source_model_type: str) -> None:
+        """Join the sync group at ``rank`` (its first rank); the names, shapes and dtypes of
+        the plan are checked against the model before any weight moves. The learners' names
+        are their model class's (``source_model_type``): the same class here, vLLM maps them."""
+        from rollout.weight_sync import WeightReceiver, load_into, open_channel
 
+        if self.model is None:  # vLLM: every worker process joins
+            self.engine.open_weight_sync(spec, plan, rank, source_model_type)
+            return
+        targets = dict(self.model.named_parameters())
+        plan.check_targets(targets, "the rollout model")
+        device = next(self.model.parameters()).device
+        self.receiver = WeightReceiver(open_channel(spec, rank, device), plan,
+                                       load_into(targets))
+        self.plan = plan
+
+    def receive_weights(self, digest: bool) -> dict[str, Any]:
+        """One sync. With ``digest``: the fingerprint of the weights the engine now holds."""
         if self.model is None:
-            return self.engine.weights_digest(names)
-        return weights_digest(self.model, names)
+            return self.engine.receive_weights(digest)
+        stats = self.receiver.receive().as_dict()
+        if digest:  # of the model's own parameters: proves the load, not only the bytes
+            from rollout.weight_sync import Digest
+
+            stats["digest"] = Digest.of(self.plan, dict(self.model.named_parameters()))
+        return stats
 
 
 class RolloutPool:
@@ -109,11 +127,18 @@ class RolloutPool:
         parts = gather(refs, [self.names[i] for i, _, _ in shares])
         return [samples for part in parts for samples in part]
 
-    def load_weights(self, payload: Any) -> list[dict[str, float]]:
-        return gather([actor.load_weights.remote(payload) for actor in self.actors], self.names)
+    def sync_ranks(self) -> list[dict[str, Any]]:
+        return gather([actor.sync_ranks.remote() for actor in self.actors], self.names)
 
-    def digests(self, names: list[str]) -> list[str]:
-        return gather([actor.digest.remote(names) for actor in self.actors], self.names)
+    def open_weight_sync(self, spec: Any, plan: Any, first_ranks: Sequence[int],
+                         source_model_type: str) -> tuple[list[Any], list[str]]:
+        """The calls (refs, worker names) joining the sync group, actor i from rank
+        ``first_ranks[i]``; they complete together with the learner side's."""
+        return ([a.open_weight_sync.remote(spec, plan, r, source_model_type)
+                 for a, r in zip(self.actors, first_ranks, strict=True)], self.names)
+
+    def receive_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
+        return [a.receive_weights.remote(digest) for a in self.actors], self.names
 
     def shutdown(self) -> None:
         import ray

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from rollout.engine import SamplingParams
 from umerl.data import Side
 from umerl.inputs import EncodedPrompt
 from umerl.model import PolicyBundle
+from umerl.sampling import SamplingParams
 
 
 class TransformersEngine:

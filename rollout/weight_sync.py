@@ -1,565 +1,545 @@
-"""Weight sync: the learners' trainable weights, after each update, into the rollout engines.
+"""Weight sync: the learners' trainable weights into every rollout engine, after each update.
 
-Everything moves in **buckets**: many tensors packed into one flat ``uint8`` buffer, so a sync is
-a handful of large transfers instead of one per parameter (per-parameter RPCs and broadcasts are
-where published refit time goes, not the wire). A bucket's layout is a list of ``TensorMeta``
-(name, shape, dtype, byte offset, byte length); every tensor starts at a 64-byte aligned offset,
-so a slice of the flat buffer can be viewed as any dtype, bfloat16 included (numpy has no
-bfloat16: bytes go through ``tensor.view(torch.uint8)``, never through numpy dtypes).
+One protocol, three byte paths. Both sides build the same ``BucketPlan`` once, at start, from
+the learners' (name, full shape, dtype) list: tensors packed greedily, in the learners' order,
+into buckets of about ``rl.weight_sync_bucket_mb``, each tensor at a 64-byte aligned offset (so
+a slice of the flat ``uint8`` buffer can be viewed as any dtype, bfloat16 included). A sync is
+then the plan's buckets in order, with nothing else on the wire: no per-sync header, no pickle.
 
-Three transports share that layout:
+    sender (learner rank 0)                         receivers (every rollout worker)
+    for bucket k:                                   for bucket k:
+        buffer k%2 <- free (bucket k-2 sent)            buffer <- bucket k arrives
+        pack bucket k into it                           hand its tensors to the engine
+        post bucket k (asynchronous)                    (bucket k+1 is already arriving)
+    finish: everything delivered                    finish: everything loaded
 
-``ObjectStoreSender`` / ``receive``  (CPU default, runs and is tested here)
-    Learner rank 0 ``ray.put``s one ``Bucket`` per object (its buffer is a numpy array, which Ray
-    stores out of band: readers get a read-only view of the shared memory, no copy) and hands the
-    driver a small ``SyncPayload`` of object refs. Each rollout actor ``ray.get``s the buckets one
-    at a time and copies them into its parameters, so at most one bucket is materialised at once.
-``GlooBroadcaster``  (CPU, runs and is tested here)
-    A stand-alone gloo communicator (own ``TCPStore``, ``ProcessGroupGloo`` built directly, the
-    default process group untouched) between learner rank 0 and the rollout workers; rank 0
-    broadcasts a self-describing stream of buckets.
-``NcclBroadcaster``  (GPU clusters only; NOT run by any test on the CPU-only build machines)
-    The same stream over a vLLM ``PyNcclCommunicator`` on a ``StatelessProcessGroup``.
+So the sender packs bucket k+1 (under ZeRO-3: every learner rank gathers it) while bucket k is
+in flight, and a receiver loads bucket k while bucket k+1 arrives. The byte paths
+(``open_channel``), chosen by ``rl.weight_sync_transport``:
 
-Both broadcasters inherit the stream protocol from ``_Broadcaster``; they differ only in how one
-tensor is broadcast. ``load_weights`` and ``weights_digest`` are the shared receive-side pieces:
-the driver compares the learner's digest with every rollout actor's after a sync (bit for bit).
+``nccl``  GPU clusters. A NCCL communicator of its own between learner rank 0 and every vLLM
+          worker of every rollout actor (all tensor-parallel ranks: each receives full tensors
+          and its model's ``load_weights`` shards them), made with vLLM's
+          ``stateless_init_process_group`` (a private ``TCPStore`` and ``PyNcclCommunicator``,
+          so neither side's default process group is touched, and vLLM's pinned NCCL settings
+          are lifted as on its own workers). Broadcasts run on a side stream, ordered against
+          the packing stream with events. NOT run on the CPU-only build machines.
+``shm``   CPU, every receiver on the sender's node (the CPU default there): the bytes go
+          through two shared-memory slots in ``/dev/shm``, one copy in, one copy out per
+          receiver; a gloo group carries only one barrier per bucket.
+``gloo``  CPU across nodes: the bytes ride a gloo broadcast.
+
+A receiver that dies mid-stream breaks the gloo connection and the other ranks raise at once;
+a hung peer is bounded by ``rl.weight_sync_timeout_s`` (the gloo timeout, and the driver's wait
+on every side of the sync). ``Digest`` is the one fingerprint both sides compute, over the
+plan's tensors in plan order, so the driver can prove the pools agree bit for bit.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 
-DEFAULT_BUCKET_BYTES = 64 << 20
 ALIGN = 64  # byte alignment of every tensor inside a bucket (any dtype view is then legal)
+TRANSPORTS = ("nccl", "shm", "gloo")
 
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
+# The one dtype table of the wire: names as torch spells them without "torch.".
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` or ``"torch.bfloat16"`` -> ``"bfloat16"`` (checked against DTYPES)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} cannot be synced (known: {', '.join(DTYPES)})")
+    return name
 
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Where one tensor lives inside a bucket's flat buffer."""
+    """Where one tensor lives inside its bucket's flat buffer."""
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # torch dtype without the "torch." prefix, e.g. "bfloat16"
-    offset: int  # bytes from the start of the buffer, a multiple of ALIGN
+    dtype: str  # a DTYPES key
+    offset: int  # bytes from the start of the bucket, a multiple of ALIGN
     nbytes: int
 
 
-@dataclass
-class Bucket:
-    """One flat, C-contiguous, 1-D ``uint8`` numpy buffer and the layout of its tensors."""
+@dataclass(frozen=True)
+class BucketPlan:
+    """The layout of every sync of a run: buckets of tensors, and each bucket's byte size."""
 
-    buffer: np.ndarray
-    metas: tuple[TensorMeta, ...]
+    buckets: tuple[tuple[TensorMeta, ...], ...]
+    sizes: tuple[int, ...]
+    bucket_bytes: int  # ``build(plan.specs(), plan.bucket_bytes)`` is the same plan
+
+    @classmethod
+    def build(cls, specs: Iterable[tuple[str, Sequence[int], torch.dtype | str]],
+              bucket_bytes: int) -> BucketPlan:
+        """Greedy, in input order: a tensor that would overflow a non-empty bucket starts the
+        next one (so a tensor larger than ``bucket_bytes`` sits alone in its bucket)."""
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        buckets: list[list[TensorMeta]] = [[]]
+        sizes, seen, size = [0], set(), 0
+        for name, shape, dtype in specs:
+            if name in seen:
+                raise ValueError(f"tensor {name!r} appears twice in one weight sync")
+            seen.add(name)
+            shape = tuple(int(d) for d in shape)
+            dtype = dtype_name(dtype)
+            nbytes = _numel(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            start = _aligned(size)
+            if buckets[-1] and start + nbytes > bucket_bytes:
+                buckets.append([])
+                sizes.append(0)
+                start = 0
+            buckets[-1].append(TensorMeta(name, shape, dtype, start, nbytes))
+            size = sizes[-1] = start + nbytes
+        if not buckets[-1]:
+            return cls((), (), bucket_bytes)
+        return cls(tuple(tuple(b) for b in buckets), tuple(sizes), bucket_bytes)
+
+    @classmethod
+    def of(cls, named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> BucketPlan:
+        return cls.build(((n, t.shape, t.dtype) for n, t in named), bucket_bytes)
+
+    def specs(self) -> list[tuple[str, list[int], str]]:
+        """(name, shape, dtype) in plan order: picklable, and ``build`` gives the plan back."""
+        return [(m.name, list(m.shape), m.dtype) for bucket in self.buckets for m in bucket]
 
     @property
-    def nbytes(self) -> int:
-        """Payload bytes (without the alignment padding)."""
-        return sum(m.nbytes for m in self.metas)
+    def names(self) -> list[str]:
+        return [m.name for bucket in self.buckets for m in bucket]
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.nbytes for bucket in self.buckets for m in bucket)
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes, default=0)
+
+    def check_targets(self, targets: Mapping[str, torch.Tensor], who: str) -> None:
+        """Every planned tensor exists in ``targets`` with the same shape and dtype; raises
+        naming the first one that does not (before any byte moves: no partial load)."""
+        for bucket in self.buckets:
+            for meta in bucket:
+                dst = targets.get(meta.name)
+                if dst is None:
+                    raise ValueError(f"weight sync: {who} has no parameter {meta.name!r}")
+                if tuple(dst.shape) != meta.shape or dtype_name(dst.dtype) != meta.dtype:
+                    raise ValueError(
+                        f"weight sync: {who}'s {meta.name!r} is {tuple(dst.shape)} "
+                        f"{dtype_name(dst.dtype)}, the learners send {meta.shape} {meta.dtype} "
+                        "(rollout.dtype must be the learners' training dtype)")
 
 
-@dataclass(frozen=True)
-class SyncPayload:
-    """What the driver passes from learner rank 0 to the rollout actors: refs, not tensors.
-
-    ``layout`` repeats each bucket's metadata so that a receiver checks every name, shape and
-    dtype against its model *before* fetching anything: a mismatch fails without a partial load.
-    """
-
-    refs: list[Any]  # one ray.ObjectRef[Bucket] per bucket
-    layout: list[tuple[TensorMeta, ...]]
-    bytes: int
-    tensors: int
-    published_at: float  # time.time() when publishing started
-    publish_seconds: float  # packing + ray.put
-
-
-@dataclass(frozen=True)
-class SyncStats:
-    bytes: int
-    seconds: float
-    tensors: int
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout, packing, unpacking (shared by every transport)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown torch dtype {name!r} in a weight-sync bucket")
-    return dtype
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's raw bytes as a flat uint8 tensor (a view when it is already contiguous)."""
+def _raw(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor (a view when it is contiguous)."""
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _plan(named_tensors: NamedTensors, bucket_bytes: int
-          ) -> Iterator[tuple[list[TensorMeta], list[torch.Tensor], int]]:
-    """Greedy bucketing in input order: (metas, tensors, buffer size) per bucket.
-
-    A tensor that would overflow a non-empty bucket starts the next one; a tensor larger than
-    ``bucket_bytes`` therefore always sits alone in its bucket.
-    """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    seen: set[str] = set()
-    metas: list[TensorMeta] = []
-    tensors: list[torch.Tensor] = []
-    size = 0
-    for name, tensor in named_tensors:
-        if name in seen:
-            raise ValueError(f"tensor {name!r} appears twice in one weight sync")
-        seen.add(name)
-        tensor = tensor.detach()
-        nbytes = tensor.numel() * tensor.element_size()
-        start = _aligned(size)
-        if metas and start + nbytes > bucket_bytes:
-            yield metas, tensors, size
-            metas, tensors, start = [], [], 0
-        metas.append(TensorMeta(name, tuple(tensor.shape), _dtype_name(tensor.dtype), start,
-                                nbytes))
-        tensors.append(tensor)
-        size = start + nbytes
-    if metas:
-        yield metas, tensors, size
-
-
-def _fill(flat: torch.Tensor, metas: Sequence[TensorMeta], tensors: Sequence[torch.Tensor]
-          ) -> None:
+def fill_bucket(flat: torch.Tensor, metas: Sequence[TensorMeta],
+                tensors: Sequence[torch.Tensor]) -> None:
     """Copy each tensor's bytes into its slot of ``flat`` (any device to any device)."""
+    if len(metas) != len(tensors):
+        raise ValueError(f"a bucket of {len(metas)} tensors got {len(tensors)}")
     for meta, tensor in zip(metas, tensors, strict=True):
+        if tensor.numel() * tensor.element_size() != meta.nbytes:
+            raise ValueError(f"weight sync: {meta.name!r} has {tuple(tensor.shape)}, the plan "
+                             f"says {meta.shape}")
         if meta.nbytes:
-            flat[meta.offset:meta.offset + meta.nbytes].copy_(_as_bytes(tensor))
+            flat[meta.offset:meta.offset + meta.nbytes].copy_(_raw(tensor))
 
 
-def _views(flat: torch.Tensor, metas: Sequence[TensorMeta]
-           ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Typed, shaped views into a flat uint8 tensor (no copies)."""
+def bucket_views(flat: torch.Tensor, metas: Sequence[TensorMeta]
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """Typed, shaped views into a flat uint8 buffer (no copies)."""
+    out = []
     for meta in metas:
-        dtype = _torch_dtype(meta.dtype)
-        if meta.nbytes == 0:
-            yield meta.name, torch.empty(meta.shape, dtype=dtype, device=flat.device)
-            continue
+        dtype = DTYPES[meta.dtype]
         raw = flat[meta.offset:meta.offset + meta.nbytes]
-        yield meta.name, raw.view(dtype).view(meta.shape)
+        out.append((meta.name, raw.view(dtype).view(meta.shape) if meta.nbytes
+                    else torch.empty(meta.shape, dtype=dtype, device=flat.device)))
+    return out
 
 
-def iter_buckets(named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES
-                 ) -> Iterator[Bucket]:
-    """Like ``pack_buckets`` but one bucket at a time, so only one is in memory at once."""
-    for metas, tensors, size in _plan(named_tensors, bucket_bytes):
-        buffer = np.zeros(size, dtype=np.uint8)  # zeros: the alignment padding is deterministic
-        _fill(torch.from_numpy(buffer), metas, tensors)
-        yield Bucket(buffer, tuple(metas))
+class Digest:
+    """sha256 over the plan's tensors in plan order: ``name|dtype|shape`` then the raw bytes.
 
-
-def pack_buckets(named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES
-                 ) -> list[Bucket]:
-    """Pack (name, tensor) pairs of any dtype, shape and device into host buckets."""
-    return list(iter_buckets(named_tensors, bucket_bytes))
-
-
-def unpack_bucket(bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs whose tensors are views of ``bucket.buffer``: nothing is copied.
-
-    A bucket from ``ray.get`` is backed by the object store's shared memory and its buffer is
-    read-only. ``torch.frombuffer`` can not mark a tensor read-only, so it warns; that warning is
-    silenced here on purpose, because the alternative (copying the buffer to make it writable)
-    would double the receive cost, and the only consumer, ``load_weights``, copies each view into
-    its parameter anyway. The contract instead: treat these tensors as read-only and do not keep
-    them beyond loading (they also pin the object-store buffer while they live).
+    Equal on two sides iff every tensor is bit-for-bit equal. Fed bucket by bucket
+    (``update``) while a sync streams, or all at once from a model (``of``).
     """
-    if bucket.buffer.nbytes == 0:
-        flat = torch.empty(0, dtype=torch.uint8)
-    else:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            flat = torch.frombuffer(bucket.buffer, dtype=torch.uint8)
-    yield from _views(flat, bucket.metas)
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def update(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in named:
+            self._hash.update(f"{name}|{dtype_name(tensor.dtype)}|{tuple(tensor.shape)}\n"
+                              .encode())
+            self._hash.update(_raw(tensor).cpu().numpy().data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    @classmethod
+    def of(cls, plan: BucketPlan, tensors: Mapping[str, torch.Tensor]) -> str:
+        digest = cls()
+        digest.update((name, tensors[name]) for name in plan.names)
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    bytes: int
+    seconds: float
+    digest: str | None = None  # only when asked for
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "seconds": self.seconds, "digest": self.digest}
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and checking
+# Sender and receiver: the protocol, whatever the byte path
 
 
-def _targets(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer by name; tied weights are reachable under each alias."""
-    targets: dict[str, torch.Tensor] = dict(model.named_buffers(remove_duplicate=False))
-    targets.update(model.named_parameters(remove_duplicate=False))
-    return targets
+class WeightSender:
+    """Learner rank 0: ``send`` one sync from an iterable of per-bucket tensor lists.
 
-
-def _check(targets: dict[str, torch.Tensor], name: str, shape: Sequence[int],
-           dtype: torch.dtype, strict: bool) -> torch.Tensor | None:
-    dst = targets.get(name)
-    if dst is None:
-        if strict:
-            raise ValueError(f"weight sync: the model has no parameter or buffer {name!r}")
-        return None
-    if tuple(dst.shape) != tuple(shape):
-        raise ValueError(f"weight sync: parameter {name!r} has shape {tuple(shape)}, "
-                         f"the model's has {tuple(dst.shape)}")
-    if dst.dtype != dtype:
-        raise ValueError(f"weight sync: parameter {name!r} has dtype {dtype}, "
-                         f"the model's has {dst.dtype}")
-    return dst
-
-
-def _load(targets: dict[str, torch.Tensor], named_tensors: NamedTensors, strict: bool) -> int:
-    """Check every pair first, then copy: a bad entry leaves the model untouched."""
-    pairs = []
-    for name, src in named_tensors:
-        dst = _check(targets, name, src.shape, src.dtype, strict)
-        if dst is not None:
-            pairs.append((dst, src))
-    loaded = 0
-    with torch.no_grad():
-        for dst, src in pairs:
-            dst.data.copy_(src)
-            loaded += src.numel() * src.element_size()
-    return loaded
-
-
-def load_weights(model: torch.nn.Module, named_tensors: NamedTensors, strict: bool = True) -> int:
-    """Copy (name, tensor) pairs into the model's parameters/buffers of those names.
-
-    Names are the model's own ``named_parameters()`` / ``named_buffers()`` names. Unknown names
-    raise ValueError (``strict=False`` skips them instead); a shape or dtype mismatch always
-    raises, naming the parameter, and nothing is cast: the sync is bit-exact or it fails. All
-    pairs are checked before the first copy. Returns the number of bytes loaded.
-    """
-    return _load(_targets(model), named_tensors, strict)
-
-
-def weights_digest(model: torch.nn.Module, names: Iterable[str] | None = None) -> str:
-    """sha256 over name, dtype, shape and raw bytes of the named tensors, in sorted name order.
-
-    ``names`` defaults to every ``named_parameters()`` name; buffers may be named explicitly.
-    Two models have equal digests over the same names iff those tensors are bit-for-bit equal.
-    """
-    targets = _targets(model)
-    if names is None:
-        names = [name for name, _ in model.named_parameters()]
-    missing = sorted(set(names) - set(targets))
-    if missing:
-        raise ValueError(f"weights_digest: the model has no parameter or buffer {missing[0]!r}")
-    return tensors_digest((name, targets[name]) for name in set(names))
-
-
-def tensors_digest(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """The digest of ``weights_digest`` over (name, tensor) pairs, in sorted name order."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        digest.update(f"{name}|{_dtype_name(tensor.dtype)}|{tuple(tensor.shape)}\n".encode())
-        digest.update(_as_bytes(tensor).cpu().numpy().data)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------
-# Object store (CPU default)
-
-
-class ObjectStoreSender:
-    """Learner rank 0 side: publish trainable weights to the Ray object store, bucket by bucket.
-
-    The returned ``SyncPayload`` is small and picklable; pass it to every rollout actor, which
-    calls ``receive`` (``ObjectStoreSender.receive`` is the same function). Refs nested in a
-    dataclass argument are not resolved by Ray, so each receiver fetches the buckets itself, one
-    at a time. The objects are owned by the publishing process and freed once no payload copy
-    refers to them any more.
+    The iterable is consumed lazily, one bucket ahead of the wire: a generator that gathers a
+    bucket's ZeRO-3 shards inside ``with GatheredParameters(...)`` and yields inside it keeps
+    the gathered tensors alive exactly while they are packed.
     """
 
-    def __init__(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-        if bucket_bytes <= 0:
-            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self.bucket_bytes = int(bucket_bytes)
+    def __init__(self, channel: Any, plan: BucketPlan):
+        self.channel, self.plan = channel, plan
 
-    def publish(self, named_tensors: NamedTensors) -> SyncPayload:
-        import ray
-
-        wall, start = time.time(), time.perf_counter()
-        refs: list[Any] = []
-        layout: list[tuple[TensorMeta, ...]] = []
-        total = count = 0
-        for bucket in iter_buckets(named_tensors, self.bucket_bytes):
-            refs.append(ray.put(bucket))
-            layout.append(bucket.metas)
-            total += bucket.nbytes
-            count += len(bucket.metas)
-            del bucket  # at most one packed bucket in this process's memory
-        return SyncPayload(refs, layout, total, count, wall, time.perf_counter() - start)
-
-    @staticmethod
-    def receive(payload: SyncPayload, model: torch.nn.Module, strict: bool = True) -> SyncStats:
-        return receive(payload, model, strict)
-
-
-def receive(payload: SyncPayload, model: torch.nn.Module, strict: bool = True) -> SyncStats:
-    """Rollout side: fetch each bucket of ``payload`` (zero-copy) and load it into ``model``.
-
-    The whole layout is checked against the model before the first fetch.
-    """
-    import ray
-
-    start = time.perf_counter()
-    targets = _targets(model)
-    for metas in payload.layout:
-        for meta in metas:
-            _check(targets, meta.name, meta.shape, _torch_dtype(meta.dtype), strict)
-    loaded = tensors = 0
-    for ref in payload.refs:
-        bucket: Bucket = ray.get(ref)
-        loaded += _load(targets, unpack_bucket(bucket), strict)
-        tensors += len(bucket.metas)
-        del bucket  # drop the view before fetching the next one
-    return SyncStats(loaded, time.perf_counter() - start, tensors)
-
-
-# ---------------------------------------------------------------------------------------------
-# Collective broadcast (gloo on CPU, NCCL on GPU): one protocol, two communicators
-
-Sink = torch.nn.Module | Callable[[list[tuple[str, torch.Tensor]]], Any]
-_END, _ABORT = 0, -1  # header lengths with a special meaning
-
-
-class _Broadcaster:
-    """Rank 0 sends a stream of buckets, every other rank receives it.
-
-    Per bucket three broadcasts: the header length (int64[1]), the JSON header (uint8: size and
-    the ``TensorMeta`` fields), then the flat uint8 buffer; length 0 ends the stream and -1 says
-    the sender failed (it raises too, receivers raise instead of waiting for buckets). The
-    stream describes itself, so receivers need no side channel, and JSON (not pickle) means the
-    wire never executes code. A receiver that hits a bad entry keeps draining the stream and
-    raises only at its end, so neither the sender nor the other receivers hang; buckets that
-    were fine are loaded (the model is then partly updated: treat the error as fatal).
-    Subclasses set ``rank``, ``world_size`` and ``device`` and implement ``_broadcast``.
-    """
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        raise NotImplementedError
-
-    def _length(self, value: int) -> torch.Tensor:
-        return torch.tensor([value], dtype=torch.int64, device=self.device)
-
-    def _synchronize(self) -> None:
-        """Block until every enqueued broadcast has completed (gloo's are synchronous)."""
+    def send(self, buckets: Iterable[Sequence[torch.Tensor]], digest: bool = False
+             ) -> SyncStats:
+        start = time.perf_counter()
+        hasher = Digest() if digest else None
+        source = iter(buckets)
+        for k, metas in enumerate(self.plan.buckets):
+            tensors = next(source, None)
+            if tensors is None:
+                raise ValueError(f"weight sync: {len(self.plan.buckets)} buckets planned, "
+                                 f"{k} given")
+            flat = self.channel.send_buffer(k, self.plan.sizes[k])
+            fill_bucket(flat, metas, tensors)
+            if hasher is not None:
+                hasher.update(bucket_views(flat, metas))
+            self.channel.post(k)
+        if next(source, None) is not None:  # also closes a gathering generator's last context
+            raise ValueError(f"weight sync: more than {len(self.plan.buckets)} buckets given")
+        self.channel.finish()
+        return SyncStats(self.plan.bytes, time.perf_counter() - start,
+                         hasher.hexdigest() if hasher else None)
 
     def close(self) -> None:
-        raise NotImplementedError
+        self.channel.close()
 
-    def send(self, named_tensors: NamedTensors, bucket_bytes: int = DEFAULT_BUCKET_BYTES
-             ) -> SyncStats:
-        if self.rank != 0:
-            raise RuntimeError(f"only rank 0 sends weights; this is rank {self.rank}")
+
+class WeightReceiver:
+    """A rollout worker: ``receive`` one sync, handing each bucket's (name, tensor) views to
+    ``sink`` (views valid during the call unless the channel was opened with ``fresh``)."""
+
+    def __init__(self, channel: Any, plan: BucketPlan,
+                 sink: Callable[[list[tuple[str, torch.Tensor]]], Any]):
+        self.channel, self.plan, self.sink = channel, plan, sink
+
+    def receive(self, digest: bool = False) -> SyncStats:
         start = time.perf_counter()
-        total = count = 0
-        plan = _plan(named_tensors, bucket_bytes)
-        while True:
-            try:  # everything that can fail locally, before this bucket's first broadcast
-                item = next(plan, None)
-                if item is None:
-                    break
-                metas, tensors, size = item
-                header = json.dumps({"size": size, "tensors": [
-                    [m.name, list(m.shape), m.dtype, m.offset, m.nbytes] for m in metas]}).encode()
-                flat = torch.zeros(size, dtype=torch.uint8, device=self.device)
-                _fill(flat, metas, tensors)
-            except Exception:
-                self._broadcast(self._length(_ABORT), 0)  # receivers raise instead of hanging
-                raise
-            self._broadcast(self._length(len(header)), 0)
-            self._broadcast(torch.frombuffer(bytearray(header), dtype=torch.uint8)
-                            .to(self.device), 0)
-            if size:
-                self._broadcast(flat, 0)
-            total += sum(m.nbytes for m in metas)
-            count += len(metas)
-            del flat
-        self._broadcast(self._length(_END), 0)
-        self._synchronize()
-        return SyncStats(total, time.perf_counter() - start, count)
+        hasher = Digest() if digest else None
+        for k, metas in enumerate(self.plan.buckets):
+            flat = self.channel.receive(k, self.plan.sizes)
+            views = bucket_views(flat, metas)
+            if hasher is not None:
+                hasher.update(views)
+            self.sink(views)
+        self.channel.finish()
+        return SyncStats(self.plan.bytes, time.perf_counter() - start,
+                         hasher.hexdigest() if hasher else None)
 
-    def receive(self, sink: Sink, strict: bool = True) -> SyncStats:
-        """Receive one stream. ``sink`` is a module (``load_weights`` semantics) or a callable
-        taking each bucket's (name, tensor) views, e.g. a vLLM model's ``load_weights``; the
-        views alias the receive buffer and are only valid during the call."""
-        if self.rank == 0:
-            raise RuntimeError("rank 0 is the sender")
-        targets = _targets(sink) if isinstance(sink, torch.nn.Module) else None
-        start = time.perf_counter()
-        total = count = 0
-        error: Exception | None = None
-        while True:
-            length_t = self._length(0)
-            self._broadcast(length_t, 0)
-            length = int(length_t.item())
-            if length == _END:
-                break
-            if length == _ABORT:
-                raise RuntimeError("weight sync: the sender failed mid-stream (see its error); "
-                                   "this model may be partly updated")
-            raw = torch.zeros(length, dtype=torch.uint8, device=self.device)
-            self._broadcast(raw, 0)
-            header = json.loads(raw.cpu().numpy().tobytes())
-            metas = [TensorMeta(n, tuple(s), d, o, b) for n, s, d, o, b in header["tensors"]]
-            flat = torch.empty(int(header["size"]), dtype=torch.uint8, device=self.device)
-            if flat.numel():
-                self._broadcast(flat, 0)
-            if error is None:  # after an error: only drain the stream, then raise
-                try:
-                    total += _deliver(sink, targets, flat, metas, strict)
-                    count += len(metas)
-                except Exception as exc:
-                    error = exc
-            del flat  # release this bucket before the next one is allocated
-        self._synchronize()
-        if error is not None:
-            raise error
-        return SyncStats(total, time.perf_counter() - start, count)
+    def close(self) -> None:
+        self.channel.close()
 
 
-def _deliver(sink: Sink, targets: dict[str, torch.Tensor] | None, flat: torch.Tensor,
-             metas: Sequence[TensorMeta], strict: bool) -> int:
-    items = list(_views(flat, metas))
-    if targets is not None:
-        return _load(targets, items, strict)
-    sink(items)
-    return sum(m.nbytes for m in metas)
+def load_into(targets: Mapping[str, torch.Tensor]) -> Callable[[list[tuple[str, torch.Tensor]]],
+                                                                None]:
+    """A sink copying each received tensor into the target of its name (checked at start by
+    ``BucketPlan.check_targets``; nothing is cast: the sync is bit-exact or it fails)."""
+
+    @torch.no_grad()
+    def sink(views: list[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in views:
+            targets[name].copy_(tensor)
+
+    return sink
 
 
-class GlooBroadcaster(_Broadcaster):
-    """CPU broadcaster over a gloo group of its own: learner rank 0 plus the rollout workers.
+# ---------------------------------------------------------------------------------------------
+# Byte paths
 
-    ``world_size = 1 + number of receiving processes``; rank 0 (the sender) hosts the
-    ``TCPStore`` on ``master_port``, and every rank must construct its broadcaster concurrently
-    (the constructor blocks until all have joined). The ``ProcessGroupGloo`` is built directly
-    on that store, so ``torch.distributed``'s default group (the learners' DeepSpeed group) is
-    neither needed nor touched. Gloo picks its network interface from the hostname; set
-    ``GLOO_SOCKET_IFNAME`` on multi-homed nodes.
-    """
 
-    def __init__(self, master_addr: str, master_port: int, world_size: int, rank: int,
-                 timeout_s: float = 300.0):
-        import torch.distributed as dist
+@dataclass(frozen=True)
+class ChannelSpec:
+    """Everything a rank needs to join one sync group (picklable; the driver hands it out)."""
 
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
-        timeout = timedelta(seconds=timeout_s)
-        self.rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
-        self._store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0,
-                                    timeout=timeout)
-        self._group = dist.ProcessGroupGloo(dist.PrefixStore("umerl/weight_sync", self._store),
-                                            rank, world_size, timeout)
+    transport: str
+    address: str
+    port: int
+    world_size: int
+    timeout_s: float
+    largest_bucket: int
+    shm_prefix: str = ""
 
-    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+
+def open_channel(spec: ChannelSpec, rank: int, device: torch.device | str = "cpu",
+                 fresh: bool = False) -> Any:
+    """Join the sync group as ``rank`` (0 sends). Every rank must call this concurrently: it
+    blocks until all have joined. ``fresh``: each received bucket in its own memory (for
+    engines that keep references to what they load, as vLLM's layerwise reload does)."""
+    if spec.transport not in TRANSPORTS:
+        raise ValueError(f"unknown weight-sync transport {spec.transport!r} ({TRANSPORTS})")
+    if not 0 <= rank < spec.world_size:
+        raise ValueError(f"rank {rank} is outside a sync group of {spec.world_size}")
+    device = torch.device(device)
+    if spec.transport == "nccl":
+        return BroadcastChannel(_Nccl(spec, rank, device), rank, device, fresh)
+    group = _gloo_group(spec, rank)
+    if spec.transport == "gloo":
+        return BroadcastChannel(_Gloo(group), rank, torch.device("cpu"), fresh)
+    return SharedMemoryChannel(_Gloo(group), spec, rank, fresh)
+
+
+def _gloo_group(spec: ChannelSpec, rank: int) -> Any:
+    """A gloo group of its own (own ``TCPStore``, rank 0 listens): the learners' DeepSpeed
+    group and vLLM's groups are neither needed nor touched. Gloo picks its network interface
+    from the hostname; set ``GLOO_SOCKET_IFNAME`` on multi-homed nodes."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=spec.timeout_s)
+    store = dist.TCPStore(spec.address, spec.port, spec.world_size, is_master=rank == 0,
+                          timeout=timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore("umerl/weight_sync", store), rank,
+                                 spec.world_size, timeout)
+
+
+class _Gloo:
+    """Broadcasts and barriers on a gloo group; both asynchronous, with ``.wait()``."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def broadcast(self, tensor: torch.Tensor) -> Any:
         import torch.distributed as dist
 
         options = dist.BroadcastOptions()
-        options.rootRank, options.rootTensor = src, 0
-        self._group.broadcast([tensor], options).wait()
+        options.rootRank, options.rootTensor = 0, 0
+        return self.group.broadcast([tensor], options)
+
+    def barrier(self) -> None:
+        self.group.allreduce([torch.zeros(1)]).wait()
+
+    def synchronize(self) -> None:
+        """Gloo's waits are complete when they return."""
 
     def close(self) -> None:
-        self._group = None
-        self._store = None
+        self.group = None
 
 
-class NcclBroadcaster(_Broadcaster):
-    """GPU broadcaster: learner rank 0 -> every rollout (vLLM) GPU worker over NCCL.
+class _Nccl:
+    """Broadcasts over vLLM's ``PyNcclCommunicator`` on a side stream (GPU only).
 
-    UNTESTED HERE: the build machines are CPU-only, so no test runs this class; its protocol
-    (everything but ``_broadcast``) is the one ``GlooBroadcaster``'s tests exercise.
-
-    ``torch.distributed.new_group`` can only span ranks of the default group, and the learners'
-    default group (DeepSpeed) does not contain the vLLM workers, which have groups of their own.
-    So, as vLLM's own RLHF weight transfer and TRL's ``VLLMClient`` do, the group is made with
-    ``vllm.distributed.utils.StatelessProcessGroup.create`` (a private ``TCPStore``: rank 0
-    listens on ``master_port``) and the data plane is a
-    ``vllm.distributed.device_communicators.pynccl.PyNcclCommunicator`` on it; with vLLM 0.32
-    (the pinned version) both are made by ``vllm.distributed.weight_transfer.nccl_common.
-    stateless_init_process_group``, which also lifts the NCCL_* settings vLLM pins in its own
-    workers (a peer whose NCCL settings differ can hang). vLLM must therefore be importable on
-    learner rank 0 as well. Using vLLM's NCCL wrapper on both sides also keeps both on the same
-    NCCL library.
-
-    Ranks: 0 is learner rank 0; a vLLM worker with tensor-parallel rank ``t`` in engine ``e``
-    (TP size ``T``) is ``1 + e * T + t``: every TP worker receives full tensors and its model's
-    ``load_weights`` shards them. ``world_size = 1 + engines * T``. Every rank must construct its
-    broadcaster concurrently (e.g. the driver issues the Ray calls on both sides, then waits),
-    and engines must not generate while receiving. Under ZeRO-3 the caller gathers each
-    parameter on learner rank 0 (all learner ranks take part in the gather) before ``send``.
-    Broadcasts run on the current CUDA stream; ``send``/``receive`` synchronise it at the end.
+    ``broadcast`` enqueues on the side stream after the work already queued on the current
+    stream (the packing), and returns an event; ``wait()`` makes the current stream wait for it,
+    so a buffer is refilled, or a received bucket read, only once its broadcast is done.
     """
 
-    def __init__(self, master_addr: str, master_port: int, world_size: int, rank: int,
-                 device: torch.device | int | str | None = None):
-        if not torch.cuda.is_available():
-            raise RuntimeError("NcclBroadcaster needs CUDA, and this process sees no GPU; on "
-                               "CPU use ObjectStoreSender or GlooBroadcaster")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
-        self.rank, self.world_size = rank, world_size
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if device is None
-                       else torch.device(device))
-        if self.device.type != "cuda":
-            raise ValueError(f"NcclBroadcaster needs a CUDA device, got {self.device}")
+    def __init__(self, spec: ChannelSpec, rank: int, device: torch.device):
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError(f"weight-sync transport 'nccl' needs a CUDA device, got {device}; "
+                               "on CPU use rl.weight_sync_transport: shm or gloo")
         try:
             from vllm.distributed.weight_transfer.nccl_common import (
                 stateless_init_process_group,
             )
-        except ImportError:  # older vLLM: the two documented pieces by hand
-            try:
-                from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-                from vllm.distributed.utils import StatelessProcessGroup
-            except ImportError as exc:
-                raise RuntimeError("NcclBroadcaster needs vLLM (its StatelessProcessGroup and "
-                                   "PyNcclCommunicator) on every rank") from exc
+        except ImportError as exc:
+            raise RuntimeError("weight-sync transport 'nccl' needs vLLM (pip install "
+                               "'umerl[gpu]') on learner rank 0 and every rollout worker") from exc
+        self.device = device
+        with torch.cuda.device(device):
+            self.comm = stateless_init_process_group(spec.address, spec.port, rank,
+                                                     spec.world_size, device)
+            self.stream = torch.cuda.Stream(device)
 
-            def stateless_init_process_group(master_address, master_port, rank, world_size,
-                                             device):
-                group = StatelessProcessGroup.create(host=master_address, port=master_port,
-                                                     rank=rank, world_size=world_size)
-                return PyNcclCommunicator(group, device=device)
+    def broadcast(self, tensor: torch.Tensor) -> Any:
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        self.comm.broadcast(tensor, src=0, stream=self.stream)
+        tensor.record_stream(self.stream)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return _StreamWait(event, self.device)
 
-        with torch.cuda.device(self.device):
-            self._comm = stateless_init_process_group(master_addr, master_port, rank, world_size,
-                                                      self.device)
-
-    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        self._comm.broadcast(tensor, src=src)
-
-    def _synchronize(self) -> None:
+    def synchronize(self) -> None:
+        self.stream.synchronize()
         torch.cuda.current_stream(self.device).synchronize()
 
     def close(self) -> None:
-        destroy = getattr(self._comm, "destroy", None)
+        destroy = getattr(self.comm, "destroy", None)
         if callable(destroy):
             destroy()
-        self._comm = None
+        self.comm = None
+
+
+@dataclass
+class _StreamWait:
+    event: Any
+    device: torch.device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
+class BroadcastChannel:
+    """Bucket bytes carried by a broadcast (NCCL on GPU, gloo on CPU), double-buffered."""
+
+    def __init__(self, collective: Any, rank: int, device: torch.device, fresh: bool):
+        self.collective, self.rank, self.device, self.fresh = collective, rank, device, fresh
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._works: list[Any] = [None, None]
+        self._received: dict[int, torch.Tensor] = {}
+
+    def _buffer(self, slot: int, size: int) -> torch.Tensor:
+        buf = self._buffers[slot]
+        if self.fresh or buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            if not self.fresh:
+                self._buffers[slot] = buf
+        return buf[:size]
+
+    def _wait(self, slot: int) -> None:
+        if self._works[slot] is not None:
+            self._works[slot].wait()
+            self._works[slot] = None
+
+    # sender
+    def send_buffer(self, k: int, size: int) -> torch.Tensor:
+        self._wait(k % 2)  # bucket k-2 has left this buffer
+        buf = self._buffer(k % 2, size)
+        self._pending = buf
+        return buf
+
+    def post(self, k: int) -> None:
+        self._works[k % 2] = self.collective.broadcast(self._pending)
+
+    # receiver: bucket k+1 is posted before bucket k is handed out
+    def receive(self, k: int, sizes: Sequence[int]) -> torch.Tensor:
+        if k == 0:
+            self._post_receive(0, sizes[0])
+        if k + 1 < len(sizes):
+            self._post_receive(k + 1, sizes[k + 1])
+        self._wait(k % 2)
+        return self._received.pop(k)
+
+    def _post_receive(self, k: int, size: int) -> None:
+        buf = self._buffer(k % 2, size)
+        self._received[k] = buf
+        self._works[k % 2] = self.collective.broadcast(buf)
+
+    def finish(self) -> None:
+        self._wait(0)
+        self._wait(1)
+        self.collective.synchronize()
+        self._received.clear()
+
+    def close(self) -> None:
+        self.collective.close()
+
+
+class SharedMemoryChannel:
+    """Bucket bytes through two shared-memory slots on one node; gloo carries the barriers.
+
+    Per bucket k, every rank enters barrier k once the sender has packed bucket k into slot
+    k%2 and each receiver has finished bucket k-1. After it, the receivers read slot k%2 while
+    the sender packs bucket k+1 into the other slot (whose last reader, bucket k-1, is done).
+    ``finish`` is one more barrier, so the next sync cannot overwrite a slot still being read.
+    The slot files are unlinked as soon as every rank has mapped them: nothing is left behind.
+    """
+
+    def __init__(self, gloo: _Gloo, spec: ChannelSpec, rank: int, fresh: bool):
+        self.gloo, self.rank, self.fresh = gloo, rank, fresh
+        size = max(int(spec.largest_bucket), 1)
+        paths = [f"{spec.shm_prefix}-{slot}" for slot in (0, 1)]
+        if rank == 0:
+            for path in paths:
+                with open(path, "wb") as f:
+                    f.truncate(size)
+        self.gloo.barrier()  # the files exist
+        self.slots = [torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+                      for path in paths]
+        self.gloo.barrier()  # every rank has mapped them
+        if rank == 0:
+            for path in paths:
+                os.unlink(path)
+
+    def send_buffer(self, k: int, size: int) -> torch.Tensor:
+        return self.slots[k % 2][:size]
+
+    def post(self, k: int) -> None:
+        self.gloo.barrier()
+
+    def receive(self, k: int, sizes: Sequence[int]) -> torch.Tensor:
+        self.gloo.barrier()
+        view = self.slots[k % 2][:sizes[k]]
+        return view.clone() if self.fresh else view
+
+    def finish(self) -> None:
+        self.gloo.barrier()
+
+    def close(self) -> None:
+        self.slots = []
+        self.gloo.close()
+
+
+def shm_free_bytes() -> int:
+    """Free bytes in /dev/shm (0 where there is none): the ``shm`` transport needs two slots."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return 0
+
+
+def iter_named(tensors: Mapping[str, torch.Tensor], plan: BucketPlan
+               ) -> Iterator[list[torch.Tensor]]:
+    """The per-bucket tensor lists ``WeightSender.send`` takes, from tensors by name."""
+    for bucket in plan.buckets:
+        yield [tensors[m.name] for m in bucket]

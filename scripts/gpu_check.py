@@ -135,12 +135,12 @@ def sft_checks(tag: str, cfg, model_dir: str) -> None:
 def learner_checks(tag: str, cfg, model_dir: str) -> None:
     import torch
 
-    from rollout.engine import SamplingParams
     from rollout.transformers_engine import TransformersEngine
-    from rollout.weight_sync import tensors_digest
+    from rollout.weight_sync import BucketPlan, Digest
     from umerl.data import read_rl_pairs
     from umerl.learner import Learner, StepShard
     from umerl.model import load_policy
+    from umerl.sampling import SamplingParams
 
     learner = Learner(cfg, model_dir, model_dir)
     policy_device = next(learner.engine.module.parameters()).device
@@ -151,7 +151,13 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
           f"policy {learner.engine.device}, reference {sorted(map(str, reference_devices))}")
     pairs, _ = read_rl_pairs(cfg.rl.data[0])
     engine = TransformersEngine(learner.bundle)
-    start_digest = tensors_digest(learner.full_trainable_weights(1 << 20))
+    plan = BucketPlan.build(learner.weight_specs(), 1 << 20)
+
+    def synced_weights() -> dict:  # what a weight sync sends: full tensors, bucket by bucket
+        return {m.name: t.detach().cpu().clone() for metas, group in
+                zip(plan.buckets, learner.weight_buckets(plan)) for m, t in zip(metas, group)}
+
+    start_digest = Digest.of(plan, synced_weights())
     losses = []
     for step in (1, 2):
         batch = pairs[2 * step - 2:2 * step]
@@ -162,18 +168,19 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
                                                                            10 * step + 3])
         learner.bundle.model.train()
         losses.append(learner.step(StepShard(step, batch, 0, q, t))["actor/loss"])
-    weights = learner.full_trainable_weights(1 << 20)
+    weights = synced_weights()
+    digest = Digest.of(plan, weights)
     check(f"{tag} learner steps finite and update the policy", all(map(math.isfinite, losses))
-          and tensors_digest(weights) != start_digest, " ".join(f"{v:.3e}" for v in losses))
-    full = all(t.numel() > 0 for _, t in weights)
+          and digest != start_digest, " ".join(f"{v:.3e}" for v in losses))
+    full = all(t.numel() > 0 for t in weights.values())
     saved = learner.save(2, {"data": {}})
     exported = load_policy(saved, dtype=str(cfg.model.dtype)).model.state_dict()
-    common = [(n, t) for n, t in weights if n in exported]
+    common = [(n, t) for n, t in weights.items() if n in exported]
     same = all(torch.equal(exported[n].to(t.dtype), t.cpu()) for n, t in common)
     check(f"{tag} learner weights for rollouts: full tensors, equal to the checkpoint",
           full and same and len(common) > 10,
           f"{len(common)} of {len(weights)} tensors compared, digest "
-          f"{tensors_digest(weights)[:12]}")
+          f"{digest[:12]}")
 
 
 def main(argv: list[str] | None = None) -> int:

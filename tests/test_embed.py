@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from rollout.engine import SamplingParams
 from rollout.transformers_engine import TransformersEngine
 from umerl.data import Side
 from umerl.embed import disc_embeddings, forward_embeddings, gen_embeddings
 from umerl.inputs import video_patches
 from umerl.prompts import render_prompt
+from umerl.sampling import SamplingParams
 from umerl.tokens import DISC_EMB, GEN_EMB, format_completion
 
 INSTRUCTION = (

@@ -37,11 +37,11 @@ def plugin_module(tmp_path, monkeypatch) -> str:
 
 
 def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
-    from rollout.engine import SamplingParams
     from rollout.transformers_engine import TransformersEngine
     from umerl import dist as udist
     from umerl.data import read_rl_pairs
     from umerl.learner import Learner, StepShard
+    from umerl.sampling import SamplingParams
 
     udist.init_single_process()
     cfg = load_recipe(None, [
@@ -81,15 +81,16 @@ def test_file_and_module_plugins_run_inside_a_learner_step(
 
 def test_a_failing_plugin_stops_the_step_before_any_update(
         tiny_model_dir, benchmark_manifest, tmp_path, plugin_module):
-    from rollout.weight_sync import weights_digest
+    from rollout.weight_sync import BucketPlan, Digest
 
     rewards = [{"name": "format"}, {"name": f"{plugin_module}:Exploding", "label": "judge"}]
     learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
-    names = [n for n, _ in learner.trainable_named_parameters()]
-    before = weights_digest(learner.bundle.model, names)
+    params = dict(learner.bundle.model.named_parameters())
+    plan = BucketPlan.of(learner.trainable_named_parameters(), 1 << 20)
+    before = Digest.of(plan, params)
     with pytest.raises(RewardError) as err:
         learner.step(shard)
     message = str(err.value)
     assert "judge" in message and "my_rewards" in message
     assert "judge model is offline" in message and "RuntimeError" in message
-    assert weights_digest(learner.bundle.model, names) == before  # nothing was updated
+    assert Digest.of(plan, params) == before  # nothing was updated

@@ -88,35 +88,107 @@ def test_rollout_pool_size_does_not_change_rewards(local_ray, tiny_model_dir,
     assert rewards[1] == rewards[2]
 
 
+def learner_weights(learners) -> dict[str, torch.Tensor]:
+    """The learners' full trainable weights, read the way a sync reads them (every rank takes
+    part in the ZeRO-3 gathers), independently of the sync's own code path."""
+    import ray
+
+    def read(actor_self, plan):
+        buckets = actor_self.learner.weight_buckets(plan)
+        out = {m.name: t.detach().cpu().clone() for bucket, group in zip(plan.buckets, buckets)
+               for m, t in zip(bucket, group)}
+        return out if actor_self.rank == 0 else None
+
+    plan = ray.get(learners.actors[0].__ray_call__.remote(lambda a: a.plan))
+    return ray.get([a.__ray_call__.remote(read, plan) for a in learners.actors])[0]
+
+
+def rollout_weights(rollout, names) -> list[dict[str, torch.Tensor]]:
+    import ray
+
+    def read(actor_self):
+        params = dict(actor_self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in names}
+
+    return ray.get([a.__ray_call__.remote(read) for a in rollout.actors])
+
+
+@pytest.mark.parametrize("zero,transport", [(2, "shm"), (3, "shm"), (2, "gloo"), (3, "gloo")])
 def test_weight_sync_makes_rollout_weights_bit_equal(local_ray, tiny_model_dir,
-                                                     benchmark_manifest, tmp_path):
-    from rollout.engine import SamplingParams
+                                                     benchmark_manifest, tmp_path, zero,
+                                                     transport):
+    """2 learner ranks (ZeRO-2 or ZeRO-3: full tensors gathered bucket by bucket, not shards)
+    -> 2 rollout actors, through the loop's own WeightSync: after a step's sync every rollout
+    actor holds the learners' weights bit for bit; after an update without a sync it does not,
+    and the digest check says so."""
     from rollout.pool import RolloutPool
-    from umerl.learner import LearnerPool
-    from umerl.rl import load_rl_datasets, rl_step
+    from umerl.learner import LearnerPool, StepShard
+    from umerl.rl import WeightSync, load_rl_datasets, rl_step
+    from umerl.sampling import SamplingParams
     from umerl.sft_data import ContrastiveBatcher
 
-    cfg = rl_config(tmp_path / "sync", benchmark_manifest.parent, "learner.num_workers=1",
-                    "rollout.num_workers=1")
+    cfg = rl_config(tmp_path / "sync", benchmark_manifest.parent, "learner.num_workers=2",
+                    f"learner.zero_stage={zero}", "rollout.num_workers=2",
+                    "rollout.cpus_per_worker=0.25", "learner.cpus_per_worker=0.25",
+                    f"rl.weight_sync_transport={transport}", "rl.weight_sync_bucket_mb=0.1")
     learners = LearnerPool(cfg, str(tiny_model_dir), str(tiny_model_dir))
     rollout = RolloutPool(cfg.rollout, str(tiny_model_dir))
     try:
-        names = learners.trainable_names()
-        assert rollout.digests(names) == [learners.digest()]  # same starting checkpoint
+        link = WeightSync.connect(cfg, learners, rollout)
+        assert link.transport == transport and len(link.plan.buckets) > 2
+        link.sync(digest=True)
         sampler = ContrastiveBatcher(load_rl_datasets(cfg, str(tiny_model_dir)), 2, seed=0)
-        sampling = SamplingParams(max_new_tokens=8)
-        metrics = rl_step(cfg, 1, sampler, rollout, learners, sampling)
-        assert rollout.digests(names) == [learners.digest()]
-        assert metrics["weight_sync/bytes"] > 0 and metrics["timing/weight_sync"] > 0
-        # without a sync the two would now differ: step the learners alone once more
-        before = learners.digest()
-        from umerl.learner import StepShard
-
+        start = learner_weights(learners)
+        metrics = rl_step(cfg, 1, sampler, rollout, learners, SamplingParams(max_new_tokens=8),
+                          link)
+        assert metrics["weight_sync/bytes"] == link.plan.bytes > 0
+        assert metrics["timing/weight_sync"] > 0 and metrics["weight_sync/gb_per_s"] > 0
+        updated = learner_weights(learners)
+        assert all(t.numel() > 0 for t in updated.values())  # full tensors, not (0,) shards
+        assert any(not torch.equal(updated[n], start[n]) for n in updated)
+        for held in rollout_weights(rollout, list(updated)):
+            assert all(torch.equal(held[n], updated[n]) for n in updated)
+        # an update the rollout never receives: the digests disagree and the check says so
         _, pairs = sampler.next_batch()
-        shard = StepShard(2, pairs, 0, [[[5, 6]] * 2] * 2, [[[7, 8]] * 2] * 2)
-        learners.step([shard])
-        assert learners.digest() != before
-        assert rollout.digests(names) != [learners.digest()]
+        shards = [StepShard(2, pairs[i:i + 1], i, [[[5, 6]] * 2], [[[7, 8]] * 2])
+                  for i in (0, 1)]
+        learners.step(shards)
+        assert any(not torch.equal(learner_weights(learners)[n], updated[n]) for n in updated)
+        link.sync(digest=True)  # ... until the next sync, which checks them again
+        for held in rollout_weights(rollout, list(updated)):
+            assert all(torch.equal(held[n], t) for n, t in learner_weights(learners).items())
+    finally:
+        rollout.shutdown()
+        learners.shutdown()
+
+
+def test_a_rollout_actor_killed_before_a_sync_fails_it_within_the_timeout(
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
+    """A receiver gone mid-run: the sync raises a one-line WorkerError naming the dead actor,
+    within rl.weight_sync_timeout_s, instead of hanging in the collective."""
+    import time
+
+    import ray
+
+    from rollout.pool import RolloutPool
+    from umerl.learner import LearnerPool
+    from umerl.remote import WorkerError
+    from umerl.rl import WeightSync
+
+    cfg = rl_config(tmp_path / "kill", benchmark_manifest.parent, "learner.num_workers=1",
+                    "rollout.num_workers=2", "rl.weight_sync_timeout_s=20")
+    learners = LearnerPool(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    rollout = RolloutPool(cfg.rollout, str(tiny_model_dir))
+    try:
+        link = WeightSync.connect(cfg, learners, rollout)
+        link.sync()
+        ray.kill(rollout.actors[1])
+        start = time.monotonic()
+        with pytest.raises(WorkerError) as err:
+            link.sync()
+        assert time.monotonic() - start < 20 + 5
+        assert str(err.value).startswith("rollout actor 1: actor died")
+        assert "\n" not in str(err.value)
     finally:
         rollout.shutdown()
         learners.shutdown()

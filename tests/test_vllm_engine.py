@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout.engine import SamplingParams
 from rollout.vllm_engine import (
     bucket_size,
     combine_digests,
@@ -32,6 +31,7 @@ from rollout.vllm_engine import (
     unpack_bucket,
 )
 from umerl.data import Side
+from umerl.sampling import SamplingParams
 from umerl.tokens import (
     DISC_EMB,
     ENDOFTEXT,

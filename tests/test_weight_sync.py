@@ -1,200 +1,48 @@
-"""Weight sync: bucketing, bit-exact loading, the object-store path on a real local Ray, and the
-gloo broadcaster between two real processes (the protocol the GPU NCCL path shares)."""
+"""Weight sync protocol: the bucket plan, the digest (against hashlib by hand), and the shm and
+gloo byte paths between real ranks (threads, and a killed process mid-stream). The loop's own
+use (learner actors -> rollout actors) is in test_rl.py; vLLM workers in test_vllm_engine.py."""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import multiprocessing as mp
 import socket
-import sys
-import warnings
+import threading
+import time
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from rollout.weight_sync import (
-    GlooBroadcaster,
-    NcclBroadcaster,
-    ObjectStoreSender,
-    load_weights,
-    pack_buckets,
-    receive,
-    unpack_bucket,
-    weights_digest,
+    ALIGN,
+    BucketPlan,
+    ChannelSpec,
+    Digest,
+    WeightReceiver,
+    WeightSender,
+    bucket_views,
+    fill_bucket,
+    iter_named,
+    load_into,
+    open_channel,
 )
 
 
-class TinyNet(nn.Module):
-    """A 2-layer MLP on top of a (frozen, bfloat16) embedding, plus a buffer."""
-
-    def __init__(self, seed: int):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.embed = nn.Embedding(50, 16).to(torch.bfloat16)
-        self.embed.weight.requires_grad_(False)
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 8).to(torch.float16)
-        self.register_buffer("scale", torch.full((8,), float(seed)))
-
-
-def trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [(n, p.detach()) for n, p in model.named_parameters() if p.requires_grad]
+def mixed_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": torch.randn(10, generator=g),                                # float32, 40 B
+        "b": torch.randn(3, 4, generator=g).to(torch.bfloat16),           # bfloat16, 24 B
+        "c": torch.tensor(float("nan"), dtype=torch.float16),             # 0-d, 2 B
+        "big": torch.randn(300_000, generator=g),                         # 1.2 MB, alone
+        "d": torch.arange(5, dtype=torch.int64) - 2**40,                  # int64, 40 B
+        "e": torch.empty(0, 7),                                           # empty
+        "f": torch.randn(1000, generator=g).to(torch.bfloat16),
+    }
 
 
 def raw(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def mixed_tensors() -> list[tuple[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        ("a", torch.randn(10, generator=g)),                                # float32, 40 B
-        ("b", torch.randn(3, 4, generator=g).to(torch.bfloat16)),           # bfloat16, 24 B
-        ("c", torch.tensor(float("nan"), dtype=torch.float16)),             # 0-d, 2 B
-        ("big", torch.randn(300_000, generator=g)),                         # 1.2 MB
-        ("d", torch.arange(5, dtype=torch.int64) - 2**40),                  # int64, 40 B
-        ("e", torch.empty(0, 7)),                                           # empty
-    ]
-
-
-# Hand-computed with 64-byte aligned offsets, e.g. bucket_bytes=256: [a@0 b@64 c@128] | [big]
-# | [d@0 e@64]; bucket_bytes=64: [a] [b] [c] [big] [d e@64].
-@pytest.mark.parametrize("bucket_bytes,expected", [(64, 5), (256, 3), (1 << 20, 3), (64 << 20, 1)])
-def test_pack_unpack_round_trip(bucket_bytes: int, expected: int) -> None:
-    tensors = mixed_tensors()
-    buckets = pack_buckets(tensors, bucket_bytes)
-    assert len(buckets) == expected
-    for bucket in buckets:
-        buf = bucket.buffer
-        assert isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1
-        assert buf.flags.c_contiguous
-        assert buf.nbytes <= bucket_bytes or len(bucket.metas) == 1
-        assert all(m.offset % 64 == 0 for m in bucket.metas)
-    big = next(b for b in buckets if any(m.name == "big" for m in b.metas))
-    assert len(big.metas) == 1 or bucket_bytes > 1_200_000
-    out = [pair for bucket in buckets for pair in unpack_bucket(bucket)]
-    assert [n for n, _ in out] == [n for n, _ in tensors]
-    for (_, src), (_, dst) in zip(tensors, out, strict=True):
-        assert dst.dtype == src.dtype and dst.shape == src.shape
-        assert raw(dst) == raw(src)  # bit for bit, NaN included
-
-
-def test_unpacked_tensors_view_the_buffer_and_pack_copies_noncontiguous() -> None:
-    src = torch.arange(24, dtype=torch.float32).reshape(4, 6).t()  # non-contiguous
-    (bucket,) = pack_buckets([("t", src)])
-    (_, view), = unpack_bucket(bucket)
-    assert torch.equal(view, src)
-    start = bucket.buffer.ctypes.data
-    assert start <= view.data_ptr() < start + bucket.buffer.nbytes  # a view, not a copy
-
-
-def test_pack_rejects_duplicates_and_bad_bucket_size() -> None:
-    with pytest.raises(ValueError, match="'x'"):
-        pack_buckets([("x", torch.ones(2)), ("x", torch.ones(2))])
-    with pytest.raises(ValueError):
-        pack_buckets([("x", torch.ones(2))], bucket_bytes=0)
-
-
-def test_load_weights_is_bit_exact_and_names_bad_parameters() -> None:
-    src, dst = TinyNet(0), TinyNet(1)
-    assert weights_digest(src) != weights_digest(dst)
-    names = [n for n, _ in src.named_parameters()] + ["scale"]
-    tensors = [(n, t) for n, t in list(src.named_parameters()) + list(src.named_buffers())]
-    loaded = load_weights(dst, tensors)
-    assert loaded == sum(t.numel() * t.element_size() for _, t in tensors)
-    assert weights_digest(dst, names) == weights_digest(src, names)
-    assert isinstance(dst.fc1.weight, nn.Parameter) and dst.fc1.weight.requires_grad
-
-    other = TinyNet(2)
-    before = weights_digest(other)
-    good = ("fc1.bias", src.fc1.bias.detach())
-    with pytest.raises(ValueError, match="fc9.weight"):
-        load_weights(other, [good, ("fc9.weight", torch.zeros(3))])
-    with pytest.raises(ValueError, match=r"fc2\.weight.*shape"):
-        load_weights(other, [good, ("fc2.weight", torch.zeros(8, 31, dtype=torch.float16))])
-    with pytest.raises(ValueError, match=r"fc2\.weight.*dtype"):
-        load_weights(other, [good, ("fc2.weight", torch.zeros(8, 32))])
-    assert weights_digest(other) == before  # checked before the first copy: nothing loaded
-    assert load_weights(other, [good, ("fc9.weight", torch.zeros(3))], strict=False) == 32 * 4
-    assert torch.equal(other.fc1.bias, src.fc1.bias)
-    with pytest.raises(ValueError, match="nope"):
-        weights_digest(other, ["nope"])
-
-
-def test_nccl_broadcaster_refuses_without_cuda() -> None:
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="CUDA"):
-        NcclBroadcaster("127.0.0.1", 1, 2, 0)
-
-
-# --- object store, real local Ray ------------------------------------------------------------
-
-
-class Holder:
-    """A rollout-actor stand-in holding its own copy of the model."""
-
-    def __init__(self, seed: int):
-        torch.set_num_threads(1)
-        self.model = TinyNet(seed)
-
-    def digest(self, names: list[str]) -> str:
-        return weights_digest(self.model, names)
-
-    def receive(self, payload) -> tuple[int, int]:
-        stats = receive(payload, self.model)
-        return stats.bytes, stats.tensors
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers can't import tests/
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             object_store_memory=256 << 20, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
-def test_object_store_sync_of_trainable_subset(local_ray) -> None:
-    ray = local_ray
-    src = TinyNet(0)
-    with torch.no_grad():  # a "training update" on the trainable parameters
-        for _, p in trainable(src):
-            p.add_(0.5)
-    actor = ray.remote(Holder).options(num_cpus=1).remote(seed=1)
-    train_names = [n for n, _ in trainable(src)]
-    frozen = ["embed.weight", "scale"]
-    frozen_before = ray.get(actor.digest.remote(frozen))
-    assert ray.get(actor.digest.remote(train_names)) != weights_digest(src, train_names)
-
-    payload = ObjectStoreSender(bucket_bytes=1024).publish(trainable(src))
-    assert len(payload.refs) > 1 and payload.tensors == 4
-    assert payload.bytes == sum(t.numel() * t.element_size() for _, t in trainable(src))
-    fetched = ray.get(payload.refs[0])  # zero-copy: a read-only view of shared memory
-    assert not fetched.buffer.flags.writeable
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert len(list(unpack_bucket(fetched))) == len(fetched.metas)
-    del fetched
-
-    assert ray.get(actor.receive.remote(payload)) == (payload.bytes, payload.tensors)
-    assert ray.get(actor.digest.remote(train_names)) == weights_digest(src, train_names)
-    assert ray.get(actor.digest.remote(frozen)) == frozen_before != weights_digest(src, frozen)
-
-    bad = ObjectStoreSender().publish([("fc1.weight", torch.zeros(3, 3))])
-    with pytest.raises(ray.exceptions.RayTaskError, match="fc1.weight"):
-        ray.get(actor.receive.remote(bad))
-    assert ray.get(actor.digest.remote(train_names)) == weights_digest(src, train_names)
-    ray.kill(actor)
-
-
-# --- gloo broadcaster between two processes --------------------------------------------------
 
 
 def free_port() -> int:
@@ -203,71 +51,164 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def gloo_receiver(port: int, results) -> None:
-    """Rank 1: has a default process group of its own (like a learner's), receives 3 syncs."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        model = TinyNet(1)
-        names = [n for n, _ in trainable(model)]
-        bcast = GlooBroadcaster("127.0.0.1", port, world_size=2, rank=1, timeout_s=60)
-        for _ in range(4):
-            try:
-                stats = bcast.receive(model)
-                results.put(("ok", weights_digest(model, names), stats.bytes,
-                             weights_digest(model, ["embed.weight"])))
-            except (ValueError, RuntimeError) as exc:
-                results.put(("error", type(exc).__name__, str(exc)))
-        results.put(("default_group", dist.get_world_size()))
-        bcast.close()
-        dist.destroy_process_group()
-    except Exception as exc:  # surface anything else to the test instead of a timeout
-        results.put(("crash", repr(exc)))
+def test_plan_packs_greedily_aligned_and_rebuilds_from_its_specs():
+    tensors = mixed_tensors()
+    plan = BucketPlan.of(tensors.items(), bucket_bytes=4096)
+    assert [[m.name for m in b] for b in plan.buckets] == [["a", "b", "c"], ["big"],
+                                                           ["d", "e", "f"]]
+    for bucket, size in zip(plan.buckets, plan.sizes, strict=True):
+        assert all(m.offset % ALIGN == 0 for m in bucket)
+        assert size == bucket[-1].offset + bucket[-1].nbytes
+    assert plan.bytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert BucketPlan.build(plan.specs(), plan.bucket_bytes) == plan
+    with pytest.raises(ValueError, match="twice"):
+        BucketPlan.build([("x", [2], "float32"), ("x", [2], "float32")], 64)
+    with pytest.raises(ValueError, match="cannot be synced"):
+        BucketPlan.build([("x", [2], "complex64")], 64)
 
 
-def test_gloo_broadcast_between_processes() -> None:
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
+def test_fill_and_views_are_bit_exact_for_every_dtype():
+    tensors = mixed_tensors()
+    plan = BucketPlan.of(tensors.items(), bucket_bytes=4096)
+    for metas, size, group in zip(plan.buckets, plan.sizes, iter_named(tensors, plan),
+                                  strict=True):
+        flat = torch.zeros(size, dtype=torch.uint8)
+        fill_bucket(flat, metas, group)
+        for name, view in bucket_views(flat, metas):
+            assert view.dtype == tensors[name].dtype and view.shape == tensors[name].shape
+            assert raw(view) == raw(tensors[name])  # NaN and int64 included: bytes, not values
 
-    had_default_group = dist.is_initialized()  # earlier tests in this process may have one
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    child = ctx.Process(target=gloo_receiver, args=(port, results), daemon=True)
+
+def test_digest_matches_hashlib_by_hand_and_is_dtype_and_order_sensitive():
+    tensors = mixed_tensors()
+    plan = BucketPlan.of(tensors.items(), bucket_bytes=4096)
+    by_hand = hashlib.sha256()
+    for name in plan.names:
+        t = tensors[name]
+        by_hand.update(f"{name}|{str(t.dtype)[6:]}|{tuple(t.shape)}\n".encode() + raw(t))
+    assert Digest.of(plan, tensors) == by_hand.hexdigest()
+    streamed = Digest()
+    for metas, group in zip(plan.buckets, iter_named(tensors, plan), strict=True):
+        streamed.update(zip([m.name for m in metas], group, strict=True))
+    assert streamed.hexdigest() == by_hand.hexdigest()
+    as_half = dict(tensors, a=tensors["a"].half().float())  # rounded: other bytes
+    assert Digest.of(plan, as_half) != by_hand.hexdigest()
+    reordered = BucketPlan.of(reversed(list(tensors.items())), bucket_bytes=4096)
+    assert Digest.of(reordered, tensors) != by_hand.hexdigest()
+
+
+def run_group(transport: str, syncs: list[dict[str, torch.Tensor]], receivers: int,
+              bucket_bytes: int, slow: bool = False) -> tuple[list[str], list[list[dict]]]:
+    """Sender + ``receivers`` receiver ranks in threads; every sync's weights into every
+    receiver's own tensors. Returns the sender's digests and each receiver's copies."""
+    plan = BucketPlan.of(syncs[0].items(), bucket_bytes)
+    spec = ChannelSpec(transport, "127.0.0.1", free_port(), 1 + receivers, 30.0, plan.largest,
+                       shm_prefix=f"/dev/shm/umerl-test-{free_port()}")
+    sent: list[str] = []
+    got: list[list[dict]] = [[] for _ in range(receivers)]
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            s = WeightSender(open_channel(spec, 0), plan)
+            for weights in syncs:
+                sent.append(s.send(iter_named(weights, plan), digest=True).digest)
+            s.close()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+
+    def receiver(i: int) -> None:
+        try:
+            mine = {n: torch.zeros_like(t) for n, t in syncs[0].items()}
+            copy = load_into(mine)
+
+            def sink(views):
+                if slow and i == 0:
+                    time.sleep(0.01)  # the sender runs ahead: slots must not be overwritten
+                copy(views)
+
+            r = WeightReceiver(open_channel(spec, 1 + i), plan, sink)
+            for _ in syncs:
+                stats = r.receive(digest=True)
+                assert stats.digest == Digest.of(plan, mine)
+                got[i].append({n: t.clone() for n, t in mine.items()})
+            r.close()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sender)] + [
+        threading.Thread(target=receiver, args=(i,)) for i in range(receivers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return sent, got
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_two_receivers_get_every_sync_bit_exact(transport):
+    """Three syncs of different weights, buckets of 4 KB (odd and even bucket counts use both
+    slots), one receiver slow: each receiver ends each sync with exactly the sender's bytes."""
+    syncs = [mixed_tensors(seed) for seed in (1, 2, 3)]
+    sent, got = run_group(transport, syncs, receivers=2, bucket_bytes=4096, slow=True)
+    for k, weights in enumerate(syncs):
+        plan = BucketPlan.of(weights.items(), 4096)
+        assert sent[k] == Digest.of(plan, weights)
+        for copies in got:
+            assert all(raw(copies[k][n]) == raw(weights[n]) for n in weights)
+    assert len(set(sent)) == 3
+
+
+def _dying_receiver(spec: ChannelSpec, specs, bucket_bytes: int) -> None:
+    import os
+
+    plan = BucketPlan.build(specs, bucket_bytes)
+    count = [0]
+
+    def sink(views):
+        count[0] += 1
+        if count[0] == 2:
+            os._exit(3)  # killed mid-stream, after one bucket
+
+    WeightReceiver(open_channel(spec, 1), plan, sink).receive()
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_receiver_killed_mid_stream_fails_the_sender_fast(transport):
+    weights = {f"w{i}": torch.randn(50_000) for i in range(8)}  # 8 buckets of 200 KB
+    plan = BucketPlan.of(weights.items(), 200_000)
+    spec = ChannelSpec(transport, "127.0.0.1", free_port(), 2, 20.0, plan.largest,
+                       shm_prefix=f"/dev/shm/umerl-test-{free_port()}")
+    child = mp.get_context("spawn").Process(target=_dying_receiver,
+                                            args=(spec, plan.specs(), plan.bucket_bytes))
     child.start()
-    try:
-        src = TinyNet(0)
-        names = [n for n, _ in trainable(src)]
-        frozen_child = weights_digest(TinyNet(1), ["embed.weight"])
-        bcast = GlooBroadcaster("127.0.0.1", port, world_size=2, rank=0, timeout_s=60)
-        sent = bcast.send(trainable(src), bucket_bytes=1500)  # several buckets
-        first = results.get(timeout=60)
-        assert first == ("ok", weights_digest(src, names), sent.bytes, frozen_child), first
+    sender = WeightSender(open_channel(spec, 0), plan)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        for _ in range(3):
+            sender.send(iter_named(weights, plan))
+    assert time.monotonic() - start < 20.0  # the broken connection, not the timeout
+    child.join(timeout=30)
+    assert child.exitcode == 3
 
-        # A bad entry in the first of several buckets: the receiver drains the rest of the
-        # stream, then raises naming the parameter ...
-        bcast.send([("ghost", torch.ones(4)), *trainable(src)], bucket_bytes=1500)
-        kind, error, message = results.get(timeout=60)
-        assert (kind, error) == ("error", "ValueError") and "ghost" in message
-        # A sender that fails after its first bucket went out tells the receivers so.
-        duplicate = [*trainable(src)[:2], ("fc1.weight", src.fc1.weight.detach())]
-        with pytest.raises(ValueError, match="twice"):
-            bcast.send(duplicate, bucket_bytes=1500)
-        kind, error, message = results.get(timeout=60)
-        assert (kind, error) == ("error", "RuntimeError") and "sender failed" in message
-        # ... and the group stays usable: the next sync lands bit for bit.
-        with torch.no_grad():
-            src.fc2.weight.mul_(-3)
-        bcast.send(trainable(src), bucket_bytes=1 << 20)
-        assert results.get(timeout=60)[:2] == ("ok", weights_digest(src, names))
-        assert results.get(timeout=60) == ("default_group", 1)
-        # the broadcaster neither created nor replaced a default group here
-        assert dist.is_initialized() == had_default_group
-        bcast.close()
-    finally:
-        child.join(timeout=30)
-        if child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
+
+def test_a_plan_that_does_not_match_the_model_fails_before_any_byte_moves():
+    model = torch.nn.Linear(4, 3)
+    targets = dict(model.named_parameters())
+    good = BucketPlan.of(targets.items(), 1024)
+    good.check_targets(targets, "the rollout model")
+    wrong = BucketPlan.build([("weight", [3, 4], "bfloat16"), ("bias", [3], "float32")], 1024)
+    with pytest.raises(ValueError, match=r"'weight' is \(3, 4\) float32.*bfloat16"):
+        wrong.check_targets(targets, "the rollout model")
+    with pytest.raises(ValueError, match="has no parameter 'extra'"):
+        BucketPlan.build([("extra", [1], "float32")], 64).check_targets(targets, "it")
+
+
+def test_unknown_transport_and_nccl_without_cuda_are_clear_errors():
+    spec = ChannelSpec("rdma", "127.0.0.1", 1, 2, 1.0, 64)
+    with pytest.raises(ValueError, match="unknown weight-sync transport 'rdma'"):
+        open_channel(spec, 0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            open_channel(ChannelSpec("nccl", "127.0.0.1", 1, 2, 1.0, 64), 0)

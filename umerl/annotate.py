@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rollout.engine import SamplingParams
 from rollout.transformers_engine import TransformersEngine
 from umerl.data import COMPLETION_PATTERN, Pair, Side, read_rl_pairs
 from umerl.prompts import user_content
+from umerl.sampling import SamplingParams
 from umerl.tokens import format_completion
 
 REASON_INSTRUCTION = (

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.engine import RolloutEngine, SamplingParams
 from umerl.data import Side
 from umerl.inputs import EncodedPrompt
 from umerl.model import PolicyBundle
 from umerl.policy import PolicyModule
+from umerl.sampling import RolloutEngine, SamplingParams
 
 
 @torch.no_grad()

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rollout.engine import RolloutEngine, SamplingParams
 from umerl import metrics
 from umerl.console import Progress
 from umerl.data import EvalQuery, Side, read_eval_queries
 from umerl.embed import disc_embeddings, gen_embeddings
 from umerl.inputs import check_prompt_lengths
 from umerl.model import PolicyBundle
+from umerl.sampling import RolloutEngine, SamplingParams
 from umerl.tasks import TaskSpec
 
 MODES = ("disc", "gen")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,22 +211,27 @@ class Learner:
         return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
                 if p.requires_grad]
 
-    def full_trainable_weights(self, bucket_bytes: int) -> list[tuple[str, torch.Tensor]] | None:
-        """The trainable weights as full tensors on rank 0 (None elsewhere). Under ZeRO-3 a
-        collective: every rank gathers bucket by bucket, never the whole model at once, and
-        rank 0 keeps CPU copies."""
-        named = self.trainable_named_parameters()
-        if int(self.lcfg.zero_stage) != 3:
-            return named if self.rank == 0 else None
-        import deepspeed
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        """(name, full shape, dtype) of every trainable parameter, in model order: what a
+        weight sync moves (under ZeRO-3 the full shapes, not this rank's shards)."""
+        return [(n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+                for n, p in self.bundle.model.named_parameters() if p.requires_grad]
 
+    def weight_buckets(self, plan: Any) -> Iterator[list[torch.Tensor]]:
+        """Each bucket's full tensors, bucket by bucket. Under ZeRO-3 a collective: every rank
+        must iterate, each bucket is gathered while it is yielded and released after, so at
+        most one bucket's full parameters exist at once, never the whole model."""
         params = dict(self.bundle.model.named_parameters())
-        kept: list[tuple[str, torch.Tensor]] = []
-        for bucket in _buckets([n for n, _ in named], params, bucket_bytes):
-            with deepspeed.zero.GatheredParameters([params[n] for n in bucket]):
-                if self.rank == 0:
-                    kept.extend((n, params[n].detach().cpu().clone()) for n in bucket)
-        return kept if self.rank == 0 else None
+        zero3 = int(self.lcfg.zero_stage) == 3
+        if zero3:
+            import deepspeed
+        for bucket in plan.buckets:
+            group = [params[m.name] for m in bucket]
+            if zero3:
+                with deepspeed.zero.GatheredParameters(group):
+                    yield [p.detach() for p in group]
+            else:
+                yield [p.detach() for p in group]
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
@@ -236,23 +242,6 @@ class Learner:
         if path is None:
             return None, {}
         return path, load_checkpoint(self.engine, path)
-
-
-def _buckets(names: list[str], params: dict[str, torch.Tensor], bucket_bytes: int
-             ) -> list[list[str]]:
-    """Consecutive groups of parameter names of at most ``bucket_bytes`` (full sizes)."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name in names:
-        param = params[name]
-        numel = int(getattr(param, "ds_numel", param.numel()))
-        nbytes = numel * param.element_size()
-        if groups[-1] and size + nbytes > bucket_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    return [g for g in groups if g]
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -287,30 +276,37 @@ class LearnerActor:
 
     def setup(self, master: tuple[str, int], policy: str, reference: str) -> dict[str, Any]:
         udist.init_process_group(self.rank, self.world_size, master[0], master[1])
+        import ray
+
         self.learner = Learner(self.cfg, policy, reference)
-        return {"rank": self.rank, "trainable": self.learner.trainable}
+        return {"rank": self.rank, "trainable": self.learner.trainable,
+                "device": str(self.learner.engine.device),
+                "model_type": str(self.learner.bundle.model.config.model_type),
+                "node": ray.util.get_node_ip_address()}
 
     def step(self, shard: StepShard) -> dict[str, float]:
         return self.learner.step(shard)
 
-    def publish_weights(self):
-        """Every rank takes part (ZeRO-3 gathers); rank 0 puts the trainable weights in the
-        object store, bucket by bucket, and returns the payload."""
-        from rollout.weight_sync import ObjectStoreSender
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        return self.learner.weight_specs()
 
-        bucket_bytes = int(self.cfg.rl.weight_sync_bucket_mb) << 20
-        weights = self.learner.full_trainable_weights(bucket_bytes)
-        return None if weights is None else ObjectStoreSender(bucket_bytes).publish(weights)
+    def open_weight_sync(self, spec: Any, plan: Any) -> None:
+        """Every rank keeps the plan (ZeRO-3 gathers follow it); rank 0 joins the sync group
+        as its sender (blocks until every rollout worker has joined)."""
+        from rollout.weight_sync import WeightSender, open_channel
 
-    def trainable_names(self) -> list[str]:
-        return sorted(n for n, _ in self.learner.trainable_named_parameters())
+        self.plan = plan
+        self.sender = (WeightSender(open_channel(spec, 0, self.learner.engine.device), plan)
+                       if self.rank == 0 else None)
 
-    def digest(self) -> str | None:
-        """Over the full (gathered) trainable tensors; every rank takes part, rank 0 answers."""
-        from rollout.weight_sync import tensors_digest
-
-        weights = self.learner.full_trainable_weights(int(self.cfg.rl.weight_sync_bucket_mb) << 20)
-        return None if weights is None else tensors_digest(weights)
+    def send_weights(self, digest: bool) -> dict[str, Any] | None:
+        """One sync: every rank takes part (ZeRO-3 gathers), rank 0 sends and answers."""
+        buckets = self.learner.weight_buckets(self.plan)
+        if self.sender is None:
+            for _ in buckets:
+                pass
+            return None
+        return self.sender.send(buckets, digest).as_dict()
 
     def save(self, step: int, client_state: dict[str, Any]) -> str:
         return str(self.learner.save(step, client_state))
@@ -350,14 +346,12 @@ class LearnerPool:
     def step(self, shards: list[StepShard]) -> list[dict[str, float]]:
         return gather([a.step.remote(s) for a, s in zip(self.actors, shards)], self.names)
 
-    def publish_weights(self) -> Any:
-        return self._on_every_rank("publish_weights")
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        return self._on_rank0("weight_specs")
 
-    def digest(self) -> str:
-        return self._on_every_rank("digest")
-
-    def trainable_names(self) -> list[str]:
-        return self._on_rank0("trainable_names")
+    def endpoint(self) -> tuple[str, int]:
+        """Learner rank 0's node address and a free port there: the sync group's rendezvous."""
+        return self._on_rank0("address")
 
     def save(self, step: int, client_state: dict[str, Any]) -> str:
         return gather([a.save.remote(step, client_state) for a in self.actors], self.names)[0]
@@ -368,9 +362,14 @@ class LearnerPool:
     def _on_rank0(self, method: str) -> Any:
         return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
 
-    def _on_every_rank(self, method: str) -> Any:
-        """A collective call (ZeRO-3 gathers); rank 0's answer."""
-        return gather([getattr(a, method).remote() for a in self.actors], self.names)[0]
+    def open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
+        """The calls (refs, worker names) joining the sync group; the driver waits on them
+        together with the rollout side's, which must run at the same time."""
+        return [a.open_weight_sync.remote(spec, plan) for a in self.actors], self.names
+
+    def send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
+        """The calls of one sync (every rank: ZeRO-3 gathers); rank 0's result is the sender's."""
+        return [a.send_weights.remote(digest) for a in self.actors], self.names
 
     def shutdown(self) -> None:
         import ray

@@ -26,18 +26,26 @@ class WorkerError(RuntimeError):
         return f"{self.worker}{where}: {self.summary}"
 
 
-def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0) -> list[Any]:
-    """``ray.get`` of one ref per worker, raising ``WorkerError`` for the first failure."""
+def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0,
+           timeout_s: float | None = None, timeout_key: str = "") -> list[Any]:
+    """``ray.get`` of one ref per worker, raising ``WorkerError`` for the first failure, or
+    for the first worker still running after ``timeout_s`` (named by ``timeout_key``)."""
     import ray
 
     index = {ref: i for i, ref in enumerate(refs)}
     results: dict[int, Any] = {}
     failures: list[tuple[int, BaseException]] = []
     pending = list(refs)
+    limit = None if timeout_s is None else time.monotonic() + timeout_s
     deadline: float | None = None
     while pending:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ends = [t for t in (deadline, limit) if t is not None]
+        timeout = None if not ends else max(0.0, min(ends) - time.monotonic())
         done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done and not failures:
+            stuck = [workers[index[ref]] for ref in pending]
+            raise WorkerError(stuck[0], f"no answer within {timeout_s:g} s ({timeout_key}); "
+                              f"still running: {', '.join(stuck)}", "")
         if not done:
             break  # the grace period is over; the rest are stuck behind the failure
         try:
@@ -46,7 +54,10 @@ def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0) -
             failures.append((index[done[0]], err))
             deadline = deadline or time.monotonic() + grace_s
     if failures:
-        failures.sort(key=lambda item: item[0])
+        from ray.exceptions import RayActorError
+
+        # A dead worker first: its peers' errors (a broken collective) are its consequences.
+        failures.sort(key=lambda item: (not isinstance(item[1], RayActorError), item[0]))
         raise _worker_error([(workers[i], err) for i, err in failures],
                             stuck=[workers[index[ref]] for ref in pending])
     return [results[i] for i in range(len(refs))]

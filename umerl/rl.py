@@ -12,18 +12,22 @@
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from rollout.engine import SamplingParams
 from rollout.pool import RolloutPool, prompt_seed
+from rollout.weight_sync import BucketPlan, ChannelSpec, shm_free_bytes
 from umerl import checkpoint as ckpt
 from umerl.console import Progress
 from umerl.data import Pair, read_rl_pairs
 from umerl.learner import LearnerPool, StepShard
-from umerl.remote import WorkerError
+from umerl.remote import WorkerError, gather
+from umerl.sampling import SamplingParams
 from umerl.sft_data import ContrastiveBatcher, load_pair_datasets
 
 CONSOLE_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
@@ -52,12 +56,14 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
     if resumed:
         sampler.load_state_dict(client["data"])
     rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype)
-    names = learners.trainable_names()
-    start_in_sync(learners, rollout, names)
+    link = WeightSync.connect(cfg, learners, rollout)
+    link.sync(digest=True)  # every engine starts from the learners' (bf16-rounded) weights
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
           f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
-          f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage}", flush=True)
+          f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage}, weight sync "
+          f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
+          "buckets)", flush=True)
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens),
                               temperature=float(r.temperature), top_k=int(r.top_k),
                               top_p=float(r.top_p))
@@ -66,7 +72,7 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
     step = first
     try:
         for step in range(first, int(r.max_steps) + 1):
-            metrics = rl_step(cfg, step, sampler, rollout, learners, sampling)
+            metrics = rl_step(cfg, step, sampler, rollout, learners, sampling, link)
             if step % int(r.log_every) == 0 or step == int(r.max_steps):
                 print(f"{_console_line(step, int(r.max_steps), metrics)} | "
                       f"{progress.line(step)}", flush=True)
@@ -74,7 +80,6 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
                 tracker.log(metrics, step)
             if step % int(r.save_every) == 0 or step == int(r.max_steps):
                 last = learners.save(step, {"data": sampler.state_dict()})
-        _check_in_sync(learners, rollout, names)
     except WorkerError as err:
         err.context = f"step {step}"
         raise
@@ -86,7 +91,8 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
 
 
 def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: RolloutPool,
-            learners: LearnerPool, sampling: SamplingParams) -> dict[str, float]:
+            learners: LearnerPool, sampling: SamplingParams, link: WeightSync
+            ) -> dict[str, float]:
     r = cfg.rl
     G = int(r.group_size)
     t0 = time.perf_counter()
@@ -104,29 +110,101 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
     ]
     per_learner = learners.step(shards)
     t2 = time.perf_counter()
-    payload = learners.publish_weights()
-    sync = rollout.load_weights(payload)
+    every = int(r.weight_sync_verify_every)
+    sync = link.sync(digest=step == int(r.max_steps) or (every > 0 and step % every == 0))
     t3 = time.perf_counter()
     metrics = {k: v for k, v in per_learner[0].items() if not k.startswith("actor/")}
     for key in per_learner[0]:
         if key.startswith("actor/"):
             metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
     metrics.pop("timing/learner_rank", None)
-    sync_bytes = max(s["bytes"] for s in sync)
+    metrics.update(sync)
     metrics.update({
         "timing/rollout": t1 - t0, "timing/learner": t2 - t1, "timing/weight_sync": t3 - t2,
-        "timing/step": t3 - t0, "weight_sync/bytes": float(sync_bytes),
-        "weight_sync/gb_per_s": sync_bytes / max(t3 - t2, 1e-9) / 1e9,
+        "timing/step": t3 - t0, "weight_sync/gb_per_s": sync["weight_sync/bytes"]
+        / max(t3 - t2, 1e-9) / 1e9,
     })
     return metrics
 
 
-def start_in_sync(learners: Any, rollout: Any, names: list[str]) -> None:
-    """Every rollout engine starts from the learners' weights: sent, then checked. (A vLLM
-    engine can only report the digest of weights it has received; and a DeepSpeed bf16 engine
-    holds bf16-rounded weights, which the rollout must generate with.)"""
-    rollout.load_weights(learners.publish_weights())
-    _check_in_sync(learners, rollout, names)
+@dataclass
+class WeightSync:
+    """The run's weight-sync group: learner rank 0 -> every rollout worker, over the
+    transport ``rl.weight_sync_transport`` names (protocol: ``rollout/weight_sync.py``)."""
+
+    learners: Any
+    rollout: Any
+    plan: BucketPlan
+    transport: str
+    timeout_s: float
+
+    @classmethod
+    def connect(cls, cfg: DictConfig, learners: Any, rollout: Any) -> WeightSync:
+        """Plan the buckets once, pick the transport, and join every rank to the group."""
+        r = cfg.rl
+        plan = BucketPlan.build(learners.weight_specs(),
+                                int(float(r.weight_sync_bucket_mb) * (1 << 20)))
+        address, port = learners.endpoint()
+        receivers = rollout.sync_ranks()
+        transport = choose_transport(str(r.weight_sync_transport), learners.info[0]["device"],
+                                     address, [x["node"] for x in receivers], plan.largest)
+        counts = [int(x["ranks"]) for x in receivers]
+        spec = ChannelSpec(transport, address, int(port), 1 + sum(counts),
+                           float(r.weight_sync_timeout_s), plan.largest,
+                           shm_prefix=f"/dev/shm/umerl-weights-{uuid.uuid4().hex[:12]}")
+        link = cls(learners, rollout, plan, transport, spec.timeout_s)
+        first_ranks = list(accumulate([1] + counts))[:-1]
+        link._wait(learners.open_weight_sync(spec, plan),
+                   rollout.open_weight_sync(spec, plan, first_ranks,
+                                            learners.info[0]["model_type"]))
+        return link
+
+    def sync(self, digest: bool = False) -> dict[str, float]:
+        """One sync; with ``digest``, every rollout engine must hold the learners' weights bit
+        for bit (the sender's fingerprint of what it sent vs each engine's of what it holds)."""
+        sent, received = self._wait(self.learners.send_weights(digest),
+                                    self.rollout.receive_weights(digest))
+        sender = sent[0]
+        if digest:
+            for name, got in zip(self.rollout.names, received, strict=True):
+                if got["digest"] != sender["digest"]:
+                    raise RuntimeError(f"weight sync: {name} holds weights that differ from the "
+                                       f"learners' ({got['digest'][:12]} vs "
+                                       f"{sender['digest'][:12]}, transport {self.transport})")
+        return {"weight_sync/bytes": float(sender["bytes"]),
+                "weight_sync/send_s": float(sender["seconds"])}
+
+    def _wait(self, *calls: tuple[list[Any], list[str]]) -> list[list[Any]]:
+        """Both sides of a collective at once, bounded by rl.weight_sync_timeout_s."""
+        refs = [ref for side, _ in calls for ref in side]
+        names = [name for _, side in calls for name in side]
+        results = gather(refs, names, timeout_s=self.timeout_s,
+                         timeout_key="rl.weight_sync_timeout_s")
+        out, start = [], 0
+        for side, _ in calls:
+            out.append(results[start:start + len(side)])
+            start += len(side)
+        return out
+
+
+def choose_transport(requested: str, learner_device: str, learner_node: str,
+                     rollout_nodes: list[str], largest_bucket: int) -> str:
+    """``auto``: NCCL when the learners are on GPUs; on CPU, shared memory when every rollout
+    actor is on learner rank 0's node (and /dev/shm has room for two buckets), else gloo."""
+    cuda = learner_device.startswith("cuda")
+    local = all(node == learner_node for node in rollout_nodes)
+    room = shm_free_bytes() > 2 * largest_bucket + (64 << 20)
+    if requested == "auto":
+        return "nccl" if cuda else ("shm" if local and room else "gloo")
+    key = "rl.weight_sync_transport"
+    if requested == "nccl" and not cuda:
+        raise ValueError(f"{key}=nccl needs learners on CUDA; they run on {learner_device}")
+    if requested == "shm" and not local:
+        raise ValueError(f"{key}=shm needs every rollout actor on learner rank 0's node "
+                         f"({learner_node}); they are on {sorted(set(rollout_nodes))}")
+    if requested == "shm" and not room:
+        raise ValueError(f"{key}=shm needs {2 * largest_bucket >> 20} MB free in /dev/shm")
+    return requested
 
 
 def rollout_dtype(cfg: DictConfig) -> str:
@@ -136,14 +214,6 @@ def rollout_dtype(cfg: DictConfig) -> str:
     if bf16 == "auto":
         return "auto"
     return "bfloat16" if bf16 == "true" else str(cfg.model.dtype)
-
-
-def _check_in_sync(learners: LearnerPool, rollout: RolloutPool, names: list[str]) -> None:
-    """Rollout actors must hold exactly the learners' trainable weights (bit for bit)."""
-    reference = learners.digest()
-    digests = rollout.digests(names)
-    if any(d != reference for d in digests):
-        raise RuntimeError(f"rollout weights differ from the learner's: {digests} vs {reference}")
 
 
 def _console_line(step: int, total: int, m: dict[str, float]) -> str:

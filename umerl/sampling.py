@@ -1,4 +1,8 @@
-"""What every rollout engine offers: n sampled completions (token ids) per encoded prompt."""
+"""Sampling settings and what every rollout engine offers: n completions (token ids) per prompt.
+
+The model layer (evaluation, embedding) drives engines through this protocol; the engines
+themselves live in ``rollout/``, which depends on this module, never the reverse.
+"""
 
 from __future__ import annotations
 

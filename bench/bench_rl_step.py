@@ -5,8 +5,8 @@
 Runs the CPU recipe's RL stage (2 rollout actors, 2 learner actors on a local Ray) for a few
 steps from ``--checkpoint`` (default: the tiny model, untrained) and prints, over the steps after
 the first: each phase's share of the step time (rollout, learner, weight sync, the rest), and
-the weight-sync bandwidth as a ratio to a plain in-process ``torch`` copy of the same bytes,
-measured in the same run.
+the weight-sync bandwidth (the transport ``rl.weight_sync_transport`` picks: shm here) as a
+ratio to a plain in-process ``torch`` copy of the same bytes, measured in the same run.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     from umerl.config import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
     from umerl.learner import LearnerPool
-    from umerl.rl import load_rl_datasets, rl_step
+    from umerl.rl import WeightSync, load_rl_datasets, rl_step
     from umerl.sampling import SamplingParams
     from umerl.sft_data import ContrastiveBatcher
 
@@ -61,13 +61,15 @@ def main() -> None:
     checkpoint = args.checkpoint or ensure_tiny_model(cfg.model.tiny)
     learners = LearnerPool(cfg, checkpoint, checkpoint)
     rollout = RolloutPool(cfg.rollout, checkpoint)
+    link = WeightSync.connect(cfg, learners, rollout)
+    link.sync(digest=True)
     r = cfg.rl
     sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
     rows = []
     try:
         for step in range(1, args.steps + 1):
-            rows.append(rl_step(cfg, step, sampler, rollout, learners, sampling))
+            rows.append(rl_step(cfg, step, sampler, rollout, learners, sampling, link))
             print(f"step {step}: {rows[-1]['timing/step']:.2f} s", flush=True)
     finally:
         rollout.shutdown()
@@ -86,7 +88,8 @@ def main() -> None:
     sync_seconds = statistics.median(m["timing/weight_sync"] for m in measured)
     copy_seconds = plain_copy_seconds(int(sync_bytes))
     print(f"\nweight sync: {sync_bytes / 1e6:.1f} MB in {sync_seconds * 1e3:.1f} ms "
-          f"({sync_bytes / sync_seconds / 1e9:.3f} GB/s) to {cfg.rollout.num_workers} actors; "
+          f"({sync_bytes / sync_seconds / 1e9:.3f} GB/s) to {cfg.rollout.num_workers} actors "
+          f"over {link.transport}; "
           f"plain in-process copy of the same bytes: {copy_seconds * 1e3:.2f} ms "
           f"({sync_bytes / copy_seconds / 1e9:.2f} GB/s); ratio "
           f"{sync_seconds / copy_seconds:.0f}x the copy time")

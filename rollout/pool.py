@@ -27,7 +27,7 @@ class RolloutActor:
 
     def __init__(self, checkpoint: str, engine: str, dtype: str = "float32",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
-                 model_dtype: str = "float32"):
+                 model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None):
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -40,7 +40,8 @@ class RolloutActor:
             from rollout.vllm_engine import VllmEngine
 
             self.engine = VllmEngine(checkpoint, tensor_parallel_size=tensor_parallel_size,
-                                     gpu_memory_utilization=gpu_memory_utilization, dtype=dtype)
+                                     gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                                     **(vllm_options or {}))
             self.model = None
         else:
             from rollout.transformers_engine import TransformersEngine
@@ -111,7 +112,9 @@ class RolloutPool:
                 num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
             ).remote(checkpoint, engine, dtype, int(cfg.tensor_parallel_size),
-                     float(cfg.gpu_memory_utilization), model_dtype)
+                     float(cfg.gpu_memory_utilization), model_dtype,
+                     {"enforce_eager": bool(cfg.enforce_eager),
+                      "max_model_len": cfg.max_model_len})
             for i in range(int(cfg.num_workers))
         ]
         self.engine = engine

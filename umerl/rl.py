@@ -137,6 +137,7 @@ class WeightSync:
     plan: BucketPlan
     transport: str
     timeout_s: float
+    digest: str | None = None  # of the weights of the last sync that compared digests
 
     @classmethod
     def connect(cls, cfg: DictConfig, learners: Any, rollout: Any) -> WeightSync:
@@ -171,6 +172,7 @@ class WeightSync:
                     raise RuntimeError(f"weight sync: {name} holds weights that differ from the "
                                        f"learners' ({got['digest'][:12]} vs "
                                        f"{sender['digest'][:12]}, transport {self.transport})")
+            self.digest = sender["digest"]
         return {"weight_sync/bytes": float(sender["bytes"]),
                 "weight_sync/send_s": float(sender["seconds"])}
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from umerl.config import ConfigError, Sources
+from umerl.sources import ConfigError, Sources
 
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
 
@@ -240,6 +240,8 @@ SCHEMA: dict[str, Rule] = {
     "rollout.engine": OneOf("auto", "transformers", "vllm"),
     "rollout.tensor_parallel_size": Int(1),
     "rollout.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
+    "rollout.enforce_eager": Bool(),
+    "rollout.max_model_len": Int(16, nullable=True),
     **_pool("learner"),
     "learner.zero_stage": ZERO,
     "learner.micro_batch_size": Int(0),

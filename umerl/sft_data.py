@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from umerl.config import ConfigError, Sources
 from umerl.data import DataError, Pair, Side
+from umerl.sources import ConfigError, Sources
 
 
 def load_pair_datasets(

@@ -17,7 +17,9 @@ weights checks that every receiver's ``Digest`` equals the sender's.
     ``open_channel`` (``nccl`` needs CUDA, vLLM and one GPU per rank; it is skipped otherwise).
 ``objectstore``  the old approach, kept here as the baseline: every bucket packed into a fresh
     numpy array and ``ray.put``, then one Ray actor per receiver ``ray.get``s each bucket and
-    copies it into its tensors (a local Ray on 127.0.0.1, started and shut down here).
+    copies it into its tensors (a local Ray on 127.0.0.1, started and shut down here; its store
+    is touched once at start). ``ray.put`` copies with Ray's own memcpy threads, so this
+    sender is not held to one thread.
 ``copy``  ``dst.copy_(src)`` per tensor in this process: ratio = copy seconds / sync seconds,
     so 1.0 is a sync as fast as one in-process copy of the model. GB/s is model bytes per
     second (not multiplied by the number of receivers).
@@ -210,8 +212,8 @@ def channel_seconds(transport: str, plan: BucketPlan, tensors: dict[str, torch.T
         if digest != stats.digest:
             raise RuntimeError(f"{transport}: receiver {rank}'s digest {digest} != the sender's "
                                f"{stats.digest}")
-    return statistics.median(
-        max(ends[k], *(msg[2][k] for msg in done)) - starts[k] for k in range(1, rounds - 1))
+    return statistics.median([max(ends[k], *(msg[2][k] for msg in done)) - starts[k]
+                              for k in range(1, rounds - 1)])
 
 
 def nccl_unavailable(receivers: int) -> str | None:
@@ -291,6 +293,12 @@ def start_ray(max_mb: int, receivers: int) -> list:
     store_mb = min(max(3 * max_mb, 256), 8192)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=store_mb << 20, log_to_driver=False)
+    # Touch the store's memory once (a long run's store is warm): the first puts into fresh
+    # shared memory pay page faults that would otherwise land in the first sizes' syncs.
+    chunk = 64 << 20
+    refs = [ray.put(np.ones(chunk, dtype=np.uint8)) for _ in range((store_mb << 20) * 2 // 3
+                                                                     // chunk)]
+    del refs
     actor = ray.remote(num_cpus=0.5)(StoreReceiver)
     actors = [actor.remote(str(REPO)) for _ in range(receivers)]
     ray.get([a.__ray_ready__.remote() for a in actors])
@@ -342,8 +350,8 @@ def main() -> None:
             row("-", "copy", copy)
             gpu = ({n: t.to("cuda:0") for n, t in tensors.items()} if "nccl" in transports
                    else None)
-            for receivers in args.receivers:
-                for name in transports:
+            for name in transports:
+                for receivers in args.receivers:
                     if name == "objectstore":
                         seconds = objectstore_seconds(plan, tensors, actors[:receivers],
                                                       args.repeats)

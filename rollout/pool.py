@@ -2,17 +2,30 @@
 
 Each actor holds one engine (transformers generate on CPU, vLLM on GPU) over its own copy of
 the policy. The pool splits a step's prompts contiguously across actors; every prompt carries
-its own seed, so the completions do not depend on how many actors there are.
+its own seed, so the completions do not depend on how many actors there are, or on which actor
+generates them.
+
+Supervision. An actor that dies (or exceeds ``rollout.call_timeout_s`` on a generate call) is
+replaced by the pool itself in the same placement-group bundle, and its share of the step is
+re-dispatched at once to the healthy actors: the step's completions are exactly those of an
+uncrashed run. The replacement is *stale* (it loaded the checkpoint the run started from) and
+gets no prompts until the RL loop has re-formed the weight-sync group and a sync to it has
+matched the learners' digest (``mark_synced``). The pool respawns instead of using Ray's actor
+restarts because a restarted actor would come back stale without the loop knowing, into a
+weight-sync group that still counts its dead predecessor; here every replacement is an event
+the loop sees, logs and re-syncs. At most ``rollout.max_restarts`` per run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from umerl.data import Side
-from umerl.remote import gather
+from umerl.faults import Fault, for_actor, kill_if
+from umerl.remote import WorkerError, gather, summarize
 from umerl.sampling import SamplingParams
 
 
@@ -27,9 +40,11 @@ class RolloutActor:
 
     def __init__(self, checkpoint: str, engine: str, dtype: str = "float32",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
-                 model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None):
+                 model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
+                 faults: Sequence[Fault] = ()):
         import torch
 
+        self.faults = list(faults)
         torch.set_num_threads(max(1, torch.get_num_threads()))
         if dtype == "auto":  # as the learners' bf16: auto, on this actor's own device
             dtype = ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -52,8 +67,13 @@ class RolloutActor:
             self.model = bundle.model
 
     def generate(self, sides: list[Side], seeds: list[int], n: int,
-                 sampling: SamplingParams) -> list[list[list[int]]]:
-        return self.engine.generate(sides, n, sampling, seeds)
+                 sampling: SamplingParams, step: int = 0) -> list[list[list[int]]]:
+        if not any(f.step == step and f.phase == "generate" for f in self.faults):
+            return self.engine.generate(sides, n, sampling, seeds)
+        half = max(1, len(sides) // 2)  # the injected fault: die halfway through the share
+        self.engine.generate(sides[:half], n, sampling, seeds[:half])
+        kill_if(self.faults, step, "generate")
+        raise AssertionError("unreachable: the process was killed")
 
     def sync_ranks(self) -> dict[str, Any]:
         """This actor's node and how many ranks it takes in the sync group (its vLLM workers:
@@ -75,14 +95,25 @@ class RolloutActor:
         targets = dict(self.model.named_parameters())
         plan.check_targets(targets, "the rollout model")
         device = next(self.model.parameters()).device
-        self.receiver = WeightReceiver(open_channel(spec, rank, device), plan,
-                                       load_into(targets))
+        load = load_into(targets)
+        self.step = 0
+
+        def sink(views: list) -> None:
+            load(views)
+            kill_if(self.faults, self.step, "weight_sync")  # after the first bucket
+
+        if getattr(self, "receiver", None) is not None:
+            self.receiver.close()
+        self.receiver = WeightReceiver(open_channel(spec, rank, device), plan, sink)
         self.plan = plan
 
-    def receive_weights(self, digest: bool) -> dict[str, Any]:
-        """One sync. With ``digest``: the fingerprint of the weights the engine now holds."""
+    def receive_weights(self, digest: bool, step: int = 0) -> dict[str, Any]:
+        """One sync (the one after ``step``). With ``digest``: the fingerprint of the weights
+        the engine now holds."""
         if self.model is None:
+            kill_if(self.faults, step, "weight_sync")  # (vLLM: before its workers receive)
             return self.engine.receive_weights(digest)
+        self.step = step
         stats = self.receiver.receive().as_dict()
         if digest:  # of the model's own parameters: proves the load, not only the bytes
             from rollout.weight_sync import Digest
@@ -95,40 +126,112 @@ class RolloutPool:
     """``num_workers`` rollout actors in one placement group (their own GPUs on a cluster)."""
 
     def __init__(self, cfg: Any, checkpoint: str, dtype: str = "float32",
-                 model_dtype: str = "float32"):
+                 model_dtype: str = "float32", faults: Sequence[Fault] = ()):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg = cfg
         gpus = float(cfg.gpus_per_worker)
-        engine = cfg.engine if cfg.engine != "auto" else ("vllm" if gpus > 0 else "transformers")
+        self.engine = (cfg.engine if cfg.engine != "auto"
+                       else ("vllm" if gpus > 0 else "transformers"))
         bundle = {"CPU": float(cfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
         self.placement_group = placement_group([bundle] * int(cfg.num_workers), strategy="PACK")
         ray.get(self.placement_group.ready(), timeout=600)
-        actor_cls = ray.remote(RolloutActor)
-        self.actors = [
-            actor_cls.options(
-                num_cpus=float(cfg.cpus_per_worker), num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-            ).remote(checkpoint, engine, dtype, int(cfg.tensor_parallel_size),
-                     float(cfg.gpu_memory_utilization), model_dtype,
-                     {"enforce_eager": bool(cfg.enforce_eager),
-                      "max_model_len": cfg.max_model_len})
-            for i in range(int(cfg.num_workers))
-        ]
-        self.engine = engine
+        self._actor_args = (checkpoint, self.engine, dtype, int(cfg.tensor_parallel_size),
+                            float(cfg.gpu_memory_utilization), model_dtype,
+                            {"enforce_eager": bool(cfg.enforce_eager),
+                             "max_model_len": cfg.max_model_len})
+        self.faults = list(faults)
+        self.actors = [self._spawn(i, 0) for i in range(int(cfg.num_workers))]
         self.names = [f"rollout actor {i}" for i in range(len(self.actors))]
+        self.stale: set[int] = set()  # replacements not yet holding the learners' weights
+        self.restarts = 0
+        self.recovery_s = 0.0  # time spent replacing actors since the loop last read it
+
+    def _spawn(self, index: int, after_step: int) -> Any:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpus = float(self.cfg.gpus_per_worker)
+        return ray.remote(RolloutActor).options(
+            num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
+        ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", index, after_step))
+
+    def replace(self, index: int, cause: str, step: int, phase: str) -> None:
+        """A dead (or hung) actor out, a stale replacement in, in the same bundle."""
+        import ray
+
+        limit = int(self.cfg.max_restarts)
+        if self.restarts >= limit:
+            raise WorkerError(self.names[index], f"{cause} during {phase} at step {step}; "
+                              f"rollout.max_restarts={limit} replacements already used", "")
+        self.restarts += 1
+        ray.kill(self.actors[index], no_restart=True)
+        self.actors[index] = self._spawn(index, step)
+        self.stale.add(index)
+        print(f"[rollout] {self.names[index]} failed during {phase} at step {step} ({cause}); "
+              f"replaced in its bundle (restart {self.restarts} of {limit}), stale until the "
+              "next weight sync", flush=True)
+
+    def mark_synced(self) -> None:
+        """Every actor now holds the learners' weights (a digest-checked sync reached them)."""
+        self.stale.clear()
 
     def generate(self, sides: Sequence[Side], seeds: Sequence[int], n: int,
-                 sampling: SamplingParams) -> list[list[list[int]]]:
-        """``n`` samples per side; each actor generates a contiguous share of the sides."""
-        shares = [(i, a, b) for i, (a, b) in enumerate(_split(len(sides), len(self.actors)))
+                 sampling: SamplingParams, step: int = 0) -> list[list[list[int]]]:
+        """``n`` samples per side; each healthy actor generates a contiguous share. A share
+        whose actor dies or exceeds rollout.call_timeout_s goes to a healthy actor at once."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        ready = [i for i in range(len(self.actors)) if i not in self.stale]
+        shares = [(ready[j], a, b) for j, (a, b) in enumerate(_split(len(sides), len(ready)))
                   if b > a]
-        refs = [self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n, sampling)
-                for i, a, b in shares]
-        parts = gather(refs, [self.names[i] for i, _, _ in shares])
-        return [samples for part in parts for samples in part]
+        results: dict[int, list[list[list[int]]]] = {}
+        pending: dict[Any, tuple[int, int, int]] = {}
+        deadline: dict[Any, float] = {}
+        failed_at: dict[int, float] = {}  # share start -> when its first actor failed
+
+        def dispatch(i: int, a: int, b: int) -> None:
+            ref = self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n,
+                                                 sampling, step)
+            pending[ref] = (i, a, b)
+            deadline[ref] = time.monotonic() + float(self.cfg.call_timeout_s)
+
+        for i, a, b in shares:
+            dispatch(i, a, b)
+        while pending:
+            wait_s = max(0.0, min(deadline.values()) - time.monotonic())
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if done:
+                ref = done[0]
+                i, a, b = pending.pop(ref)
+                deadline.pop(ref)
+                try:
+                    results[a] = ray.get(ref)
+                    if a in failed_at:
+                        self.recovery_s += time.perf_counter() - failed_at.pop(a)
+                    continue
+                except (RayActorError, GetTimeoutError) as err:
+                    cause = summarize(err)
+                except Exception:  # a bug or bad input in the engine: not a restart
+                    gather([ref], [self.names[i]])  # raises it as the one-line WorkerError
+                    raise
+            else:  # the oldest call is over its time: treat the actor as hung
+                ref = min(deadline, key=deadline.get)
+                i, a, b = pending.pop(ref)
+                deadline.pop(ref)
+                cause = f"no answer within rollout.call_timeout_s={self.cfg.call_timeout_s:g} s"
+            failed_at.setdefault(a, time.perf_counter())
+            self.replace(i, cause, step, "generate")
+            healthy = [j for j in range(len(self.actors)) if j not in self.stale]
+            if not healthy:
+                raise WorkerError(self.names[i], f"{cause}; no healthy rollout actor is left "
+                                  "to take its prompts", "")
+            busy = {j for j, _, _ in pending.values()}
+            dispatch(next((j for j in healthy if j not in busy), healthy[0]), a, b)
+        return [samples for a in sorted(results) for samples in results[a]]
 
     def sync_ranks(self) -> list[dict[str, Any]]:
         return gather([actor.sync_ranks.remote() for actor in self.actors], self.names)
@@ -140,8 +243,8 @@ class RolloutPool:
         return ([a.open_weight_sync.remote(spec, plan, r, source_model_type)
                  for a, r in zip(self.actors, first_ranks, strict=True)], self.names)
 
-    def receive_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
-        return [a.receive_weights.remote(digest) for a in self.actors], self.names
+    def receive_weights(self, digest: bool, step: int = 0) -> tuple[list[Any], list[str]]:
+        return [a.receive_weights.remote(digest, step) for a in self.actors], self.names
 
     def shutdown(self) -> None:
         import ray

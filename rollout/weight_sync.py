@@ -241,6 +241,13 @@ class WeightSender:
 
     def send(self, buckets: Iterable[Sequence[torch.Tensor]], digest: bool = False
              ) -> SyncStats:
+        try:
+            return self._send(buckets, digest)
+        except BaseException:
+            self.channel.close()  # drop the connections: every peer fails now, not at timeout
+            raise
+
+    def _send(self, buckets: Iterable[Sequence[torch.Tensor]], digest: bool) -> SyncStats:
         start = time.perf_counter()
         hasher = Digest() if digest else None
         source = iter(buckets)
@@ -273,6 +280,13 @@ class WeightReceiver:
         self.channel, self.plan, self.sink = channel, plan, sink
 
     def receive(self, digest: bool = False) -> SyncStats:
+        try:
+            return self._receive(digest)
+        except BaseException:
+            self.channel.close()  # as the sender's: a broken sync fails every rank at once
+            raise
+
+    def _receive(self, digest: bool) -> SyncStats:
         start = time.perf_counter()
         hasher = Digest() if digest else None
         for k, metas in enumerate(self.plan.buckets):

@@ -30,6 +30,7 @@ from rewards.builtin import rank_and_margin
 from umerl import checkpoint as ckpt
 from umerl import dist as udist
 from umerl.data import Pair, Side
+from umerl.faults import for_actor, kill_if, parse_faults
 from umerl.grpo import group_advantages, grpo_side_loss
 from umerl.model import load_policy
 from umerl.policy import PolicyModule, PolicyOutput
@@ -86,6 +87,7 @@ class Learner:
         self.reference.requires_grad_(False).eval()
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
         self.root = Path(cfg.output_dir) / r.output_subdir
+        self.faults = for_actor(parse_faults(cfg.faults.kill), "learner", self.rank)
 
     def rows_per_side(self) -> int:
         pairs = int(self.rcfg.pairs_per_step)
@@ -115,6 +117,7 @@ class Learner:
         rewards, metrics = self._rewards(shard, scored)
         advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
         local = self._local_rows(advantages, len(shard.pairs) * G)
+        kill_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local))
         metrics["timing/learner_rank"] = time.perf_counter() - start
         return metrics
@@ -235,7 +238,8 @@ class Learner:
 
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
-                               int(self.lcfg.zero_stage), int(self.rcfg.keep_last))
+                               int(self.lcfg.zero_stage), int(self.rcfg.keep_last),
+                               midway=lambda: kill_if(self.faults, step, "save"))
 
     def resume(self) -> tuple[Path | None, dict[str, Any]]:
         path = ckpt.resolve_resume(self.rcfg.resume, self.root)
@@ -296,6 +300,8 @@ class LearnerActor:
         from rollout.weight_sync import WeightSender, open_channel
 
         self.plan = plan
+        if getattr(self, "sender", None) is not None:  # a re-formed group: the old one goes
+            self.sender.close()
         self.sender = (WeightSender(open_channel(spec, 0, self.learner.engine.device), plan)
                        if self.rank == 0 else None)
 

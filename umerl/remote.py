@@ -16,8 +16,9 @@ from typing import Any
 class WorkerError(RuntimeError):
     """A Ray worker failed: ``str(err)`` is one line, ``details`` the tracebacks."""
 
-    def __init__(self, worker: str, summary: str, details: str):
+    def __init__(self, worker: str, summary: str, details: str, dead: Sequence[str] = ()):
         self.worker, self.summary, self.details = worker, summary, details
+        self.dead = list(dead)  # the workers whose process died (not a Python error)
         self.context = ""
         super().__init__(f"{worker}: {summary}")
 
@@ -64,11 +65,14 @@ def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0,
 
 
 def _worker_error(failures: list[tuple[str, BaseException]], stuck: list[str]) -> WorkerError:
+    from ray.exceptions import RayActorError
+
     name, err = failures[0]
+    dead = [n for n, e in failures if isinstance(e, RayActorError)]
     details = "\n\n".join(f"=== {n} ===\n{traceback_text(e)}" for n, e in failures)
     if stuck:
         details += f"\n\nstill running after the failure (stopped): {', '.join(stuck)}"
-    return WorkerError(name, summarize(err), details)
+    return WorkerError(name, summarize(err), details, dead)
 
 
 def summarize(err: BaseException) -> str:

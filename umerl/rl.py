@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from rollout.weight_sync import BucketPlan, ChannelSpec, shm_free_bytes
 from umerl import checkpoint as ckpt
 from umerl.console import Progress
 from umerl.data import Pair, read_rl_pairs
+from umerl.faults import parse_faults
 from umerl.learner import LearnerPool, StepShard
 from umerl.remote import WorkerError, gather
 from umerl.sampling import SamplingParams
@@ -46,16 +48,45 @@ def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
 def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
            datasets: dict[str, list[Pair]] | None = None) -> Path:
     """GRPO from ``policy`` (KL to the frozen ``reference``); returns the last checkpoint.
-    ``datasets``: RL pairs already read and checked (the driver's preflight), else read here."""
+    ``datasets``: RL pairs already read and checked (the driver's preflight), else read here.
+
+    A dead rollout actor is replaced inside the step (``RolloutPool``, ``WeightSync``). A dead
+    learner cannot be: its shard of the optimizer state is gone. So the stage restarts from its
+    last complete checkpoint (model, optimizer, data cursor, RNG: the run continues exactly as
+    an uninterrupted one from there), at most ``rl.max_failures`` times; injected faults fire
+    in the first attempt only."""
+    datasets = datasets or load_rl_datasets(cfg, policy)
+    limit = int(cfg.rl.max_failures)
+    failures = 0
+    while True:
+        try:
+            return _run_rl(cfg, policy, reference, tracker, datasets)
+        except WorkerError as err:
+            learner_died = any(name.startswith("learner") for name in err.dead)
+            if not learner_died:
+                raise
+            if failures >= limit:
+                err.summary += f"; rl.max_failures={limit} restarts already used"
+                raise
+            failures += 1
+            print(f"[rl] {err}: restarting the RL stage from its last complete checkpoint "
+                  f"(restart {failures} of {limit})", flush=True)
+            cfg = copy.deepcopy(cfg)
+            cfg.rl.resume = "auto"  # this run's own checkpoints
+            cfg.faults.kill = []
+
+
+def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
+            datasets: dict[str, list[Pair]]) -> Path:
     r = cfg.rl
-    sampler = ContrastiveBatcher(datasets or load_rl_datasets(cfg, policy), int(r.pairs_per_step),
-                                 seed=int(cfg.seed))
+    sampler = ContrastiveBatcher(datasets, int(r.pairs_per_step), seed=int(cfg.seed))
     learners = LearnerPool(cfg, policy, reference)
     resumed, client = learners.resume()
     first = int(client.get("step", 0)) + 1
     if resumed:
         sampler.load_state_dict(client["data"])
-    rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype)
+    rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype,
+                          parse_faults(cfg.faults.kill))
     link = WeightSync.connect(cfg, learners, rollout)
     link.sync(digest=True)  # every engine starts from the learners' (bf16-rounded) weights
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
@@ -100,7 +131,7 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
     sides = [p.query for p in pairs] + [p.target for p in pairs]
     seeds = ([prompt_seed(int(cfg.seed), step, i, "query") for i in range(len(pairs))]
              + [prompt_seed(int(cfg.seed), step, i, "target") for i in range(len(pairs))])
-    completions = rollout.generate(sides, seeds, G, sampling)
+    completions = rollout.generate(sides, seeds, G, sampling, step)
     t1 = time.perf_counter()
     per_rank = len(pairs) // int(cfg.learner.num_workers)
     shards = [
@@ -111,7 +142,7 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
     per_learner = learners.step(shards)
     t2 = time.perf_counter()
     every = int(r.weight_sync_verify_every)
-    sync = link.sync(digest=step == int(r.max_steps) or (every > 0 and step % every == 0))
+    sync = link.sync(step == int(r.max_steps) or (every > 0 and step % every == 0), step)
     t3 = time.perf_counter()
     metrics = {k: v for k, v in per_learner[0].items() if not k.startswith("actor/")}
     for key in per_learner[0]:
@@ -119,6 +150,9 @@ def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: Ro
             metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
     metrics.pop("timing/learner_rank", None)
     metrics.update(sync)
+    metrics["fault/rollout_restarts"] = float(rollout.restarts)
+    metrics["fault/recovery_s"] = rollout.recovery_s
+    rollout.recovery_s = 0.0
     metrics.update({
         "timing/rollout": t1 - t0, "timing/learner": t2 - t1, "timing/weight_sync": t3 - t2,
         "timing/step": t3 - t0, "weight_sync/gb_per_s": sync["weight_sync/bytes"]
@@ -132,6 +166,7 @@ class WeightSync:
     """The run's weight-sync group: learner rank 0 -> every rollout worker, over the
     transport ``rl.weight_sync_transport`` names (protocol: ``rollout/weight_sync.py``)."""
 
+    cfg: DictConfig
     learners: Any
     rollout: Any
     plan: BucketPlan
@@ -153,18 +188,44 @@ class WeightSync:
         spec = ChannelSpec(transport, address, int(port), 1 + sum(counts),
                            float(r.weight_sync_timeout_s), plan.largest,
                            shm_prefix=f"/dev/shm/umerl-weights-{uuid.uuid4().hex[:12]}")
-        link = cls(learners, rollout, plan, transport, spec.timeout_s)
+        link = cls(cfg, learners, rollout, plan, transport, spec.timeout_s)
         first_ranks = list(accumulate([1] + counts))[:-1]
         link._wait(learners.open_weight_sync(spec, plan),
                    rollout.open_weight_sync(spec, plan, first_ranks,
                                             learners.info[0]["model_type"]))
         return link
 
-    def sync(self, digest: bool = False) -> dict[str, float]:
-        """One sync; with ``digest``, every rollout engine must hold the learners' weights bit
-        for bit (the sender's fingerprint of what it sent vs each engine's of what it holds)."""
+    def sync(self, digest: bool = False, step: int = 0) -> dict[str, float]:
+        """One sync (the one after ``step``); with ``digest``, every rollout engine must hold
+        the learners' weights bit for bit (the sender's fingerprint of what it sent vs each
+        engine's of what it holds). A rollout actor that dies mid-sync is replaced, the group
+        re-formed and the sync repeated; a replacement is always synced with the digest."""
+        while True:
+            if self.rollout.stale:
+                start = time.perf_counter()
+                self.reconnect()
+                self.rollout.recovery_s += time.perf_counter() - start
+                digest = True
+            try:
+                start = time.perf_counter()
+                return self._sync(digest, step)
+            except WorkerError as err:
+                dead = [i for i, name in enumerate(self.rollout.names) if name in err.dead]
+                if not dead or any(n in err.dead for n in self.learners.names):
+                    raise
+                for i in dead:
+                    self.rollout.replace(i, err.summary if err.worker == self.rollout.names[i]
+                                         else "actor died", step, "weight_sync")
+                self.rollout.recovery_s += time.perf_counter() - start
+
+    def reconnect(self) -> None:
+        """A new group for the current actors (a replacement takes its predecessor's ranks)."""
+        fresh = WeightSync.connect(self.cfg, self.learners, self.rollout)
+        self.transport, self.plan = fresh.transport, fresh.plan
+
+    def _sync(self, digest: bool, step: int) -> dict[str, float]:
         sent, received = self._wait(self.learners.send_weights(digest),
-                                    self.rollout.receive_weights(digest))
+                                    self.rollout.receive_weights(digest, step))
         sender = sent[0]
         if digest:
             for name, got in zip(self.rollout.names, received, strict=True):
@@ -173,6 +234,7 @@ class WeightSync:
                                        f"learners' ({got['digest'][:12]} vs "
                                        f"{sender['digest'][:12]}, transport {self.transport})")
             self.digest = sender["digest"]
+            self.rollout.mark_synced()
         return {"weight_sync/bytes": float(sender["bytes"]),
                 "weight_sync/send_s": float(sender["seconds"])}
 

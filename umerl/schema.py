@@ -151,6 +151,21 @@ def _show(v: Any) -> str:
     return str(v)
 
 
+def FaultSpec() -> Rule:
+    from umerl.faults import parse_fault
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, str):
+            return f"expected a string, got {_show(v)}"
+        try:
+            parse_fault(v)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    return Rule(check, "ACTOR/INDEX/STEP/PHASE, e.g. rollout/1/3/generate")
+
+
 MODES = ("disc:disc", "gen:gen", "disc:gen", "gen:disc")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -241,6 +256,10 @@ SCHEMA: dict[str, Rule] = {
     "rollout.tensor_parallel_size": Int(1),
     "rollout.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "rollout.enforce_eager": Bool(),
+    "rollout.call_timeout_s": POSITIVE,
+    "rollout.max_restarts": Int(0),
+    "rl.max_failures": Int(0),
+    "faults.kill": ListOf(FaultSpec()),
     "rollout.max_model_len": Int(16, nullable=True),
     **_pool("learner"),
     "learner.zero_stage": ZERO,

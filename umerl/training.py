@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +107,11 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | N
 def save_checkpoint(
     engine: Any, bundle: PolicyBundle, root: Path, step: int, stage: str,
     client_state: dict[str, Any], zero_stage: int, keep_last: int,
+    midway: Callable[[], None] | None = None,
 ) -> Path:
     """Collective save: every rank writes its DeepSpeed state into the staging folder, rank 0
-    writes the Hugging Face weights and commits (see ``umerl.checkpoint``)."""
+    writes the Hugging Face weights and commits (see ``umerl.checkpoint``). ``midway`` runs
+    between the two (fault injection: a death there must leave the last checkpoint intact)."""
     rank = udist.rank()
     if rank == 0:
         ckpt.begin(root, step)
@@ -118,6 +121,8 @@ def save_checkpoint(
                            client_state={**client_state, "step": step, "stage": stage},
                            save_latest=False)
     torch.save(udist.rng_state(), staging / ckpt.TRAIN_STATE / f"rng_rank{rank}.pt")
+    if midway is not None:
+        midway()
     state_dict = full_state_dict(engine, zero_stage)
     if rank == 0:
         save_policy(bundle, staging, state_dict)

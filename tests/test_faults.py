@@ -1,0 +1,118 @@
+"""Failure handling with real Ray actors and real SIGKILLs (``faults.kill``): a dead rollout
+actor costs the run nothing (same rewards as an uncrashed run), the restart budget is enforced,
+and a dead learner restarts the stage from its last complete checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+from test_rl import local_ray, metrics_log, rl_config  # noqa: F401 - the shared Ray fixture
+
+from umerl.faults import Fault, for_actor, parse_fault
+from umerl.remote import WorkerError
+
+
+def test_fault_specs_parse_and_name_what_is_wrong():
+    assert parse_fault("rollout/1/3/generate") == Fault("rollout", 1, 3, "generate")
+    assert str(parse_fault("learner/0/4/save")) == "learner/0/4/save"
+    for bad, words in [("rollout/1/3", "ACTOR/INDEX/STEP/PHASE"), ("gpu/0/1/update", "actor"),
+                       ("rollout/x/1/generate", "INDEX"), ("rollout/0/0/generate", "STEP"),
+                       ("learner/0/2/generate", "learner phase")]:
+        with pytest.raises(ValueError, match=words):
+            parse_fault(bad)
+    faults = [parse_fault(t) for t in ("rollout/1/3/generate", "rollout/1/6/generate",
+                                       "rollout/0/2/weight_sync")]
+    assert for_actor(faults, "rollout", 1, after_step=3) == [faults[1]]  # fired ones drop out
+
+
+def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
+    from umerl.config import load_recipe
+    from umerl.sources import ConfigError
+
+    with pytest.raises(ConfigError, match=r"faults\.kill.*entry \[0\].*rollout phase"):
+        load_recipe(None, [f"output_dir={tmp_path}", "faults.kill=[rollout/0/2/update]"])
+
+
+RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.num_workers=2")
+
+
+def rewards(out: str) -> list[str]:
+    """Each step's reward and rank-score fields (timings differ between runs)."""
+    return [line.split(" | ")[0] for line in metrics_log(out)]
+
+
+@pytest.fixture(scope="module")
+def uncrashed(local_ray, tiny_model_dir, benchmark_manifest, tmp_path_factory):  # noqa: F811
+    import contextlib
+    import io
+
+    from umerl.rl import run_rl
+
+    out = io.StringIO()
+    cfg = rl_config(tmp_path_factory.mktemp("uncrashed"), benchmark_manifest.parent, *RUN)
+    with contextlib.redirect_stdout(out):
+        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    lines = rewards(out.getvalue())
+    assert len(lines) == 6
+    return lines
+
+
+@pytest.mark.parametrize("fault", ["rollout/1/3/generate", "rollout/0/3/weight_sync"])
+def test_a_rollout_actor_killed_mid_step_costs_nothing(local_ray, tiny_model_dir,  # noqa: F811
+                                                      benchmark_manifest, tmp_path, capsys,
+                                                      uncrashed, fault):
+    from umerl.rl import run_rl
+
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, f"faults.kill=[{fault}]")
+    run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    out = capsys.readouterr().out
+    actor = fault.split("/")[1]
+    phase = fault.split("/")[3]
+    assert f"rollout actor {actor} failed during {phase} at step 3" in out
+    assert "restart 1 of 3" in out
+    assert rewards(out) == uncrashed  # all 6 steps, each with the uncrashed run's rewards
+
+
+def test_more_kills_than_max_restarts_is_a_clear_error(local_ray, tiny_model_dir,  # noqa: F811
+                                                       benchmark_manifest, tmp_path):
+    from umerl.rl import run_rl
+
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rollout.max_restarts=1",
+                    "faults.kill=[rollout/1/2/generate,rollout/0/4/generate]")
+    with pytest.raises(WorkerError) as err:
+        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    assert str(err.value).startswith("rollout actor 0")
+    assert "rollout.max_restarts=1" in str(err.value) and "step 4" in str(err.value)
+
+
+@pytest.mark.parametrize("fault", ["learner/1/4/update", "learner/0/4/save"])
+def test_a_dead_learner_restarts_the_stage_from_its_last_checkpoint(
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys,  # noqa: F811
+        uncrashed, fault):
+    """Killed in step 4's update, or halfway through step 4's checkpoint (which must not be
+    used): the stage restarts from step 2's checkpoint and steps 3-6 repeat the uncrashed
+    run's rewards exactly."""
+    from umerl import checkpoint as ckpt
+    from umerl.rl import run_rl
+
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rl.max_failures=1",
+                    f"faults.kill=[{fault}]")
+    final = run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    out = capsys.readouterr().out
+    assert "restarting the RL stage from its last complete checkpoint (restart 1 of 1)" in out
+    assert "resumed from" in out and "step_00000002" in out
+    lines = rewards(out)
+    first = lines[:3] if fault.endswith("update") else lines[:4]
+    assert first == uncrashed[:len(first)]  # before the kill
+    assert lines[len(first):] == uncrashed[2:]  # after the restart, from step 3: identical
+    assert final.name == "step_00000006" and ckpt.verify(final) == final
+
+
+def test_a_learner_death_beyond_max_failures_fails_the_stage(
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
+    from umerl.rl import run_rl
+
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, "rl.max_steps=2",
+                    "rl.max_failures=0", "faults.kill=[learner/0/1/update]")
+    with pytest.raises(WorkerError) as err:
+        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    assert str(err.value).startswith("learner rank 0") and "rl.max_failures=0" in str(err.value)

@@ -30,6 +30,11 @@ def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
 
     with pytest.raises(ConfigError, match=r"faults\.kill.*entry \[0\].*rollout phase"):
         load_recipe(None, [f"output_dir={tmp_path}", "faults.kill=[rollout/0/2/update]"])
+    with pytest.raises(ConfigError, match=r"rollout 5, but rollout.num_workers = 2"):
+        load_recipe(None, [f"output_dir={tmp_path}", "faults.kill=[rollout/5/2/generate]"])
+    with pytest.raises(ConfigError, match=r"after rl.max_steps = 3"):
+        load_recipe(None, [f"output_dir={tmp_path}", "rl.max_steps=3",
+                           "faults.kill=[learner/0/9/save]"])
 
 
 RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.num_workers=2")

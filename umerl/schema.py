@@ -365,7 +365,23 @@ def _pass_k_within_budget(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
+    """A fault that names an actor or a step the run does not have would silently not fire."""
+    from umerl.faults import parse_fault
+
+    for text in c.faults.kill:
+        fault = parse_fault(text)
+        workers = int(c[fault.actor].num_workers)
+        if fault.index >= workers:
+            return (f"{s.describe('faults.kill')}: {text} names {fault.actor} {fault.index}, "
+                    f"but {fault.actor}.num_workers = {workers}")
+        if fault.step > int(c.rl.max_steps):
+            return (f"{s.describe('faults.kill')}: {text} is at step {fault.step}, after "
+                    f"rl.max_steps = {c.rl.max_steps}")
+    return None
+
+
 CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
     _pairs_divide_learners, _learner_micro_batch, _tensor_parallel, _something_trains,
-    _pass_k_within_budget,
+    _pass_k_within_budget, _faults_can_fire,
 )

@@ -257,13 +257,18 @@ class RewardSet:
 def reward_metrics(ctx: RewardContext, total: Tensor, parts: Mapping[str, Tensor],
                    timings: Mapping[str, float]) -> dict[str, float]:
     """Flat metrics for a logger: the mean of the total and of each (unweighted) part, overall
-    and per side, and each reward's time: ``reward/total``, ``reward/<label>``,
-    ``reward/<label>/query``, ``reward/<label>/target``, ``timing_s/reward/<label>``."""
+    and per side, its mean within-group standard deviation (what group-normalised advantages
+    see: the part with the larger spread drives learning), and each reward's time:
+    ``reward/total``, ``reward/<label>``, ``reward/<label>/query``, ``reward/<label>/target``,
+    ``reward/<label>/group_std``, ``timing_s/reward/<label>``."""
     metrics: dict[str, float] = {}
     for label, values in {"total": total, **parts}.items():
         metrics[f"reward/{label}"] = float(values.mean())
         metrics[f"reward/{label}/query"] = float(values[ctx.query_slice].mean())
         metrics[f"reward/{label}/target"] = float(values[ctx.target_slice].mean())
+        groups = values.float().view(-1, ctx.group_size)
+        metrics[f"reward/{label}/group_std"] = (
+            float(groups.std(dim=1).mean()) if ctx.group_size > 1 else 0.0)
     for label, seconds in timings.items():
         metrics[f"timing_s/reward/{label}"] = float(seconds)
     return metrics

@@ -24,6 +24,12 @@ def plugin_module(tmp_path, monkeypatch) -> str:
         def completion_length(ctx, scale=1.0):
             return torch.tensor([scale * len(ids) for ids in ctx.completion_ids])
 
+        SEEN = []
+
+        def record_disc(ctx):
+            SEEN.append((ctx.disc_query_embeddings, ctx.disc_target_embeddings))
+            return torch.zeros(ctx.num_rollouts)
+
         class Exploding:
             def __init__(self):
                 self.calls = 0
@@ -94,3 +100,39 @@ def test_a_failing_plugin_stops_the_step_before_any_update(
     assert "judge" in message and "my_rewards" in message
     assert "judge model is offline" in message and "RuntimeError" in message
     assert Digest.of(plan, params) == before  # nothing was updated
+
+
+def test_rewards_see_the_disc_embeddings_and_disc_agreement_rewards_them(
+        tiny_model_dir, benchmark_manifest, tmp_path, plugin_module):
+    """The scoring pass's disc embeddings reach every reward: equal to what ``umerl.embed``
+    computes for the same prompts, so the example DiscAgreement reward is no longer zero."""
+    import importlib
+
+    import torch
+
+    from umerl.embed import disc_embeddings
+
+    rewards = [{"name": f"{plugin_module}:record_disc", "label": "seen"},
+               {"name": str(REPO / "recipes" / "rewards_example.py") + ":DiscAgreement",
+                "label": "agree", "kwargs": {"missing": "error"}}]
+    learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
+    learner.bundle.model.eval()  # the reference: umerl.embed with the weights before the update
+    expect_q = disc_embeddings(learner.bundle, [p.query for p in shard.pairs])
+    expect_t = disc_embeddings(learner.bundle, [p.target for p in shard.pairs])
+    learner.bundle.model.train()
+    metrics = learner.step(shard)
+    disc_q, disc_t = importlib.import_module(plugin_module).SEEN[-1]
+    assert torch.allclose(disc_q, expect_q, atol=1e-5)
+    assert torch.allclose(disc_t, expect_t, atol=1e-5)
+    assert metrics["reward/agree"] != 0.0
+    assert metrics["reward/agree/group_std"] > 0.0  # differs between a group's rollouts
+    assert metrics["reward/zero_advantage_groups"] == 0.0
+
+
+def test_groups_whose_rewards_are_all_equal_are_counted(tiny_model_dir, benchmark_manifest,
+                                                         tmp_path, plugin_module):
+    rewards = [{"name": f"{plugin_module}:record_disc", "label": "zero"}]  # 0 for every rollout
+    learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
+    metrics = learner.step(shard)
+    assert metrics["reward/zero_advantage_groups"] == 1.0
+    assert metrics["reward/zero/group_std"] == 0.0

@@ -493,3 +493,18 @@ def test_reward_error_survives_pickling() -> None:
     assert type(back) is RewardError and str(back) == str(err)
     assert (back.reward, back.origin, back.problem, back.entry) == (
         "flaky", "file /x.py", "raised ZeroDivisionError at step 2", "rewards[1]")
+
+
+def test_reward_metrics_report_each_parts_within_group_spread() -> None:
+    """group_std: the mean over groups of the unbiased std within each group, computed here
+    group by group with numpy as the reference."""
+    ctx = make_ctx(3, 4)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(ctx.num_rollouts, generator=g)
+    flat = torch.arange(ctx.num_rollouts // 4).repeat_interleave(4).float()  # no spread
+    metrics = rewards.reward_metrics(ctx, wide + flat, {"wide": wide, "flat": flat}, {})
+    groups = wide.numpy().reshape(-1, 4)
+    expected = np.mean([np.std(row, ddof=1) for row in groups])
+    assert metrics["reward/wide/group_std"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["reward/flat/group_std"] == 0.0
+    assert metrics["reward/total/group_std"] == pytest.approx(expected, rel=1e-5)

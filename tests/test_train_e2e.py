@@ -67,8 +67,9 @@ def test_sft_on_two_ray_workers_writes_loadable_checkpoints(first_run, tiny_mode
 
 def test_before_and_after_tables_and_score_files(first_run):
     tmp, output = first_run
-    assert "before -> after" in output
-    for label in ("before", "after"):
+    assert "before -> sft -> rl" in output
+    assert "disc before  disc sft  disc rl" in output  # three columns per mode
+    for label in ("before", "sft", "rl"):
         summary = json.loads((tmp / "run" / "eval" / label / "summary.json").read_text())
         assert set(summary["tasks"]) == {"digits_cls", "lee_text"}
         assert {"disc", "gen", "oracle", "pass@1", "pass@2"} <= set(summary["modes"])

@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -92,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="pool type for plain .jsonl task files")
     ev.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
     ev.set_defaults(handler=_cmd_eval)
+
+    cmp_ = sub.add_parser("compare", help="paired difference of two evaluations (B - A) per "
+                          "task and overall, with 95%% bootstrap intervals over queries")
+    cmp_.add_argument("a", help="summary.json of evaluation A (or its folder)")
+    cmp_.add_argument("b", help="summary.json of evaluation B (or its folder)")
+    cmp_.add_argument("--resamples", type=int, default=2000)
+    cmp_.add_argument("--seed", type=int, default=0)
+    cmp_.set_defaults(handler=_cmd_compare)
 
     ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
     ann.add_argument("pairs", help="RL-pair JSONL (query/target sides, no completions)")
@@ -193,6 +202,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
     out = args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
     run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from umerl.compare import compare, compare_table
+
+    summaries = []
+    for name in (args.a, args.b):
+        path = Path(name)
+        path = path / "summary.json" if path.is_dir() else path
+        if not path.is_file():
+            raise SystemExit(f"umerl: error: {name}: no summary.json there")
+        summaries.append(json.loads(path.read_text(encoding="utf-8")))
+    result = compare(*summaries, resamples=args.resamples, seed=args.seed)
+    print(f"B - A, points, [95% bootstrap interval over queries, {args.resamples} resamples]")
+    print(f"A: {args.a}\nB: {args.b}")
+    print(compare_table(result))
     return 0
 
 

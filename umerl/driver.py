@@ -2,10 +2,11 @@
 
     train(cfg):  start or join Ray
                  -> base model (a checkpoint, or the tiny offline one)
-                 -> evaluate it (the "before" table)
+                 -> evaluate it ("before")
                  -> SFT warm start on a Ray Train worker group (DeepSpeed inside)
+                 -> evaluate the SFT checkpoint ("sft")
                  -> GRPO: rollout pool + learner pool, weight sync each step (umerl/rl.py)
-                 -> evaluate the result (the "after" table) and print both side by side
+                 -> evaluate the result ("rl") and print the three side by side
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class StageError(RuntimeError):
 
 
 def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
-    """Run every enabled stage of a recipe; returns the before/after summaries.
+    """Run every enabled stage of a recipe; returns the evaluation summaries by label
+    (``before``, ``sft``, ``rl``: each written to ``output_dir/eval/<label>/``) and the final
+    checkpoint.
 
     Everything that can be checked without a cluster is checked first (``umerl.preflight``):
     a bad recipe, reward, checkpoint or data line fails here, before Ray starts.
@@ -64,15 +67,25 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
         with reported_failures(cfg, "SFT", cfg.sft.output_subdir):
             model = str(run_sft_stage(cfg, model))
         print(f"[driver] SFT checkpoint: {model}", flush=True)
+        if cfg.eval.enabled:  # each stage's own effect: before -> sft -> rl
+            results["sft"] = evaluate_checkpoint(cfg, model, "sft")
     if cfg.rl.enabled:
         with reported_failures(cfg, "RL", cfg.rl.output_subdir):
             model = str(run_rl_stage(cfg, model, checked.get("rl")))
         print(f"[driver] RL checkpoint: {model}", flush=True)
-    if cfg.eval.enabled:
-        results["after"] = evaluate_checkpoint(cfg, model, "after")
-    if "before" in results and "after" in results:
-        print("\nbefore -> after (headline metric per task, %):")
-        print(comparison_table(results["before"], results["after"]))
+        if cfg.eval.enabled:
+            results["rl"] = evaluate_checkpoint(cfg, model, "rl")
+    evaluated = {k: results[k] for k in ("before", "sft", "rl") if k in results}
+    if len(evaluated) > 1:
+        print(f"\n{' -> '.join(evaluated)} (headline metric per task, %):")
+        print(comparison_table(evaluated))
+    if "sft" in results and "rl" in results:
+        from umerl.compare import compare, compare_table
+
+        effect = compare(results["sft"], results["rl"], seed=int(cfg.seed))
+        print("\nRL's effect: rl - sft, points [95% bootstrap interval over queries]:")
+        print(compare_table(effect))
+        results["rl_vs_sft"] = effect
     results["checkpoint"] = model
     return results
 

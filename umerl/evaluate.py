@@ -102,6 +102,7 @@ class TaskResult:
     per_mode: dict[str, dict[str, float]] = field(default_factory=dict)
     pass_at_k: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    per_query: dict[str, list[float]] = field(default_factory=dict)  # headline, per query
 
     def headline(self, mode: str) -> float:
         return self.per_mode[mode][self.spec.metric]
@@ -163,9 +164,11 @@ class Evaluator:
             scores = [cand_emb[mode[1]][pool] @ q for q, pool in
                       zip(query_emb[mode[0]], pools.pools)]
             per_query[mode_name(mode)] = metrics.score_queries(scores, pools.relevance)
-            result.per_mode[mode_name(mode)] = metrics.mean_metrics(per_query[mode_name(mode)])
         if len(per_query) > 1:
-            result.per_mode["oracle"] = metrics.mean_metrics(_oracle(list(per_query.values())))
+            per_query["oracle"] = _oracle(list(per_query.values()))
+        for name, values in per_query.items():
+            result.per_mode[name] = metrics.mean_metrics(values)
+            result.per_query[name] = [float(v) for v in values[spec.metric]]
         if self.settings.pass_k:
             result.pass_at_k = self._pass_at_k(spec.name, pools, cand_emb)
         result.seconds = time.perf_counter() - start
@@ -248,6 +251,8 @@ def summarize(results: Sequence[TaskResult], settings: EvalSettings) -> dict[str
             "num_queries": r.num_queries, "num_candidates": r.num_candidates,
             "scores": {mode: r.headline(mode) for mode in columns},
             "pass_at_k": r.pass_at_k, "seconds": round(r.seconds, 2),
+            # the headline metric of every query, in file order: what `umerl compare` pairs
+            "per_query": r.per_query,
         }
     for mode in columns:
         summary["modes"][mode] = metrics.summarize(
@@ -304,20 +309,25 @@ def evaluate(
     return summary
 
 
-def comparison_table(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """Headline score per task and mode, before and after training, side by side."""
-    modes = [m for m in before["modes"] if m in after["modes"] and not m.startswith("pass@")]
+def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """Headline score per task and mode for each labelled evaluation (e.g. before, sft, rl),
+    side by side: one column per mode and label, in the order given."""
+    labels = list(summaries)
+    last = summaries[labels[-1]]
+    modes = [m for m in last["modes"] if not m.startswith("pass@")
+             and all(m in summaries[label]["modes"] for label in labels)]
     rows = []
-    for name, task in after["tasks"].items():
+    for name in last["tasks"]:
         row: dict[str, object] = {"task": name}
         for mode in modes:
-            row[f"{mode} before"] = before["tasks"].get(name, {}).get("scores", {}).get(mode)
-            row[f"{mode} after"] = task["scores"].get(mode)
+            for label in labels:
+                task = summaries[label]["tasks"].get(name, {})
+                row[f"{mode} {label}"] = task.get("scores", {}).get(mode)
         rows.append(row)
-    overall = {"task": "overall"}
+    overall: dict[str, object] = {"task": "overall"}
     for mode in modes:
-        overall[f"{mode} before"] = before["modes"][mode]["overall"]
-        overall[f"{mode} after"] = after["modes"][mode]["overall"]
+        for label in labels:
+            overall[f"{mode} {label}"] = summaries[label]["modes"][mode]["overall"]
     rows.append(overall)
-    columns = ["task"] + [f"{m} {when}" for m in modes for when in ("before", "after")]
+    columns = ["task"] + [f"{m} {label}" for m in modes for label in labels]
     return metrics.format_table(rows, columns)

@@ -116,6 +116,9 @@ class Learner:
         scored = {name: self._score(batches[name]) for name in batches}
         rewards, metrics = self._rewards(shard, scored)
         advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
+        # Groups that teach nothing: identical rewards, so every advantage is 0.
+        metrics["reward/zero_advantage_groups"] = float(
+            (advantages.view(-1, G).abs().amax(dim=1) == 0).float().mean())
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local))
@@ -135,19 +138,23 @@ class Learner:
     @torch.no_grad()
     def _score(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Gen embeddings (current policy) and reference log-probs, micro-batch by micro-batch."""
-        gen, found, ref = [], [], []
+        gen, disc, found, ref = [], [], [], []
         for batch in batches:
             out: PolicyOutput = self.engine.module(**batch, with_logprobs=False)
             gen.append(out.gen)
+            disc.append(out.disc)  # at the prompt's <disc_emb>: the same for a pair's G rows
             found.append(out.gen_found)
             ref.append(self.reference(**batch).logprobs)
-        return {"gen": torch.cat(gen), "found": torch.cat(found), "ref": ref}
+        return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
+                "ref": ref}
 
     def _rewards(self, shard: StepShard, scored: dict[str, Any]
                  ) -> tuple[torch.Tensor, dict[str, float]]:
         """Gather every rank's rollouts; every rank computes the same step-wide rewards."""
         query_emb = _all_gather_rows(scored["query"]["gen"])
         target_emb = _all_gather_rows(scored["target"]["gen"])
+        disc_query = _all_gather_rows(scored["query"]["disc"])
+        disc_target = _all_gather_rows(scored["target"]["disc"])
         local = {"pairs": shard.pairs, "q": shard.query_completions,
                  "t": shard.target_completions}
         everyone = _all_gather_objects(local)
@@ -159,6 +166,7 @@ class Learner:
         ctx = RewardContext.from_pairs(
             pairs, completions=decode(ids, skip_special_tokens=True), completion_ids=ids,
             query_embeddings=query_emb, target_embeddings=target_emb,
+            disc_query_embeddings=disc_query, disc_target_embeddings=disc_target,
             group_size=int(self.rcfg.group_size), step=shard.step,
         )
         total, parts, timings = self.rewards(ctx)

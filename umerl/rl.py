@@ -32,8 +32,13 @@ from umerl.remote import WorkerError, gather
 from umerl.sampling import SamplingParams
 from umerl.sft_data import ContrastiveBatcher, load_pair_datasets
 
-CONSOLE_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
-                "actor/kl", "actor/clip_fraction", "rollout/completion_len_mean")
+# metric -> its console label
+CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
+                "reward/embedding": "embedding", "reward/rank_score": "rank_score",
+                "reward/format/group_std": "format_sd", "reward/embedding/group_std": "emb_sd",
+                "reward/zero_advantage_groups": "zero_adv", "actor/kl": "kl",
+                "actor/clip_fraction": "clip_fraction",
+                "rollout/completion_len_mean": "completion_len_mean"}
 
 
 def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
@@ -281,7 +286,7 @@ def rollout_dtype(cfg: DictConfig) -> str:
 
 
 def _console_line(step: int, total: int, m: dict[str, float]) -> str:
-    parts = " ".join(f"{k.split('/')[-1]} {m[k]:.3f}" for k in CONSOLE_KEYS if k in m)
+    parts = " ".join(f"{label} {m[k]:.3f}" for k, label in CONSOLE_KEYS.items() if k in m)
     timing = " ".join(f"{k.split('/')[-1]} {m[k]:.1f}s" for k in
                       ("timing/rollout", "timing/learner", "timing/weight_sync", "timing/step"))
     return f"[rl] step {step}/{total} {parts} | {timing}"

@@ -212,3 +212,23 @@ def test_unknown_transport_and_nccl_without_cuda_are_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs a CUDA device"):
             open_channel(ChannelSpec("nccl", "127.0.0.1", 1, 2, 1.0, 64), 0)
+
+
+def test_the_transport_follows_the_learners_device_and_the_rollout_nodes(monkeypatch):
+    """The loop's choice (umerl.rl.choose_transport), including the GPU branch, on CPU."""
+    from umerl import rl
+
+    monkeypatch.setattr(rl, "shm_free_bytes", lambda: 10 << 30)
+    here, there = "10.0.0.1", "10.0.0.2"
+    assert rl.choose_transport("auto", "cuda:0", here, [here, there], 1 << 20) == "nccl"
+    assert rl.choose_transport("auto", "cpu", here, [here, here], 1 << 20) == "shm"
+    assert rl.choose_transport("auto", "cpu", here, [here, there], 1 << 20) == "gloo"
+    assert rl.choose_transport("gloo", "cuda:1", here, [here], 1 << 20) == "gloo"
+    with pytest.raises(ValueError, match="nccl needs learners on CUDA"):
+        rl.choose_transport("nccl", "cpu", here, [here], 1 << 20)
+    with pytest.raises(ValueError, match="shm needs every rollout actor"):
+        rl.choose_transport("shm", "cpu", here, [there], 1 << 20)
+    monkeypatch.setattr(rl, "shm_free_bytes", lambda: 0)  # a tiny /dev/shm: gloo, or an error
+    assert rl.choose_transport("auto", "cpu", here, [here], 1 << 20) == "gloo"
+    with pytest.raises(ValueError, match="free in /dev/shm"):
+        rl.choose_transport("shm", "cpu", here, [here], 1 << 20)

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from umerl.faults import parse_fault
 from umerl.sources import ConfigError, Sources
 
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
@@ -152,8 +153,6 @@ def _show(v: Any) -> str:
 
 
 def FaultSpec() -> Rule:
-    from umerl.faults import parse_fault
-
     def check(v: Any) -> str | None:
         if not isinstance(v, str):
             return f"expected a string, got {_show(v)}"
@@ -367,8 +366,6 @@ def _pass_k_within_budget(c: DictConfig, s: Sources) -> str | None:
 
 def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
     """A fault that names an actor or a step the run does not have would silently not fire."""
-    from umerl.faults import parse_fault
-
     for text in c.faults.kill:
         fault = parse_fault(text)
         workers = int(c[fault.actor].num_workers)

@@ -51,7 +51,7 @@ def main() -> None:
     from umerl.config import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
     from umerl.learner import LearnerPool
-    from umerl.rl import WeightSync, load_rl_datasets, rl_step
+    from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
     from umerl.sampling import SamplingParams
     from umerl.sft_data import ContrastiveBatcher
 
@@ -66,12 +66,14 @@ def main() -> None:
     r = cfg.rl
     sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+    stream = RolloutStream(cfg, sampler, rollout, sampling)
     rows = []
     try:
         for step in range(1, args.steps + 1):
-            rows.append(rl_step(cfg, step, sampler, rollout, learners, sampling, link))
+            rows.append(rl_step(cfg, step, stream, learners, link))
             print(f"step {step}: {rows[-1]['timing/step']:.2f} s", flush=True)
     finally:
+        stream.close()
         rollout.shutdown()
         learners.shutdown()
         ray.shutdown()

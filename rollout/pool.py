@@ -66,10 +66,15 @@ class RolloutActor:
             self.engine = TransformersEngine(bundle)
             self.model = bundle.model
 
-    def generate(self, sides: list[Side], seeds: list[int], n: int,
-                 sampling: SamplingParams, step: int = 0) -> list[list[list[int]]]:
+    def generate(self, sides: list[Side], seeds: list[int], n: int, sampling: SamplingParams,
+                 step: int = 0, logprobs: bool = False
+                 ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """[side][sample] completions and, with ``logprobs``, their tokens' log-probs under
+        the weights that sampled them (an off-policy step's importance-ratio denominator)."""
         if not any(f.step == step and f.phase == "generate" for f in self.faults):
-            return self.engine.generate(sides, n, sampling, seeds)
+            if logprobs:
+                return self.engine.generate_with_logprobs(sides, n, sampling, seeds)
+            return self.engine.generate(sides, n, sampling, seeds), []
         half = max(1, len(sides) // 2)  # the injected fault: die halfway through the share
         self.engine.generate(sides[:half], n, sampling, seeds[:half])
         kill_if(self.faults, step, "generate")
@@ -179,23 +184,25 @@ class RolloutPool:
         self.stale.clear()
 
     def generate(self, sides: Sequence[Side], seeds: Sequence[int], n: int,
-                 sampling: SamplingParams, step: int = 0) -> list[list[list[int]]]:
-        """``n`` samples per side; each healthy actor generates a contiguous share. A share
-        whose actor dies or exceeds rollout.call_timeout_s goes to a healthy actor at once."""
+                 sampling: SamplingParams, step: int = 0, logprobs: bool = False
+                 ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None]:
+        """``n`` samples per side (and, with ``logprobs``, their tokens' log-probs, else None);
+        each healthy actor generates a contiguous share. A share whose actor dies or exceeds
+        rollout.call_timeout_s goes to a healthy actor at once."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         ready = [i for i in range(len(self.actors)) if i not in self.stale]
         shares = [(ready[j], a, b) for j, (a, b) in enumerate(_split(len(sides), len(ready)))
                   if b > a]
-        results: dict[int, list[list[list[int]]]] = {}
+        results: dict[int, tuple[list, list]] = {}
         pending: dict[Any, tuple[int, int, int]] = {}
         deadline: dict[Any, float] = {}
         failed_at: dict[int, float] = {}  # share start -> when its first actor failed
 
         def dispatch(i: int, a: int, b: int) -> None:
             ref = self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n,
-                                                 sampling, step)
+                                                 sampling, step, logprobs)
             pending[ref] = (i, a, b)
             deadline[ref] = time.monotonic() + float(self.cfg.call_timeout_s)
 
@@ -231,7 +238,10 @@ class RolloutPool:
                                   "to take its prompts", "")
             busy = {j for j, _, _ in pending.values()}
             dispatch(next((j for j in healthy if j not in busy), healthy[0]), a, b)
-        return [samples for a in sorted(results) for samples in results[a]]
+        completions = [samples for a in sorted(results) for samples in results[a][0]]
+        if not logprobs:
+            return completions, None
+        return completions, [samples for a in sorted(results) for samples in results[a][1]]
 
     def sync_ranks(self) -> list[dict[str, Any]]:
         return gather([actor.sync_ranks.remote() for actor in self.actors], self.names)

@@ -33,14 +33,31 @@ class TransformersEngine:
         prompts = [self.bundle.encoder.encode(side) for side in sides]
         if seeds is None:
             return self.generate_encoded(prompts, n, sampling)
-        if len(seeds) != len(sides):
-            raise ValueError(f"{len(sides)} sides but {len(seeds)} seeds")
+        return self._generate_seeded(prompts, seeds, n, sampling, logprobs=False)[0]
+
+    def generate_with_logprobs(
+        self, sides: Sequence[Side], n: int, sampling: SamplingParams, seeds: Sequence[int]
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """``generate`` plus each sampled token's log-prob under this engine's weights, from
+        the model's raw logits (temperature 1, no top-k): the policy log-prob the learners
+        compute, so an off-policy update's importance ratio needs no second forward."""
+        prompts = [self.bundle.encoder.encode(side) for side in sides]
+        return self._generate_seeded(prompts, seeds, n, sampling, logprobs=True)
+
+    def _generate_seeded(
+        self, prompts: Sequence[EncodedPrompt], seeds: Sequence[int], n: int,
+        sampling: SamplingParams, logprobs: bool,
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} sides but {len(seeds)} seeds")
         # One call per side, each under its own seed: the samples cannot depend on batching.
-        out = []
+        ids, lps = [], []
         for prompt, seed in zip(prompts, seeds):
             torch.manual_seed(seed)
-            out.extend(self._generate_chunk([prompt], n, sampling))
-        return out
+            chunk_ids, chunk_lps = self._generate_chunk([prompt], n, sampling, logprobs)
+            ids.extend(chunk_ids)
+            lps.extend(chunk_lps)
+        return ids, lps
 
     @torch.no_grad()
     def generate_encoded(
@@ -52,13 +69,15 @@ class TransformersEngine:
         out: list[list[list[int]]] = []
         per_call = max(1, self.batch_size // max(n, 1))
         for start in range(0, len(prompts), per_call):
-            out.extend(self._generate_chunk(prompts[start:start + per_call], n, sampling))
+            out.extend(self._generate_chunk(prompts[start:start + per_call], n, sampling)[0])
         return out
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
-    ) -> list[list[list[int]]]:
+        self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams,
+        logprobs: bool = False,
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """[prompt][sample] completions and, with ``logprobs``, their tokens' log-probs."""
         bundle = self.bundle
         batch = bundle.encoder.collate(prompts)
         batch.pop("prompt_lengths")
@@ -74,10 +93,19 @@ class TransformersEngine:
             eos_token_id=list(bundle.stop_ids),
             suppress_tokens=bundle.encoder.suppressed_token_ids(),
             pad_token_id=bundle.tokenizer.pad_token_id,
+            # Raw logits (before temperature, top-k and suppression) of every decoding step.
+            output_logits=logprobs, return_dict_in_generate=True,
         )
-        new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
-        completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new_tokens]
-        return [completions[i * n:(i + 1) * n] for i in range(len(prompts))]
+        new = generated.sequences[:, batch["input_ids"].shape[1]:]
+        completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]
+        token_logprobs: list[list[float]] = [[] for _ in completions]
+        if logprobs:
+            steps = torch.stack(generated.logits, dim=1).float()  # [rows, T, vocab]
+            chosen = torch.log_softmax(steps, dim=-1).gather(-1, new[:, :steps.shape[1], None])
+            token_logprobs = [chosen[row, :len(ids), 0].tolist()
+                              for row, ids in enumerate(completions)]
+        return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
+                [token_logprobs[i * n:(i + 1) * n] for i in range(len(prompts))])
 
 
 def _strip_after_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -272,30 +272,50 @@ class VllmEngine:
         sampling: SamplingParams,
         seeds: Sequence[int] | None = None,
     ) -> list[list[list[int]]]:
+        return self._generate(sides, n, sampling, seeds, logprobs=False)[0]
+
+    def generate_with_logprobs(
+        self, sides: Sequence[Side], n: int, sampling: SamplingParams, seeds: Sequence[int]
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """``generate`` plus each sampled token's log-prob as vLLM computed it: vLLM's default
+        ``logprobs_mode="raw_logprobs"`` is the log-softmax of the raw logits (temperature 1,
+        before top-k), the quantity the learners compute, but from vLLM's kernels: equal to
+        the learners' only up to the engines' numerical differences (bf16, fused kernels)."""
+        return self._generate(sides, n, sampling, seeds, logprobs=True)
+
+    def _generate(
+        self, sides: Sequence[Side], n: int, sampling: SamplingParams,
+        seeds: Sequence[int] | None, logprobs: bool,
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if seeds is not None and len(seeds) != len(sides):
             raise ValueError(f"{len(sides)} sides but {len(seeds)} seeds")
         if not sides:
-            return []
+            return [], []
         if seeds is None:
             # One call-level seed: distinct per (side, sample), reproducible for the same call.
             base = sampling.seed
             seeds = [None if base is None else base + i * n for i in range(len(sides))]
         prompts = [self.prompt(side) for side in sides]
-        params = [self.sampling_params(sampling, n, seed) for seed in seeds]
+        params = [self.sampling_params(sampling, n, seed, logprobs) for seed in seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        result = []
+        ids, lps = [], []
         for output in outputs:
             samples = sorted(output.outputs, key=lambda c: c.index)
             completions = [_strip_after_stop(list(c.token_ids), self.stop_ids) for c in samples]
             if not sampling.do_sample:
                 completions = [list(completions[0]) for _ in range(n)]
-            result.append(completions)
-        return result
+            ids.append(completions)
+            # With logprobs=0 each position holds the sampled token's entry only.
+            lps.append([[position[token].logprob for token, position in zip(tokens, c.logprobs)]
+                        for tokens, c in zip(completions, samples)] if logprobs else [])
+        return ids, lps
 
-    def sampling_params(self, sampling: SamplingParams, n: int, seed: int | None) -> Any:
-        """Our ``SamplingParams`` as a ``vllm.SamplingParams`` for one side."""
+    def sampling_params(self, sampling: SamplingParams, n: int, seed: int | None,
+                        logprobs: bool = False) -> Any:
+        """Our ``SamplingParams`` as a ``vllm.SamplingParams`` for one side; ``logprobs``:
+        also the sampled tokens' log-probs (0 extra top tokens)."""
         import vllm
 
         common = dict(
@@ -305,6 +325,7 @@ class VllmEngine:
             bad_words=list(self.bad_words),
             repetition_penalty=1.0,
             detokenize=False,
+            logprobs=0 if logprobs else None,
         )
         if not sampling.do_sample:
             return vllm.SamplingParams(n=1, temperature=0.0, **common)

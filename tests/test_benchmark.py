@@ -18,6 +18,7 @@ from umerl.benchmark import build as bb
 
 SPLITS = ("train", "rl", "test")
 COMPLETION = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 LOCAL_POOL_SIZES = {"digits_cls": 10, "faces_cls": 5, "photo_i2t": 10, "digits_reason": 10}
 MMEB_FIELDS = {"qry_inst": str, "qry_text": str, "qry_img_path": str, "tgt_inst": str,
@@ -271,6 +272,8 @@ def test_photo_t2i_global_pool(bench: Path, manifest: dict) -> None:
             assert set(line["tgt_text"]) == {""}
         positives = [line["tgt_img_path"][0] for line in lines]
         assert len(set(positives)) == len(positives)
+        if split == "test":  # one caption template per test variant: no query asked twice
+            assert len({line["qry_text"] for line in lines}) == len(lines)
         assert len({pixels_key(folder / p) for p in positives}) == len(positives)
 
 
@@ -310,7 +313,7 @@ def test_splits_are_disjoint(bench: Path, manifest: dict, task: str) -> None:
 def test_photo_variants_differ_across_splits(bench: Path) -> None:
     keys = {s: {pixels_key(p) for p in (bench / "photo_t2i" / "images" / s).glob("*.png")}
             for s in SPLITS}
-    assert [len(keys[s]) for s in SPLITS] == [170, 68, 34]
+    assert [len(keys[s]) for s in SPLITS] == [170, 68, 68]
     assert not keys["train"] & keys["test"] and not keys["rl"] & keys["test"]
     assert not keys["train"] & keys["rl"]
 
@@ -332,10 +335,9 @@ def test_disjointness_check_fires() -> None:
 def test_default_split_sizes(bench: Path, manifest: dict) -> None:
     counts = {t: [len(task_lines(bench, manifest, t, s)) for s in SPLITS] for t in bb.TASKS}
     assert counts == {
-        "digits_cls": [200, 80, 40], "faces_cls": [100, 60, 40], "photo_t2i": [170, 68, 34],
-        "photo_i2t": [170, 68, 34], "lee_text": [24, 10, 16], "digits_reason": [200, 80, 40],
+        "digits_cls": [200, 80, 400], "faces_cls": [100, 60, 40], "photo_t2i": [170, 68, 68],
+        "photo_i2t": [170, 68, 68], "lee_text": [24, 10, 16], "digits_reason": [200, 80, 150],
     }
-    assert all(n <= 40 for n in (c[2] for c in counts.values()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,8 +350,8 @@ def test_digit_labels_match_pixels(bench: Path, manifest: dict, digit_of_png) ->
         lines = task_lines(bench, manifest, "digits_cls", split)
         labels = [digit_of_png(folder / x["qry_img_path"]) for x in lines]
         assert [DIGITS[d] for d in labels] == [x["tgt_text"][0] for x in lines]
-        if split == "test":  # stratified: 4 of each digit
-            assert np.bincount(labels, minlength=10).tolist() == [4] * 10
+        if split == "test":  # stratified: 40 of each digit
+            assert np.bincount(labels, minlength=10).tolist() == [40] * 10
 
 
 def test_faces_labels_follow_lfw_order(bench: Path) -> None:
@@ -461,9 +463,8 @@ def test_sft_and_rl_pairs(bench: Path, manifest: dict) -> None:
                     assert set(side) <= {"text", "images", "completion"}
                     if with_completion:
                         assert COMPLETION.fullmatch(side["completion"]), side["completion"]
-                if with_completion:  # both sides give the same answer
-                    answer = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-                    assert answer.search(q["completion"])[1] == answer.search(t["completion"])[1]
+                if with_completion and task != "lee_text":  # both sides give the same answer
+                    assert ANSWER.search(q["completion"])[1] == ANSWER.search(t["completion"])[1]
         got, report = read_sft_pairs(bench / entry["sft"])
         assert len(got) == len(sft) and not report.skipped
         got, report = read_rl_pairs(bench / entry["rl_pairs"])
@@ -478,3 +479,91 @@ def test_no_test_caption_leaks_into_training_files(bench: Path, manifest: dict) 
             for caption in test_captions:
                 assert f'"{caption}"' not in text and f"\\n{caption}\"" not in text
                 assert f">{caption}<" not in text
+
+
+# --------------------------------------------------------------------------------------------
+# Each side's SFT completion is derivable from that side's own input
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:['-][a-z0-9]+)*", text.lower())
+
+
+def trigrams(*texts: str) -> set[tuple[str, ...]]:
+    """Word trigrams of each text (none across two texts)."""
+    out: set[tuple[str, ...]] = set()
+    for text in texts:
+        w = words(text)
+        out |= {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+    return out
+
+
+def image_descriptions(task: str, folder: Path, side: dict, meta: dict,
+                       digit_of_png) -> list[str]:
+    """What a side's image shows, from the source data rather than the builder's rule: the
+    digit recovered from the pixels, the lfw index (faces first), the photo's three phrasings."""
+    if not side.get("images"):
+        return []
+    if task in ("digits_cls", "digits_reason"):
+        return [f"a handwritten {DIGITS[digit_of_png(folder / side['images'][0])]}"]
+    if task == "faces_cls":
+        face = int(meta["source"].split(":")[1]) < 100
+        return ["a human face" if face else "a background patch with no face"]
+    from umerl.benchmark.sources import PHOTOS
+
+    photo = next(p for p in PHOTOS if p.name == meta["label"])
+    return [f"a photo of {phrase}" for phrase in photo.phrases]
+
+
+def test_no_completion_states_what_only_the_other_side_has(bench: Path, manifest: dict,
+                                                           digit_of_png) -> None:
+    # A completion may restate its own input (text, or what its image shows), never a word
+    # trigram that only the other side's input holds: at test time that side is not there.
+    leaks = []
+    for entry in manifest["tasks"]:
+        task = entry["name"]
+        for row in read_jsonl(bench / entry["sft"]):
+            evidence = {
+                name: trigrams(row[name]["text"], *image_descriptions(
+                    task, bench / task, row[name], row["meta"], digit_of_png))
+                for name in ("query", "target")}
+            for own, other in (("query", "target"), ("target", "query")):
+                only_other = evidence[other] - evidence[own]
+                shared = trigrams(row[own]["completion"]) & only_other
+                if shared:
+                    leaks.append((row["id"], own, sorted(shared)[:3]))
+    assert leaks == [], f"{len(leaks)} completions leak, e.g. {leaks[:3]}"
+
+
+def test_the_leak_check_sees_a_copied_opening() -> None:
+    opening = "Washington has sharply rebuked Russia over bombings of Georgian villages"
+    body = "The United States regrets the loss of life, a spokesman said."
+    completion = f"<think>The candidate is the rest.</think><answer>{opening}</answer>"
+    assert trigrams(completion) & (trigrams(opening) - trigrams(body))
+    assert not trigrams(completion) & (trigrams(body) - trigrams(opening))
+
+
+def test_lee_text_answers_name_what_their_own_side_says(bench: Path) -> None:
+    # A lead and a body are different texts: each side's answer lists terms of its own text.
+    rows = read_jsonl(bench / "lee_text" / "sft.jsonl")
+    differ = 0
+    for row in rows:
+        answers = {}
+        for name in ("query", "target"):
+            own = row[name]["text"].split("\n", 1)[1]
+            answers[name] = ANSWER.search(row[name]["completion"])[1]
+            terms = answers[name].split(", ")
+            assert len(terms) >= 3 and all(t and t in own for t in terms), (row["id"], terms)
+        differ += answers["query"] != answers["target"]
+    assert differ == len(rows)
+
+
+def test_key_terms_are_names_then_long_words() -> None:
+    text = ("Washington has sharply rebuked Russia over bombings of Georgian villages near "
+            "Tbilisi, Mr Fleischer said.")
+    assert bb.key_terms(text) == ["Washington", "Russia", "Georgian", "Tbilisi"]
+    assert bb.key_terms("The United States and the U.S. Army's plans.") == [
+        "United States", "U.S. Army", "plans"]
+    # Equally long words keep their order; a capital inside a word starts no name.
+    assert bb.key_terms("a stricken humpback was swimming near al-Qaida") == [
+        "stricken", "humpback", "swimming"]

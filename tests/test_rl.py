@@ -123,7 +123,7 @@ def test_weight_sync_makes_rollout_weights_bit_equal(local_ray, tiny_model_dir,
     and the digest check says so."""
     from rollout.pool import RolloutPool
     from umerl.learner import LearnerPool, StepShard
-    from umerl.rl import WeightSync, load_rl_datasets, rl_step
+    from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
     from umerl.sampling import SamplingParams
     from umerl.sft_data import ContrastiveBatcher
 
@@ -139,8 +139,8 @@ def test_weight_sync_makes_rollout_weights_bit_equal(local_ray, tiny_model_dir,
         link.sync(digest=True)
         sampler = ContrastiveBatcher(load_rl_datasets(cfg, str(tiny_model_dir)), 2, seed=0)
         start = learner_weights(learners)
-        metrics = rl_step(cfg, 1, sampler, rollout, learners, SamplingParams(max_new_tokens=8),
-                          link)
+        stream = RolloutStream(cfg, sampler, rollout, SamplingParams(max_new_tokens=8))
+        metrics = rl_step(cfg, 1, stream, learners, link)
         assert metrics["weight_sync/bytes"] == link.plan.bytes > 0
         assert metrics["timing/weight_sync"] > 0 and metrics["weight_sync/gb_per_s"] > 0
         updated = learner_weights(learners)

@@ -202,6 +202,31 @@ def test_per_side_seeds_make_samples_independent_of_batching(engine):
     assert engine.generate(SIDES, 2, seeded) == engine.generate(SIDES, 2, seeded)
 
 
+def test_sampled_tokens_logprobs_are_the_models_raw_logprobs(engine, tiny_qwen2: Path):
+    """The off-policy ratio's denominator: vLLM's log-prob of each sampled token (raw logits,
+    temperature 1, whatever the sampling temperature and top-k) against a transformers forward
+    of the same bf16 weights over prompt + completion; equal up to the two engines' bf16
+    numerics."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from umerl.prompts import render_prompt
+
+    sampling = _sampling(temperature=0.7)
+    ids, lps = engine.generate_with_logprobs(SIDES[:2], 3, sampling, seeds=[5, 6])
+    assert ids == engine.generate(SIDES[:2], 3, sampling, seeds=[5, 6])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
+    model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.bfloat16).eval()
+    for side, samples, side_lps in zip(SIDES[:2], ids, lps, strict=True):
+        prompt = tokenizer(render_prompt(tokenizer, side), add_special_tokens=False)["input_ids"]
+        for completion, got in zip(samples, side_lps, strict=True):
+            full = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                logits = model(full).logits[0, len(prompt) - 1:-1].float()
+            want = torch.log_softmax(logits, -1).gather(-1, full[0, len(prompt):, None])[:, 0]
+            assert len(got) == len(completion)
+            assert torch.allclose(torch.tensor(got), want, atol=0.1), (got, want.tolist())
+
+
 def test_text_only_model_rejects_media_sides(engine):
     with pytest.raises(ValueError, match="text-only"):
         engine.generate([Side(text="x", images=("a.png",))], 1, _sampling())

@@ -6,22 +6,29 @@
     umerl annotate PAIRS --teacher M --out F  cold-start SFT data from a teacher model
     umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark
+    umerl serve CHECKPOINT [--router R]     the embedding service (Ray Serve, HTTP)
+    umerl route fit CHECKPOINT TASK ... --out R  fit the disc/gen router for mode auto
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from umerl.config import defaults, load_recipe, load_recipe_with_sources
 from umerl.sources import ConfigError
+
+if TYPE_CHECKING:
+    from umerl.evaluate import EvalSettings
 
 
 def _offline_env() -> None:
@@ -85,13 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on MMEB-format tasks")
     ev.add_argument("checkpoint", help="Hugging Face checkpoint folder (or a run's checkpoint "
                     "root: its latest complete checkpoint)")
-    ev.add_argument("tasks", nargs="+",
-                    help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files")
+    ev.add_argument("tasks", nargs="*",
+                    help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files "
+                    "(none with --mmeb-v2)")
     _options(ev, EVAL_OPTIONS)
     ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     ev.add_argument("--pool", default="local", choices=["local", "global"],
                     help="pool type for plain .jsonl task files")
     ev.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
+    ev.add_argument("--router", default=None,
+                    help="router file (umerl route fit) for mode auto; implies --modes auto")
+    ev.add_argument("--mmeb-v2", default=None, metavar="DIR",
+                    help="evaluate on MMEB-V2 from a local copy in DIR (README: MMEB-V2)")
+    ev.add_argument("--modalities", nargs="+", default=None,
+                    help="with --mmeb-v2: image, video and/or visdoc (default: all three)")
+    ev.add_argument("--tasks", dest="mmeb_tasks", nargs="+", default=None,
+                    help="with --mmeb-v2: only these tasks (e.g. ImageNet-1K MSR-VTT)")
+    ev.add_argument("--chunk-size", type=int, default=256,
+                    help="with --mmeb-v2: inputs embedded and cached per chunk (default: 256)")
     ev.set_defaults(handler=_cmd_eval)
 
     cmp_ = sub.add_parser("compare", help="paired difference of two evaluations (B - A) per "
@@ -101,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--resamples", type=int, default=2000)
     cmp_.add_argument("--seed", type=int, default=0)
     cmp_.set_defaults(handler=_cmd_compare)
+
+    plot = sub.add_parser("plot", help="PNG plots of a run's step metrics and evaluations "
+                          "into RUN_DIR/plots/")
+    plot.add_argument("run_dir", help="a run's output_dir")
+    plot.add_argument("--eval-dir", default=None,
+                      help="where its evaluations are (default: RUN_DIR/eval)")
+    plot.set_defaults(handler=_cmd_plot)
 
     ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
     ann.add_argument("pairs", help="RL-pair JSONL (query/target sides, no completions)")
@@ -123,7 +148,32 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None)
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(handler=_cmd_build_benchmark)
+    _serve_parsers(sub)
     return parser
+
+
+def _serve_parsers(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve disc, gen and auto embeddings over HTTP (Ray "
+                         "Serve; serve.* keys)")
+    srv.add_argument("checkpoint", help="Hugging Face checkpoint folder (or a run's root)")
+    srv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=8001")
+    srv.add_argument("--router", default=None, help="router file (umerl route fit): enables "
+                     "mode auto")
+    srv.set_defaults(handler=_cmd_serve)
+
+    route = sub.add_parser("route", help="the router of mode auto")
+    route_sub = route.add_subparsers(dest="route_command", required=True)
+    fit = route_sub.add_parser("fit", help="fit a router on per-query disc and gen outcomes "
+                               "of a training split")
+    fit.add_argument("checkpoint", help="Hugging Face checkpoint folder (or a run's root)")
+    fit.add_argument("tasks", nargs="+",
+                     help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files")
+    fit.add_argument("--out", required=True, help="router file to write (JSON)")
+    fit.add_argument("--pool", default="local", choices=["local", "global"],
+                     help="pool type for plain .jsonl task files")
+    fit.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
+    _options(fit, ROUTE_OPTIONS)
+    fit.set_defaults(handler=_cmd_route_fit)
 
 
 # CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
@@ -142,6 +192,21 @@ EVAL_OPTIONS = [
     ("--skip-invalid", "data.skip_invalid",
      {"action": "store_const", "const": True,
       "help": "skip (and count) malformed lines instead of stopping"}),
+    ("--max-prompt-tokens", "data.max_prompt_tokens", {}),
+    ("--benchmark-dir", "data.benchmark_dir", {}),
+    ("--gpus", "eval.gpus_per_worker",
+     {"type": float, "help": "> 0: the model work runs in a Ray task with this many GPUs "
+      "(joins RAY_ADDRESS, else starts a local Ray)"}),
+]
+ROUTE_OPTIONS = [
+    ("--split", "serve.route.split", {"help": "the training split (never the test split)"}),
+    ("--folds", "serve.route.folds", {"type": int}),
+    ("--batch-size", "eval.batch_size", {"type": int}),
+    ("--max-new-tokens", "eval.max_new_tokens",
+     {"type": int, "help": "greedy budget of the gen outcomes (as eval and serve use)"}),
+    ("--seed", "seed", {"type": int}),
+    ("--dtype", "model.dtype", {}),
+    ("--skip-invalid", "data.skip_invalid", {"action": "store_const", "const": True}),
     ("--max-prompt-tokens", "data.max_prompt_tokens", {}),
     ("--benchmark-dir", "data.benchmark_dir", {}),
 ]
@@ -188,20 +253,44 @@ def _dotlist_value(value: object) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from umerl.console import quiet
-    from umerl.driver import eval_settings, run_eval
+    from umerl.driver import eval_settings, run_eval, run_eval_work
     from umerl.model import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.tasks import resolve_tasks
 
     quiet()
+    auto = _take_auto(args)
     cfg = _options_config(args, EVAL_OPTIONS)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
+    # Absolute: with --gpus the work runs in a Ray worker, which may start in another folder.
+    out = str(Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
+    if args.mmeb_v2 or args.modalities or args.mmeb_tasks:
+        return _cmd_eval_mmeb_v2(args, cfg, checkpoint, out)
+    if not args.tasks:
+        raise ValueError("umerl eval needs TASK arguments, or --mmeb-v2 DIR")
     specs = resolve_tasks(args.tasks, cfg.eval.split, cfg.data.benchmark_dir,
                           pool=args.pool, modality=args.modality)
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
-    out = args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+    specs = [dataclasses.replace(spec, path=spec.path.resolve()) for spec in specs]
+    run_eval_work(cfg, "eval", run_eval, str(checkpoint), specs,
+                  _routed_settings(eval_settings(cfg), args.router, auto), out,
+                  cfg.model.dtype)
+    return 0
+
+
+def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Path,
+                      out: str) -> int:
+    from umerl.driver import eval_settings, run_eval_work
+    from umerl.mmeb_v2 import plan_tasks, run_mmeb_v2
+
+    if not args.mmeb_v2:
+        raise ValueError("--modalities and --tasks select MMEB-V2 tasks: they need --mmeb-v2 DIR")
+    if args.tasks:
+        raise ValueError(f"--mmeb-v2 reads its tasks from DIR; got TASK arguments {args.tasks}")
+    tasks = plan_tasks(args.modalities, args.mmeb_tasks)
+    run_eval_work(cfg, "MMEB-V2", run_mmeb_v2, str(checkpoint), str(Path(args.mmeb_v2).resolve()),
+                  tasks, eval_settings(cfg), out, cfg.model.dtype, chunk_size=args.chunk_size)
     return 0
 
 
@@ -219,6 +308,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(f"B - A, points, [95% bootstrap interval over queries, {args.resamples} resamples]")
     print(f"A: {args.a}\nB: {args.b}")
     print(compare_table(result))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from umerl.plots import plot_run
+
+    written = plot_run(args.run_dir, args.eval_dir)
+    if not written:
+        raise ValueError(f"{args.run_dir}: nothing to plot (no metrics/*.jsonl, no "
+                         "eval/*/summary.json)")
+    print("\n".join(str(p) for p in written))
     return 0
 
 
@@ -261,6 +361,64 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
 
     path = build_tiny_model(args.out, family=args.family, seed=args.seed, size=args.size)
     print(f"tiny {args.family} model written to {path}")
+    return 0
+
+
+def _take_auto(args: argparse.Namespace) -> bool:
+    """Remove ``auto`` from ``--modes`` (it is no recipe mode: a recipe has no router) and
+    say whether it was there; ``--modes auto`` alone leaves disc:disc and gen:gen."""
+    modes = args.modes or []
+    kept = [m for m in modes if m not in ("auto", "auto:auto")]
+    if len(kept) == len(modes):
+        return False
+    args.modes = kept or ["disc:disc", "gen:gen"]
+    return True
+
+
+def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> EvalSettings:
+    """``--router`` adds mode auto; ``--modes auto`` without ``--router`` is an error."""
+    from umerl.evaluate import parse_modes
+
+    if router is None:
+        if auto:
+            raise ValueError("--modes auto needs --router ROUTER (written by umerl route fit)")
+        return settings
+    if not Path(router).is_file():
+        raise FileNotFoundError(f"--router {router}: no such file")
+    modes = parse_modes([f"{q}:{t}" for q, t in settings.modes] + ["auto"])
+    return dataclasses.replace(settings, modes=modes, router=str(Path(router).resolve()))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from umerl.console import quiet
+    from umerl.preflight import check_checkpoint
+    from umerl.serve import run_service
+
+    quiet()
+    cfg = load_recipe(None, args.overrides)
+    run_service(str(check_checkpoint(args.checkpoint, "CHECKPOINT")), cfg, args.router)
+    return 0
+
+
+def _cmd_route_fit(args: argparse.Namespace) -> int:
+    from umerl.console import quiet
+    from umerl.driver import eval_settings
+    from umerl.model import load_encoder, prompt_limit
+    from umerl.preflight import check_checkpoint, check_eval_specs
+    from umerl.router import describe, fit_checkpoint
+    from umerl.tasks import resolve_tasks
+
+    quiet()
+    cfg = _options_config(args, ROUTE_OPTIONS)
+    checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
+    specs = resolve_tasks(args.tasks, cfg.serve.route.split, cfg.data.benchmark_dir,
+                          pool=args.pool, modality=args.modality)
+    check_eval_specs(specs, load_encoder(checkpoint), cfg)
+    router = fit_checkpoint(checkpoint, specs, eval_settings(cfg), int(cfg.serve.route.folds),
+                            cfg.model.dtype)
+    print(f"[route] {describe(router)}")
+    print(f"[route] router written to {router.save(args.out)}")
     return 0
 
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,9 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
         print("\nRL's effect: rl - sft, points [95% bootstrap interval over queries]:")
         print(compare_table(effect))
         results["rl_vs_sft"] = effect
+    from umerl.plots import write_plots  # a failure here is a warning: the run is done
+
+    write_plots(cfg.output_dir, cfg.eval.out_dir or Path(cfg.output_dir) / "eval")
     results["checkpoint"] = model
     return results
 
@@ -301,16 +304,26 @@ def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[st
     specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
                           int(cfg.data.benchmark_seed))
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
+    return run_eval_work(cfg, label, run_eval, checkpoint, specs, eval_settings(cfg), out,
+                         cfg.model.dtype)
+
+
+def run_eval_work(cfg: DictConfig, label: str, work: Callable[..., dict], checkpoint: str,
+                  *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``work(checkpoint, *args, **kwargs, device=...)``, an evaluation's model work: with
+    ``eval.gpus_per_worker`` > 0 in a Ray task with those GPUs (joining ``ray.address`` or
+    starting a local Ray: a head node's CPU would take hours over the paper's 512 new tokens
+    and pass@k), else in this process, on CPU. Paths in the arguments must be absolute."""
     gpus = float(cfg.eval.gpus_per_worker)
-    where = f"a Ray task with {gpus:g} GPU(s)" if gpus > 0 else "the driver, on CPU"
+    where = f"a Ray task with {gpus:g} GPU(s)" if gpus > 0 else "this process, on CPU"
     print(f"\n[driver] evaluating ({label}) {checkpoint} in {where}", flush=True)
     if gpus <= 0:
-        return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
+        return work(checkpoint, *args, **kwargs, device="cpu")
     import ray
 
-    # A head node's CPU would take hours over the paper's 512 new tokens and pass@k.
-    task = ray.remote(num_gpus=gpus, num_cpus=float(cfg.eval.cpus_per_worker))(run_eval)
-    ref = task.remote(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype, "auto")
+    init_ray(cfg)
+    task = ray.remote(num_gpus=gpus, num_cpus=float(cfg.eval.cpus_per_worker))(work)
+    ref = task.remote(checkpoint, *args, **kwargs, device="auto")
     with reported_failures(cfg, f"evaluation ({label})", None):
         return gather([ref], [f"evaluation task ({label})"])[0]
 

@@ -24,10 +24,15 @@ from umerl.data import EvalQuery, Side, read_eval_queries
 from umerl.embed import disc_embeddings, gen_embeddings
 from umerl.inputs import check_prompt_lengths
 from umerl.model import PolicyBundle
+from umerl.router import Router, routed
 from umerl.sampling import RolloutEngine, SamplingParams
 from umerl.tasks import TaskSpec
 
 MODES = ("disc", "gen")
+# Mode "auto": a router (umerl.router) picks disc or gen per query; a routed query is scored
+# against the candidate index of its own mode, so auto needs disc:disc and gen:gen.
+AUTO = ("auto", "auto")
+SHARE_COLUMN = "auto->gen"  # the table column: share of queries auto sent to gen
 
 
 @dataclass(frozen=True)
@@ -43,16 +48,23 @@ class EvalSettings:
     skip_invalid: bool = False
     # Longer prompts are data errors (or, with skip_invalid, skipped queries); None: no limit.
     max_prompt_tokens: int | None = None
+    # The router file (`umerl route fit`) mode auto routes with.
+    router: str | None = None
 
 
 def parse_modes(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    """``["disc:disc", "gen:gen"]`` -> pairs of (query mode, target mode)."""
+    """``["disc:disc", "gen:gen"]`` -> pairs of (query mode, target mode); ``auto`` (or
+    ``auto:auto``) adds the routed mode and the disc:disc and gen:gen modes it routes between."""
     modes = []
     for item in items:
+        if item in ("auto", "auto:auto"):
+            modes += [m for m in (("disc", "disc"), ("gen", "gen"), AUTO) if m not in modes]
+            continue
         parts = item.split(":")
         if len(parts) != 2 or any(p not in MODES for p in parts):
             raise ValueError(f"mode '{item}' must be query:target with each of {MODES}")
-        modes.append((parts[0], parts[1]))
+        if (parts[0], parts[1]) not in modes:
+            modes.append((parts[0], parts[1]))
     if not modes:
         raise ValueError("at least one mode is needed")
     return tuple(modes)
@@ -103,6 +115,10 @@ class TaskResult:
     pass_at_k: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     per_query: dict[str, list[float]] = field(default_factory=dict)  # headline, per query
+    routed_to_gen: int | None = None  # mode auto: how many queries the router sent to gen
+    # What `umerl route fit` learns from: the queries and their disc embeddings (not saved).
+    queries: list[Side] = field(default_factory=list, repr=False)
+    query_disc: np.ndarray | None = field(default=None, repr=False)
 
     def headline(self, mode: str) -> float:
         return self.per_mode[mode][self.spec.metric]
@@ -115,6 +131,7 @@ class Evaluator:
         self.bundle = bundle
         self.engine = engine
         self.settings = settings
+        self.router = Router.load(settings.router) if settings.router else None
 
     def embed(self, sides: Sequence[Side], mode: str, label: str) -> tuple[np.ndarray, list]:
         """[N, d] embeddings in ``mode`` (gen: greedy decoding) and the completions written."""
@@ -159,13 +176,19 @@ class Evaluator:
         pools = build_pools(items, spec.pool)
         result = TaskResult(spec, len(pools.queries), len(pools.candidates))
         query_emb, cand_emb, completions = self._embed_all(spec.name, pools)
+        result.queries, result.query_disc = pools.queries, query_emb.get("disc")
         per_query = {}
-        for mode in self.settings.modes:
+        for mode in self._scored_modes():
             scores = [cand_emb[mode[1]][pool] @ q for q, pool in
                       zip(query_emb[mode[0]], pools.pools)]
             per_query[mode_name(mode)] = metrics.score_queries(scores, pools.relevance)
-        if len(per_query) > 1:
-            per_query["oracle"] = _oracle(list(per_query.values()))
+        oracle = _oracle(list(per_query.values())) if len(per_query) > 1 else None
+        if AUTO in self.settings.modes:
+            to_gen = self._router().route(pools.queries, query_emb["disc"])
+            per_query["auto"] = routed(per_query, to_gen)
+            result.routed_to_gen = int(to_gen.sum())
+        if oracle is not None:
+            per_query["oracle"] = oracle
         for name, values in per_query.items():
             result.per_mode[name] = metrics.mean_metrics(values)
             result.per_query[name] = [float(v) for v in values[spec.metric]]
@@ -176,9 +199,19 @@ class Evaluator:
             self._write_task(out_dir, spec, pools, result, query_emb, cand_emb, completions)
         return result
 
+    def _scored_modes(self) -> list[tuple[str, str]]:
+        """The modes embedded and scored directly (auto is derived from disc and gen)."""
+        return [m for m in self.settings.modes if m != AUTO]
+
+    def _router(self) -> Router:
+        if self.router is None:
+            raise ValueError("mode auto needs a router file: umerl eval --router ROUTER "
+                             "(written by `umerl route fit`)")
+        return self.router
+
     def _embed_all(self, label: str, pools: TaskPools) -> tuple[dict, dict, dict]:
-        query_modes = sorted({m[0] for m in self.settings.modes})
-        target_modes = {m[1] for m in self.settings.modes}
+        query_modes = sorted({m[0] for m in self._scored_modes()})
+        target_modes = {m[1] for m in self._scored_modes()}
         if self.settings.pass_k:
             target_modes.add("gen")  # pass@k ranks sampled gen queries against gen targets
         query_emb, cand_emb, completions = {}, {}, {}
@@ -254,6 +287,10 @@ def summarize(results: Sequence[TaskResult], settings: EvalSettings) -> dict[str
             # the headline metric of every query, in file order: what `umerl compare` pairs
             "per_query": r.per_query,
         }
+        if r.routed_to_gen is not None:
+            summary["tasks"][r.spec.name]["auto_gen_share"] = r.routed_to_gen / r.num_queries
+    if results and results[0].routed_to_gen is not None:
+        summary["auto"] = _routing_summary(results, settings)
     for mode in columns:
         summary["modes"][mode] = metrics.summarize(
             {r.spec.name: r.headline(mode) for r in results}, modality
@@ -265,6 +302,14 @@ def summarize(results: Sequence[TaskResult], settings: EvalSettings) -> dict[str
     return summary
 
 
+def _routing_summary(results: Sequence[TaskResult], settings: EvalSettings) -> dict[str, Any]:
+    """How much of the input the router sent down the reasoning path, over all queries."""
+    routed_total = sum(r.routed_to_gen or 0 for r in results)
+    queries = sum(r.num_queries for r in results)
+    return {"router": settings.router, "routed_to_gen": routed_total, "num_queries": queries,
+            "gen_share": routed_total / queries}
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """Tasks, then modality means, then the overall mean; one column per mode and pass@k."""
     columns = list(summary["modes"])
@@ -273,14 +318,17 @@ def summary_table(summary: dict[str, Any]) -> str:
         row: dict[str, object] = {"task": f"{name} ({task['modality']}, {task['metric']})"}
         row.update(task["scores"])
         row.update(task["pass_at_k"])
+        row[SHARE_COLUMN] = task.get("auto_gen_share")
         rows.append(row)
     modalities = sorted({t["modality"] for t in summary["tasks"].values()})
     for modality in modalities:
         row = {"task": f"mean: {modality}"}
         row.update({c: summary["modes"][c]["per_modality"].get(modality) for c in columns})
         rows.append(row)
-    rows.append({"task": "overall", **{c: summary["modes"][c]["overall"] for c in columns}})
-    return metrics.format_table(rows, ["task", *columns])
+    rows.append({"task": "overall", **{c: summary["modes"][c]["overall"] for c in columns},
+                 SHARE_COLUMN: summary.get("auto", {}).get("gen_share")})
+    share = [SHARE_COLUMN] if "auto" in summary else []
+    return metrics.format_table(rows, ["task", *columns, *share])
 
 
 def evaluate(

@@ -156,7 +156,8 @@ def grpo_side_loss(
     Returns:
         (loss, metrics): metrics hold ``policy_loss`` and ``kl_loss`` (the two parts of the loss
         under the same aggregation: loss = policy_loss + kl_beta * kl_loss), ``kl`` (masked
-        token mean of k3), ``clip_fraction`` and ``loss``.
+        token mean of k3), ``clip_fraction``, ``ratio_mean`` (masked token mean of the
+        importance ratio) and ``loss``.
     """
     if max_completion_length <= 0:
         raise ValueError("max_completion_length must be positive")
@@ -182,6 +183,8 @@ def grpo_side_loss(
         "kl_loss": float(kl_loss.detach()),
         "kl": _masked_mean(kl_tok.detach(), mask),
         "clip_fraction": clip_fraction,
+        # Token mean of rho = exp(logp - old_logp): 1 on-policy, off 1 for stale rollouts.
+        "ratio_mean": _masked_mean(torch.exp((logp - old_logp).detach().clamp(-20, 20)), mask),
     }
     return loss, metrics
 

@@ -3,13 +3,23 @@
 Per RL step each rank holds a contiguous slice of the step's pairs with their G query and G
 target completions, and:
 
-1. scores its rollouts without gradients: one forward of the policy over prompt + completion
-   gives the gen embedding at <gen_emb>; the frozen reference gives reference log-probs;
-2. all-gathers the gen embeddings and completions of every rank, so each reward sees the
-   whole step, and computes the rewards (identically on every rank);
+1. scores its rollouts: a forward of the policy over prompt + completion gives the gen
+   embedding at <gen_emb> (and the disc one at <disc_emb>); the frozen reference gives
+   reference log-probs. With ``learner.single_forward`` that forward is the update's own, with
+   gradients (its embeddings detached); else a separate pass without gradients;
+2. all-gathers the embeddings and completions of every rank, so each reward sees the whole
+   step, and computes the rewards (identically on every rank);
 3. turns rewards into group advantages, (r - mean) / (std + eps) over each pair-side group;
-4. runs the policy again with gradients and minimises the token-level clipped objective with
-   the k3 KL to the reference, token sums / max completion length, (query + target) / 2.
+4. minimises the token-level clipped objective with the k3 KL to the reference, token sums /
+   max completion length, (query + target) / 2 (two-pass mode: running the policy again with
+   gradients). The ratio's denominator is the sampling weights' log-prob for rollouts a step
+   stale (``rl.max_staleness: 1``, from the rollout engine), else the current policy's own.
+
+The embedding reward of a stale rollout still uses the current policy's embeddings: the
+reward compares the step's rollouts with one another (rank among the step's targets, margin
+to the others), so every rollout must be embedded in one space, and the space the update
+moves is the current policy's. Embeddings from the sampling weights would score a completion
+in a space the learners have already left.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ from umerl.data import Pair, Side
 from umerl.faults import for_actor, kill_if, parse_faults
 from umerl.grpo import group_advantages, grpo_side_loss
 from umerl.model import load_policy
-from umerl.policy import PolicyModule, PolicyOutput
+from umerl.policy import PolicyModule, PolicyOutput, completion_mask_for
 from umerl.remote import gather
 from umerl.training import (
     build_engine,
@@ -54,6 +64,12 @@ class StepShard:
     pair_offset: int  # global index of pairs[0] within the step
     query_completions: list[list[list[int]]]  # [pair][sample] token ids
     target_completions: list[list[list[int]]]
+    # Off-policy rollouts (rl.max_staleness > 0): how many updates behind the learners the
+    # weights that sampled them were, and each token's log-prob under those weights
+    # ([pair][sample][token], from the rollout engine). None: sampled by the current policy.
+    staleness: int = 0
+    query_logprobs: list[list[list[float]]] | None = None
+    target_logprobs: list[list[list[float]]] | None = None
 
 
 class Learner:
@@ -72,6 +88,8 @@ class Learner:
             raise ValueError(f"learner.micro_batch_size={micro} must divide the {rows} rollouts "
                              "per side per rank (rl.pairs_per_step / learner.num_workers * G)")
         self.micro = micro
+        self.single_forward = single_forward_mode(self.lcfg.single_forward, rows // micro,
+                                                  int(self.lcfg.zero_stage))
         r = self.rcfg
         self.engine = build_engine(
             PolicyModule(self.bundle.model, self.bundle.disc_id, self.bundle.gen_id),
@@ -105,15 +123,24 @@ class Learner:
     def step(self, shard: StepShard) -> dict[str, float]:
         start = time.perf_counter()
         G = int(self.rcfg.group_size)
+        if shard.staleness and shard.query_logprobs is None:
+            raise ValueError(f"step {shard.step}: rollouts {shard.staleness} update(s) stale "
+                             "came without the log-probs of the weights that sampled them")
         sides = {
             "query": ([p.query for p in shard.pairs for _ in range(G)],
-                      [c for group in shard.query_completions for c in group]),
+                      _flat(shard.query_completions), _flat(shard.query_logprobs)),
             "target": ([p.target for p in shard.pairs for _ in range(G)],
-                       [c for group in shard.target_completions for c in group]),
+                       _flat(shard.target_completions), _flat(shard.target_logprobs)),
         }
         # Encoded once: the scoring pass and the update pass read the same micro-batches.
         batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
-        scored = {name: self._score(batches[name]) for name in batches}
+        if self.single_forward:  # the update's own forward gives the (detached) embeddings
+            forwards = {name: [self.engine(**b["inputs"]) for b in batches[name]]
+                        for name in batches}
+            scored = {name: self._score(batches[name], forwards[name]) for name in batches}
+        else:  # two passes: a no-grad one now, the update's forward per micro-batch later
+            forwards = None
+            scored = {name: self._score(batches[name]) for name in batches}
         rewards, metrics = self._rewards(shard, scored)
         advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
         # Groups that teach nothing: identical rewards, so every advantage is 0.
@@ -121,30 +148,47 @@ class Learner:
             (advantages.view(-1, G).abs().amax(dim=1) == 0).float().mean())
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
-        metrics.update(self._update(batches, scored, local))
+        metrics.update(self._update(batches, scored, local, forwards))
         metrics["timing/learner_rank"] = time.perf_counter() - start
         return metrics
 
-    def _micro_batches(self, sides: list[Side], completions: list[list[int]]
-                       ) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, sides: list[Side], completions: list[list[int]],
+                       logprobs: list[list[float]] | None) -> list[dict[str, Any]]:
+        """Model inputs per micro-batch and, for off-policy rollouts, their old log-probs laid
+        out like the policy's (the completion tokens' positions of each row)."""
         encoder = self.bundle.encoder
-        return [
-            self._to_device(encoder.policy_inputs(
+        out = []
+        for a in range(0, len(sides), self.micro):
+            inputs = self._to_device(encoder.policy_inputs(
                 [encoder.encode(side) for side in sides[a:a + self.micro]],
                 completions[a:a + self.micro]))
-            for a in range(0, len(sides), self.micro)
-        ]
+            old = None
+            if logprobs is not None:
+                mask = completion_mask_for(inputs["input_ids"], inputs["completion_lengths"])
+                rows = logprobs[a:a + self.micro]
+                if [len(r) for r in rows] != inputs["completion_lengths"].tolist():
+                    raise ValueError("rollout log-probs do not match their completions' lengths")
+                old = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                # Completions are right-aligned (left padding): mask order is token order.
+                old[mask] = torch.tensor([x for row in rows for x in row],
+                                         dtype=torch.float32, device=mask.device)
+            out.append({"inputs": inputs, "old_logprobs": old})
+        return out
 
     @torch.no_grad()
-    def _score(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """Gen embeddings (current policy) and reference log-probs, micro-batch by micro-batch."""
+    def _score(self, batches: list[dict[str, Any]],
+               forwards: list[PolicyOutput] | None = None) -> dict[str, Any]:
+        """Gen and disc embeddings (current policy) and reference log-probs, micro-batch by
+        micro-batch; the embeddings from ``forwards`` (the update's own, detached) if given,
+        else from a forward without gradients."""
         gen, disc, found, ref = [], [], [], []
-        for batch in batches:
-            out: PolicyOutput = self.engine.module(**batch, with_logprobs=False)
-            gen.append(out.gen)
-            disc.append(out.disc)  # at the prompt's <disc_emb>: the same for a pair's G rows
+        for i, batch in enumerate(batches):
+            out: PolicyOutput = (forwards[i] if forwards is not None
+                                 else self.engine.module(**batch["inputs"], with_logprobs=False))
+            gen.append(out.gen.detach())
+            disc.append(out.disc.detach())  # at the prompt's <disc_emb>: same for a pair's G
             found.append(out.gen_found)
-            ref.append(self.reference(**batch).logprobs)
+            ref.append(self.reference(**batch["inputs"]).logprobs)
         return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
                 "ref": ref}
 
@@ -188,16 +232,21 @@ class Learner:
         return {"query": advantages[start:start + rows],
                 "target": advantages[half + start:half + start + rows]}
 
-    def _update(self, batches: dict, scored: dict, advantages: dict) -> dict[str, float]:
-        """Policy forward with gradients, micro-batch by micro-batch; one optimizer step."""
+    def _update(self, batches: dict, scored: dict, advantages: dict,
+                forwards: dict[str, list[PolicyOutput]] | None) -> dict[str, float]:
+        """The clipped loss and backward, micro-batch by micro-batch (the policy forward with
+        gradients: ``forwards`` if the scoring pass already ran it); one optimizer step.
+        Off-policy rows take the ratio against the sampling weights' log-probs; on-policy
+        ones against the current policy's own (detached: a ratio of 1)."""
         sums: dict[str, float] = {}
         n_micro = sum(len(side_batches) for side_batches in batches.values())
         for name, side_batches in batches.items():
             for i, batch in enumerate(side_batches):
                 a = i * self.micro
-                out: PolicyOutput = self.engine(**batch)
+                out: PolicyOutput = (forwards[name][i] if forwards is not None
+                                     else self.engine(**batch["inputs"]))
                 loss, parts = grpo_side_loss(
-                    out.logprobs, None, scored[name]["ref"][i],
+                    out.logprobs, batch["old_logprobs"], scored[name]["ref"][i],
                     advantages[name][a:a + self.micro].to(out.logprobs.device),
                     out.completion_mask, self.max_completion_length,
                     kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
@@ -254,6 +303,26 @@ class Learner:
         if path is None:
             return None, {}
         return path, load_checkpoint(self.engine, path)
+
+
+def single_forward_mode(setting: str | bool, micro_batches_per_side: int, zero_stage: int
+                        ) -> bool:
+    """``learner.single_forward``: the update's forward also gives the reward's embeddings
+    (one policy forward per rollout per step, as the authors' trainer) instead of a separate
+    no-grad pass first. It holds every micro-batch's activations until the rewards are known,
+    so ``auto`` takes it only with one micro-batch per side (``learner.micro_batch_size: 0``
+    or the rank's whole share) and not under ZeRO-3, whose parameter gathering assumes each
+    forward is followed by its backward."""
+    if setting == "auto":
+        return micro_batches_per_side == 1 and zero_stage < 3
+    if setting is True and zero_stage == 3:  # the schema says so first, naming the recipe
+        raise ValueError("learner.single_forward=true cannot run under learner.zero_stage=3")
+    return setting is True
+
+
+def _flat(groups: list[list[Any]] | None) -> list[Any] | None:
+    """[pair][sample] -> [pair * G + sample] (None stays None)."""
+    return None if groups is None else [x for group in groups for x in group]
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -5,15 +5,24 @@
         rollout    G completions per query prompt AND per target prompt (rollout pool)
         learner    score, reward, advantages, clipped loss + KL, optimizer step (learner pool)
         sync       trainable weights: learner rank 0 -> every rollout actor
-        log        reward parts, rank score, KL, clip fraction, lengths, phase timings
+        log        reward parts, rank score, KL, clip fraction, lengths, phase timings, idle
         checkpoint every rl.save_every steps (learners write it; resume=auto continues)
+
+With ``rl.max_staleness: 1`` (one step off-policy) the rollout of step t+1 runs during the
+learner phase of step t, with the weights the rollout pool holds (those of step t-1); both
+pools meet at the sync. Step t+1's learners are then one update ahead of the weights that
+sampled its completions: the clipped ratio takes the rollout engine's log-probs of those
+weights. A checkpoint records the rollouts generated ahead, so a resumed run continues
+exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -25,7 +34,7 @@ from rollout.pool import RolloutPool, prompt_seed
 from rollout.weight_sync import BucketPlan, ChannelSpec, shm_free_bytes
 from umerl import checkpoint as ckpt
 from umerl.console import Progress
-from umerl.data import Pair, read_rl_pairs
+from umerl.data import Pair, Side, read_rl_pairs
 from umerl.faults import parse_faults
 from umerl.learner import LearnerPool, StepShard
 from umerl.remote import WorkerError, gather
@@ -37,7 +46,8 @@ CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
                 "reward/embedding": "embedding", "reward/rank_score": "rank_score",
                 "reward/format/group_std": "format_sd", "reward/embedding/group_std": "emb_sd",
                 "reward/zero_advantage_groups": "zero_adv", "actor/kl": "kl",
-                "actor/clip_fraction": "clip_fraction",
+                "actor/clip_fraction": "clip_fraction", "actor/ratio_mean": "ratio",
+                "rollout/staleness": "stale",
                 "rollout/completion_len_mean": "completion_len_mean"}
 
 
@@ -93,77 +103,181 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype,
                           parse_faults(cfg.faults.kill))
     link = WeightSync.connect(cfg, learners, rollout)
-    link.sync(digest=True)  # every engine starts from the learners' (bf16-rounded) weights
+    # Every engine starts from the learners' (bf16-rounded) weights.
+    link.sync(digest=True, step=first - 1)
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
           f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
           f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage}, weight sync "
           f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
-          "buckets)", flush=True)
+          f"buckets), max_staleness {r.max_staleness}", flush=True)
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens),
                               temperature=float(r.temperature), top_k=int(r.top_k),
                               top_p=float(r.top_p))
+    ahead = client.get("rollouts_ahead")
+    stream = RolloutStream(cfg, sampler, rollout, sampling,
+                           Rollouts.from_state(ahead) if ahead else None)
     last = resumed
     progress = Progress(int(r.max_steps), "steps", done=first - 1)
     step = first
     try:
         for step in range(first, int(r.max_steps) + 1):
-            metrics = rl_step(cfg, step, sampler, rollout, learners, sampling, link)
+            metrics = rl_step(cfg, step, stream, learners, link)
             if step % int(r.log_every) == 0 or step == int(r.max_steps):
                 print(f"{_console_line(step, int(r.max_steps), metrics)} | "
                       f"{progress.line(step)}", flush=True)
             if tracker is not None:
                 tracker.log(metrics, step)
             if step % int(r.save_every) == 0 or step == int(r.max_steps):
-                last = learners.save(step, {"data": sampler.state_dict()})
+                last = learners.save(step, stream.state_dict())
     except WorkerError as err:
         err.context = f"step {step}"
         raise
     finally:
+        stream.close()
         rollout.shutdown()
         learners.shutdown()
     final = ckpt.latest(Path(cfg.output_dir) / r.output_subdir)
     return final or Path(last)
 
 
-def rl_step(cfg: DictConfig, step: int, sampler: ContrastiveBatcher, rollout: RolloutPool,
-            learners: LearnerPool, sampling: SamplingParams, link: WeightSync
-            ) -> dict[str, float]:
+def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: LearnerPool,
+            link: WeightSync) -> dict[str, float]:
+    """One step. Its rollouts come from the stream (generated now, or during the previous
+    step); with max_staleness 1 the next step's start generating before the learners do."""
     r = cfg.rl
-    G = int(r.group_size)
     t0 = time.perf_counter()
-    _, pairs = sampler.next_batch()
-    sides = [p.query for p in pairs] + [p.target for p in pairs]
-    seeds = ([prompt_seed(int(cfg.seed), step, i, "query") for i in range(len(pairs))]
-             + [prompt_seed(int(cfg.seed), step, i, "target") for i in range(len(pairs))])
-    completions = rollout.generate(sides, seeds, G, sampling, step)
+    batch = stream.take(step, link.version)
+    if int(r.max_staleness) > 0 and step < int(r.max_steps):
+        stream.start(step + 1, link.version)
     t1 = time.perf_counter()
-    per_rank = len(pairs) // int(cfg.learner.num_workers)
-    shards = [
-        StepShard(step, pairs[a:a + per_rank], a, completions[a:a + per_rank],
-                  completions[len(pairs) + a:len(pairs) + a + per_rank])
-        for a in range(0, len(pairs), per_rank)
-    ]
-    per_learner = learners.step(shards)
+    per_learner = learners.step(shards_of(batch, step, int(cfg.learner.num_workers)))
     t2 = time.perf_counter()
+    ahead_s = stream.finish()  # the next step's rollouts, if they are being generated
+    t3 = time.perf_counter()
     every = int(r.weight_sync_verify_every)
     sync = link.sync(step == int(r.max_steps) or (every > 0 and step % every == 0), step)
-    t3 = time.perf_counter()
+    t4 = time.perf_counter()
     metrics = {k: v for k, v in per_learner[0].items() if not k.startswith("actor/")}
     for key in per_learner[0]:
         if key.startswith("actor/"):
             metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
     metrics.pop("timing/learner_rank", None)
     metrics.update(sync)
-    metrics["fault/rollout_restarts"] = float(rollout.restarts)
-    metrics["fault/recovery_s"] = rollout.recovery_s
-    rollout.recovery_s = 0.0
+    metrics["fault/rollout_restarts"] = float(stream.rollout.restarts)
+    metrics["fault/recovery_s"] = stream.rollout.recovery_s
+    stream.rollout.recovery_s = 0.0
+    step_s, sync_s = t4 - t0, t4 - t3
+    generating = (t1 - t0 if batch.step_generated == step else 0.0) + ahead_s
     metrics.update({
-        "timing/rollout": t1 - t0, "timing/learner": t2 - t1, "timing/weight_sync": t3 - t2,
-        "timing/step": t3 - t0, "weight_sync/gb_per_s": sync["weight_sync/bytes"]
-        / max(t3 - t2, 1e-9) / 1e9,
+        "timing/rollout": generating, "timing/learner": t2 - t1,
+        "timing/rollout_wait": t3 - t2, "timing/weight_sync": sync_s, "timing/step": step_s,
+        "weight_sync/gb_per_s": sync["weight_sync/bytes"] / max(sync_s, 1e-9) / 1e9,
+        # Share of the step each pool spent waiting for the other (verl's idle ratios).
+        "rollout/idle_ratio": max(0.0, 1 - (generating + sync_s) / step_s),
+        "learner/idle_ratio": max(0.0, 1 - (t2 - t1 + sync_s) / step_s),
+        "rollout/staleness": float(step - 1 - batch.version),
     })
     return metrics
+
+
+def shards_of(batch: Rollouts, step: int, learners: int) -> list[StepShard]:
+    """Each learner rank's contiguous slice of the step's pairs, with their completions (and
+    their log-probs if the learners have moved on since the weights that sampled them)."""
+    P = len(batch.pairs)
+    per_rank = P // learners
+    staleness = step - 1 - batch.version  # the learners hold the weights after step - 1
+    lps = batch.logprobs if staleness > 0 else None
+    return [
+        StepShard(step, batch.pairs[a:a + per_rank], a, batch.completions[a:a + per_rank],
+                  batch.completions[P + a:P + a + per_rank], staleness,
+                  None if lps is None else lps[a:a + per_rank],
+                  None if lps is None else lps[P + a:P + a + per_rank])
+        for a in range(0, P, per_rank)
+    ]
+
+
+@dataclass
+class Rollouts:
+    """A step's pairs and their G completions per side (all query sides, then all targets)."""
+
+    step: int
+    pairs: list[Pair]
+    completions: list[list[list[int]]]
+    logprobs: list[list[list[float]]] | None  # per token, under the weights that sampled them
+    version: int  # the step whose update produced those weights (0: the starting policy)
+    step_generated: int  # the step during which they were generated
+    seconds: float = 0.0
+
+    def state(self) -> dict[str, Any]:
+        """Plain lists and dicts for the checkpoint's client state."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Rollouts:
+        pairs = [Pair(p["id"], p["task"], Side(**p["query"]), Side(**p["target"]), p["meta"])
+                 for p in state["pairs"]]
+        return cls(**{**state, "pairs": pairs})
+
+
+class RolloutStream:
+    """Where each step's rollouts come from: generated when the step asks for them, or ahead,
+    in a driver thread, while the learners update on the previous step's (``start``)."""
+
+    def __init__(self, cfg: DictConfig, sampler: ContrastiveBatcher, rollout: RolloutPool,
+                 sampling: SamplingParams, ready: Rollouts | None = None):
+        self.cfg, self.sampler, self.rollout, self.sampling = cfg, sampler, rollout, sampling
+        self.ready = ready  # generated ahead (or restored from a checkpoint), not yet used
+        self.pending: Future | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead")
+
+    def generate(self, step: int, version: int, during: int, logprobs: bool) -> Rollouts:
+        start = time.perf_counter()
+        _, pairs = self.sampler.next_batch()
+        seed = int(self.cfg.seed)
+        sides = [p.query for p in pairs] + [p.target for p in pairs]
+        seeds = ([prompt_seed(seed, step, i, "query") for i in range(len(pairs))]
+                 + [prompt_seed(seed, step, i, "target") for i in range(len(pairs))])
+        completions, lps = self.rollout.generate(sides, seeds, int(self.cfg.rl.group_size),
+                                                 self.sampling, step, logprobs)
+        return Rollouts(step, pairs, completions, lps, version, during,
+                        time.perf_counter() - start)
+
+    def take(self, step: int, version: int) -> Rollouts:
+        """Step ``step``'s rollouts: the ones generated ahead, else generated now."""
+        batch, self.ready = self.ready, None
+        if batch is not None:
+            if batch.step != step:
+                raise RuntimeError(f"rollouts generated ahead are for step {batch.step}, "
+                                   f"not {step}")
+            return batch
+        return self.generate(step, version, step, logprobs=False)
+
+    def start(self, step: int, version: int) -> None:
+        """Generate step ``step``'s rollouts in the background with the weights of ``version``
+        (the learners will have moved one update past them: their log-probs come along)."""
+        self.pending = self.executor.submit(self.generate, step, version, step - 1, True)
+
+    def finish(self) -> float:
+        """Wait for the rollouts being generated ahead; returns their generation time."""
+        if self.pending is None:
+            return 0.0
+        future, self.pending = self.pending, None
+        self.ready = future.result()
+        return self.ready.seconds
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's cursor and the rollouts generated ahead: what a resume needs."""
+        return {"data": self.sampler.state_dict(),
+                "rollouts_ahead": self.ready.state() if self.ready else None}
+
+    def close(self) -> None:
+        """Let a generation in flight end (bounded by rollout.call_timeout_s) before the pool
+        goes: killing its actors under it would read as actor deaths to replace."""
+        if self.pending is not None:
+            self.pending.exception()
+            self.pending = None
+        self.executor.shutdown(wait=True)
 
 
 @dataclass
@@ -178,6 +292,7 @@ class WeightSync:
     transport: str
     timeout_s: float
     digest: str | None = None  # of the weights of the last sync that compared digests
+    version: int = 0  # the step whose update the rollout engines hold (0: the starting one)
 
     @classmethod
     def connect(cls, cfg: DictConfig, learners: Any, rollout: Any) -> WeightSync:
@@ -213,7 +328,9 @@ class WeightSync:
                 digest = True
             try:
                 start = time.perf_counter()
-                return self._sync(digest, step)
+                stats = self._sync(digest, step)
+                self.version = step
+                return stats
             except WorkerError as err:
                 dead = [i for i, name in enumerate(self.rollout.names) if name in err.dead]
                 if not dead or any(n in err.dead for n in self.learners.names):
@@ -289,4 +406,6 @@ def _console_line(step: int, total: int, m: dict[str, float]) -> str:
     parts = " ".join(f"{label} {m[k]:.3f}" for k, label in CONSOLE_KEYS.items() if k in m)
     timing = " ".join(f"{k.split('/')[-1]} {m[k]:.1f}s" for k in
                       ("timing/rollout", "timing/learner", "timing/weight_sync", "timing/step"))
-    return f"[rl] step {step}/{total} {parts} | {timing}"
+    idle = " ".join(f"{pool}_idle {m[f'{pool}/idle_ratio']:.2f}" for pool in ("rollout", "learner")
+                    if f"{pool}/idle_ratio" in m)
+    return f"[rl] step {step}/{total} {parts} | {timing} {idle}".rstrip()

@@ -250,6 +250,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_bucket_mb": POSITIVE,
     "rl.weight_sync_timeout_s": POSITIVE,
     "rl.weight_sync_verify_every": Int(0),
+    "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),
     "rollout.engine": OneOf("auto", "transformers", "vllm"),
     "rollout.tensor_parallel_size": Int(1),
@@ -265,12 +266,38 @@ SCHEMA: dict[str, Rule] = {
     "learner.micro_batch_size": Int(0),
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
+    "learner.single_forward": OneOf("auto", True, False),
     **{f"learner.train.{k}": rule for k, rule in TRAIN_PARTS.items()},
     "annotate.max_new_tokens": Int(1),
     "annotate.max_completion_tokens": Int(1),
     "annotate.temperature": POSITIVE,
     "annotate.top_k": Int(0),
     "annotate.batch_size": Int(1),
+    "serve.host": Str(),
+    "serve.port": Int(1, 65535),
+    "serve.num_replicas": Int(1),
+    "serve.cpus_per_replica": POSITIVE,
+    "serve.gpus_per_replica": NONNEG,
+    "serve.engine": OneOf("auto", "transformers", "vllm"),
+    "serve.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
+    "serve.model_name": Str(nullable=True),
+    "serve.disc_batch_size": Int(1),
+    "serve.disc_batch_wait_s": NONNEG,
+    "serve.gen_batch_size": Int(1),
+    "serve.gen_batch_wait_s": NONNEG,
+    "serve.max_ongoing_requests": Int(1),
+    "serve.max_new_tokens": Int(1),
+    "serve.temperature": POSITIVE,
+    "serve.top_k": Int(0),
+    "serve.max_inputs": Int(1),
+    "serve.max_samples": Int(1),
+    "serve.max_request_bytes": Int(1024),
+    "serve.max_image_bytes": Int(1),
+    "serve.max_image_pixels": Int(1),
+    "serve.max_video_frames": Int(1),
+    "serve.max_text_chars": Int(1),
+    "serve.route.split": Str(),
+    "serve.route.folds": Int(2),
     # Reward entries are checked (and imported) by umerl.preflight through rewards/.
     "rewards": ListOf(Either(Mapping(), Str()), min_len=1),
     "wandb.mode": OneOf("offline", "online", "disabled"),
@@ -333,6 +360,14 @@ def _learner_micro_batch(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _single_forward(c: DictConfig, s: Sources) -> str | None:
+    if c.learner.single_forward is True and int(c.learner.zero_stage) == 3:
+        return (f"{s.describe('learner.single_forward')} = true cannot run under "
+                f"{s.describe('learner.zero_stage')} = 3 (ZeRO-3 releases a forward's "
+                "parameters before the next forward); use auto or false")
+    return None
+
+
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
     engine = rollout_engine(c)
@@ -379,6 +414,6 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
 
 
 CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
-    _pairs_divide_learners, _learner_micro_batch, _tensor_parallel, _something_trains,
-    _pass_k_within_budget, _faults_can_fire,
+    _pairs_divide_learners, _learner_micro_batch, _single_forward, _tensor_parallel,
+    _something_trains, _pass_k_within_budget, _faults_can_fire,
 )

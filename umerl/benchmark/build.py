@@ -25,9 +25,11 @@ SFT completion rule (deterministic, one per side, built with
     query side:  format_completion(f"The input {verb} {query_description}.", summary)
     target side: format_completion(f"The candidate is {target_description}.", summary)
 
-``verb`` is "shows" for an image query and "is"/"describes" for a text query; both sides share
-the same ``summary`` (the class label, caption or digit name), so a model that follows the
-format writes the same answer for a query and its positive. Per task:
+``verb`` is "shows" for an image query and "is"/"describes" for a text query. A completion
+states only what its own side's input holds (an image's content counts). Where both inputs show
+it, both sides share the same ``summary`` (the class label, caption or digit name), so a model
+that follows the format writes the same answer for a query and its positive; lee_text's lead and
+body are different texts, so each side's summary is its own text's key terms. Per task:
 
 ============== =============================================== =====================================
 task           query reasoning / target reasoning              summary
@@ -40,8 +42,8 @@ photo_t2i      'The input is the caption "{caption}".'         the photo's phras
                "The candidate is a photo of {phrase}."
 photo_i2t      "The input shows {phrase}."                     the photo's phrase for the split
                'The candidate is the caption "{caption}".'
-lee_text       "The input is the opening of a news article."   first 10 words of the article
-               "The candidate is the rest of the same news article."
+lee_text       "The input is the opening of a news article."   :func:`key_terms` of the lead
+               "The candidate is the rest of the same news article."  / of the body
 digits_reason  "The input describes a number: {explanation}."  digit name
                "The candidate is a handwritten {name}."
 ============== =============================================== =====================================
@@ -77,20 +79,26 @@ from umerl.benchmark.reasoning import DIGIT_NAMES, reason_items
 from umerl.tokens import format_completion
 
 BENCHMARK_NAME = "umerl-mini"
-MANIFEST_VERSION = 2
+# Raised whenever the built files change: the default cache folder is named after it
+# (umerl.tasks.default_benchmark_dir), so a newer builder never reuses an older build.
+MANIFEST_VERSION = 3
 SPLITS = ("train", "rl", "test")
 # Splits are drawn in this order, so the test split depends only on the seed and test sizes.
 GEN_ORDER = ("test", "rl", "train")
 
 # Per-task sizes. Split counts are numbers of queries, except under "photo", where they are
-# image variants per photo (17 photos, so 170 / 68 / 34 queries for photo_t2i and photo_i2t).
+# image variants per photo (17 photos, so 170 / 68 / 68 queries for photo_t2i and photo_i2t).
+# The test splits are as large as the sources allow at an evaluation cost that keeps
+# `make run` (three evaluations) short: digits have ~180 images per digit, digits_reason's
+# rarest digit has 46 queries (20 + 8 + 15 per digit are used), a photo's test variants are
+# one per caption template; faces_cls and lee_text use all of their 200 images / 50 articles.
 DEFAULT_SIZES: dict[str, dict] = {
-    "digits_cls": {"train": 200, "rl": 80, "test": 40},
+    "digits_cls": {"train": 200, "rl": 80, "test": 400},
     "faces_cls": {"train": 100, "rl": 60, "test": 40, "distractors": 3},
-    "photo": {"train": 10, "rl": 4, "test": 2, "max_side": 112},
+    "photo": {"train": 10, "rl": 4, "test": 4, "max_side": 112},
     "photo_i2t": {"candidates": 10, "distractors": 2, "lemma_pool": 4},
     "lee_text": {"train": 24, "rl": 10, "test": 16, "threshold": 0.5, "max_chars": 300},
-    "digits_reason": {"train": 200, "rl": 80, "test": 40, "pool_images": 3},
+    "digits_reason": {"train": 200, "rl": 80, "test": 150, "pool_images": 3},
 }
 
 # name -> (modality, kind, pool, metric)
@@ -108,7 +116,7 @@ CLS_TGT_INST = "Represent the class label."
 FACE_LABEL, NONFACE_LABEL = "a human face", "a background patch"
 CAPTION_TEMPLATES = ("{}", "a photo of {}", "an image showing {}", "a picture of {}")
 # split -> (phrase index, template indices): no caption text is shared between splits.
-CAPTION_PLAN = {"test": (0, (0, 1)), "rl": (1, (0, 1, 2, 3)), "train": (2, (0, 1, 2, 3))}
+CAPTION_PLAN = {"test": (0, (0, 1, 2, 3)), "rl": (1, (0, 1, 2, 3)), "train": (2, (0, 1, 2, 3))}
 DIGIT_SCALE = 7  # 8x8 -> 56x56, nearest neighbour: 2x2 vision tokens, not 1
 FACE_SCALE = 2  # 25x25 -> 50x50, bicubic
 
@@ -140,6 +148,7 @@ class Line:
     q_reason: str
     t_reason: str
     meta: dict = field(default_factory=dict)
+    t_summary: str | None = None  # the target's own summary, where it cannot share the query's
 
     def identity(self) -> tuple[str, str, str]:
         return (self.qry_inst, self.qry_text, self.qry_img.key if self.qry_img else "")
@@ -474,6 +483,37 @@ def split_lead_body(doc: str, min_chars: int = 120) -> tuple[str, str]:
     return doc[:cut].strip(), doc[cut:].strip()
 
 
+# Capitalised because they begin a sentence or a title, not because they are names.
+_FUNCTION_WORDS = frozenset(
+    "a an the in on at as of for to and but or if it its this that these those he she they we "
+    "i his her their there when while after before with by from mr mrs ms dr some most many "
+    "more is was are were has have had however although how very just out".split())
+_CAP_WORD = r"[A-Z][A-Za-z0-9&'-]*(?:\.[A-Z]\.?)*"  # "Greig", "U.S."
+# A run of capitalised words that does not start inside a word ("al-Qaida" is skipped).
+_NAME_RUN = re.compile(rf"(?<![\w'-]){_CAP_WORD}(?: {_CAP_WORD})*")
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*[A-Za-z]")
+
+
+def key_terms(text: str, most: int = 4, least: int = 3) -> list[str]:
+    """What a news text is about, taken from the text alone: the first ``most`` names it
+    mentions (runs of capitalised words, leading function words dropped, "'s" cut), topped up
+    with its longest other words to ``least`` terms. Every term is a substring of ``text``."""
+    terms: list[str] = []
+    for run in _NAME_RUN.finditer(text):
+        words = run.group(0).split(" ")
+        while words and words[0].lower() in _FUNCTION_WORDS:
+            words = words[1:]
+        name = re.sub(r"'s?$", "", " ".join(words))
+        if len(name) > 1 and name.lower() not in {t.lower() for t in terms}:
+            terms.append(name)
+    terms = terms[:most]
+    used = _FUNCTION_WORDS | {w.lower() for t in terms for w in t.split(" ")}
+    others = [w for w in dict.fromkeys(_WORD.findall(text))
+              if re.sub(r"'s?$", "", w).lower() not in used]
+    # sorted() is stable: equally long words keep their order in the text.
+    return terms + sorted(others, key=len, reverse=True)[:max(0, least - len(terms))]
+
+
 def build_lee_text(sz: dict, seed: int) -> Task:
     docs, sim = sources.load_lee()
     n = len(docs)
@@ -503,14 +543,16 @@ def build_lee_text(sz: dict, seed: int) -> Task:
             rest = [j for j in range(n) if j != i and j not in relevant]
             cand_ids = [i] + relevant + rest
             rel = [float(sim[i, i])] + [grades[j] for j in relevant] + [0] * len(rest)
-            headline = " ".join(leads[i].split()[:10]).rstrip(".,;:")
             lines.append(Line(
                 qry_inst="Find news articles similar to the given news article opening.",
                 qry_text=leads[i], qry_img=None, tgt_inst="Represent the given news article.",
-                cands=[(bodies[j], None) for j in cand_ids], rel=rel, summary=headline,
+                cands=[(bodies[j], None) for j in cand_ids], rel=rel,
+                summary=", ".join(key_terms(leads[i])),
                 q_reason="The input is the opening of a news article.",
                 t_reason="The candidate is the rest of the same news article.",
-                meta={"label": f"lee:{i}", "doc": i}))
+                meta={"label": f"lee:{i}", "doc": i},
+                # The body's own names: the lead is not part of the target's input.
+                t_summary=", ".join(key_terms(bodies[i]))))
         splits[split] = lines
     return Task("lee_text", {s: splits[s] for s in SPLITS})
 
@@ -590,7 +632,7 @@ def _pair(task: str, split: str, n: int, line: Line, sft: bool) -> dict:
         target["images"] = [media.path]
     if sft:
         query["completion"] = format_completion(line.q_reason, line.summary)
-        target["completion"] = format_completion(line.t_reason, line.summary)
+        target["completion"] = format_completion(line.t_reason, line.t_summary or line.summary)
     return {"id": f"{task}-{split}-{n:04d}", "task": task, "query": query, "target": target,
             "meta": dict(line.meta)}
 

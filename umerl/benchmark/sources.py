@@ -88,8 +88,9 @@ def load_lfw_subset() -> tuple[np.ndarray, np.ndarray]:
 class Photo:
     """A bundled photograph with hand-written captions.
 
-    ``phrases[0]`` is the canonical caption (the SFT answer); the three phrasings are given to
-    different splits so that no caption text is shared between train, rl and test.
+    The three phrasings are given to different splits (``build.CAPTION_PLAN``: 0 test, 1 rl,
+    2 train) so that no caption text is shared between train, rl and test; a split's phrase is
+    also the SFT answer of its lines.
     """
 
     name: str

@@ -1,0 +1,183 @@
+"""Load benchmark of the embedding service: a bounded run against a local Serve application.
+
+    .venv/bin/python bench/bench_serve.py CHECKPOINT [--router R] [--requests 300]
+        [--gen-requests 64] [--auto-requests 128] [--concurrency 8]
+
+Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends one-input
+requests built from the bundled benchmark's test queries (text, image and video inputs as data
+URLs) at a fixed concurrency, disc first, then gen, then auto (with ``--router``), and prints
+per mode the throughput, p50 and p99 latency, the error count, and the throughput as a ratio
+to the same inputs embedded in this process in batches (``umerl.embed``, the same batch size
+and the same number of torch threads as the replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from umerl.client import EmbeddingClient, ServiceError, data_url  # noqa: E402
+from umerl.data import Side, read_eval_queries  # noqa: E402
+
+
+def benchmark_inputs(count: int, benchmark_dir: str | None) -> list[Side]:
+    """``count`` query sides, cycling over every bundled task's test split."""
+    from umerl.tasks import resolve_tasks
+
+    sides = []
+    for spec in resolve_tasks(["umerl-mini"], "test", benchmark_dir):
+        sides += [q.query for q in read_eval_queries(spec.path)[0]]
+    return [sides[i % len(sides)] for i in range(count)]
+
+
+def as_request_item(side: Side) -> dict[str, Any]:
+    item: dict[str, Any] = {"text": side.text}
+    if side.images:
+        item["image"] = data_url(side.images[0])
+    if side.video:
+        item["video"] = [data_url(f) for f in side.video]
+    return item
+
+
+def load(url: str, items: list[dict], mode: str, concurrency: int) -> dict[str, float]:
+    """Send every item as its own request, ``concurrency`` at a time."""
+    clients = [EmbeddingClient(url) for _ in range(concurrency)]
+
+    def send(index: int) -> tuple[float, bool]:
+        start = time.perf_counter()
+        try:
+            clients[index % concurrency].embed([items[index]], mode=mode)
+            return time.perf_counter() - start, True
+        except (ServiceError, OSError):
+            return time.perf_counter() - start, False
+
+    start = time.perf_counter()
+    # Chunked by client so that no two threads ever share one client's connection.
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda c: [send(i) for i in range(c, len(items), concurrency)],
+                                range(concurrency)))
+    wall = time.perf_counter() - start
+    latencies = np.array([t for chunk in results for t, _ in chunk])
+    errors = sum(not ok for chunk in results for _, ok in chunk)
+    return {"requests": len(items), "errors": errors, "throughput": len(items) / wall,
+            "p50_ms": float(np.percentile(latencies, 50) * 1e3),
+            "p99_ms": float(np.percentile(latencies, 99) * 1e3)}
+
+
+def in_process(checkpoint: str, sides: list[Side], mode: str, batch_size: int,
+               max_new_tokens: int) -> float:
+    """Inputs per second embedded in this process in batches, as the replica does."""
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.embed import disc_embeddings, gen_embeddings
+    from umerl.model import load_policy
+    from umerl.sampling import SamplingParams
+
+    bundle = load_policy(checkpoint)
+    start = time.perf_counter()
+    if mode == "disc":
+        disc_embeddings(bundle, sides, batch_size)
+    else:
+        greedy = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+        gen_embeddings(bundle, TransformersEngine(bundle, batch_size), sides, 1, greedy,
+                       batch_size)
+    return len(sides) / (time.perf_counter() - start)
+
+
+def start(args: argparse.Namespace) -> str:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from umerl.driver import worker_env
+    from umerl.router import Router
+    from umerl.serve import ServeOptions, start_service
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
+             include_dashboard=False, object_store_memory=256 << 20,
+             runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
+    options = ServeOptions(port=port, cpus_per_replica=args.cpus,
+                           disc_batch_size=args.disc_batch_size,
+                           gen_batch_size=args.gen_batch_size,
+                           max_new_tokens=args.max_new_tokens)
+    router = Router.load(args.router) if args.router else None
+    return start_service(args.checkpoint, options, router)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--router", default=None, help="router file: also run mode auto")
+    parser.add_argument("--requests", type=int, default=300, help="disc requests")
+    parser.add_argument("--gen-requests", type=int, default=64)
+    parser.add_argument("--auto-requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) of the "
+                        "replica and of the in-process baseline")
+    parser.add_argument("--disc-batch-size", type=int, default=None,
+                        help="serve.disc_batch_size (default: --concurrency)")
+    parser.add_argument("--gen-batch-size", type=int, default=None,
+                        help="serve.gen_batch_size (default: --concurrency)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--benchmark-dir", default=None)
+    args = parser.parse_args()
+    # One-input requests at a fixed concurrency never fill a larger batch: each would wait
+    # out batch_wait_s.
+    args.disc_batch_size = args.disc_batch_size or args.concurrency
+    args.gen_batch_size = args.gen_batch_size or args.concurrency
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from ray import serve
+
+    torch.set_num_threads(max(1, int(args.cpus)))
+    plan = [("disc", args.requests), ("gen", args.gen_requests)]
+    if args.router:
+        plan.append(("auto", args.auto_requests))
+    url = start(args)
+    rows = []
+    try:
+        for mode, count in plan:
+            sides = benchmark_inputs(count, args.benchmark_dir)
+            items = [as_request_item(s) for s in sides]
+            load(url, items[:args.concurrency], mode, args.concurrency)  # warm-up
+            gen_before = EmbeddingClient(url).health()["stats"]["gen_inputs"]
+            row = {"mode": mode, **load(url, items, mode, args.concurrency)}
+            if mode != "auto":  # auto's in-process cost depends on its routing
+                batch = args.disc_batch_size if mode == "disc" else args.gen_batch_size
+                row["in_process"] = in_process(args.checkpoint, sides, mode, batch,
+                                               args.max_new_tokens)
+                row["ratio"] = row["throughput"] / row["in_process"]
+            if mode == "auto":
+                routed = EmbeddingClient(url).health()["stats"]["gen_inputs"] - gen_before
+                row["note"] = f"{routed} of {count} inputs routed to gen"
+            rows.append(row)
+            print(_line(row), flush=True)
+    finally:
+        serve.shutdown()
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def _line(row: dict[str, Any]) -> str:
+    text = (f"{row['mode']:>4}: {row['requests']} requests, {row['errors']} errors, "
+            f"{row['throughput']:.1f} req/s, p50 {row['p50_ms']:.0f} ms, "
+            f"p99 {row['p99_ms']:.0f} ms")
+    if "ratio" in row:
+        text += (f"; in-process batched {row['in_process']:.1f} inputs/s, "
+                 f"HTTP/in-process {row['ratio']:.2f}")
+    return text + (f" ({row['note']})" if "note" in row else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The embedding service: a real Ray Serve application on 127.0.0.1 with the tiny model.
+
+One application for the whole module (each Serve start costs seconds here). Expected
+embeddings come from ``umerl.embed`` in this process, on the same inputs read from files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rollout.transformers_engine import TransformersEngine
+from umerl.client import EmbeddingClient, ServiceError, data_url, image_input, video_input
+from umerl.data import Side
+from umerl.embed import disc_embeddings, gen_embeddings
+from umerl.router import CHEAP_FEATURES, Router
+from umerl.sampling import SamplingParams
+from umerl.serve import Limits, RequestError, parse_request
+
+MAX_NEW_TOKENS = 8
+LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
+                max_image_bytes=40_000, max_image_pixels=160 * 160, max_video_frames=4,
+                max_text_chars=500)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-media")
+    paths = {}
+    for name, size, colour in [("red", (64, 48), (220, 20, 20)), ("blue", (40, 40), (0, 0, 200))]:
+        Image.new("RGB", size, colour).save(root / f"{name}.png")
+        paths[name] = root / f"{name}.png"
+    for i in range(2):
+        Image.new("RGB", (56, 56), (i * 90, 0, 200)).save(root / f"frame{i}.png")
+        paths[f"frame{i}"] = root / f"frame{i}.png"
+    Image.new("RGB", (32, 32)).save(root / "small.png")
+    paths["small"] = root / "small.png"
+    # Random pixels do not compress: a PNG over the byte limit that is under the pixel limit.
+    noise = np.random.default_rng(0).integers(0, 255, (150, 150, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "heavy.png")
+    paths["heavy"] = root / "heavy.png"
+    Image.new("RGB", (300, 300)).save(root / "wide.png")  # over the pixel limit
+    paths["wide"] = root / "wide.png"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def router_file(tmp_path_factory, tiny_bundle) -> Path:
+    """A hand-set router: text-only inputs go to gen, inputs with media stay on disc."""
+    width = tiny_bundle.hidden_size + len(CHEAP_FEATURES)
+    weights = [0.0] * width
+    weights[tiny_bundle.hidden_size + CHEAP_FEATURES.index("text_only")] = 10.0
+    router = Router(hidden_size=tiny_bundle.hidden_size, mean=[0.0] * width,
+                    scale=[1.0] * width, weights=weights, bias=-5.0, threshold=0.5)
+    return router.save(tmp_path_factory.mktemp("router") / "router.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, router_file, tmp_path_factory):
+    """The real command, `umerl serve`, in its own process; Ctrl-C (SIGINT) stops it."""
+    port = _free_port()
+    limits = [f"serve.{k}={getattr(LIMITS, k)}" for k in Limits.__dataclass_fields__]
+    command = [sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir), "--router",
+               str(router_file), f"serve.port={port}", "serve.model_name=tiny",
+               "serve.disc_batch_size=8", "serve.disc_batch_wait_s=0.2",
+               "serve.gen_batch_size=4", "serve.gen_batch_wait_s=0.2",
+               f"serve.max_new_tokens={MAX_NEW_TOKENS}", "ray.object_store_memory=268435456",
+               *limits]
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_healthy(url, process, log)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path,
+                        timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"umerl serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if EmbeddingClient(url, timeout_s=5).health()["status"] == "ok":
+                return
+        except (OSError, ServiceError):
+            time.sleep(1.0)
+    pytest.fail(f"umerl serve not healthy after {timeout_s} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def inputs(media) -> list[tuple[dict | str, Side]]:
+    """(what the client sends, the same input as a Side over the files)."""
+    frames = [media["frame0"], media["frame1"]]
+    return [
+        ("a blue square", Side(text="a blue square")),
+        (image_input(media["red"], "Find the red one."),
+         Side(text="Find the red one.", images=(str(media["red"]),))),
+        (video_input(frames, "What happens?"),
+         Side(text="What happens?", video=tuple(str(f) for f in frames))),
+    ]
+
+
+def _unit(vectors: np.ndarray) -> None:
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+
+
+def test_health_and_models(service) -> None:
+    client = EmbeddingClient(service)
+    health = client.health()
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["router"] is True
+    model = client.models()["data"][0]
+    assert model["id"] == "tiny" and model["modes"] == ["disc", "gen", "auto"]
+
+
+def test_disc_over_http_equals_in_process(service, inputs, tiny_bundle) -> None:
+    response = EmbeddingClient(service, model="tiny").embed([x for x, _ in inputs], mode="disc")
+    expected = disc_embeddings(tiny_bundle, [s for _, s in inputs]).numpy()
+    np.testing.assert_allclose(response.vectors, expected, atol=1e-5)
+    _unit(response.vectors)
+    assert response.modes == ["disc"] * 3
+    assert [d["index"] for d in response.raw["data"]] == [0, 1, 2]
+    assert response.raw["object"] == "list" and response.raw["usage"]["prompt_tokens"] > 0
+
+
+def test_gen_over_http_equals_in_process(service, inputs, tiny_bundle) -> None:
+    response = EmbeddingClient(service).embed([x for x, _ in inputs], mode="gen",
+                                              return_reasoning=True)
+    greedy = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    expected = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle),
+                              [s for _, s in inputs], 1, greedy)
+    np.testing.assert_allclose(response.vectors, expected.embeddings[:, 0].numpy(), atol=1e-5)
+    _unit(response.vectors)
+    assert response.reasoning == [c[0] for c in expected.completions]
+    assert response.modes == ["gen"] * 3
+    assert response.raw["usage"]["completion_tokens"] > 0
+
+
+def test_dynamic_batching_matches_single_requests(service, media, tiny_bundle) -> None:
+    texts = [f"item number {i}" for i in range(6)] + [image_input(media["blue"], "blue")]
+    before = EmbeddingClient(service).health()["stats"]
+
+    def one(item):  # one client (one connection) per request, all at once
+        return EmbeddingClient(service).embed([item]).vectors[0]
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = np.stack(list(pool.map(one, texts)))
+    stats = EmbeddingClient(service).health()["stats"]
+    batches = stats["disc_batches"] - before["disc_batches"]
+    assert batches < len(texts) and stats["disc_largest_batch"] > 1  # requests were batched
+    alone = np.stack([EmbeddingClient(service).embed([t]).vectors[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    sides = [Side(text=t) for t in texts[:-1]] + [Side(text="blue",
+                                                       images=(str(media["blue"]),))]
+    np.testing.assert_allclose(together, disc_embeddings(tiny_bundle, sides).numpy(), atol=1e-5)
+
+
+def test_samples_returns_k_unit_embeddings(service) -> None:
+    response = EmbeddingClient(service).embed(["a red square", "a cat"], mode="gen", samples=2,
+                                              return_reasoning=True)
+    for item, samples, reasoning in zip(response.raw["data"], response.samples,
+                                        response.reasoning):
+        assert samples.shape == (2, response.vectors.shape[1])
+        _unit(samples)
+        np.testing.assert_allclose(item["embedding"], samples[0])
+        assert isinstance(reasoning, list) and len(reasoning) == 2
+
+
+def test_auto_routes_by_router_file(service, inputs, tiny_bundle) -> None:
+    response = EmbeddingClient(service).embed([x for x, _ in inputs], mode="auto")
+    assert response.modes == ["gen", "disc", "disc"]  # the router sends text-only to gen
+    sides = [s for _, s in inputs]
+    greedy = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    gen = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle), sides[:1], 1, greedy)
+    np.testing.assert_allclose(response.vectors[0], gen.embeddings[0, 0].numpy(), atol=1e-5)
+    disc = disc_embeddings(tiny_bundle, sides[1:]).numpy()
+    np.testing.assert_allclose(response.vectors[1:], disc, atol=1e-5)
+
+
+def _post(url: str, body: bytes, method: str = "POST", path: str = "/v1/embeddings"):
+    client = EmbeddingClient(url)
+    try:
+        return 200, client.request(method, path, body)
+    except ServiceError as err:
+        return err.status, err.field
+
+
+def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
+    def body(**fields) -> bytes:
+        return json.dumps({"input": ["x"], **fields}).encode()
+
+    frames = [data_url(media["frame0"]), data_url(media["small"])]
+    garbage = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    return [
+        ("malformed JSON", b'{"input": [', 400, "body"),
+        ("not an object", b'["x"]', 400, "body"),
+        ("unknown mode", body(mode="fast"), 400, "mode"),
+        ("unknown field", body(temperature=2), 400, "temperature"),
+        ("other model", body(model="gpt"), 404, "model"),
+        ("empty input", body(input=[]), 400, "input"),
+        ("missing input", b"{}", 400, "input"),
+        ("empty item", body(input=[{"text": " "}]), 400, "input[0]"),
+        ("too many items", body(input=["a"] * 5), 413, "input"),
+        ("too many samples", body(mode="gen", samples=3), 400, "samples"),
+        ("samples without gen", body(samples=1), 400, "samples"),
+        ("a server path", body(input=[{"image": "/etc/passwd"}]), 400, "input[0].image"),
+        ("a file URL", body(input=[{"image": "file:///etc/passwd"}]), 400, "input[0].image"),
+        ("bad base64", body(input=[{"image": "data:image/png;base64,@@@"}]), 400,
+         "input[0].image"),
+        ("not an image", body(input=[{"image": garbage}]), 400, "input[0].image"),
+        ("image over the byte limit", body(input=[image_input(media["heavy"])]), 413,
+         "input[0].image"),
+        ("image over the pixel limit", body(input=[image_input(media["wide"])]), 413,
+         "input[0].image"),
+        ("frames of two sizes", body(input=[{"video": frames}]), 400, "input[0].video[1]"),
+        ("text too long", body(input=["y" * 501]), 413, "input[0].text"),
+        ("reasoning not a bool", body(return_reasoning="yes"), 400, "return_reasoning"),
+    ]
+
+
+def test_bad_requests_get_4xx_naming_the_field(service, media) -> None:
+    for name, payload, status, field in _bad_cases(media):
+        assert _post(service, payload) == (status, field), name
+        # The service keeps serving: the next good request succeeds.
+        assert EmbeddingClient(service).embed(["still here"]).vectors.shape[0] == 1, name
+    assert _post(service, b"", "GET") == (405, "method")
+    assert _post(service, b"", "GET", "/v1/nothing") == (404, "path")
+
+
+def test_parse_request_reads_items() -> None:
+    small = io.BytesIO()
+    Image.new("RGB", (20, 10)).save(small, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(small.getvalue()).decode()
+    body = json.dumps({"input": ["a", {"text": "b", "image": url}], "mode": "gen",
+                       "samples": 2}).encode()
+    request = parse_request(body, LIMITS, "tiny")
+    assert [i.text for i in request.inputs] == ["a", "b"]
+    assert request.inputs[1].image == (small.getvalue(), "png")
+    assert request.samples == 2 and request.mode == "gen"
+    with pytest.raises(RequestError, match="body"):
+        parse_request(b"x" * (LIMITS.max_request_bytes + 1), LIMITS, "tiny")

@@ -3,12 +3,13 @@
     .venv/bin/python bench/bench_serve.py CHECKPOINT [--router R] [--requests 300]
         [--gen-requests 64] [--auto-requests 128] [--concurrency 8]
 
-Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends one-input
-requests built from the bundled benchmark's test queries (text, image and video inputs as data
-URLs) at a fixed concurrency, disc first, then gen, then auto (with ``--router``), and prints
-per mode the throughput, p50 and p99 latency, the error count, and the throughput as a ratio
-to the same inputs embedded in this process in batches (``umerl.embed``, the same batch size
-and the same number of torch threads as the replica).
+Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends requests of
+``--inputs-per-request`` inputs (default 1) built from the bundled benchmark's test queries
+(text, image and video inputs as data URLs) at a fixed concurrency, disc first, then gen, then
+auto (with ``--router``), and prints per mode the throughput, p50 and p99 latency, the error
+count, and the throughput (inputs/s) as a ratio to the same inputs embedded in this process in
+batches (``umerl.embed``, the same batch size and the same number of torch threads as the
+replica). Batch sizes default to concurrency x inputs per request.
 """
 
 from __future__ import annotations
@@ -49,14 +50,15 @@ def as_request_item(side: Side) -> dict[str, Any]:
     return item
 
 
-def load(url: str, items: list[dict], mode: str, concurrency: int) -> dict[str, float]:
-    """Send every item as its own request, ``concurrency`` at a time."""
+def load(url: str, requests: list[list[dict]], mode: str, concurrency: int
+         ) -> dict[str, float]:
+    """Send every request (a list of input items), ``concurrency`` at a time."""
     clients = [EmbeddingClient(url) for _ in range(concurrency)]
 
     def send(index: int) -> tuple[float, bool]:
         start = time.perf_counter()
         try:
-            clients[index % concurrency].embed([items[index]], mode=mode)
+            clients[index % concurrency].embed(requests[index], mode=mode)
             return time.perf_counter() - start, True
         except (ServiceError, OSError):
             return time.perf_counter() - start, False
@@ -64,12 +66,15 @@ def load(url: str, items: list[dict], mode: str, concurrency: int) -> dict[str, 
     start = time.perf_counter()
     # Chunked by client so that no two threads ever share one client's connection.
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda c: [send(i) for i in range(c, len(items), concurrency)],
-                                range(concurrency)))
+        results = list(pool.map(
+            lambda c: [send(i) for i in range(c, len(requests), concurrency)],
+            range(concurrency)))
     wall = time.perf_counter() - start
     latencies = np.array([t for chunk in results for t, _ in chunk])
     errors = sum(not ok for chunk in results for _, ok in chunk)
-    return {"requests": len(items), "errors": errors, "throughput": len(items) / wall,
+    inputs = sum(len(r) for r in requests)
+    return {"requests": len(requests), "errors": errors, "request_rate": len(requests) / wall,
+            "throughput": inputs / wall,
             "p50_ms": float(np.percentile(latencies, 50) * 1e3),
             "p99_ms": float(np.percentile(latencies, 99) * 1e3)}
 
@@ -124,19 +129,21 @@ def main() -> int:
     parser.add_argument("--gen-requests", type=int, default=64)
     parser.add_argument("--auto-requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--inputs-per-request", type=int, default=1)
     parser.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) of the "
                         "replica and of the in-process baseline")
     parser.add_argument("--disc-batch-size", type=int, default=None,
-                        help="serve.disc_batch_size (default: --concurrency)")
+                        help="serve.disc_batch_size (default: inputs in flight)")
     parser.add_argument("--gen-batch-size", type=int, default=None,
-                        help="serve.gen_batch_size (default: --concurrency)")
+                        help="serve.gen_batch_size (default: inputs in flight)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--benchmark-dir", default=None)
     args = parser.parse_args()
     # One-input requests at a fixed concurrency never fill a larger batch: each would wait
     # out batch_wait_s.
-    args.disc_batch_size = args.disc_batch_size or args.concurrency
-    args.gen_batch_size = args.gen_batch_size or args.concurrency
+    in_flight = args.concurrency * args.inputs_per_request
+    args.disc_batch_size = args.disc_batch_size or in_flight
+    args.gen_batch_size = args.gen_batch_size or in_flight
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from ray import serve
@@ -149,11 +156,13 @@ def main() -> int:
     rows = []
     try:
         for mode, count in plan:
-            sides = benchmark_inputs(count, args.benchmark_dir)
+            sides = benchmark_inputs(count * args.inputs_per_request, args.benchmark_dir)
             items = [as_request_item(s) for s in sides]
-            load(url, items[:args.concurrency], mode, args.concurrency)  # warm-up
+            k = args.inputs_per_request
+            requests = [items[i:i + k] for i in range(0, len(items), k)]
+            load(url, requests[:args.concurrency], mode, args.concurrency)  # warm-up
             gen_before = EmbeddingClient(url).health()["stats"]["gen_inputs"]
-            row = {"mode": mode, **load(url, items, mode, args.concurrency)}
+            row = {"mode": mode, **load(url, requests, mode, args.concurrency)}
             if mode != "auto":  # auto's in-process cost depends on its routing
                 batch = args.disc_batch_size if mode == "disc" else args.gen_batch_size
                 row["in_process"] = in_process(args.checkpoint, sides, mode, batch,
@@ -161,7 +170,7 @@ def main() -> int:
                 row["ratio"] = row["throughput"] / row["in_process"]
             if mode == "auto":
                 routed = EmbeddingClient(url).health()["stats"]["gen_inputs"] - gen_before
-                row["note"] = f"{routed} of {count} inputs routed to gen"
+                row["note"] = f"{routed} of {len(sides)} inputs routed to gen"
             rows.append(row)
             print(_line(row), flush=True)
     finally:
@@ -171,8 +180,8 @@ def main() -> int:
 
 def _line(row: dict[str, Any]) -> str:
     text = (f"{row['mode']:>4}: {row['requests']} requests, {row['errors']} errors, "
-            f"{row['throughput']:.1f} req/s, p50 {row['p50_ms']:.0f} ms, "
-            f"p99 {row['p99_ms']:.0f} ms")
+            f"{row['request_rate']:.1f} req/s = {row['throughput']:.1f} inputs/s, "
+            f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms")
     if "ratio" in row:
         text += (f"; in-process batched {row['in_process']:.1f} inputs/s, "
                  f"HTTP/in-process {row['ratio']:.2f}")

@@ -3,6 +3,9 @@
     umerl train RECIPE [key=value ...]      a recipe's job: evaluate, SFT, GRPO, evaluate again
     umerl rl RECIPE --checkpoint CKPT       the GRPO stage alone, from an SFT checkpoint
     umerl eval CHECKPOINT TASK ... [opts]   MMEB-style evaluation of a checkpoint
+    umerl eval CHECKPOINT --mmeb-v2 DIR     MMEB-V2 from a local copy (VLM2Vec's score files)
+    umerl compare A B                       paired difference of two evaluations, with intervals
+    umerl plot RUN_DIR                      PNG plots of a run's metrics and evaluations
     umerl annotate PAIRS --teacher M --out F  cold-start SFT data from a teacher model
     umerl build-tiny OUT [--family F]       build the tiny offline Qwen-VL model
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark

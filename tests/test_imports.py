@@ -12,9 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("umerl", "rollout", "rewards")
-# The modules allowed to use rollout/: the RL loop and its learners, the driver, the CLI and
-# the annotation tool (which drives an engine as an application, like the driver).
-USES_ROLLOUT = {"umerl.rl", "umerl.learner", "umerl.driver", "umerl.cli", "umerl.annotate"}
+# The modules allowed to use rollout/: the RL loop and its learners, the driver, the CLI, and
+# the applications that drive an engine as the driver does: the annotation tool and the
+# embedding service (a Serve replica builds its own engine).
+USES_ROLLOUT = {"umerl.rl", "umerl.learner", "umerl.driver", "umerl.cli", "umerl.annotate",
+                "umerl.serve"}
 
 
 def module_name(path: Path) -> str:

@@ -284,16 +284,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Path,
                       out: str) -> int:
-    from umerl.driver import eval_settings, run_eval_work
-    from umerl.mmeb_v2 import plan_tasks, run_mmeb_v2
+    from umerl.driver import eval_settings, run_eval_work, run_mmeb_v2_eval
+    from umerl.mmeb_v2 import plan_tasks
 
     if not args.mmeb_v2:
         raise ValueError("--modalities and --tasks select MMEB-V2 tasks: they need --mmeb-v2 DIR")
     if args.tasks:
         raise ValueError(f"--mmeb-v2 reads its tasks from DIR; got TASK arguments {args.tasks}")
     tasks = plan_tasks(args.modalities, args.mmeb_tasks)
-    run_eval_work(cfg, "MMEB-V2", run_mmeb_v2, str(checkpoint), str(Path(args.mmeb_v2).resolve()),
-                  tasks, eval_settings(cfg), out, cfg.model.dtype, chunk_size=args.chunk_size)
+    run_eval_work(cfg, "MMEB-V2", run_mmeb_v2_eval, str(checkpoint),
+                  str(Path(args.mmeb_v2).resolve()), tasks, eval_settings(cfg), out,
+                  cfg.model.dtype, chunk_size=args.chunk_size)
     return 0
 
 
@@ -405,10 +406,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_route_fit(args: argparse.Namespace) -> int:
     from umerl.console import quiet
-    from umerl.driver import eval_settings
+    from umerl.driver import eval_settings, fit_router_on
     from umerl.model import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
-    from umerl.router import describe, fit_checkpoint
+    from umerl.router import describe
     from umerl.tasks import resolve_tasks
 
     quiet()
@@ -418,8 +419,8 @@ def _cmd_route_fit(args: argparse.Namespace) -> int:
     specs = resolve_tasks(args.tasks, cfg.serve.route.split, cfg.data.benchmark_dir,
                           pool=args.pool, modality=args.modality)
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
-    router = fit_checkpoint(checkpoint, specs, eval_settings(cfg), int(cfg.serve.route.folds),
-                            cfg.model.dtype)
+    router = fit_router_on(checkpoint, specs, eval_settings(cfg), int(cfg.serve.route.folds),
+                           cfg.model.dtype)
     print(f"[route] {describe(router)}")
     print(f"[route] router written to {router.save(args.out)}")
     return 0

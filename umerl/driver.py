@@ -333,18 +333,55 @@ def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str
     """Load, evaluate, write JSON, print the table; returns the summary (plus, under
     ``worker``, the process and device that ran it). ``device="auto"``: CUDA if this process
     has a GPU."""
+    from umerl.evaluate import evaluate, summary_table
+
+    bundle, engine, device = policy_and_engine(checkpoint, dtype, device, settings.batch_size)
+    summary = evaluate(bundle, engine, specs, settings, out_dir)
+    print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
+    print(summary_table(summary))
+    print(f"scores: {Path(out_dir) / 'summary.json'}")
+    return {**summary, "worker": {"pid": os.getpid(), "device": device}}
+
+
+def run_mmeb_v2_eval(checkpoint: str, root: str, tasks: list, settings: EvalSettings,
+                     out_dir: str, dtype: str = "float32", device: str = "cpu",
+                     chunk_size: int = 256) -> dict:
+    """``umerl eval --mmeb-v2``: the policy is loaded only if a task still needs it (a
+    finished evaluation resumes without it)."""
+    import torch
+
+    from umerl.evaluate import Evaluator
+    from umerl.mmeb_v2 import run_mmeb_v2
+
+    def load() -> Evaluator:
+        torch.manual_seed(settings.seed)
+        bundle, engine, _ = policy_and_engine(checkpoint, dtype, device, settings.batch_size)
+        return Evaluator(bundle, engine, settings)
+
+    return run_mmeb_v2(checkpoint, root, tasks, settings, out_dir, load, chunk_size)
+
+
+def fit_router_on(checkpoint: str | Path, specs, settings: EvalSettings, folds: int = 5,
+                  dtype: str = "float32"):
+    """``umerl route fit``: evaluate ``specs`` with the checkpoint (CPU) and fit a router."""
+    from umerl.evaluate import fit_on_tasks
+
+    bundle, engine, _ = policy_and_engine(checkpoint, dtype, "cpu", settings.batch_size)
+    router = fit_on_tasks(bundle, engine, specs, settings, folds)
+    router.meta["checkpoint"] = str(checkpoint)
+    return router
+
+
+def policy_and_engine(checkpoint: str | Path, dtype: str, device: str, batch_size: int
+                      ) -> tuple[Any, Any, str]:
+    """An evaluation's policy on ``device`` (``auto``: CUDA if this process has a GPU) and the
+    transformers engine over it, with the device it resolved to."""
     import torch
 
     from rollout.transformers_engine import TransformersEngine
-    from umerl.evaluate import evaluate, summary_table
     from umerl.model import load_policy
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     bundle = load_policy(checkpoint, dtype=dtype, device=device)
-    summary = evaluate(bundle, TransformersEngine(bundle, settings.batch_size), specs, settings,
-                       out_dir)
-    print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
-    print(summary_table(summary))
-    print(f"scores: {Path(out_dir) / 'summary.json'}")
-    return {**summary, "worker": {"pid": os.getpid(), "device": device}}
+    return bundle, TransformersEngine(bundle, batch_size), device

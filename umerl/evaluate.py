@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from umerl.data import EvalQuery, Side, read_eval_queries
 from umerl.embed import disc_embeddings, gen_embeddings
 from umerl.inputs import check_prompt_lengths
 from umerl.model import PolicyBundle
-from umerl.router import Router, routed
+from umerl.router import Router, RoutingData, fit_router, routed
 from umerl.sampling import RolloutEngine, SamplingParams
 from umerl.tasks import TaskSpec
 
@@ -379,3 +379,35 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
     rows.append(overall)
     columns = ["task"] + [f"{m} {label}" for m in modes for label in labels]
     return metrics.format_table(rows, columns)
+
+
+def routing_data(results: Sequence[TaskResult]) -> RoutingData:
+    """The fitting data from evaluated tasks (each scored in disc and gen mode)."""
+    sides, disc, disc_scores, gen_scores, tasks = [], [], [], [], []
+    for r in results:
+        if r.query_disc is None or not {"disc", "gen"} <= set(r.per_query):
+            raise ValueError(f"task {r.spec.name}: routing data needs disc:disc and gen:gen")
+        sides += r.queries
+        disc.append(r.query_disc)
+        disc_scores += r.per_query["disc"]
+        gen_scores += r.per_query["gen"]
+        tasks += [r.spec.name] * len(r.queries)
+    return RoutingData(sides, np.concatenate(disc), np.asarray(disc_scores),
+                       np.asarray(gen_scores), tasks)
+
+
+def fit_on_tasks(bundle: PolicyBundle, engine: RolloutEngine, specs: Sequence[TaskSpec],
+                 settings: EvalSettings, folds: int = 5) -> Router:
+    """Evaluate ``specs`` in disc and gen mode (no pass@k) and fit a router on the outcomes."""
+    settings = replace(settings, modes=(("disc", "disc"), ("gen", "gen")), pass_k=(),
+                       router=None, save_embeddings=False)
+    results = []
+    for i, spec in enumerate(specs, start=1):
+        results.append(Evaluator(bundle, engine, settings).run_task(spec, None))
+        print(f"[route] {i}/{len(specs)} {spec.name}: {results[-1].num_queries} queries, "
+              f"disc {results[-1].headline('disc'):.3f}, gen {results[-1].headline('gen'):.3f}",
+              flush=True)
+    router = fit_router(routing_data(results), folds=folds, seed=settings.seed)
+    router.meta.update({"max_new_tokens": settings.max_new_tokens,
+                        "task_files": [str(s.path) for s in specs]})
+    return router

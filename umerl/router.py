@@ -5,8 +5,9 @@ but it needs both outcomes, which exist only offline. The router learns that cho
 available *before* generation: the input's discriminative embedding (one forward pass, needed
 anyway) and cheap features of the input itself (media counts, text length).
 
-Fitting (``fit_router``) uses per-query disc and gen outcomes on a training split, the same
-per-query headline scores ``umerl eval`` computes for the oracle. Queries where both modes score
+Fitting (``fit_router``; ``umerl.evaluate.fit_on_tasks`` gathers the data) uses per-query disc
+and gen outcomes on a training split, the same per-query headline scores ``umerl eval`` computes
+for the oracle. Queries where both modes score
 the same carry no signal and get weight zero; the others are labelled by which mode won and
 weighted by how much, so the weighted logistic loss approximates the routed score. The decision
 threshold is chosen on cross-validated probabilities (ties go to the higher threshold: fewer
@@ -21,19 +22,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from umerl.data import Side
-
-if TYPE_CHECKING:  # evaluate imports this module: type names only
-    from umerl.evaluate import EvalSettings, TaskResult
-    from umerl.model import PolicyBundle
-    from umerl.sampling import RolloutEngine
-    from umerl.tasks import TaskSpec
 
 FORMAT = "umerl-router/1"
 CHEAP_FEATURES = ("num_images", "num_frames", "text_only", "log_text_chars", "log_text_words")
@@ -225,53 +220,6 @@ def _fit_meta(data: RoutingData, **extra: Any) -> dict[str, Any]:
         "tasks": sorted(set(data.tasks)), "features": ["disc_embedding", *CHEAP_FEATURES],
         **extra,
     }
-
-
-def routing_data(results: Sequence[TaskResult]) -> RoutingData:
-    """The fitting data from evaluated tasks (each scored in disc and gen mode)."""
-    sides, disc, disc_scores, gen_scores, tasks = [], [], [], [], []
-    for r in results:
-        if r.query_disc is None or not {"disc", "gen"} <= set(r.per_query):
-            raise ValueError(f"task {r.spec.name}: routing data needs disc:disc and gen:gen")
-        sides += r.queries
-        disc.append(r.query_disc)
-        disc_scores += r.per_query["disc"]
-        gen_scores += r.per_query["gen"]
-        tasks += [r.spec.name] * len(r.queries)
-    return RoutingData(sides, np.concatenate(disc), np.asarray(disc_scores),
-                       np.asarray(gen_scores), tasks)
-
-
-def fit_on_tasks(bundle: PolicyBundle, engine: RolloutEngine, specs: Sequence[TaskSpec],
-                 settings: EvalSettings, folds: int = 5) -> Router:
-    """Evaluate ``specs`` in disc and gen mode (no pass@k) and fit a router on the outcomes."""
-    from umerl.evaluate import Evaluator
-
-    settings = replace(settings, modes=(("disc", "disc"), ("gen", "gen")), pass_k=(),
-                       router=None, save_embeddings=False)
-    results = []
-    for i, spec in enumerate(specs, start=1):
-        results.append(Evaluator(bundle, engine, settings).run_task(spec, None))
-        print(f"[route] {i}/{len(specs)} {spec.name}: {results[-1].num_queries} queries, "
-              f"disc {results[-1].headline('disc'):.3f}, gen {results[-1].headline('gen'):.3f}",
-              flush=True)
-    router = fit_router(routing_data(results), folds=folds, seed=settings.seed)
-    router.meta.update({"max_new_tokens": settings.max_new_tokens,
-                        "task_files": [str(s.path) for s in specs]})
-    return router
-
-
-def fit_checkpoint(checkpoint: str | Path, specs: Sequence[TaskSpec], settings: EvalSettings,
-                   folds: int = 5, dtype: str = "float32") -> Router:
-    """``umerl route fit``: load the checkpoint (CPU, the transformers engine) and fit."""
-    from rollout.transformers_engine import TransformersEngine
-    from umerl.model import load_policy
-
-    bundle = load_policy(checkpoint, dtype=dtype)
-    router = fit_on_tasks(bundle, TransformersEngine(bundle, settings.batch_size), specs,
-                          settings, folds)
-    router.meta["checkpoint"] = str(checkpoint)
-    return router
 
 
 def describe(router: Router) -> str:

@@ -298,22 +298,10 @@ def plan_tasks(modalities: list[str] | None, names: list[str] | None) -> list[Ta
 
 
 def run_mmeb_v2(checkpoint: str | Path, root: str | Path, tasks: Sequence[TaskInfo],
-                settings: EvalSettings, out_dir: str | Path, dtype: str = "float32",
-                device: str = "cpu", chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
-    """Load the policy (only if a task needs it) and evaluate; ``device="auto"``: CUDA if this
-    process has a GPU (as in a Ray task with GPUs)."""
-
-    def load() -> Evaluator:
-        import torch
-
-        from rollout.transformers_engine import TransformersEngine
-        from umerl.model import load_policy
-
-        torch.manual_seed(settings.seed)
-        where = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        bundle = load_policy(checkpoint, dtype=dtype, device=where)
-        return Evaluator(bundle, TransformersEngine(bundle, settings.batch_size), settings)
-
+                settings: EvalSettings, out_dir: str | Path, load: Callable[[], Evaluator],
+                chunk_size: int = CHUNK_SIZE) -> dict[str, Any]:
+    """Evaluate ``tasks`` of the copy at ``root``; ``load`` builds the evaluator (the policy
+    and its engine: the driver's ``run_mmeb_v2_eval``), called only if a task needs it."""
     evaluation = MmebV2Evaluation(checkpoint, Path(root), settings, Path(out_dir), load,
                                   chunk_size)
     return evaluate_mmeb_v2(evaluation, tasks)

@@ -383,8 +383,8 @@ def test_learner_actors_sync_into_vllm_rollout_actors_bit_exact(tiny_model_dir, 
             link.sync(digest=True)
             assert link.digest != start  # the update moved, and arrived bit for bit
             sides = [Side(text="A red car parked on a busy city street.")]
-            out = ray.get(rollout.actors[0].generate.remote(sides, [5], 2,
-                                                            _sampling(max_new_tokens=6)))
+            out, _ = ray.get(rollout.actors[0].generate.remote(sides, [5], 2,
+                                                               _sampling(max_new_tokens=6)))
             assert len(out[0]) == 2 and all(out[0])  # and the engine generates with them
         finally:
             rollout.shutdown()

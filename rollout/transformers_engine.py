@@ -100,9 +100,12 @@ class TransformersEngine:
         completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]
         token_logprobs: list[list[float]] = [[] for _ in completions]
         if logprobs:
-            steps = torch.stack(generated.logits, dim=1).float()  # [rows, T, vocab]
-            chosen = torch.log_softmax(steps, dim=-1).gather(-1, new[:, :steps.shape[1], None])
-            token_logprobs = [chosen[row, :len(ids), 0].tolist()
+            # Step by step: a [rows, T, vocab] float copy would not fit for long completions
+            # of a large vocabulary on a GPU.
+            chosen = torch.stack([
+                torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t, None])[:, 0]
+                for t, step in enumerate(generated.logits)], dim=1)  # [rows, T]
+            token_logprobs = [chosen[row, :len(ids)].tolist()
                               for row, ids in enumerate(completions)]
         return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
                 [token_logprobs[i * n:(i + 1) * n] for i in range(len(prompts))])

@@ -187,6 +187,27 @@ class InputEncoder:
         batch["completion_lengths"] = torch.tensor(lengths)
         return batch
 
+    def shared_prompt_inputs(
+        self, prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]]
+    ) -> dict[str, torch.Tensor]:
+        """Each prompt once, its ``len(completions) // len(prompts)`` completions after it: the
+        kwargs of ``PolicyModule``'s shared-prompt forward. Prompts are left-padded as in
+        ``collate``; completions are right-padded in ``completion_ids``, row ``i * G + k``
+        the k-th completion of prompt i."""
+        if not prompts or len(completions) % len(prompts):
+            raise ValueError(f"{len(completions)} completions do not split evenly over "
+                             f"{len(prompts)} prompts")
+        self._check_completions(completions)
+        batch = self.collate(prompts)
+        batch.pop("prompt_lengths")
+        width = max(1, max(len(c) for c in completions))
+        completion_ids = torch.full((len(completions), width), self.pad_id, dtype=torch.long)
+        for i, completion in enumerate(completions):
+            completion_ids[i, :len(completion)] = torch.tensor(list(completion), dtype=torch.long)
+        batch["completion_ids"] = completion_ids
+        batch["completion_lengths"] = torch.tensor([len(c) for c in completions])
+        return batch
+
     def _check_completions(self, completions: Sequence[Sequence[int]]) -> None:
         # A vision placeholder in generated text would claim image features that do not exist.
         forbidden = {self.image_pad_id, self.video_pad_id}

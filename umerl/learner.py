@@ -15,6 +15,9 @@ target completions, and:
    gradients). The ratio's denominator is the sampling weights' log-prob for rollouts a step
    stale (``rl.max_staleness: 1``, from the rollout engine), else the current policy's own.
 
+With ``learner.shared_prompt`` every forward above runs each prompt once per micro-batch and
+its G completions on the prompt's keys and values (``PolicyModule``), not G copies of it.
+
 The embedding reward of a stale rollout still uses the current policy's embeddings: the
 reward compares the step's rollouts with one another (rank among the step's targets, margin
 to the others), so every rollout must be embedded in one space, and the space the update
@@ -90,6 +93,9 @@ class Learner:
         self.micro = micro
         self.single_forward = single_forward_mode(self.lcfg.single_forward, rows // micro,
                                                   int(self.lcfg.zero_stage))
+        self.shared_prompt = shared_prompt_mode(
+            self.lcfg.shared_prompt, micro % int(self.rcfg.group_size) == 0,
+            bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
         r = self.rcfg
         self.engine = build_engine(
             PolicyModule(self.bundle.model, self.bundle.disc_id, self.bundle.gen_id),
@@ -155,21 +161,28 @@ class Learner:
     def _micro_batches(self, sides: list[Side], completions: list[list[int]],
                        logprobs: list[list[float]] | None) -> list[dict[str, Any]]:
         """Model inputs per micro-batch and, for off-policy rollouts, their old log-probs laid
-        out like the policy's (the completion tokens' positions of each row)."""
+        out like the policy's (the completion tokens' positions of each row). With
+        ``shared_prompt`` a micro-batch holds whole groups, each prompt encoded once."""
         encoder = self.bundle.encoder
+        G = int(self.rcfg.group_size)
         out = []
         for a in range(0, len(sides), self.micro):
-            inputs = self._to_device(encoder.policy_inputs(
-                [encoder.encode(side) for side in sides[a:a + self.micro]],
-                completions[a:a + self.micro]))
+            chunk = completions[a:a + self.micro]
+            if self.shared_prompt:  # rows a + i * G .. a + i * G + G - 1 share one prompt
+                inputs = encoder.shared_prompt_inputs(
+                    [encoder.encode(side) for side in sides[a:a + self.micro:G]], chunk)
+            else:
+                inputs = encoder.policy_inputs(
+                    [encoder.encode(side) for side in sides[a:a + self.micro]], chunk)
+            inputs = self._to_device(inputs)
             old = None
             if logprobs is not None:
-                mask = completion_mask_for(inputs["input_ids"], inputs["completion_lengths"])
                 rows = logprobs[a:a + self.micro]
                 if [len(r) for r in rows] != inputs["completion_lengths"].tolist():
                     raise ValueError("rollout log-probs do not match their completions' lengths")
+                mask = _completion_mask(inputs)
                 old = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-                # Completions are right-aligned (left padding): mask order is token order.
+                # Each row's completion is contiguous in the mask: mask order is token order.
                 old[mask] = torch.tensor([x for row in rows for x in row],
                                          dtype=torch.float32, device=mask.device)
             out.append({"inputs": inputs, "old_logprobs": old})
@@ -320,6 +333,28 @@ def single_forward_mode(setting: str | bool, micro_batches_per_side: int, zero_s
     return setting is True
 
 
+def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpointing: bool,
+                       zero_stage: int) -> bool:
+    """``learner.shared_prompt``: a micro-batch runs each prompt once, its G completions on
+    its keys and values. ``auto`` takes it where it can run: micro-batches of whole groups,
+    no gradient checkpointing (its layers keep no cache) and ZeRO stage < 3 (not run there).
+    ``true`` elsewhere is a recipe error the schema reports first."""
+    possible = whole_groups and not gradient_checkpointing and zero_stage < 3
+    if setting is True and not possible:
+        raise ValueError("learner.shared_prompt=true needs micro-batches of whole groups, no "
+                         "gradient checkpointing and ZeRO stage < 3")
+    return possible if setting == "auto" else setting is True
+
+
+def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where the policy's ``logprobs`` of these inputs hold completion tokens."""
+    lengths = inputs["completion_lengths"]
+    if "completion_ids" in inputs:  # shared prompt: completions left-aligned in their block
+        width = inputs["completion_ids"].shape[1]
+        return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    return completion_mask_for(inputs["input_ids"], lengths)
+
+
 def _flat(groups: list[list[Any]] | None) -> list[Any] | None:
     """[pair][sample] -> [pair * G + sample] (None stays None)."""
     return None if groups is None else [x for group in groups for x in group]
@@ -363,6 +398,9 @@ class LearnerActor:
         return {"rank": self.rank, "trainable": self.learner.trainable,
                 "device": str(self.learner.engine.device),
                 "model_type": str(self.learner.bundle.model.config.model_type),
+                # How it runs the policy per step: the RL stage's first console line says.
+                "passes": ("one forward" if self.learner.single_forward else "two passes")
+                + (", shared prompt" if self.learner.shared_prompt else ""),
                 "node": ray.util.get_node_ip_address()}
 
     def step(self, shard: StepShard) -> dict[str, float]:

@@ -9,6 +9,13 @@ returns, per row of a left-padded batch (see ``InputEncoder.collate``):
 
 Vocabulary logits are computed only at completion positions: on a 150k-token vocabulary the
 full ``[B, T, V]`` tensor would dominate memory for nothing.
+
+Given ``completion_ids`` (``InputEncoder.shared_prompt_inputs``), the batch holds each prompt
+once and its G completions apart: the prompts run once, their keys and values are repeated G
+times, and the completions run on top of them (GRPO's G samples of one prompt share it; the
+prompt, with its image or video tokens, is most of each row). The outputs are the same, laid
+out over the completion block: ``logprobs`` and ``completion_mask`` are ``[G * P, Tc]``, each
+row's completion left-aligned.
 """
 
 from __future__ import annotations
@@ -74,8 +81,13 @@ class PolicyModule(nn.Module):
         completion_lengths: torch.Tensor,
         with_logprobs: bool = True,
         temperature: float = 1.0,
+        completion_ids: torch.Tensor | None = None,
         **vision: torch.Tensor,
     ) -> PolicyOutput:
+        if completion_ids is not None:
+            return self._shared_prompt_forward(input_ids, attention_mask, completion_ids,
+                                               completion_lengths, with_logprobs, temperature,
+                                               vision)
         completion_mask = completion_mask_for(input_ids, completion_lengths)
         disc_pos, gen_pos, found = embedding_positions(
             input_ids, completion_mask, self.disc_id, self.gen_id
@@ -93,6 +105,53 @@ class PolicyModule(nn.Module):
         return PolicyOutput(disc, gen, found if has_completion else None, logprobs,
                             completion_mask)
 
+    def _shared_prompt_forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        completion_ids: torch.Tensor, completion_lengths: torch.Tensor, with_logprobs: bool,
+        temperature: float, vision: dict[str, torch.Tensor],
+    ) -> PolicyOutput:
+        """The forward of ``P`` prompts (left-padded) with ``G`` completions each."""
+        P, G = input_ids.shape[0], completion_ids.shape[0] // input_ids.shape[0]
+        no_completion = torch.zeros_like(input_ids, dtype=torch.bool)
+        disc_pos, _, _ = embedding_positions(input_ids, no_completion, self.disc_id, self.gen_id)
+        text = self.model.model
+        # Explicit positions, so the completions can continue from the prompts' (M-RoPE:
+        # vision tokens take 3D positions; the text after them counts on from the largest).
+        positions, _ = text.get_rope_index(
+            input_ids=input_ids, attention_mask=attention_mask, **_rope_kwargs(vision))
+        prompt = text(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      use_cache=True, **vision)
+        prompt_hidden = prompt.last_hidden_state  # [P, Tp, d]; the prompt's end is column -1
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(G)
+        width = completion_ids.shape[1]
+        completion_mask = (torch.arange(width, device=completion_ids.device)[None, :]
+                           < completion_lengths.to(completion_ids.device)[:, None])
+        after = positions[:, :, -1:].amax(dim=0).repeat_interleave(G, dim=0)  # [G * P, 1]
+        continued = (after + 1 + torch.arange(width, device=after.device)).expand(3, -1, -1)
+        hidden = text(input_ids=completion_ids, position_ids=continued, past_key_values=cache,
+                      attention_mask=torch.cat([attention_mask.repeat_interleave(G, dim=0),
+                                                completion_mask.long()], dim=1),
+                      use_cache=True).last_hidden_state  # [G * P, Tc, d]
+        # The state before completion token j: the prompt's last one for j = 0.
+        before = torch.cat([prompt_hidden[:, -1:].repeat_interleave(G, dim=0), hidden], dim=1)
+        rows = torch.arange(before.shape[0], device=before.device)
+        disc = F.normalize(prompt_hidden[torch.arange(P), disc_pos].float(), dim=-1)
+        gen_pos = last_index((completion_ids == self.gen_id) & completion_mask)
+        found = gen_pos >= 0
+        # Without <gen_emb>: the row's last token (the prompt's end for an empty completion).
+        last = torch.where(found, gen_pos, completion_lengths.to(gen_pos.device) - 1)
+        gen = F.normalize(before[rows, last + 1].float(), dim=-1)
+        logprobs = None
+        if with_logprobs:
+            logits = self.model.lm_head(before[:, :-1][completion_mask]).float() / temperature
+            picked = torch.log_softmax(logits, dim=-1).gather(
+                -1, completion_ids[completion_mask].unsqueeze(-1)).squeeze(-1)
+            logprobs = torch.zeros(completion_ids.shape, dtype=picked.dtype, device=picked.device)
+            logprobs[completion_mask] = picked
+        return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
+                            completion_mask)
+
     def _completion_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
         temperature: float,
@@ -106,3 +165,9 @@ class PolicyModule(nn.Module):
         out = torch.zeros(input_ids.shape, dtype=token_logprobs.dtype, device=hidden.device)
         out[:, 1:][predicts] = token_logprobs
         return out
+
+
+def _rope_kwargs(vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vision kwargs ``get_rope_index`` reads (every Qwen-VL family names them so)."""
+    keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    return {k: vision[k] for k in keys if k in vision}

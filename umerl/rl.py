@@ -108,7 +108,8 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
           f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
-          f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage}, weight sync "
+          f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage} "
+          f"({learners.info[0]['passes']}), weight sync "
           f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
           f"buckets), max_staleness {r.max_staleness}", flush=True)
     sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens),

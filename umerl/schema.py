@@ -267,6 +267,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
     "learner.single_forward": OneOf("auto", True, False),
+    "learner.shared_prompt": OneOf("auto", True, False),
     **{f"learner.train.{k}": rule for k, rule in TRAIN_PARTS.items()},
     "annotate.max_new_tokens": Int(1),
     "annotate.max_completion_tokens": Int(1),
@@ -368,6 +369,24 @@ def _single_forward(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _shared_prompt(c: DictConfig, s: Sources) -> str | None:
+    if c.learner.shared_prompt is not True:
+        return None
+    key = s.describe("learner.shared_prompt")
+    micro, G = int(c.learner.micro_batch_size), int(c.rl.group_size)
+    if micro % G:
+        return (f"{key} = true needs micro-batches of whole groups: "
+                f"{s.describe('learner.micro_batch_size')} = {micro} is not a multiple of "
+                f"{s.describe('rl.group_size')} = {G}; use auto or false")
+    if c.learner.gradient_checkpointing:
+        return (f"{key} = true cannot run with {s.describe('learner.gradient_checkpointing')}"
+                " = true (checkpointed layers keep no cache of the prompt); use auto or false")
+    if int(c.learner.zero_stage) == 3:
+        return (f"{key} = true is not supported under {s.describe('learner.zero_stage')} = 3;"
+                " use auto or false")
+    return None
+
+
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
     engine = rollout_engine(c)
@@ -414,6 +433,7 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
 
 
 CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
-    _pairs_divide_learners, _learner_micro_batch, _single_forward, _tensor_parallel,
+    _pairs_divide_learners, _learner_micro_batch, _single_forward, _shared_prompt,
+    _tensor_parallel,
     _something_trains, _pass_k_within_budget, _faults_can_fire,
 )

@@ -8,15 +8,20 @@ actor, each one CPU and one thread (the CPU stand-in for two separate GPU pools)
 ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else the tiny model), three
 ways, one after the other in this process:
 
-    sync, two-pass     rl.max_staleness=0, learner.single_forward=false (the loop before)
-    sync, one forward  rl.max_staleness=0, learner.single_forward=true
-    one step off       rl.max_staleness=1, learner.single_forward=true
+    sync, two-pass       rl.max_staleness=0, single_forward=false, shared_prompt=false
+                         (the loop before)
+    sync, one forward    rl.max_staleness=0, single_forward=true,  shared_prompt=false
+    sync, 1 fwd, shared  rl.max_staleness=0, single_forward=true,  shared_prompt=true
+    one step off         rl.max_staleness=1, single_forward=true,  shared_prompt=false
+    off, 1 fwd, shared   rl.max_staleness=1, single_forward=true,  shared_prompt=true
 
-and prints, per run, steps/s over all steps (the pipeline's first, unoverlapped step
-included), the learner phase's mean time, and each pool's mean idle ratio over all steps and
-in the steady state (steps 2..N-1: the off-policy loop's first step has nothing generated
-ahead and its last has nothing left to generate, so its rollout pool idles through them);
-then the ratios: off-policy vs sync steps/s, and one-forward vs two-pass learner time.
+(all keys under learner. but max_staleness) and prints, per run, steps/s over all steps (the
+pipeline's first, unoverlapped step included), the learner phase's mean time, and each pool's
+mean idle ratio over all steps and in the steady state (steps 2..N-1: the off-policy loop's
+first step has nothing generated ahead and its last has nothing left to generate, so its
+rollout pool idles through them); then the ratios: off-policy vs sync steps/s (with whole
+rows and with the shared prompt), and each learner mode's phase time against the two-pass
+loop's.
 
 ``--curve``: instead, the mean reward per step over ``--seeds`` for max_staleness 0 and 1,
 with the seed-to-seed spread (min..max of the seeds' mean reward per step).
@@ -40,10 +45,13 @@ sys.path.insert(0, str(REPO))
 
 ONE_EACH = ["rollout.num_workers=1", "rollout.cpus_per_worker=1", "learner.num_workers=1",
             "learner.cpus_per_worker=1", "rl.resume=null", "rl.log_every=1000"]
+WHOLE_ROWS, SHARED = "learner.shared_prompt=false", "learner.shared_prompt=true"
 MODES = {
-    "sync, two-pass": ["rl.max_staleness=0", "learner.single_forward=false"],
-    "sync, one forward": ["rl.max_staleness=0", "learner.single_forward=true"],
-    "one step off": ["rl.max_staleness=1", "learner.single_forward=true"],
+    "sync, two-pass": ["rl.max_staleness=0", "learner.single_forward=false", WHOLE_ROWS],
+    "sync, one forward": ["rl.max_staleness=0", "learner.single_forward=true", WHOLE_ROWS],
+    "sync, 1 fwd, shared": ["rl.max_staleness=0", "learner.single_forward=true", SHARED],
+    "one step off": ["rl.max_staleness=1", "learner.single_forward=true", WHOLE_ROWS],
+    "off, 1 fwd, shared": ["rl.max_staleness=1", "learner.single_forward=true", SHARED],
 }
 
 
@@ -106,12 +114,15 @@ def throughput(args: argparse.Namespace) -> None:
               f" {steady:>16s}")
     rate = {label: len(r.steps) / sum(m["timing/step"] for m in r.steps.values())
             for label, r in runs.items()}
-    off = rate["one step off"]
-    print(f"\none step off / sync (one forward): {off / rate['sync, one forward']:.2f}x steps/s; "
-          f"/ sync (two-pass): {off / rate['sync, two-pass']:.2f}x")
-    cut = 1 - mean(runs["sync, one forward"], "timing/learner") / mean(
-        runs["sync, two-pass"], "timing/learner")
-    print(f"learner phase, one forward vs two-pass: {cut:.1%} shorter")
+    print()
+    for off, sync in (("one step off", "sync, one forward"),
+                      ("off, 1 fwd, shared", "sync, 1 fwd, shared")):
+        print(f"{off} / {sync}: {rate[off] / rate[sync]:.2f}x steps/s; "
+              f"/ sync, two-pass: {rate[off] / rate['sync, two-pass']:.2f}x")
+    before = mean(runs["sync, two-pass"], "timing/learner")
+    for label in ("sync, one forward", "sync, 1 fwd, shared"):
+        cut = 1 - mean(runs[label], "timing/learner") / before
+        print(f"learner phase, {label} vs sync, two-pass: {cut:.1%} shorter")
 
 
 def curve(args: argparse.Namespace) -> None:

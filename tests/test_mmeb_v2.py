@@ -15,13 +15,19 @@ import pytest
 
 from umerl.cli import main
 from umerl.data import DataError
-from umerl.mmeb_v2 import TASKS, load_task, plan_tasks, select_tasks, task_pools
+from umerl.mmeb_v2 import TASKS, load_task, select_tasks, task_pools
 from umerl.mmeb_v2.labels import VIDEO_CLS_LABELS
+from umerl.mmeb_v2.loaders import PARSERS
 
 # report_score_v2.py: the folder per modality and the names it looks for (a subset of its lists)
 REPORT_NAMES = {"image": ["ImageNet-1K", "MSCOCO_t2i", "RefCOCO-Matching"],
                 "video": ["Breakfast", "SmthSmthV2", "MSR-VTT"],
                 "visdoc": ["ViDoRe_arxivqa", "VisRAG_ArxivQA"]}
+# report_score_v2.py's video list, in its order (MMEB-V2's 18 video tasks)
+REPORT_VIDEO = ["K700", "SmthSmthV2", "HMDB51", "UCF101", "Breakfast",
+                "MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA",
+                "DiDeMo", "MSR-VTT", "MSVD", "VATEX", "YouCook2",
+                "QVHighlight", "Charades-STA", "MomentSeeker"]
 # VLM2Vec's RankingMetrics.evaluate keys (metrics hit, ndcg, precision, recall, f1, map, mrr at
 # k = 1, 5, 10), plus the two counts eval.py adds.
 VLM2VEC_KEYS = [f"{m}@{k}" for m in ("hit", "ndcg_linear", "ndcg_exponential", "precision",
@@ -87,8 +93,7 @@ def mmeb_copy(benchmark_manifest: Path, tmp_path_factory) -> Path:
     videos = {"v_long": digits[:10], "v_short": digits[10:13], "v_three": digits[13:16]}
     for folder in ("video_cls/Breakfast", "video_cls/SSv2", "video_ret/MSR-VTT"):
         for name, srcs in videos.items():
-            for j, src in enumerate(srcs):
-                _copy(src, frames / folder / name / f"frame_{j + 1:04d}.jpg")
+            _frames(frames / folder / name, srcs)
     _jsonl(root / "VLM2Vec/Breakfast/test.jsonl", [
         {"video_id": "v_long", "pos_text": "coffee"}, {"video_id": "v_short", "pos_text": "tea"}])
     _jsonl(root / "VLM2Vec/SmthSmthV2/data/test-00000-of-00001.jsonl", [
@@ -122,7 +127,100 @@ def mmeb_copy(benchmark_manifest: Path, tmp_path_factory) -> Path:
     _jsonl(visrag / "queries/train.jsonl", [{"query-id": "q0", "query": "a chart"}])
     _jsonl(visrag / "corpus/train.jsonl", [{"corpus-id": n} for n in names])
     _jsonl(visrag / "qrels/train.jsonl", [{"query-id": "q0", "corpus-id": names[2], "score": 1}])
+    _write_video_qa(root, digits)
+    _write_moments(root, digits, photos)
     return root
+
+
+def _frames(folder: Path, srcs: list[Path]) -> None:
+    """A frame folder as the release ships it: frame_0001.jpg, frame_0002.jpg, ..."""
+    for j, src in enumerate(srcs):
+        _copy(src, folder / f"frame_{j + 1:04d}.jpg")
+
+
+# VLM2Vec's MVBench subset_meta keys: one config each, concatenated in this order.
+MVBENCH_CONFIGS = [
+    "episodic_reasoning", "action_sequence", "action_prediction", "action_antonym",
+    "fine_grained_action", "unexpected_action", "object_existence", "object_interaction",
+    "object_shuffle", "moving_direction", "action_localization", "scene_transition",
+    "action_count", "moving_count", "moving_attribute", "state_change", "fine_grained_pose",
+    "character_order", "egocentric_navigation", "counterfactual_inference"]
+
+
+def _write_video_qa(root: Path, digits: list[Path]) -> None:
+    """The five video QA layouts: frames under video-tasks/frames/video_qa/<Dataset>/."""
+    qa = root / "video-tasks/frames/video_qa"
+    # MVBench: one config per subset (split "train"); frames under <subset>/<video file name>
+    for i, subset in enumerate(MVBENCH_CONFIGS):
+        _frames(qa / "MVBench" / subset / f"clip{i}.mp4", digits[20 + i:23 + i])
+        options = ["yes", "no"] if i % 2 else ["left", "right", "up"]
+        _jsonl(root / "VLM2Vec/MVBench" / subset / "train.jsonl", [
+            {"video": f"clip{i}.mp4", "question": f"Question {i}?", "candidates": options,
+             "answer": options[i % len(options)], "accurate_start": 0.0}])
+    # Video-MME: lettered options, the answer a letter; frames under <videoID>/ (10: 8 kept)
+    _frames(qa / "Video-MME" / "vm1", digits[50:60])
+    _frames(qa / "Video-MME" / "vm2", digits[60:63])
+    _parquet(root / "VLM2Vec/Video-MME/test-00000-of-00001.parquet", [
+        {"videoID": "vm1", "question_id": "001-1", "domain": "Knowledge", "sub_category": "x",
+         "question": "What colour is the car?",
+         "options": ["A. Red.", "B. Blue.", "C. Green", "D. A dark grey one."], "answer": "B"},
+        {"videoID": "vm2", "question_id": "002-1", "domain": "Sports", "sub_category": "y",
+         "question": "How many players?", "options": ["A. 1", "B. 2", "C. 3", "D. 11"],
+         "answer": "D"}])
+    # NExTQA (config MC): options a0..a4, the answer their index; frames under <video>/
+    _frames(qa / "NExTQA" / "4010069381", digits[70:74])
+    _parquet(root / "VLM2Vec/NExTQA/MC/test-00000-of-00001.parquet", [
+        {"video": 4010069381, "qid": 3, "type": "CW", "question": "why does the boy run",
+         "answer": 2, "a0": "to hide", "a1": "to eat", "a2": "to catch the ball",
+         "a3": "to sleep", "a4": "to sing"}])
+    # EgoSchema (config Subset): lettered options, the answer an index as a string
+    _frames(qa / "EgoSchema" / "ego-uuid-1", digits[80:84])
+    _jsonl(root / "VLM2Vec/EgoSchema/Subset/test.jsonl", [
+        {"video_idx": "ego-uuid-1", "question_idx": "q-ego-1", "question": "What is c doing?",
+         "option": ["A. c cooks.", "B. c reads a book", "C. c paints."], "answer": "1"}])
+    # ActivityNetQA: yes/no questions; frames under v_<video_name>/
+    _frames(qa / "ActivityNetQA" / "v_abc123", digits[90:95])
+    _jsonl(root / "VLM2Vec/ActivityNetQA/test.jsonl", [
+        {"video_name": "abc123", "question_id": "a1", "question": "is the man outdoors",
+         "answer": "no"},
+        {"video_name": "abc123", "question_id": "a2", "question": "is it sunny",
+         "answer": "yes"}])
+
+
+def _write_moments(root: Path, digits: list[Path], photos: list[Path]) -> None:
+    """The moment retrieval layouts under video-tasks/frames/video_mret/."""
+    mret = root / "video-tasks/frames/video_mret"
+    # QVHighlight, Charades-STA: <video stem>/{query, positive*, negative*}/ frames; a stray
+    # file beside the clips is no clip
+    for task, folder, videos in (("QVHighlight", "QVHighlight", ["qv_a", "qv_b"]),
+                                 ("Charades-STA", "Charades_STA", ["ch_a"])):
+        for v, video in enumerate(videos):
+            base = 100 + 40 * v + (0 if task == "QVHighlight" else 200)
+            _frames(mret / folder / video / "query", digits[base:base + 10])
+            for c, clip in enumerate(["negative_0", "positive", "negative_1"]):
+                _frames(mret / folder / video / clip, digits[base + 10 + 9 * c:base + 19 + 9 * c])
+            (mret / folder / video / "meta.json").write_text("{}")
+        rows = [{"query": f"a person moves ({video})", "video_path": f"videos/{video}.mp4",
+                 "duration": 150} for video in videos]
+        if task == "QVHighlight":
+            _jsonl(root / "VLM2Vec/QVHighlight/test.jsonl", rows)
+        else:
+            _parquet(root / "VLM2Vec/Charades-STA/test-00000-of-00001.parquet", rows)
+    # MomentSeeker: clips under video_frames/<output_path, "/" as "_", no ".mp4">/ (10
+    # frames: all kept); queries by text only, with an image, or with a video
+    seeker = mret / "MomentSeeker"
+    for c, clip in enumerate(["ego_pos1", "ego_pos2", "ego_neg1", "ego_neg2", "mov_q"]):
+        _frames(seeker / "video_frames" / clip, digits[300 + 10 * c:310 + 10 * c])
+    _copy(photos[20], seeker / "query_frame7.jpg")
+    clips = {"positive_frames": [{"output_path": "ego/pos1.mp4", "start": 0},
+                                 {"output_path": "ego/pos2.mp4", "start": 5}],
+             "negative_frames": [{"output_path": "ego/neg1.mp4", "start": 9},
+                                 {"output_path": "ego/neg2.mp4", "start": 12}]}
+    _parquet(root / "VLM2Vec/MomentSeeker/test-00000-of-00001.parquet", [
+        {"query": "the man opens the door", "input_frames": "", **clips},
+        {"query": "what happens next", "input_frames": "frame7.jpg", **clips},
+        {"query": "the same action again", "input_frames": "mov/q.mp4",
+         **{**clips, "positive_frames": clips["positive_frames"][1:]}}])
 
 
 def test_catalog_has_mmeb_v2s_78_tasks_with_vlm2vecs_pools() -> None:
@@ -142,15 +240,11 @@ def test_catalog_has_mmeb_v2s_78_tasks_with_vlm2vecs_pools() -> None:
         select_tasks(["image"], ["MSR-VTT"])
 
 
-def test_default_plan_skips_tasks_without_a_reader_and_says_so(capsys) -> None:
-    tasks = [t.name for t in plan_tasks(["video"], None)]
-    warning = capsys.readouterr().out
-    unread = ["MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA", "QVHighlight",
-              "Charades-STA", "MomentSeeker"]
-    assert tasks == [t.name for t in TASKS.values() if t.modality == "video"
-                     and t.name not in unread]
-    assert all(name in warning for name in unread)
-    assert [t.name for t in plan_tasks(None, ["MVBench"])] == ["MVBench"]  # named: kept
+def test_default_plan_runs_every_task_of_the_modalities() -> None:
+    assert [t.name for t in select_tasks(["video"], None)] == REPORT_VIDEO
+    assert len(select_tasks(None, None)) == 78
+    assert {t.parser for t in TASKS.values()} <= set(PARSERS)  # every layout has a reader
+    assert [t.name for t in select_tasks(None, ["MVBench"])] == ["MVBench"]
 
 
 def _names(pools, to_name) -> tuple[list[str], list[dict[str, float]]]:
@@ -254,6 +348,229 @@ def test_visdoc_tasks_graded_qrels_and_corpus(mmeb_copy: Path) -> None:
     assert Path(positive.images[0]).name == f"{'x' * 50}_{tag}.png"
 
 
+# VLM2Vec's video QA prompt (its TASK_PROMPT), before the question
+QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided "
+             "candidates. Return only the exact text of your chosen answer. Question:")
+SAMPLED_OF_10 = (0, 1, 2, 3, 5, 6, 7, 9)  # np.linspace(0, 9, 8).astype(int)
+
+
+def _pool(pools, i: int) -> list[tuple[str, float]]:
+    """Query i's pool: each candidate's text and grade, in pool order."""
+    return [(pools.candidates[int(j)].text, float(g))
+            for j, g in zip(pools.pools[i], pools.relevance[i])]
+
+
+def _clip_pool(pools, i: int) -> list[tuple[str, float]]:
+    """Query i's pool: each clip's frame folder name and grade, in pool order."""
+    return [(Path(pools.candidates[int(j)].video[0]).parent.name, float(g))
+            for j, g in zip(pools.pools[i], pools.relevance[i])]
+
+
+def _frame_names(side) -> list[str]:
+    return [Path(f).name for f in side.video]
+
+
+def test_video_qa_options_answers_and_frames(mmeb_copy: Path) -> None:
+    qa = mmeb_copy / "video-tasks/frames/video_qa"
+    # MVBench: every subset config in VLM2Vec's order, options as "(A) ...", shared by name
+    rows = [(subset, json.loads((mmeb_copy / "VLM2Vec/MVBench" / subset / "train.jsonl")
+                                .read_text())) for subset in MVBENCH_CONFIGS]
+    pools = task_pools(load_task(mmeb_copy, TASKS["MVBench"]))
+    assert len(pools.queries) == 20 and len(pools.candidates) == 5
+    for i, (subset, row) in enumerate(rows):
+        letters = "ABCDE"
+        assert _pool(pools, i) == [(f"({letters[k]}) {c}", float(c == row["answer"]))
+                                   for k, c in enumerate(row["candidates"])]
+        assert Path(pools.queries[i].video[0]).parent == qa / "MVBench" / subset / row["video"]
+        assert len(pools.queries[i].video) == 3  # fewer than 8 frames: all of them
+    assert pools.queries[0].text == (f"{QA_PROMPT}\nQuestion 0?\nOptions:\n(A) left\n(B) right"
+                                     "\n(C) up")
+    assert _pool(pools, 1) == [("(A) yes", 0.0), ("(B) no", 1.0)]
+
+    # Video-MME: named by the lettered option, embedded without its letter; answer a letter
+    rows = pq.read_table(mmeb_copy / "VLM2Vec/Video-MME/test-00000-of-00001.parquet").to_pylist()
+    pools = task_pools(load_task(mmeb_copy, TASKS["Video-MME"]))
+    for i, row in enumerate(rows):
+        answer = "ABCD".index(row["answer"])
+        assert _pool(pools, i) == [(o.split(". ", 1)[1].rstrip("."), float(k == answer))
+                                   for k, o in enumerate(row["options"])]
+    assert _pool(pools, 0) == [("Red", 0.0), ("Blue", 1.0), ("Green", 0.0),
+                               ("A dark grey one", 0.0)]
+    assert pools.queries[0].text == (f"{QA_PROMPT}\nWhat colour is the car?\nA. Red.\nB. Blue."
+                                     "\nC. Green\nD. A dark grey one.")
+    assert _frame_names(pools.queries[0]) == [f"frame_{j + 1:04d}.jpg" for j in SAMPLED_OF_10]
+    assert Path(pools.queries[1].video[0]).parent == qa / "Video-MME/vm2"
+
+    # NExTQA: options a0..a4 as they are, the answer their index; the query lists them lettered
+    row = pq.read_table(mmeb_copy / "VLM2Vec/NExTQA/MC/test-00000-of-00001.parquet").to_pylist()[0]
+    pools = task_pools(load_task(mmeb_copy, TASKS["NExTQA"]))
+    assert _pool(pools, 0) == [(row[f"a{k}"], float(k == row["answer"])) for k in range(5)]
+    assert pools.queries[0].text == (f"{QA_PROMPT}\nwhy does the boy run\nOptions:\n(A) to hide"
+                                     "\n(B) to eat\n(C) to catch the ball\n(D) to sleep\n"
+                                     "(E) to sing")
+    assert Path(pools.queries[0].video[0]).parent == qa / "NExTQA/4010069381"
+
+    # EgoSchema: options without letter (and trailing period), question and options run on
+    pools = task_pools(load_task(mmeb_copy, TASKS["EgoSchema"]))
+    assert _pool(pools, 0) == [("c cooks", 0.0), ("c reads a book", 1.0), ("c paints", 0.0)]
+    assert pools.queries[0].text == (f"{QA_PROMPT}\nWhat is c doing?A. c cooks. B. c reads a book "
+                                     "C. c paints.")
+
+    # ActivityNetQA: yes/no, one pair of candidates for every question; frames in v_<name>/
+    rows = [json.loads(line) for line in
+            (mmeb_copy / "VLM2Vec/ActivityNetQA/test.jsonl").read_text().splitlines()]
+    pools = task_pools(load_task(mmeb_copy, TASKS["ActivityNetQA"]))
+    assert len(pools.candidates) == 2
+    for i, row in enumerate(rows):
+        assert _pool(pools, i) == [(o, float(o == row["answer"])) for o in ("yes", "no")]
+        assert pools.queries[i].text == f"{QA_PROMPT}\n{row['question']}? (A) yes; (B) no."
+    assert _frame_names(pools.queries[0]) == [f"frame_{j:04d}.jpg" for j in range(1, 6)]
+
+
+def test_moment_retrieval_clips_and_positives(mmeb_copy: Path) -> None:
+    mret = mmeb_copy / "video-tasks/frames/video_mret"
+    # QVHighlight (JSONL), Charades-STA (parquet): the video's clip folders, positive*'s the
+    # answer; the query video is query/; 8 of the frames of each
+    for task, folder, rows in (
+            ("QVHighlight", "QVHighlight", [json.loads(line) for line in (
+                mmeb_copy / "VLM2Vec/QVHighlight/test.jsonl").read_text().splitlines()]),
+            ("Charades-STA", "Charades_STA", pq.read_table(
+                mmeb_copy / "VLM2Vec/Charades-STA/test-00000-of-00001.parquet").to_pylist())):
+        pools = task_pools(load_task(mmeb_copy, TASKS[task]))
+        assert len(pools.queries) == len(rows) and len(pools.candidates) == 3 * len(rows)
+        for i, row in enumerate(rows):
+            video = mret / folder / Path(row["video_path"]).stem
+            clips = sorted(p.name for p in video.iterdir() if p.is_dir() and p.name != "query")
+            assert _clip_pool(pools, i) == [(c, float(c.startswith("positive"))) for c in clips]
+            assert Path(pools.queries[i].video[0]).parent == video / "query"
+            assert pools.queries[i].text == ("Find the clip that corresponds to the described "
+                                             f"scene in the given video:\n{row['query']}")
+            assert _frame_names(pools.queries[i]) == [f"frame_{j + 1:04d}.jpg"
+                                                      for j in SAMPLED_OF_10]
+        assert {len(c.video) for c in pools.candidates} == {8}  # 9 frames a clip: 8 kept
+        assert {c.text for c in pools.candidates} == {"Understand the content of the provided "
+                                                      "video."}
+
+    # MomentSeeker: listed clips (every positive counts), all of their frames
+    seeker = mret / "MomentSeeker"
+    rows = pq.read_table(mmeb_copy / "VLM2Vec/MomentSeeker/test-00000-of-00001.parquet").to_pylist()
+    pools = task_pools(load_task(mmeb_copy, TASKS["MomentSeeker"]))
+    assert len(pools.candidates) == 4
+    for i, row in enumerate(rows):
+        expected = [(e["output_path"].replace("/", "_")[:-len(".mp4")], float(positive))
+                    for positive, key in ((True, "positive_frames"), (False, "negative_frames"))
+                    for e in row[key]]
+        assert _clip_pool(pools, i) == expected
+    assert _clip_pool(pools, 2) == [("ego_pos2", 1.0), ("ego_neg1", 0.0), ("ego_neg2", 0.0)]
+    assert {len(c.video) for c in pools.candidates} == {10}
+    text_only, with_image, with_video = pools.queries
+    assert text_only.text == "Find the clip that corresponds to the given text:\nthe man opens " \
+        "the door" and text_only.is_text_only
+    assert with_image.images == (str(seeker / "query_frame7.jpg"),) and not with_image.video
+    assert with_image.text.startswith("Select the video clip that aligns with the given text "
+                                      "and image:\n")
+    assert Path(with_video.video[0]).parent == seeker / "video_frames/mov_q"
+    assert len(with_video.video) == 10
+    assert with_video.text.startswith("Find the clip that corresponds to the given sentence and "
+                                      "video segment:\n")
+
+
+def test_bad_video_qa_and_moment_copies_name_the_problem(mmeb_copy: Path,
+                                                         tmp_path: Path) -> None:
+    broken = tmp_path / "copy"
+    shutil.copytree(mmeb_copy / "VLM2Vec", broken / "VLM2Vec")
+    shutil.rmtree(broken / "VLM2Vec/MVBench/state_change")
+    with pytest.raises(DataError, match="no 'train' data files for config 'state_change'"):
+        load_task(broken, TASKS["MVBench"])
+    _jsonl(broken / "VLM2Vec/ActivityNetQA/test.jsonl",
+           [{"video_name": "abc123", "question": "is it", "answer": "maybe"}])
+    with pytest.raises(DataError, match=r"test.jsonl:1: answer 'maybe' must be 'yes' or 'no'"):
+        load_task(broken, TASKS["ActivityNetQA"])
+    with pytest.raises(DataError, match="no frame folder .*video_mret/QVHighlight/qv_a"):
+        load_task(broken, TASKS["QVHighlight"])  # the records without the frames
+    clips = broken / "video-tasks/frames/video_mret/QVHighlight/qv_a"
+    shutil.copytree(mmeb_copy / "video-tasks/frames/video_mret/QVHighlight/qv_a", clips)
+    shutil.copytree(clips / "positive", clips / "positive_2")
+    _jsonl(broken / "VLM2Vec/QVHighlight/test.jsonl", [{"query": "x", "video_path": "qv_a.mp4"}])
+    with pytest.raises(DataError, match=r"exactly one clip folder named 'positive\*'"):
+        load_task(broken, TASKS["QVHighlight"])
+
+
+NEW_VIDEO_TASKS = ["MVBench", "Video-MME", "NExTQA", "EgoSchema", "ActivityNetQA",
+                   "QVHighlight", "Charades-STA", "MomentSeeker"]
+
+
+def test_eval_scores_video_qa_and_moment_retrieval(tiny_model_dir: Path, mmeb_copy: Path,
+                                                   tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_model_dir), "--mmeb-v2", str(mmeb_copy), "--tasks",
+                 *NEW_VIDEO_TASKS, "--out", str(out), "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    queries = {"MVBench": 20, "Video-MME": 2, "NExTQA": 1, "EgoSchema": 1, "ActivityNetQA": 2,
+               "QVHighlight": 2, "Charades-STA": 1, "MomentSeeker": 3}
+    for mode in ("disc", "gen", "oracle"):
+        found = sorted(p.name for p in (out / mode / "video").glob("*_score.json"))
+        assert found == sorted(f"{d}_score.json" for d in REPORT_VIDEO if d in NEW_VIDEO_TASKS)
+        for task, count in queries.items():
+            scores = json.loads((out / mode / "video" / f"{task}_score.json").read_text())
+            assert list(scores) == VLM2VEC_KEYS
+            assert scores["num_data"] == count and 0.0 <= scores["hit@1"] <= 1.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["tasks"]) == sorted(NEW_VIDEO_TASKS)
+
+
+def _pixels(source) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(source) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_missing_page_images_are_rebuilt_from_the_corpus_image_column(
+        mmeb_copy: Path, tmp_path: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mmeb_copy / "vidore", copy / "vidore")
+    shutil.copytree(mmeb_copy / "openbmb", copy / "openbmb")
+    sources = sorted((mmeb_copy / "visdoc-tasks/ViDoRe_arxivqa").glob("*.png"))
+    # ViDoRe: the corpus's Hugging Face Image column ({bytes, path}); only page 0 on disk
+    corpus = copy / "vidore/arxivqa_test_subsampled_beir/corpus/test-00000-of-00001.parquet"
+    _parquet(corpus, [{"corpus-id": int(p.stem), "image": {"bytes": p.read_bytes(), "path": None}}
+                      for p in sources])
+    pages = copy / "visdoc-tasks/ViDoRe_arxivqa"
+    _copy(sources[0], pages / "0.png")
+    kept = (pages / "0.png").stat().st_mtime_ns
+    pools = task_pools(load_task(copy, TASKS["ViDoRe_arxivqa"]))
+    assert sorted(p.name for p in pages.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    assert (pages / "0.png").stat().st_mtime_ns == kept  # a page on disk is left as it is
+    for source in sources:
+        assert np.array_equal(_pixels(pages / source.name), _pixels(source))
+    assert sorted(Path(c.images[0]).name for c in pools.candidates) == [p.name for p in sources]
+
+    # VisRAG: a JPEG in the column is written in the format of VLM2Vec's (shortened) name
+    names = [json.loads(line)["corpus-id"] for line in (
+        copy / "openbmb/VisRAG-Ret-Test-ArxivQA/corpus/train.jsonl").read_text().splitlines()]
+    with pytest.raises(DataError, match=r"corpus/train.jsonl:1: missing field.*'image'"):
+        load_task(copy, TASKS["VisRAG_ArxivQA"])  # a page missing and no image column
+    jpegs = []
+    for source in sources[:len(names)]:
+        buffer = io.BytesIO()
+        Image.open(source).convert("RGB").save(buffer, format="JPEG")
+        jpegs.append(buffer.getvalue())
+    (copy / "openbmb/VisRAG-Ret-Test-ArxivQA/corpus/train.jsonl").unlink()
+    _parquet(copy / "openbmb/VisRAG-Ret-Test-ArxivQA/corpus/train-00000-of-00001.parquet",
+             [{"corpus-id": n, "image": {"bytes": b, "path": n}} for n, b in zip(names, jpegs)])
+    load_task(copy, TASKS["VisRAG_ArxivQA"])
+    for name, data in zip(names, jpegs):
+        short = f"{name[:-4][:50]}_{hashlib.md5(name.encode()).hexdigest()[:8]}.png"
+        written = copy / "visdoc-tasks/VisRAG_ArxivQA" / short
+        assert Image.open(written).format == "PNG"
+        assert np.array_equal(_pixels(written), _pixels(io.BytesIO(data)))
+
+
 def test_bad_copies_name_the_file(mmeb_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="huggingface-cli download ziyjiang/MMEB_Test_Instruct"):
         load_task(tmp_path, TASKS["ImageNet-1K"])
@@ -265,8 +582,6 @@ def test_bad_copies_name_the_file(mmeb_copy: Path, tmp_path: Path) -> None:
     bad.write_text(json.dumps({"video_id": "v_three", "pos_text": "x"}) + "\n")
     with pytest.raises(DataError, match=r"test-00000-of-00001.jsonl:1: missing field.*neg_text"):
         load_task(broken, TASKS["SmthSmthV2"])
-    with pytest.raises(DataError, match="not supported yet"):
-        load_task(mmeb_copy, TASKS["MVBench"])
 
 
 def _ranked_hit_and_ndcg(q: np.ndarray, c: np.ndarray, grades: np.ndarray) -> tuple[float, float]:

@@ -285,13 +285,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Path,
                       out: str) -> int:
     from umerl.driver import eval_settings, run_eval_work, run_mmeb_v2_eval
-    from umerl.mmeb_v2 import plan_tasks
+    from umerl.mmeb_v2 import select_tasks
 
     if not args.mmeb_v2:
         raise ValueError("--modalities and --tasks select MMEB-V2 tasks: they need --mmeb-v2 DIR")
     if args.tasks:
         raise ValueError(f"--mmeb-v2 reads its tasks from DIR; got TASK arguments {args.tasks}")
-    tasks = plan_tasks(args.modalities, args.mmeb_tasks)
+    tasks = select_tasks(args.modalities, args.mmeb_tasks)
     run_eval_work(cfg, "MMEB-V2", run_mmeb_v2_eval, str(checkpoint),
                   str(Path(args.mmeb_v2).resolve()), tasks, eval_settings(cfg), out,
                   cfg.model.dtype, chunk_size=args.chunk_size)

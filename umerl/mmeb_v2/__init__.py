@@ -6,10 +6,9 @@ from umerl.mmeb_v2.loaders import LoadedTask, load_task, task_pools
 from umerl.mmeb_v2.run import (
     MmebV2Evaluation,
     evaluate_mmeb_v2,
-    plan_tasks,
     run_mmeb_v2,
     vlm2vec_scores,
 )
 
 __all__ = ["MODALITIES", "TASKS", "LoadedTask", "MmebV2Evaluation", "TaskInfo", "evaluate_mmeb_v2",
-           "load_task", "plan_tasks", "run_mmeb_v2", "select_tasks", "task_pools", "vlm2vec_scores"]
+           "load_task", "run_mmeb_v2", "select_tasks", "task_pools", "vlm2vec_scores"]

@@ -28,7 +28,9 @@ class TaskInfo:
     subset: str | None  # its config, if any
     split: str
     media_root: str  # image_root or frame_root, relative to the local copy
-    num_frames: int = 8  # frames sampled per video (VLM2Vec's num_frames)
+    # Frames sampled per video (VLM2Vec's num_frames); None: every frame shipped (MomentSeeker,
+    # whose loader reads its frame folders whole).
+    num_frames: int | None = 8
 
     @property
     def metric(self) -> str:
@@ -107,7 +109,8 @@ def _catalog() -> dict[str, TaskInfo]:
                                    "image-tasks")
     for name, (parser, pool, repo, subset, split, frames) in _VIDEO_TASKS.items():
         tasks[name] = TaskInfo(name, "video", parser, pool, repo, subset, split,
-                               f"video-tasks/frames/{frames}")
+                               f"video-tasks/frames/{frames}",
+                               None if parser == "momentseeker" else 8)
     for name, (parser, repo, split, folder) in _VISDOC_TASKS.items():
         tasks[name] = TaskInfo(name, "visdoc", parser, "global", repo, None, split,
                                f"visdoc-tasks/{folder}")

@@ -9,13 +9,14 @@ with pyarrow, only the columns asked for (a corpus's page images stay on disk).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from umerl.data import DataError
 
 EXTENSIONS = (".parquet", ".jsonl", ".json")
+PARQUET_BATCH = 256  # rows decoded at a time
 
 
 def dataset_dir(root: Path, repo: str) -> Path:
@@ -53,14 +54,19 @@ def read_rows(root: Path, repo: str, subset: str | None, split: str,
               columns: Sequence[str]) -> list[Row]:
     """Every row of the split, each with (at least) ``columns`` and where it came from; a
     missing column is an error naming the file."""
-    rows: list[Row] = []
+    return list(iter_rows(root, repo, subset, split, columns))
+
+
+def iter_rows(root: Path, repo: str, subset: str | None, split: str,
+              columns: Sequence[str]) -> Iterator[Row]:
+    """``read_rows`` a few rows at a time: parquet is read batch by batch, so a column of page
+    images never has to fit in memory at once."""
     for path in find_files(root, repo, subset, split):
-        rows.extend(_read_parquet(path, columns) if path.suffix == ".parquet"
+        yield from (_read_parquet(path, columns) if path.suffix == ".parquet"
                     else _read_json(path, columns))
-    return rows
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> list[Row]:
+def _read_parquet(path: Path, columns: Sequence[str]) -> Iterator[Row]:
     try:
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow comes with the environment
@@ -70,8 +76,12 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> list[Row]:
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing} (has: {', '.join(names)})")
-    table = pq.read_table(path, columns=list(columns)).to_pylist()
-    return [(f"{path}: row {i}", row) for i, row in enumerate(table)]
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH,
+                                                   columns=list(columns)):
+        for row in batch.to_pylist():
+            yield f"{path}: row {index}", row
+            index += 1
 
 
 def _read_json(path: Path, columns: Sequence[str]) -> list[Row]:

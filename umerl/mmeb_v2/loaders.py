@@ -4,9 +4,10 @@ Each parser builds what the VLM2Vec loader of the same name builds (``src/data/e
 the query side, each query's candidate names with the positive (or, for visual documents, the
 qrels' graded relevance), and for global tasks the extra corpus (the full label set of video
 classification, the page corpus of ViDoRe/VisRAG). Candidates are deduplicated by VLM2Vec's
-*candidate name*: the label text for classification and QA, the image path for text-to-image,
-``path:caption`` for visual grounding and image-to-image, the video name for video retrieval,
-the corpus id for documents. The first side seen under a name stands for every later one.
+*candidate name*: the label text for classification, the option for video QA (``video_qa``),
+the image path for text-to-image, ``path:caption`` for visual grounding and image-to-image, the
+video name for video retrieval, the clip's frame folder for moment retrieval (``moments``), the
+corpus id for documents. The first side seen under a name stands for every later one.
 
 Side texts are the instruction and the text joined as in umerl's own MMEB files (the model's
 chat template adds the vision placeholders, so VLM2Vec's backbone-specific image tokens are
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,14 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from umerl.data import DataError, EvalQuery, Side, image_header_size, join_instruction
+from umerl.data import DataError, EvalQuery, Side, join_instruction
 from umerl.evaluate import TaskPools, build_pools
 from umerl.mmeb_v2.catalog import TaskInfo
 from umerl.mmeb_v2.files import Row, read_rows
 from umerl.mmeb_v2.labels import VIDEO_CLS_LABELS
+from umerl.mmeb_v2.moments import load_moments, load_momentseeker
+from umerl.mmeb_v2.pages import rebuild_missing_pages
+from umerl.mmeb_v2.sides import Names, frames, image_file, named_query, string_list
+from umerl.mmeb_v2.video_qa import QA_LAYOUTS, load_video_qa
 
 IMAGE_TOKEN = "<|image_1|>"  # MMEB's image placeholder in instructions
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VIDEO_CLS_INSTRUCTION = {
     "K700": "Recognize the category of the video content.",
     "SmthSmthV2": "What actions or object interactions are being performed by the person in "
@@ -59,11 +62,7 @@ class LoadedTask:
 
 def load_task(root: Path, info: TaskInfo) -> LoadedTask:
     """The task's queries and candidates, read from the local copy at ``root``."""
-    parser = PARSERS.get(info.parser)
-    if parser is None:
-        raise DataError(f"MMEB-V2 task {info.name}: its layout ('{info.parser}') is not "
-                        f"supported yet; supported: {', '.join(sorted(PARSERS))}")
-    items, corpus = parser(root, info)
+    items, corpus = PARSERS[info.parser](root, info)
     if not items:
         raise DataError(f"MMEB-V2 task {info.name}: no queries in {root / info.repo}")
     return LoadedTask(info, items, corpus)
@@ -90,54 +89,12 @@ def task_pools(task: LoadedTask) -> TaskPools:
     return TaskPools(pools.queries, candidates, [everything] * len(relevance), relevance)
 
 
-class _Names:
-    """Candidate sides by VLM2Vec candidate name: the first side made for a name is kept."""
-
-    def __init__(self) -> None:
-        self.sides: dict[str, Side] = {}
-
-    def side(self, name: str, make: Callable[[], Side]) -> Side:
-        if name not in self.sides:
-            self.sides[name] = make()
-        return self.sides[name]
-
-
-def _query(names: _Names, query: Side, cand_names: list[str], makers: list[Callable[[], Side]],
-           grades: dict[str, float], where: str) -> EvalQuery:
-    """One query over its candidate names (each once, first-seen order) with these grades."""
-    order: dict[str, Side] = {}
-    for name, make in zip(cand_names, makers):
-        if name not in order:
-            order[name] = names.side(name, make)
-    if not any(grades.get(name, 0.0) > 0 for name in order):
-        raise DataError(f"{where}: the positive {sorted(grades)} is not among the candidates")
-    return EvalQuery(query, tuple(order.values()),
-                     tuple(float(grades.get(name, 0.0)) for name in order))
-
-
-def _image(root: Path, relative: Any, where: str, name: str) -> str:
-    if not isinstance(relative, str) or not relative:
-        raise DataError(f"{where}: field '{name}' must be a non-empty path, got {relative!r}")
-    path = root / relative
-    size = image_header_size(path)
-    if isinstance(size, str):
-        raise DataError(f"{where}: field '{name}': not a readable image: {path} ({size})")
-    return str(path)
-
-
 def _image_side(text: str, root: Path, relative: str, where: str, name: str) -> Side:
-    return Side(text=text, images=(_image(root, relative, where, name),), source=where)
+    return Side(text=text, images=(image_file(root, relative, where, name),), source=where)
 
 
-def _video_side(folder: Path, num_frames: int, where: str) -> Side:
-    return Side(text=VIDEO_RET_TARGET, video=_frames(folder, num_frames, where), source=where)
-
-
-def _texts(row: dict[str, Any], key: str, where: str) -> list[str]:
-    value = row[key]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise DataError(f"{where}: field '{key}' must be a non-empty list of strings")
-    return value
+def _video_side(folder: Path, num_frames: int | None, where: str) -> Side:
+    return Side(text=VIDEO_RET_TARGET, video=frames(folder, num_frames, where), source=where)
 
 
 def _strip_image_token(text: Any, where: str, key: str) -> str:
@@ -157,31 +114,31 @@ def _image_rows(root: Path, info: TaskInfo) -> list[Row]:
 
 def _load_image_text_targets(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[Side]]:
     """image_cls, image_qa, image_i2t: an image query, text candidates named by their text."""
-    media, names, items = root / info.media_root, _Names(), []
+    media, names, items = root / info.media_root, Names(), []
     for where, row in _image_rows(root, info):
         text = join_instruction(_strip_image_token(row["qry_inst"], where, "qry_inst"),
                                 _strip_image_token(row["qry_text"], where, "qry_text"))
-        query = Side(text=text, images=(_image(media, row["qry_img_path"], where,
-                                               "qry_img_path"),), source=where)
-        targets = _texts(row, "tgt_text", where)
+        query = Side(text=text, images=(image_file(media, row["qry_img_path"], where,
+                                                   "qry_img_path"),), source=where)
+        targets = string_list(row, "tgt_text", where)
         makers = [partial(Side, text=t, source=f"{where}: candidate {i}")
                   for i, t in enumerate(targets)]
-        items.append(_query(names, query, targets, makers, {targets[0]: 1.0}, where))
+        items.append(named_query(names, query, targets, makers, {targets[0]: 1.0}, where))
     return items, []
 
 
 def _load_image_targets(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[Side]]:
     """image_t2i (text query) and image_i2i_vg (image query): image candidates, named by path
     (t2i) or by ``path:caption`` (i2i/VG, where one image holds several targets)."""
-    media, names, items = root / info.media_root, _Names(), []
+    media, names, items = root / info.media_root, Names(), []
     with_query_image = info.parser == "image_i2i_vg"
     for where, row in _image_rows(root, info):
         text = join_instruction(_strip_image_token(row["qry_inst"], where, "qry_inst"),
                                 _strip_image_token(row["qry_text"], where, "qry_text"))
-        images = (_image(media, row["qry_img_path"], where, "qry_img_path"),) \
+        images = (image_file(media, row["qry_img_path"], where, "qry_img_path"),) \
             if with_query_image else ()
         query = Side(text=text, images=images, source=where)
-        paths, captions = _texts(row, "tgt_img_path", where), row["tgt_text"]
+        paths, captions = string_list(row, "tgt_img_path", where), row["tgt_text"]
         if not isinstance(captions, list) or len(captions) != len(paths):
             raise DataError(f"{where}: 'tgt_text' must be a list as long as 'tgt_img_path' "
                             f"({len(paths)})")
@@ -194,56 +151,26 @@ def _load_image_targets(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], li
         makers = [partial(_image_side, join_instruction(inst, str(c)) if use_captions else inst,
                           media, p, f"{where}: candidate {i}", f"tgt_img_path[{i}]")
                   for i, (p, c) in enumerate(zip(paths, captions))]
-        items.append(_query(names, query, cand_names, makers, {cand_names[0]: 1.0}, where))
+        items.append(named_query(names, query, cand_names, makers, {cand_names[0]: 1.0}, where))
     return items, []
 
 
 # ---- video tasks: VLM2Vec/<dataset> rows, frames under video-tasks/frames/ -----------------
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
-def _frames(folder: Path, num_frames: int, where: str) -> tuple[str, ...]:
-    """``num_frames`` frames spread evenly over the folder's frames (all of them when it has
-    fewer), as VLM2Vec's ``process_video_frames``; all frames must have one size."""
-    if not folder.is_dir():
-        raise DataError(f"{where}: no frame folder {folder} (MMEB-V2 ships the frames in "
-                        "video-tasks/frames/*.tar.gz; extract them there)")
-    frames = sorted((p.name for p in folder.iterdir()
-                     if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural_key)
-    if not frames:
-        raise DataError(f"{where}: frame folder {folder} holds no .jpg/.jpeg/.png frames")
-    if num_frames <= len(frames):
-        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, num_frames, dtype=int)]
-    paths, first = [], None
-    for name in frames:
-        path = folder / name
-        size = image_header_size(path)
-        if isinstance(size, str):
-            raise DataError(f"{where}: frame {path} is not a readable image ({size})")
-        if first is not None and size != first:
-            raise DataError(f"{where}: frame {path} is {size[0]}x{size[1]} but the first frame "
-                            f"is {first[0]}x{first[1]} (all frames of a video need one size)")
-        first = first or size
-        paths.append(str(path))
-    return tuple(paths)
-
 
 def _load_video_cls(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[Side]]:
     """A video query against every label of the dataset (global) or, for SSv2, against its
     own listed options (local)."""
     local = info.parser == "ssv2"
     columns = ("video_id", "pos_text", "neg_text") if local else ("video_id", "pos_text")
-    names, items = _Names(), []
+    names, items = Names(), []
     for where, row in read_rows(root, info.repo, info.subset, info.split, columns):
-        video = _frames(root / info.media_root / str(row["video_id"]), info.num_frames, where)
+        video = frames(root / info.media_root / str(row["video_id"]), info.num_frames, where)
         query = Side(text=VIDEO_CLS_INSTRUCTION[info.name], video=video, source=where)
         label = str(row["pos_text"])
-        options = _texts(row, "neg_text", where) if local else [label]
+        options = string_list(row, "neg_text", where) if local else [label]
         makers = [partial(Side, text=t, source=f"{where}: candidate {i}")
                   for i, t in enumerate(options)]
-        items.append(_query(names, query, options, makers, {label: 1.0}, where))
+        items.append(named_query(names, query, options, makers, {label: 1.0}, where))
     corpus = [] if local else [
         names.side(label, partial(Side, text=label, source=f"{info.name} label set"))
         for label in VIDEO_CLS_LABELS[VIDEO_CLS_LABEL_SET[info.name]]
@@ -284,7 +211,7 @@ VIDEO_RET = {
 def _load_video_ret(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[Side]]:
     """A caption against every video of the split, each video named by its id."""
     columns, fields = VIDEO_RET[info.parser]
-    names, items = _Names(), []
+    names, items = Names(), []
     for where, row in read_rows(root, info.repo, info.subset, info.split, columns):
         try:
             video_name, caption = fields(row)
@@ -292,7 +219,7 @@ def _load_video_ret(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[S
             raise DataError(f"{where}: unexpected {columns} ({err!r})") from None
         query = Side(text=join_instruction(VIDEO_RET_QUERY, str(caption)), source=where)
         make = partial(_video_side, root / info.media_root / video_name, info.num_frames, where)
-        items.append(_query(names, query, [video_name], [make], {video_name: 1.0}, where))
+        items.append(named_query(names, query, [video_name], [make], {video_name: 1.0}, where))
     return items, []
 
 
@@ -322,22 +249,27 @@ def _qrels(root: Path, info: TaskInfo) -> dict[str, dict[str, float]]:
 def _load_visdoc(root: Path, info: TaskInfo) -> tuple[list[EvalQuery], list[Side]]:
     """A text query against the whole page corpus; its qrels give graded relevance."""
     qrels, pages = _qrels(root, info), root / info.media_root
-    names, items = _Names(), []
+    names, items = Names(), []
 
     def page(corpus_id: str, where: str) -> Callable[[], Side]:
         return partial(_image_side, DOC_TARGET, pages, _page_file(info.parser, corpus_id), where,
                        f"corpus-id {corpus_id}")
 
+    # As VLM2Vec, the corpus comes first: its pages missing on disk are written from its
+    # image column before any query's candidates are looked up.
+    corpus_rows = [(where, str(row["corpus-id"])) for where, row in
+                   read_rows(root, info.repo, "corpus", info.split, ("corpus-id",))]
+    rebuild_missing_pages(root, info, {corpus_id: pages / _page_file(info.parser, corpus_id)
+                                       for _, corpus_id in corpus_rows})
     for where, row in read_rows(root, info.repo, "queries", info.split, ("query-id", "query")):
         docs = qrels.get(str(row["query-id"]))
         if not docs:
             raise DataError(f"{where}: query-id {row['query-id']!r} has no relevant document "
                             f"in qrels")
         query = Side(text=join_instruction(DOC_QUERY, str(row["query"])), source=where)
-        items.append(_query(names, query, list(docs), [page(d, where) for d in docs], docs,
-                            where))
-    corpus = [names.side(str(row["corpus-id"]), page(str(row["corpus-id"]), where))
-              for where, row in read_rows(root, info.repo, "corpus", info.split, ("corpus-id",))]
+        items.append(named_query(names, query, list(docs), [page(d, where) for d in docs],
+                                 docs, where))
+    corpus = [names.side(corpus_id, page(corpus_id, where)) for where, corpus_id in corpus_rows]
     return items, corpus
 
 
@@ -350,6 +282,9 @@ PARSERS: dict[str, Callable[[Path, TaskInfo], tuple[list[EvalQuery], list[Side]]
     "video_cls": _load_video_cls,
     "ssv2": _load_video_cls,
     **{parser: _load_video_ret for parser in VIDEO_RET},
+    **{parser: load_video_qa for parser in QA_LAYOUTS},
+    "moment_retrieval": load_moments,
+    "momentseeker": load_momentseeker,
     "vidore": _load_visdoc,
     "visrag": _load_visdoc,
 }

@@ -37,8 +37,8 @@ from umerl.evaluate import (
     summarize,
     summary_table,
 )
-from umerl.mmeb_v2.catalog import TaskInfo, select_tasks
-from umerl.mmeb_v2.loaders import PARSERS, load_task, task_pools
+from umerl.mmeb_v2.catalog import TaskInfo
+from umerl.mmeb_v2.loaders import load_task, task_pools
 from umerl.tasks import TaskSpec
 
 CHUNK_SIZE = 256
@@ -282,19 +282,6 @@ def evaluate_mmeb_v2(evaluation: MmebV2Evaluation, tasks: Sequence[TaskInfo]) ->
     print(f"scores: {evaluation.out}/<mode>/<modality>/<Dataset>_score.json; summary: "
           f"{evaluation.out / 'summary.json'}")
     return summary
-
-
-def plan_tasks(modalities: list[str] | None, names: list[str] | None) -> list[TaskInfo]:
-    """The tasks to run: those named, else every task of the modalities that has a reader
-    (the others are listed in a warning, so a default run is never silently partial)."""
-    tasks = select_tasks(modalities, names)
-    if names:
-        return tasks
-    unread = [t.name for t in tasks if t.parser not in PARSERS]
-    if unread:
-        print(f"warning: MMEB-V2 tasks without a reader yet, skipped: {', '.join(unread)}",
-              flush=True)
-    return [t for t in tasks if t.parser in PARSERS]
 
 
 def run_mmeb_v2(checkpoint: str | Path, root: str | Path, tasks: Sequence[TaskInfo],

@@ -14,7 +14,9 @@ GPU has it, gradient checkpointing on):
 - a checkpoint is saved, verified and reloaded: its Hugging Face weights equal the live
   (under ZeRO-3: gathered) weights bit for bit, and it resumes at the saved step;
 - a few GRPO learner steps: the frozen reference sits on the policy's device, the loss is
-  finite, and the gathered weights a rollout engine would receive equal the saved ones.
+  finite, and the gathered weights a rollout engine would receive equal the saved ones;
+- the same learner under ZeRO-2 without gradient checkpointing, where it runs each prompt once
+  (``learner.shared_prompt``): its forward equals whole rows' on the device.
 
 One line per check, then a summary; exit status 1 if any check failed. Without CUDA (and no
 --device cpu) it says so and exits 0 having checked nothing. Under 5 minutes on a modern GPU.
@@ -66,7 +68,7 @@ def write_data(root: Path, n: int = 8) -> Path:
     return path
 
 
-def config(out: Path, data: Path, zero: int, bf16: bool, steps: int):
+def config(out: Path, data: Path, zero: int, bf16: bool, steps: int, *extra: str):
     from umerl.config import load_recipe
 
     flag = str(bf16).lower()
@@ -77,7 +79,7 @@ def config(out: Path, data: Path, zero: int, bf16: bool, steps: int):
         "sft.gradient_checkpointing=true", "sft.resume=null",
         "rl.pairs_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", "rl.lr=1e-4",
         "rl.max_steps=2", "learner.num_workers=1", f"learner.zero_stage={zero}",
-        f"learner.bf16={flag}", "learner.gradient_checkpointing=true", "rl.resume=null",
+        f"learner.bf16={flag}", "learner.gradient_checkpointing=true", "rl.resume=null", *extra,
     ])
 
 
@@ -167,6 +169,8 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
         t = engine.generate([p.target for p in batch], 2, sampling, seeds=[10 * step + 2,
                                                                            10 * step + 3])
         learner.bundle.model.train()
+        if learner.shared_prompt and step == 1:
+            shared_prompt_check(tag, learner, [p.query for p in batch], q)
         losses.append(learner.step(StepShard(step, batch, 0, q, t))["actor/loss"])
     weights = synced_weights()
     digest = Digest.of(plan, weights)
@@ -181,6 +185,27 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
           full and same and len(common) > 10,
           f"{len(common)} of {len(weights)} tensors compared, digest "
           f"{digest[:12]}")
+
+
+def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> None:
+    """The learner's shared-prompt forward against whole rows, on its device and dtype."""
+    import torch
+
+    encoder, G = learner.bundle.encoder, len(completions[0])
+    prompts = [encoder.encode(side) for side in sides]
+    flat = [c for group in completions for c in group]
+    with torch.no_grad():
+        shared = learner.engine.module(**learner._to_device(
+            encoder.shared_prompt_inputs(prompts, flat)))
+        whole = learner.engine.module(**learner._to_device(
+            encoder.policy_inputs([p for p in prompts for _ in range(G)], flat)))
+    logp = (shared.logprobs[shared.completion_mask] - whole.logprobs[whole.completion_mask])
+    gen = (shared.gen - whole.gen).abs().max()
+    tolerance = 0.1 if learner.engine.bfloat16_enabled() else 1e-4
+    check(f"{tag} shared-prompt forward equals whole rows",
+          float(logp.abs().max()) < tolerance and float(gen) < tolerance,
+          f"max |d logp| {float(logp.abs().max()):.2e}, max |d gen| {float(gen):.2e} "
+          f"(tolerance {tolerance:g})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(root / f"zero{zero}", data, zero, bf16, steps=5)
         guarded(f"{tag} SFT", lambda tag=tag, cfg=cfg: sft_checks(tag, cfg, model_dir))
         guarded(f"{tag} learner", lambda tag=tag, cfg=cfg: learner_checks(tag, cfg, model_dir))
+    # Without gradient checkpointing the learner runs each prompt once (learner.shared_prompt).
+    tag = f"ZeRO-2{' bf16' if bf16 else ''} shared prompt"
+    cfg = config(root / "shared", data, 2, bf16, 5, "learner.gradient_checkpointing=false")
+    guarded(f"{tag} learner", lambda: learner_checks(tag, cfg, model_dir))
     failed = [name for name, ok, _ in RESULTS if not ok]
     print(f"gpu_check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed in "
           f"{time.perf_counter() - start:.0f} s ({root})", flush=True)

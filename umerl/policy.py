@@ -136,7 +136,8 @@ class PolicyModule(nn.Module):
         # The state before completion token j: the prompt's last one for j = 0.
         before = torch.cat([prompt_hidden[:, -1:].repeat_interleave(G, dim=0), hidden], dim=1)
         rows = torch.arange(before.shape[0], device=before.device)
-        disc = F.normalize(prompt_hidden[torch.arange(P), disc_pos].float(), dim=-1)
+        prompts = torch.arange(P, device=prompt_hidden.device)
+        disc = F.normalize(prompt_hidden[prompts, disc_pos].float(), dim=-1)
         gen_pos = last_index((completion_ids == self.gen_id) & completion_mask)
         found = gen_pos >= 0
         # Without <gen_emb>: the row's last token (the prompt's end for an empty completion).

@@ -6,11 +6,13 @@ embeddings come from ``umerl.embed`` in this process, on the same inputs read fr
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -22,12 +24,20 @@ import pytest
 from PIL import Image
 
 from rollout.transformers_engine import TransformersEngine
-from umerl.client import EmbeddingClient, ServiceError, data_url, image_input, video_input
+from umerl.client import (
+    EmbeddingClient,
+    ServiceError,
+    data_url,
+    decode_embedding,
+    image_input,
+    video_input,
+)
 from umerl.data import Side
 from umerl.embed import disc_embeddings, gen_embeddings
+from umerl.model import context_length
 from umerl.router import CHEAP_FEATURES, Router
 from umerl.sampling import SamplingParams
-from umerl.serve import Limits, RequestError, parse_request
+from umerl.serve import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
 
 MAX_NEW_TOKENS = 8
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
@@ -188,7 +198,7 @@ def test_samples_returns_k_unit_embeddings(service) -> None:
                                         response.reasoning):
         assert samples.shape == (2, response.vectors.shape[1])
         _unit(samples)
-        np.testing.assert_allclose(item["embedding"], samples[0])
+        np.testing.assert_array_equal(decode_embedding(item["embedding"]), samples[0])
         assert isinstance(reasoning, list) and len(reasoning) == 2
 
 
@@ -201,6 +211,35 @@ def test_auto_routes_by_router_file(service, inputs, tiny_bundle) -> None:
     np.testing.assert_allclose(response.vectors[0], gen.embeddings[0, 0].numpy(), atol=1e-5)
     disc = disc_embeddings(tiny_bundle, sides[1:]).numpy()
     np.testing.assert_allclose(response.vectors[1:], disc, atol=1e-5)
+
+
+def _float32_from_base64(text: str) -> np.ndarray:
+    """OpenAI's base64 embedding, decoded here without the client: float32 little-endian."""
+    raw = base64.b64decode(text)
+    return np.array(struct.unpack(f"<{len(raw) // 4}f", raw), dtype=np.float32)
+
+
+def test_base64_embeddings_equal_float_ones_exactly(service, inputs) -> None:
+    def raw(encoding: str, **fields) -> dict:
+        body = {"input": [x for x, _ in inputs], "encoding_format": encoding, **fields}
+        return EmbeddingClient(service).request("POST", "/v1/embeddings",
+                                                json.dumps(body).encode())
+
+    as_float, as_base64 = raw("float"), raw("base64")
+    assert all(isinstance(d["embedding"], str) for d in as_base64["data"])
+    for f, b in zip(as_float["data"], as_base64["data"]):
+        np.testing.assert_array_equal(_float32_from_base64(b["embedding"]),
+                                      np.asarray(f["embedding"], dtype=np.float32))
+    # The sampled path encodes every sample: k base64 strings, each a unit vector.
+    sampled = raw("base64", mode="gen", samples=2)["data"][0]
+    vectors = np.stack([_float32_from_base64(t) for t in sampled["samples"]])
+    assert vectors.shape == (2, len(as_float["data"][0]["embedding"]))
+    _unit(vectors)
+    np.testing.assert_array_equal(_float32_from_base64(sampled["embedding"]), vectors[0])
+    # The client's default (base64) gives the float path's vectors.
+    np.testing.assert_array_equal(
+        EmbeddingClient(service).embed([x for x, _ in inputs]).vectors,
+        np.asarray([d["embedding"] for d in as_float["data"]], dtype=np.float32))
 
 
 def _post(url: str, body: bytes, method: str = "POST", path: str = "/v1/embeddings"):
@@ -241,6 +280,8 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
         ("frames of two sizes", body(input=[{"video": frames}]), 400, "input[0].video[1]"),
         ("text too long", body(input=["y" * 501]), 413, "input[0].text"),
         ("reasoning not a bool", body(return_reasoning="yes"), 400, "return_reasoning"),
+        ("unknown encoding", body(encoding_format="binary"), 400, "encoding_format"),
+        ("encoding not a string", body(encoding_format=["base64"]), 400, "encoding_format"),
     ]
 
 
@@ -265,3 +306,51 @@ def test_parse_request_reads_items() -> None:
     assert request.samples == 2 and request.mode == "gen"
     with pytest.raises(RequestError, match="body"):
         parse_request(b"x" * (LIMITS.max_request_bytes + 1), LIMITS, "tiny")
+
+
+def test_parse_request_reads_encoding_format() -> None:
+    body = json.dumps({"input": "a", "encoding_format": "base64"}).encode()
+    assert parse_request(body, LIMITS, "tiny").encoding_format == "base64"
+    assert parse_request(b'{"input": "a"}', LIMITS, "tiny").encoding_format == "float"
+
+
+def test_disc_batch_reads_prompt_lengths_off_its_encoding(tiny_model_dir, tiny_bundle) -> None:
+    """Disc and auto check prompt lengths on the batch's own encoding: a prompt over the room
+    gets no embedding (and no forward pass); the others equal ``disc_embeddings``."""
+    sides = [Side(text="a red square"), Side(text="word " * 40)]
+    lengths = [tiny_bundle.encoder.prompt_length(s) for s in sides]
+    context = context_length(tiny_model_dir)
+    room = (lengths[0] + lengths[1]) // 2  # the first fits, the second does not
+    embedder = Embedder(str(tiny_model_dir), ServeOptions(max_new_tokens=context - room))
+    assert embedder.prompt_room == room
+    short, long = embedder.disc(sides)
+    assert (short.prompt_tokens, long.prompt_tokens) == tuple(lengths)
+    assert long.embedding is None
+    np.testing.assert_allclose(short.embedding, disc_embeddings(tiny_bundle, sides[:1])[0],
+                               atol=1e-5)
+
+
+def test_batcher_runs_what_arrived_during_a_batch_together() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(0.05)  # a batch takes a while: the next calls arrive meanwhile
+        if -1 in items:
+            raise RuntimeError("bad batch")
+        return [2 * i for i in items]
+
+    async def scenario() -> tuple[list, list]:
+        batcher = Batcher(run, max_size=4, wait_s=0.0)
+        first = asyncio.ensure_future(batcher(0))
+        await asyncio.sleep(0.01)  # batch [0] is running
+        rest = [asyncio.ensure_future(batcher(i)) for i in range(1, 7)]
+        results = await asyncio.gather(first, *rest)
+        failed = await asyncio.gather(batcher(-1), return_exceptions=True)
+        return results, failed + [await batcher(5)]
+
+    results, (failure, after) = asyncio.run(scenario())
+    assert results == [0, 2, 4, 6, 8, 10, 12]
+    # Not [1], [2], ... as each arrived: what waited ran as full batches once the model was free.
+    assert batches[:3] == [[0], [1, 2, 3, 4], [5, 6]]
+    assert isinstance(failure, RuntimeError) and after == 10  # a failed batch fails its callers

@@ -14,8 +14,8 @@ Three layers, in this order in the file:
 2. **The model work** (``Embedder``): ``umerl.embed``'s disc and gen embeddings with the same
    greedy settings as ``umerl eval``, so a served embedding equals the in-process one.
 3. **The Serve deployment** (``EmbeddingService``): per replica one model, two dynamic batchers
-   (``serve.batch``; disc and gen apart, since a generation batch takes seconds and a disc
-   batch milliseconds), and the HTTP routes (plain Starlette requests, so every error is this
+   (``Batcher``; disc and gen apart, since a generation batch takes seconds and a disc batch
+   milliseconds), and the HTTP routes (plain Starlette requests, so every error is this
    module's JSON rather than a framework's).
 """
 
@@ -28,10 +28,10 @@ import io
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 from omegaconf import DictConfig
@@ -42,9 +42,12 @@ from umerl.data import Side
 from umerl.router import Router
 
 MODES = ("disc", "gen", "auto")
+ENCODING_FORMATS = ("float", "base64")  # base64: float32 little-endian bytes, as OpenAI's
 IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp", "GIF": "gif"}
 MAX_ASPECT_RATIO = 200  # the Qwen-VL resize refuses more
 APP_NAME = "umerl-embeddings"
+# A body this small parses and checks in well under a millisecond, less than a thread hop costs.
+INLINE_PARSE_BYTES = 64 << 10
 logger = logging.getLogger("umerl.serve")
 
 
@@ -95,6 +98,7 @@ class EmbeddingRequest:
     mode: str = "disc"
     samples: int | None = None  # None: one greedy gen embedding; k: k sampled ones
     return_reasoning: bool = False
+    encoding_format: str = "float"
 
 
 def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequest:
@@ -113,8 +117,10 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
     if unknown:
         raise RequestError(400, unknown[0], "unknown field")
     _check_model(payload.get("model"), model_name)
-    if payload.get("encoding_format", "float") != "float":
-        raise RequestError(400, "encoding_format", "only 'float' is supported")
+    encoding = payload.get("encoding_format", "float")
+    if encoding not in ENCODING_FORMATS:
+        raise RequestError(400, "encoding_format", f"{encoding!r} is not one of "
+                           f"{', '.join(ENCODING_FORMATS)}")
     mode = payload.get("mode", "disc")
     if mode not in MODES:
         raise RequestError(400, "mode", f"{mode!r} is not one of {', '.join(MODES)}")
@@ -124,7 +130,7 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
         raise RequestError(400, "return_reasoning", f"expected true or false, got "
                            f"{_kind(reasoning)}")
     inputs = _inputs(payload.get("input"), limits)
-    return EmbeddingRequest(inputs, mode, samples, reasoning)
+    return EmbeddingRequest(inputs, mode, samples, reasoning, encoding)
 
 
 def _check_model(model: Any, served: str) -> None:
@@ -315,6 +321,12 @@ class GenResult:
     completions: list[str]  # [k]
 
 
+@dataclass
+class DiscResult:
+    embedding: np.ndarray | None  # [hidden]; None: the prompt is over ``Embedder.prompt_room``
+    prompt_tokens: int
+
+
 class Embedder:
     """One model and its rollout engine; disc and gen embeddings of sides, batched."""
 
@@ -339,13 +351,27 @@ class Embedder:
 
         return TransformersEngine(self.bundle, batch_size=options.gen_batch_size)
 
+    @property
+    def prompt_room(self) -> int:
+        """The longest prompt served: the context less the generation budget."""
+        return self.context_length - self.options.max_new_tokens
+
     def prompt_tokens(self, side: Side) -> int:
         return self.bundle.encoder.prompt_length(side)
 
-    def disc(self, sides: Sequence[Side]) -> np.ndarray:
-        from umerl.embed import disc_embeddings
+    def disc(self, sides: Sequence[Side]) -> list[DiscResult]:
+        """Disc embeddings (as ``umerl.embed.disc_embeddings``: one encoding, one forward pass)
+        with each prompt's length read off that encoding; a prompt over ``prompt_room`` gets no
+        embedding and stays out of the forward pass."""
+        from umerl.embed import forward_embeddings
 
-        return disc_embeddings(self.bundle, sides, batch_size=max(1, len(sides))).numpy()
+        prompts = [self.bundle.encoder.encode(side) for side in sides]
+        fits = [i for i, p in enumerate(prompts) if len(p.input_ids) <= self.prompt_room]
+        vectors = {}
+        if fits:
+            disc = forward_embeddings(self.bundle, [prompts[i] for i in fits])[0].numpy()
+            vectors = dict(zip(fits, disc))
+        return [DiscResult(vectors.get(i), len(p.input_ids)) for i, p in enumerate(prompts)]
 
     def gen(self, sides: Sequence[Side], samples: int | None) -> list[GenResult]:
         """Greedy (``samples`` None, as ``umerl eval``) or ``samples`` sampled embeddings."""
@@ -367,11 +393,94 @@ class Embedder:
 # ---------------------------------------------------------------------------------------------
 # 3. The Serve deployment.
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Batcher(Generic[Item, Result]):
+    """Dynamic batching of one path: each call waits in a queue, and whenever the previous
+    batch is done the next one is what waits (at most ``max_size``), once it is full or
+    ``wait_s`` after its first call arrived.
+
+    Not ``serve.batch``: Ray Serve 2.60's batcher forms the next batch as soon as its wait is
+    over, while the previous batch still runs, and the formed batches then queue for their turn;
+    under load they stay small (measured: 2.2 inputs per batch with 8 in flight and a batch size
+    of 8). Here a batch forms when it can run, so whatever arrived meanwhile runs together.
+    """
+
+    def __init__(self, run: Callable[[list[Item]], Awaitable[list[Result]]], max_size: int,
+                 wait_s: float):
+        self.run, self.max_size, self.wait_s = run, max_size, wait_s
+        self._waiting: list[tuple[Item, float, asyncio.Future]] = []  # (item, arrival, future)
+        self._arrived: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def __call__(self, item: Item) -> Result:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():  # the loop that serves the requests
+            self._arrived = asyncio.Event()
+            self._worker = loop.create_task(self._serve())
+        future = loop.create_future()
+        self._waiting.append((item, loop.time(), future))
+        self._arrived.set()
+        return await future
+
+    async def _serve(self) -> None:
+        while True:
+            await self._run_batch(await self._next_batch())
+
+    async def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._waiting[0][1] + self.wait_s
+        while len(self._waiting) < self.max_size and loop.time() < deadline:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), deadline - loop.time())
+            except TimeoutError:
+                break
+        batch, self._waiting = self._waiting[:self.max_size], self._waiting[self.max_size:]
+        return [(item, future) for item, _, future in batch if not future.done()]
+
+    async def _run_batch(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        if not batch:  # every caller gave up (disconnected) while waiting
+            return
+        try:
+            results = await self.run([item for item, _ in batch])
+        except Exception as err:  # the batch's callers fail; the batcher keeps serving
+            results = [err] * len(batch)
+        for (_, future), result in zip(batch, results):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """One embedding as JSON: a list of floats, or (``base64``) its float32 little-endian bytes
+    in base64, as OpenAI's API sends them: a quarter of the text, and no float printing."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
 
 @dataclass(frozen=True)
 class GenJob:
     side: Side
     samples: int | None
+
+
+@dataclass(frozen=True)
+class ItemAnswer:
+    """One input's response item and what it cost."""
+
+    body: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class EmbeddingService:
@@ -393,10 +502,10 @@ class EmbeddingService:
         # Batches run and inputs embedded per path, and the largest batch: /health shows them.
         self.stats = {f"{path}_{what}": 0 for path in ("disc", "gen")
                       for what in ("batches", "inputs", "largest_batch")}
-        self._disc_batch.set_max_batch_size(options.disc_batch_size)
-        self._disc_batch.set_batch_wait_timeout_s(options.disc_batch_wait_s)
-        self._gen_batch.set_max_batch_size(options.gen_batch_size)
-        self._gen_batch.set_batch_wait_timeout_s(options.gen_batch_wait_s)
+        self.disc_batcher = Batcher(self._disc_batch, options.disc_batch_size,
+                                    options.disc_batch_wait_s)
+        self.gen_batcher = Batcher(self._gen_batch, options.gen_batch_size,
+                                   options.gen_batch_wait_s)
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
@@ -411,7 +520,7 @@ class EmbeddingService:
             return JSONResponse(failure.payload(), status_code=500)
 
     async def _route(self, request: Any) -> dict[str, Any]:
-        path, method = request.url.path.rstrip("/") or "/", request.method
+        path, method = request.scope["path"].rstrip("/") or "/", request.method
         routes = {"/health": "GET", "/v1/models": "GET", "/v1/embeddings": "POST"}
         if path not in routes:
             raise RequestError(404, "path", f"no route {path}; routes: {', '.join(routes)}")
@@ -427,8 +536,11 @@ class EmbeddingService:
             raise RequestError(413, "body", f"{declared} bytes, over the limit of "
                                f"{self.options.limits.max_request_bytes}")
         body = await request.body()
-        parsed = await asyncio.to_thread(parse_request, body, self.options.limits,
-                                         self.model_name)
+        if len(body) <= INLINE_PARSE_BYTES:
+            parsed = parse_request(body, self.options.limits, self.model_name)
+        else:  # decoding a large body's images would hold up every other request
+            parsed = await asyncio.to_thread(parse_request, body, self.options.limits,
+                                             self.model_name)
         return await self.embed(parsed)
 
     def _models(self) -> dict[str, Any]:
@@ -446,43 +558,49 @@ class EmbeddingService:
                                "`umerl serve CHECKPOINT --router ROUTER`")
         with tempfile.TemporaryDirectory(dir=self.media_root) as tmp:
             sides = [materialise(item, Path(tmp), i) for i, item in enumerate(request.inputs)]
-            prompt_tokens = [self._checked_length(side, i) for i, side in enumerate(sides)]
+            # Mode gen checks prompt lengths before generating; disc and auto read them off the
+            # encoding of their disc batch, before its forward pass (one tokenisation, not two).
+            lengths = [self._checked_length(self.embedder.prompt_tokens(side), i)
+                       if request.mode == "gen" else 0 for i, side in enumerate(sides)]
             # Every item finishes before the folder goes: a batch still reading one of its
             # files must not fail for the other requests it holds.
-            done = await asyncio.gather(*(self._embed_one(side, request) for side in sides),
-                                        return_exceptions=True)
+            done = await asyncio.gather(
+                *(self._embed_one(side, i, lengths[i], request) for i, side in enumerate(sides)),
+                return_exceptions=True)
         failed = [d for d in done if isinstance(d, BaseException)]
         if failed:
             raise failed[0]
-        completion_tokens = sum(tokens for _, tokens in done)
-        data = [{"object": "embedding", "index": i, **body} for i, (body, _) in enumerate(done)]
+        prompt_tokens = sum(answer.prompt_tokens for answer in done)
+        completion_tokens = sum(answer.completion_tokens for answer in done)
+        data = [{"object": "embedding", "index": i, **answer.body} for i, answer in enumerate(done)]
         return {
             "object": "list", "model": self.model_name, "data": data,
-            "usage": {"prompt_tokens": sum(prompt_tokens), "completion_tokens": completion_tokens,
-                      "total_tokens": sum(prompt_tokens) + completion_tokens},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
         }
 
-    def _checked_length(self, side: Side, index: int) -> int:
-        tokens = self.embedder.prompt_tokens(side)
-        room = self.embedder.context_length - self.options.max_new_tokens
+    def _checked_length(self, tokens: int, index: int) -> int:
+        room = self.embedder.prompt_room
         if tokens > room:
             raise RequestError(413, f"input[{index}]", f"prompt is {tokens} tokens; at most "
                                f"{room} fit (context {self.embedder.context_length} minus "
                                f"max_new_tokens {self.options.max_new_tokens})")
         return tokens
 
-    async def _embed_one(self, side: Side, request: EmbeddingRequest
-                         ) -> tuple[dict[str, Any], int]:
-        """One input's response item and the completion tokens it cost."""
+    async def _embed_one(self, side: Side, index: int, prompt_tokens: int,
+                         request: EmbeddingRequest) -> ItemAnswer:
         if request.mode in ("disc", "auto"):
-            disc = await self._disc_batch(side)
-            if request.mode == "disc" or not self.router.route([side], disc[None])[0]:
-                body = {"embedding": disc.tolist(), "mode": "disc"}
+            disc = await self.disc_batcher(side)
+            prompt_tokens = self._checked_length(disc.prompt_tokens, index)
+            if request.mode == "disc" or not self.router.route([side], disc.embedding[None])[0]:
+                body = {"embedding": encode_embedding(disc.embedding, request.encoding_format),
+                        "mode": "disc"}
                 if request.return_reasoning:
                     body["reasoning"] = None  # the disc path writes none
-                return body, 0
-        gen = await self._gen_batch(GenJob(side, request.samples))
-        return _gen_body(gen, request), self._count_tokens(gen.completions)
+                return ItemAnswer(body, prompt_tokens, 0)
+        gen = await self.gen_batcher(GenJob(side, request.samples))
+        return ItemAnswer(_gen_body(gen, request), prompt_tokens,
+                          self._count_tokens(gen.completions))
 
     def _count_tokens(self, completions: list[str]) -> int:
         # Re-tokenised decoded text: the decoder drops <|im_end|>, so this may be 1 short.
@@ -494,13 +612,10 @@ class EmbeddingService:
         self.stats[f"{path}_inputs"] += size
         self.stats[f"{path}_largest_batch"] = max(self.stats[f"{path}_largest_batch"], size)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # sizes: set in __init__
-    async def _disc_batch(self, sides: list[Side]) -> list[np.ndarray]:
+    async def _disc_batch(self, sides: list[Side]) -> list[DiscResult]:
         self._count("disc", len(sides))
-        embeddings = await asyncio.to_thread(self.embedder.disc, sides)
-        return list(embeddings)
+        return await asyncio.to_thread(self.embedder.disc, sides)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _gen_batch(self, jobs: list[GenJob]) -> list[GenResult]:
         """One generate call per distinct ``samples`` value in the batch (usually one)."""
         self._count("gen", len(jobs))
@@ -517,12 +632,25 @@ def _gen_body(gen: GenResult, request: EmbeddingRequest) -> dict[str, Any]:
     """``embedding`` is the greedy one, or with ``samples`` the first of the k in ``samples``
     (so the item keeps OpenAI's shape); ``reasoning`` the completion text(s)."""
     sampled = request.samples is not None
-    body: dict[str, Any] = {"embedding": gen.embeddings[0].tolist(), "mode": "gen"}
+    encoding = request.encoding_format
+    body: dict[str, Any] = {"embedding": encode_embedding(gen.embeddings[0], encoding),
+                            "mode": "gen"}
     if sampled:
-        body["samples"] = gen.embeddings.tolist()
+        body["samples"] = [encode_embedding(e, encoding) for e in gen.embeddings]
     if request.return_reasoning:
         body["reasoning"] = gen.completions if sampled else gen.completions[0]
     return body
+
+
+# Ray Serve runs a replica's request code on an event loop of its own thread by default; each
+# request then hops between two loops, and the threads contend for the replica's GIL with the
+# model. Every await in this module's request path yields (the model runs in a worker
+# thread), so the replica's main loop can run it.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Likewise the HTTP proxy (the controller starts it, and it inherits the controller's
+# environment) routes each request on its own loop rather than on a router loop in another
+# thread.
+PROXY_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> Any:
@@ -530,7 +658,8 @@ def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> 
     deployment = serve.deployment(EmbeddingService, name="EmbeddingService").options(
         num_replicas=options.num_replicas, max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": options.cpus_per_replica,
-                           "num_gpus": options.gpus_per_replica},
+                           "num_gpus": options.gpus_per_replica,
+                           "runtime_env": {"env_vars": REPLICA_ENV}},
     )
     return deployment.bind(str(checkpoint), options, router)
 
@@ -538,7 +667,8 @@ def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> 
 def start_service(checkpoint: str, options: ServeOptions, router: Router | None) -> str:
     """Start Serve's HTTP proxy on ``host:port`` and deploy the application; returns its URL.
     Ray must already be initialised (``umerl.driver.init_ray``)."""
-    serve.start(http_options={"host": options.host, "port": options.port})
+    serve.start(http_options={"host": options.host, "port": options.port},
+                controller_options={"runtime_env": {"env_vars": PROXY_ENV}})
     # No access log: a line per request through Ray's log pipeline costs the replica CPU.
     serve.run(build_app(checkpoint, options, router), name=APP_NAME, route_prefix="/",
               logging_config={"enable_access_log": False})

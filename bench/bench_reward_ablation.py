@@ -1,6 +1,7 @@
 """The paper's reward ablation in miniature: GRPO with rank x margin (the built-in
 ``embedding``), rank only (``rank``) and margin only (``margin``), each beside the ``format``
-reward, from the same SFT checkpoint; then each result's gen scores on the test split.
+reward, from the same SFT checkpoint, and a control: rank x margin shuffled within each group
+(``bench/shuffled_reward.py``); then each result's gen scores on the test split.
 
     .venv/bin/python bench/bench_reward_ablation.py --checkpoint runs/cpu_tiny/sft \\
         [--out /tmp/umerl-reward-ablation] [--recipe recipes/cpu_tiny.yaml] [key=value ...]
@@ -26,20 +27,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# label -> the reward list of the recipe (the format reward stays: only the embedding part
-# is ablated, as in the paper)
+# label -> (folder, the reward beside format): only the embedding part is ablated, as in the
+# paper; "shuffled" is a control, rank x margin shuffled within each group
 VARIANTS = {
-    "rank x margin": "embedding",
-    "rank only": "rank",
-    "margin only": "margin",
+    "rank x margin": ("embedding", "embedding"),
+    "rank only": ("rank", "rank"),
+    "margin only": ("margin", "margin"),
+    "shuffled": ("shuffled", "'bench/shuffled_reward.py:shuffled_embedding'"),
 }
 MODE = "gen"
 
 
-def run_variant(args: argparse.Namespace, checkpoint: Path, label: str, reward: str,
-                evaluate_start: bool) -> Path:
+def run_variant(args: argparse.Namespace, checkpoint: Path, label: str, folder: str,
+                reward: str, evaluate_start: bool) -> Path:
     """One ``umerl rl`` run into its own folder (replaced); returns that folder."""
-    out = Path(args.out) / reward
+    out = Path(args.out) / folder
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     command = [
@@ -121,8 +123,8 @@ def main() -> None:
     print(f"[ablation] from {checkpoint}", flush=True)
     after: dict[str, dict] = {}
     sft: dict | None = None
-    for n, (label, reward) in enumerate(VARIANTS.items()):
-        out = run_variant(args, checkpoint, label, reward, evaluate_start=n == 0)
+    for n, (label, (folder, reward)) in enumerate(VARIANTS.items()):
+        out = run_variant(args, checkpoint, label, folder, reward, evaluate_start=n == 0)
         if n == 0:
             sft = read_summary(out / "eval" / "before" / "summary.json")
         after[label] = read_summary(out / "eval" / "rl" / "summary.json")

@@ -170,7 +170,8 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
                                                                            10 * step + 3])
         learner.bundle.model.train()
         if learner.shared_prompt and step == 1:
-            shared_prompt_check(tag, learner, [p.query for p in batch], q)
+            shared_prompt_check(tag, learner, [p.query for p in batch] + [p.target for p in batch],
+                                q + t)
         losses.append(learner.step(StepShard(step, batch, 0, q, t))["actor/loss"])
     weights = synced_weights()
     digest = Digest.of(plan, weights)
@@ -188,12 +189,14 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
 
 
 def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> None:
-    """The learner's shared-prompt forward against whole rows, on its device and dtype."""
+    """The learner's shared-prompt forward against whole rows, on its device and dtype:
+    image and text prompts of different lengths, completions cut to different lengths, so both
+    layouts pad."""
     import torch
 
     encoder, G = learner.bundle.encoder, len(completions[0])
     prompts = [encoder.encode(side) for side in sides]
-    flat = [c for group in completions for c in group]
+    flat = [c[:max(1, len(c) - i % 4)] for i, c in enumerate(c for g in completions for c in g)]
     with torch.no_grad():
         shared = learner.engine.module(**learner._to_device(
             encoder.shared_prompt_inputs(prompts, flat)))

@@ -46,7 +46,7 @@ from umerl.data import Pair, Side
 from umerl.faults import for_actor, kill_if, parse_faults
 from umerl.grpo import group_advantages, grpo_side_loss
 from umerl.model import load_policy
-from umerl.policy import PolicyModule, PolicyOutput, completion_mask_for
+from umerl.policy import PolicyModule, PolicyOutput, completion_block_mask, completion_mask_for
 from umerl.remote import gather
 from umerl.training import (
     build_engine,
@@ -348,11 +348,9 @@ def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpo
 
 def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where the policy's ``logprobs`` of these inputs hold completion tokens."""
-    lengths = inputs["completion_lengths"]
     if "completion_ids" in inputs:  # shared prompt: completions left-aligned in their block
-        width = inputs["completion_ids"].shape[1]
-        return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
-    return completion_mask_for(inputs["input_ids"], lengths)
+        return completion_block_mask(inputs["completion_ids"], inputs["completion_lengths"])
+    return completion_mask_for(inputs["input_ids"], inputs["completion_lengths"])
 
 
 def _flat(groups: list[list[Any]] | None) -> list[Any] | None:

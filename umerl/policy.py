@@ -51,6 +51,14 @@ def completion_mask_for(input_ids: torch.Tensor, completion_lengths: torch.Tenso
     return index >= (width - completion_lengths.to(input_ids.device))[:, None]
 
 
+def completion_block_mask(completion_ids: torch.Tensor,
+                          completion_lengths: torch.Tensor) -> torch.Tensor:
+    """Shared-prompt layout: each row's completion left-aligned in ``completion_ids``."""
+    width = completion_ids.shape[1]
+    positions = torch.arange(width, device=completion_ids.device)[None, :]
+    return positions < completion_lengths.to(completion_ids.device)[:, None]
+
+
 def embedding_positions(
     input_ids: torch.Tensor, completion_mask: torch.Tensor, disc_id: int, gen_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,8 +133,7 @@ class PolicyModule(nn.Module):
         cache = prompt.past_key_values
         cache.batch_repeat_interleave(G)
         width = completion_ids.shape[1]
-        completion_mask = (torch.arange(width, device=completion_ids.device)[None, :]
-                           < completion_lengths.to(completion_ids.device)[:, None])
+        completion_mask = completion_block_mask(completion_ids, completion_lengths)
         after = positions[:, :, -1:].amax(dim=0).repeat_interleave(G, dim=0)  # [G * P, 1]
         continued = (after + 1 + torch.arange(width, device=after.device)).expand(3, -1, -1)
         hidden = text(input_ids=completion_ids, position_ids=continued, past_key_values=cache,

@@ -7,11 +7,10 @@ anyway) and cheap features of the input itself (media counts, text length).
 
 Fitting (``fit_router``; ``umerl.evaluate.fit_on_tasks`` gathers the data) uses per-query disc
 and gen outcomes on a training split, the same per-query headline scores ``umerl eval`` computes
-for the oracle. Queries where both modes score
-the same carry no signal and get weight zero; the others are labelled by which mode won and
-weighted by how much, so the weighted logistic loss approximates the routed score. The decision
-threshold is chosen on cross-validated probabilities (ties go to the higher threshold: fewer
-inputs pay for generation).
+for the oracle. Queries where both modes score the same carry no signal and get weight zero;
+the others are labelled by which mode won and weighted by how much, so the weighted logistic
+loss approximates the routed score. The decision threshold is chosen on cross-validated
+probabilities (ties go to the higher threshold: fewer inputs pay for generation).
 
 A router file is JSON (standardisation, weights, bias, threshold): loading one runs no code,
 and the serving path needs no scikit-learn.

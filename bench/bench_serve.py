@@ -2,22 +2,25 @@
 
     .venv/bin/python bench/bench_serve.py CHECKPOINT [--router R] [--requests 300]
         [--gen-requests 64] [--auto-requests 128] [--concurrency 8]
-        [--encodings float,base64]
+        [--encodings float,base64] [--via direct,proxy]
 
 Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends requests of
 ``--inputs-per-request`` inputs (default 1) built from the bundled benchmark's test queries
 (text, image and video inputs as data URLs) at a fixed concurrency, disc first, then gen, then
 auto (with ``--router``), each once per response encoding (``encoding_format`` float and
-base64), and prints per mode and encoding the throughput, p50 and p99 latency, the error count,
-and the throughput (inputs/s) as a ratio to the same inputs embedded in this process in batches
-(``umerl.embed``, the replica's largest batch size and the same number of torch threads as the
-replica; after a warm-up batch, the better of two timings, so the baseline is not understated).
+base64) and per way in (``direct``: the replica's own HTTP server, ``serve.direct_port``;
+``proxy``: through Serve's HTTP proxy), and prints per row the throughput, p50 and p99
+latency, the error count, and the throughput (inputs/s) as a ratio to the same inputs embedded
+in this process in batches (``umerl.embed``, the replica's largest batch size and the same
+number of torch threads as the replica; after a warm-up batch, the better of two timings, so
+the baseline is not understated).
 Batch sizes default to concurrency x inputs per request.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import socket
 import sys
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from umerl.client import EmbeddingClient, ServiceError, data_url  # noqa: E402
 from umerl.data import Side, read_eval_queries  # noqa: E402
+from umerl.schema import DIRECT_PORT_SPAN  # noqa: E402
 
 
 def benchmark_inputs(count: int, benchmark_dir: str | None) -> list[Side]:
@@ -111,7 +115,8 @@ def in_process(checkpoint: str, sides: list[Side], mode: str, batch_size: int,
     return len(sides) / best
 
 
-def start(args: argparse.Namespace) -> str:
+def start(args: argparse.Namespace) -> dict[str, str]:
+    """Ray and the service; the URL of each way in."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
@@ -119,18 +124,37 @@ def start(args: argparse.Namespace) -> str:
     from umerl.router import Router
     from umerl.serve import ServeOptions, start_service
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
-    options = ServeOptions(port=port, cpus_per_replica=args.cpus,
+    options = ServeOptions(port=port, direct_port=direct_port, cpus_per_replica=args.cpus,
                            disc_batch_size=args.disc_batch_size,
                            gen_batch_size=args.gen_batch_size,
                            max_new_tokens=args.max_new_tokens)
     router = Router.load(args.router) if args.router else None
-    return start_service(args.checkpoint, options, router)
+    urls = start_service(args.checkpoint, options, router)
+    return {"direct": urls.direct[0], "proxy": urls.proxy}
+
+
+def free_port(span: int = 1) -> int:
+    """The first of ``span`` consecutive ports free on 127.0.0.1 right now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + span <= 65536 and all(_free(p) for p in range(first, first + span)):
+            return first
+    raise RuntimeError(f"no {span} consecutive free ports")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def main() -> int:
@@ -152,6 +176,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--encodings", default="float,base64",
                         help="response encoding_format(s) to load with, comma-separated")
+    parser.add_argument("--via", default="direct,proxy",
+                        help="ways in, comma-separated: direct (the replica's own server), "
+                        "proxy (Serve's HTTP proxy)")
     parser.add_argument("--benchmark-dir", default=None)
     args = parser.parse_args()
     encodings = args.encodings.split(",")
@@ -168,29 +195,31 @@ def main() -> int:
     plan = [("disc", args.requests), ("gen", args.gen_requests)]
     if args.router:
         plan.append(("auto", args.auto_requests))
-    url = start(args)
+    urls = start(args)
+    ways = {way: urls[way] for way in args.via.split(",")}
     rows = []
     try:
         for mode, count in plan:
-            rows += run_mode(url, args, mode, count, encodings)
+            rows += run_mode(ways, args, mode, count, encodings)
     finally:
         serve.shutdown()
     return 1 if any(r["errors"] for r in rows) else 0
 
 
-def run_mode(url: str, args: argparse.Namespace, mode: str, count: int,
+def run_mode(ways: dict[str, str], args: argparse.Namespace, mode: str, count: int,
              encodings: list[str]) -> list[dict[str, Any]]:
-    """One row per encoding: the load, then (not for auto, whose in-process cost depends on
-    its routing) the in-process throughput on the same inputs, measured once for all rows."""
+    """One row per way in and encoding: the load, then (not for auto, whose in-process cost
+    depends on its routing) the in-process throughput on the same inputs, measured once for all
+    rows."""
     sides = benchmark_inputs(count * args.inputs_per_request, args.benchmark_dir)
     items = [as_request_item(s) for s in sides]
     k = args.inputs_per_request
     requests = [items[i:i + k] for i in range(0, len(items), k)]
     rows = []
-    for encoding in encodings:
+    for (way, url), encoding in itertools.product(ways.items(), encodings):
         load(url, requests[:args.concurrency], mode, args.concurrency, encoding)  # warm-up
         gen_before = EmbeddingClient(url).health()["stats"]["gen_inputs"]
-        row = {"mode": mode, "encoding": encoding,
+        row = {"mode": mode, "way": way, "encoding": encoding,
                **load(url, requests, mode, args.concurrency, encoding)}
         if mode == "auto":
             routed = EmbeddingClient(url).health()["stats"]["gen_inputs"] - gen_before
@@ -207,7 +236,7 @@ def run_mode(url: str, args: argparse.Namespace, mode: str, count: int,
 
 
 def _line(row: dict[str, Any]) -> str:
-    text = (f"{row['mode']:>4} {row['encoding']:>6}: {row['requests']} requests, "
+    text = (f"{row['mode']:>4} {row['way']:>6} {row['encoding']:>6}: {row['requests']} requests, "
             f"{row['errors']} errors, "
             f"{row['request_rate']:.1f} req/s = {row['throughput']:.1f} inputs/s, "
             f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms")

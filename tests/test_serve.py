@@ -32,11 +32,13 @@ from umerl.client import (
     image_input,
     video_input,
 )
+from umerl.config import ConfigError, load_recipe
 from umerl.data import Side
 from umerl.embed import disc_embeddings, gen_embeddings
 from umerl.model import context_length
 from umerl.router import CHEAP_FEATURES, Router
 from umerl.sampling import SamplingParams
+from umerl.schema import DIRECT_PORT_SPAN
 from umerl.serve import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
 
 MAX_NEW_TOKENS = 8
@@ -84,12 +86,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_model_dir, router_file, tmp_path_factory):
-    """The real command, `umerl serve`, in its own process; Ctrl-C (SIGINT) stops it."""
-    port = _free_port()
+def service_urls(tiny_model_dir, router_file, tmp_path_factory):
+    """The real command, `umerl serve`, in its own process; Ctrl-C (SIGINT) stops it. Its two
+    ways in: Serve's proxy, and the one replica's own server (direct ingress)."""
+    port, direct_port = _free_port(), _free_port()
+    while direct_port <= port < direct_port + DIRECT_PORT_SPAN:  # the recipe refuses overlap
+        port = _free_port()
     limits = [f"serve.{k}={getattr(LIMITS, k)}" for k in Limits.__dataclass_fields__]
     command = [sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir), "--router",
-               str(router_file), f"serve.port={port}", "serve.model_name=tiny",
+               str(router_file), f"serve.port={port}", f"serve.direct_port={direct_port}",
+               "serve.model_name=tiny",
                "serve.disc_batch_size=8", "serve.disc_batch_wait_s=0.2",
                "serve.gen_batch_size=4", "serve.gen_batch_wait_s=0.2",
                f"serve.max_new_tokens={MAX_NEW_TOKENS}", "ray.object_store_memory=268435456",
@@ -97,10 +103,11 @@ def service(tiny_model_dir, router_file, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    urls = {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct_port}"}
     try:
-        _wait_until_healthy(url, process, log)
-        yield url
+        _wait_until_healthy(urls["proxy"], process, log)
+        _wait_until_healthy(urls["direct"], process, log)
+        yield urls | {"log": log}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -108,6 +115,26 @@ def service(tiny_model_dir, router_file, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(params=["direct", "proxy"])
+def service(request, service_urls) -> str:
+    """Each test over HTTP runs once per way in."""
+    return service_urls[request.param]
+
+
+def test_direct_ports_overlapping_the_proxy_port_is_a_recipe_error() -> None:
+    with pytest.raises(ConfigError, match=r"serve\.port.*serve\.direct_port"):
+        load_recipe(None, ["serve.port=8150", "serve.direct_port=8100"])
+    with pytest.raises(ConfigError, match=r"serve\.direct_port"):
+        load_recipe(None, ["serve.direct_port=65500"])  # its 100 ports run past 65535
+    load_recipe(None, ["serve.port=8200", "serve.direct_port=8100"])
+    load_recipe(None, ["serve.port=8150", "serve.direct_port=null"])
+
+
+def test_serve_prints_the_replicas_own_url(service_urls) -> None:
+    assert (f"replica 0 directly (no proxy hop): {service_urls['direct']}/v1/embeddings"
+            in service_urls["log"].read_text())
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path,

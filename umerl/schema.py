@@ -19,6 +19,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from umerl.faults import parse_fault
 from umerl.sources import ConfigError, Sources
 
+# `serve.direct_port`: the replicas' own HTTP servers take their ports from this many.
+DIRECT_PORT_SPAN = 100
+
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
 
 
@@ -276,6 +279,7 @@ SCHEMA: dict[str, Rule] = {
     "annotate.batch_size": Int(1),
     "serve.host": Str(),
     "serve.port": Int(1, 65535),
+    "serve.direct_port": Int(1024, 65535 - DIRECT_PORT_SPAN + 1, nullable=True),
     "serve.num_replicas": Int(1),
     "serve.cpus_per_replica": POSITIVE,
     "serve.gpus_per_replica": NONNEG,
@@ -387,6 +391,15 @@ def _shared_prompt(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _direct_ports_apart(c: DictConfig, s: Sources) -> str | None:
+    first = c.serve.direct_port
+    if first is not None and first <= int(c.serve.port) < first + DIRECT_PORT_SPAN:
+        return (f"{s.describe('serve.port')} = {c.serve.port} lies in the replicas' direct "
+                f"ports {first}..{first + DIRECT_PORT_SPAN - 1} "
+                f"({s.describe('serve.direct_port')} = {first}); move one of them")
+    return None
+
+
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
     engine = rollout_engine(c)
@@ -434,6 +447,6 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
 
 CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
     _pairs_divide_learners, _learner_micro_batch, _single_forward, _shared_prompt,
-    _tensor_parallel,
+    _direct_ports_apart, _tensor_parallel,
     _something_trains, _pass_k_within_budget, _faults_can_fire,
 )

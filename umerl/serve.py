@@ -40,6 +40,7 @@ from ray import serve
 
 from umerl.data import Side
 from umerl.router import Router
+from umerl.schema import DIRECT_PORT_SPAN
 
 MODES = ("disc", "gen", "auto")
 ENCODING_FORMATS = ("float", "base64")  # base64: float32 little-endian bytes, as OpenAI's
@@ -284,6 +285,7 @@ class ServeOptions:
 
     host: str = "127.0.0.1"
     port: int = 8000
+    direct_port: int | None = 8100
     num_replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
@@ -650,29 +652,91 @@ REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 # Likewise the HTTP proxy (the controller starts it, and it inherits the controller's
 # environment) routes each request on its own loop rather than on a router loop in another
 # thread.
-PROXY_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+CONTROLLER_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Ray Serve 2.60's direct ingress: the controller hands each replica of the ingress deployment
+# a port from [MIN, MAX] and the replica serves HTTP on it itself (the proxy keeps serving
+# too). On Ctrl-C a direct replica first stays up for the draining period, meant for an outside
+# load balancer to drop it (default 30 s); nothing here balances over replica ports.
+DIRECT_DRAIN_S = "2"
+
+
+@dataclass(frozen=True)
+class ServiceUrls:
+    """Where the service answers: Serve's proxy (over every replica) and, with
+    ``serve.direct_port``, each replica's own HTTP server."""
+
+    proxy: str
+    direct: tuple[str, ...] = ()
+
+    @property
+    def fastest(self) -> str:
+        """A single replica's own server when there is exactly one, else the proxy."""
+        return self.direct[0] if len(self.direct) == 1 else self.proxy
+
+
+def serve_env(options: ServeOptions) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of the replicas and of the controller (and its proxy)."""
+    replica, controller = dict(REPLICA_ENV), dict(CONTROLLER_ENV)
+    if options.direct_port is not None:
+        direct = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                  "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DIRECT_DRAIN_S}
+        replica.update(direct)
+        controller.update(direct, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(options.direct_port),
+                          RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(
+                              options.direct_port + DIRECT_PORT_SPAN - 1))
+    return replica, controller
 
 
 def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> Any:
     """The Serve application: ``num_replicas`` replicas of ``EmbeddingService``."""
+    replica_env, _ = serve_env(options)
     deployment = serve.deployment(EmbeddingService, name="EmbeddingService").options(
         num_replicas=options.num_replicas, max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": options.cpus_per_replica,
                            "num_gpus": options.gpus_per_replica,
-                           "runtime_env": {"env_vars": REPLICA_ENV}},
+                           "runtime_env": {"env_vars": replica_env}},
     )
     return deployment.bind(str(checkpoint), options, router)
 
 
-def start_service(checkpoint: str, options: ServeOptions, router: Router | None) -> str:
-    """Start Serve's HTTP proxy on ``host:port`` and deploy the application; returns its URL.
-    Ray must already be initialised (``umerl.driver.init_ray``)."""
+def start_service(checkpoint: str, options: ServeOptions, router: Router | None) -> ServiceUrls:
+    """Start Serve's HTTP proxy on ``host:port``, deploy the application and wait for the
+    replicas' own servers (with ``direct_port``). Ray must already be initialised
+    (``umerl.driver.init_ray``)."""
+    _, controller_env = serve_env(options)
     serve.start(http_options={"host": options.host, "port": options.port},
-                controller_options={"runtime_env": {"env_vars": PROXY_ENV}})
+                controller_options={"runtime_env": {"env_vars": controller_env}})
     # No access log: a line per request through Ray's log pipeline costs the replica CPU.
     serve.run(build_app(checkpoint, options, router), name=APP_NAME, route_prefix="/",
               logging_config={"enable_access_log": False})
-    return f"http://{options.host}:{options.port}"
+    proxy = f"http://{options.host}:{options.port}"
+    if options.direct_port is None:
+        return ServiceUrls(proxy)
+    return ServiceUrls(proxy, _direct_urls(options))
+
+
+def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
+    """The replicas' own servers, from the controller's target groups (what Serve's status and
+    dashboard report; the controller records a replica's port on its next reconcile)."""
+    import time
+
+    from ray.serve.context import _get_global_client
+
+    first, last = options.direct_port, options.direct_port + DIRECT_PORT_SPAN - 1
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ports = sorted(
+            target["port"]
+            for group in _get_global_client().get_serve_details().get("target_groups", [])
+            if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
+            for target in group["targets"] if first <= target["port"] <= last)
+        if len(ports) >= options.num_replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if len(ports) < options.num_replicas:
+        raise RuntimeError(f"{len(ports)} of {options.num_replicas} replicas report a direct "
+                           f"port in {first}..{last} after {timeout_s:.0f} s (serve.direct_port)")
+    return tuple(f"http://{options.host}:{port}" for port in ports)
 
 
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:
@@ -685,10 +749,13 @@ def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> No
     router = Router.load(router_path) if router_path else None
     options = ServeOptions.from_config(cfg)
     init_ray(cfg)
-    url = start_service(checkpoint, options, router)
+    urls = start_service(checkpoint, options, router)
     modes = "disc, gen" + (", auto" if router else " (auto needs --router)")
-    print(f"[serve] {checkpoint} at {url}/v1/embeddings ({options.num_replicas} replica(s), "
-          f"{options.resolved_engine} generation; modes {modes}); Ctrl-C stops", flush=True)
+    print(f"[serve] {checkpoint} at {urls.proxy}/v1/embeddings ({options.num_replicas} "
+          f"replica(s), {options.resolved_engine} generation; modes {modes}); Ctrl-C stops",
+          flush=True)
+    for i, url in enumerate(urls.direct):
+        print(f"[serve] replica {i} directly (no proxy hop): {url}/v1/embeddings", flush=True)
     try:
         while True:
             time.sleep(3600)

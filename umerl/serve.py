@@ -725,18 +725,20 @@ def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, .
     first, last = options.direct_port, options.direct_port + DIRECT_PORT_SPAN - 1
     deadline = time.monotonic() + timeout_s
     while True:
-        ports = sorted(
-            target["port"]
+        targets = sorted(
+            (target["port"], target["ip"])
             for group in _get_global_client().get_serve_details().get("target_groups", [])
             if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
             for target in group["targets"] if first <= target["port"] <= last)
-        if len(ports) >= options.num_replicas or time.monotonic() > deadline:
+        if len(targets) >= options.num_replicas or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    if len(ports) < options.num_replicas:
-        raise RuntimeError(f"{len(ports)} of {options.num_replicas} replicas report a direct "
+    if len(targets) < options.num_replicas:
+        raise RuntimeError(f"{len(targets)} of {options.num_replicas} replicas report a direct "
                            f"port in {first}..{last} after {timeout_s:.0f} s (serve.direct_port)")
-    return tuple(f"http://{options.host}:{port}" for port in ports)
+    # A replica listens on serve.host of its own node: name that node when host is a wildcard.
+    wildcard = options.host in ("0.0.0.0", "::")
+    return tuple(f"http://{ip if wildcard else options.host}:{port}" for port, ip in targets)
 
 
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:

@@ -133,8 +133,13 @@ def test_direct_ports_overlapping_the_proxy_port_is_a_recipe_error() -> None:
 
 
 def test_serve_prints_the_replicas_own_url(service_urls) -> None:
-    assert (f"replica 0 directly (no proxy hop): {service_urls['direct']}/v1/embeddings"
-            in service_urls["log"].read_text())
+    # The replica answers as soon as its server is up; the line follows once the controller
+    # has recorded the port, so give it time.
+    line = f"replica 0 directly (no proxy hop): {service_urls['direct']}/v1/embeddings"
+    deadline = time.monotonic() + 60
+    while line not in service_urls["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert line in service_urls["log"].read_text()
 
 
 def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path,

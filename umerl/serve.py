@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -668,11 +669,6 @@ class ServiceUrls:
     proxy: str
     direct: tuple[str, ...] = ()
 
-    @property
-    def fastest(self) -> str:
-        """A single replica's own server when there is exactly one, else the proxy."""
-        return self.direct[0] if len(self.direct) == 1 else self.proxy
-
 
 def serve_env(options: ServeOptions) -> tuple[dict[str, str], dict[str, str]]:
     """The environment of the replicas and of the controller (and its proxy)."""
@@ -718,8 +714,6 @@ def start_service(checkpoint: str, options: ServeOptions, router: Router | None)
 def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
     """The replicas' own servers, from the controller's target groups (what Serve's status and
     dashboard report; the controller records a replica's port on its next reconcile)."""
-    import time
-
     from ray.serve.context import _get_global_client
 
     first, last = options.direct_port, options.direct_port + DIRECT_PORT_SPAN - 1
@@ -744,8 +738,6 @@ def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, .
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:
     """``umerl serve``: Ray (local on 127.0.0.1 unless ``ray.address``), the application, and a
     wait until Ctrl-C, which shuts Serve down."""
-    import time
-
     from umerl.driver import init_ray
 
     router = Router.load(router_path) if router_path else None

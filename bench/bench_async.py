@@ -66,7 +66,7 @@ class Recorder:
 
 
 def default_checkpoint() -> str | None:
-    from umerl import checkpoint as ckpt
+    from umerl.train import checkpoint as ckpt
 
     found = [ckpt.latest(d) for d in (REPO / "runs").glob("*/sft")]
     found = [p for p in found if p is not None]
@@ -74,7 +74,7 @@ def default_checkpoint() -> str | None:
 
 
 def run(label: str, overrides: list[str], checkpoint: str | None) -> Recorder:
-    from umerl.config import load_recipe
+    from umerl.config.recipe import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
     from umerl.rl import run_rl
 

@@ -58,7 +58,7 @@ def main() -> None:
 
     import ray
 
-    from umerl.config import load_recipe
+    from umerl.config.recipe import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
 
     kills = [f"rollout/{k % 2}/{step}/{'generate' if k % 2 == 0 else 'weight_sync'}"

@@ -10,7 +10,7 @@ Each variant is one ``umerl rl`` run (its own local Ray, the recipe's RL and eva
 the same seed: the variants differ only in their reward). The first run also evaluates the SFT
 checkpoint (``eval.before``). Printed: per task and overall, the gen score after RL for each
 variant; then for each variant its difference to the SFT checkpoint and to rank x margin, in
-points with 95% paired bootstrap intervals over queries (``umerl.compare``).
+points with 95% paired bootstrap intervals over queries (``umerl.eval.compare``).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def _cell(entry: dict) -> str:
 
 
 def report(sft: dict, after: dict[str, dict], resamples: int, seed: int) -> str:
-    from umerl.compare import compare
-    from umerl.metrics import format_table
+    from umerl.eval.compare import compare
+    from umerl.eval.metrics import format_table
 
     labels = list(after)
     tasks = list(sft["tasks"])
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides")
     args = parser.parse_args()
 
-    from umerl import checkpoint as ckpt
+    from umerl.train import checkpoint as ckpt
 
     start = Path(args.checkpoint).resolve()
     checkpoint = ckpt.latest(start) or start

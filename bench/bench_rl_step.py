@@ -48,12 +48,12 @@ def main() -> None:
     import ray
 
     from rollout.pool import RolloutPool
-    from umerl.config import load_recipe
+    from umerl.config.recipe import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
-    from umerl.learner import LearnerPool
+    from umerl.model.sampling import SamplingParams
     from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
-    from umerl.sampling import SamplingParams
-    from umerl.sft_data import ContrastiveBatcher
+    from umerl.train.learner import LearnerPool
+    from umerl.train.sft_data import ContrastiveBatcher
 
     cfg = absolute_paths(load_recipe(REPO / "recipes" / "cpu_tiny.yaml", [
         "output_dir=/tmp/umerl-bench-rl", "rl.resume=null", *args.overrides]))

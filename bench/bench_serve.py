@@ -11,7 +11,7 @@ auto (with ``--router``), each once per response encoding (``encoding_format`` f
 base64) and per way in (``direct``: the replica's own HTTP server, ``serve.direct_port``;
 ``proxy``: through Serve's HTTP proxy), and prints per row the throughput, p50 and p99
 latency, the error count, and the throughput (inputs/s) as a ratio to the same inputs embedded
-in this process in batches (``umerl.embed``, the replica's largest batch size and the same
+in this process in batches (``umerl.model.embed``, the replica's largest batch size and the same
 number of torch threads as the replica; after a warm-up batch, the better of two timings, so
 the baseline is not understated).
 Batch sizes default to concurrency x inputs per request.
@@ -33,14 +33,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from umerl.client import EmbeddingClient, ServiceError, data_url  # noqa: E402
-from umerl.data import Side, read_eval_queries  # noqa: E402
-from umerl.schema import DIRECT_PORT_SPAN  # noqa: E402
+from umerl.config.schema import DIRECT_PORT_SPAN  # noqa: E402
+from umerl.data.formats import Side, read_eval_queries  # noqa: E402
+from umerl.serve.client import EmbeddingClient, ServiceError, data_url  # noqa: E402
 
 
 def benchmark_inputs(count: int, benchmark_dir: str | None) -> list[Side]:
     """``count`` query sides, cycling over every bundled task's test split."""
-    from umerl.tasks import resolve_tasks
+    from umerl.data.tasks import resolve_tasks
 
     sides = []
     for spec in resolve_tasks(["umerl-mini"], "test", benchmark_dir):
@@ -92,9 +92,9 @@ def in_process(checkpoint: str, sides: list[Side], mode: str, batch_size: int,
     """Inputs per second embedded in this process in batches, as the replica does: the better
     of two timings after a warm-up batch."""
     from rollout.transformers_engine import TransformersEngine
-    from umerl.embed import disc_embeddings, gen_embeddings
-    from umerl.model import load_policy
-    from umerl.sampling import SamplingParams
+    from umerl.model.embed import disc_embeddings, gen_embeddings
+    from umerl.model.loading import load_policy
+    from umerl.model.sampling import SamplingParams
 
     bundle = load_policy(checkpoint)
     greedy = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
@@ -121,8 +121,8 @@ def start(args: argparse.Namespace) -> dict[str, str]:
     import ray
 
     from umerl.driver import worker_env
-    from umerl.router import Router
-    from umerl.serve import ServeOptions, start_service
+    from umerl.eval.router import Router
+    from umerl.serve.service import ServeOptions, start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
     ray.init(_node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),

@@ -6,7 +6,7 @@ A gen embedding takes two steps: the model writes its reasoning (greedy), then i
 state at ``<gen_emb>`` over prompt + reasoning is the embedding. RL changes both. This scores
 gen mode on the test split for the four pairings of *which checkpoint writes* the reasoning and
 *which checkpoint reads* it (queries and candidates alike), and prints per task and overall,
-with 95% paired bootstrap intervals (``umerl.compare``), three differences from BEFORE:
+with 95% paired bootstrap intervals (``umerl.eval.compare``), three differences from BEFORE:
 
 - total: AFTER writes and reads, as ``umerl eval`` scores AFTER;
 - text: BEFORE reads what AFTER wrote (only the reasoning changed);
@@ -26,12 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rollout.transformers_engine import TransformersEngine  # noqa: E402
-from umerl.compare import compare, compare_table  # noqa: E402
-from umerl.data import Side  # noqa: E402
-from umerl.evaluate import EvalSettings, evaluate  # noqa: E402
-from umerl.model import load_policy  # noqa: E402
-from umerl.sampling import RolloutEngine, SamplingParams  # noqa: E402
-from umerl.tasks import resolve_tasks  # noqa: E402
+from umerl.data.formats import Side  # noqa: E402
+from umerl.data.tasks import resolve_tasks  # noqa: E402
+from umerl.eval.compare import compare, compare_table  # noqa: E402
+from umerl.eval.evaluate import EvalSettings, evaluate  # noqa: E402
+from umerl.model.loading import load_policy  # noqa: E402
+from umerl.model.sampling import RolloutEngine, SamplingParams  # noqa: E402
 
 
 class Recording:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from rewards.context import RewardContext
-from umerl.data import COMPLETION_PATTERN
+from umerl.data.formats import COMPLETION_PATTERN
 
 
 class RankMargin(NamedTuple):
@@ -171,7 +171,7 @@ def margin_reward(ctx: RewardContext) -> Tensor:
 def matches_format(completion: str) -> bool:
     """True if ``completion`` matches the UME-R1 format regex from its first character.
 
-    The regex is ``umerl.data.COMPLETION_PATTERN``:
+    The regex is ``umerl.data.formats.COMPLETION_PATTERN``:
     ``<think>.*?</think>.*?\\s*<answer>.*?\\s*<gen_emb>`` (DOTALL), applied with ``re.match``:
     the completion must start with ``<think>``; anything may follow ``<gen_emb>``; the regex
     does not require ``</answer>``.

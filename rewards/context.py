@@ -210,13 +210,13 @@ class RewardContext:
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[Any], **kwargs: Any) -> RewardContext:
-        """``build`` with ``meta`` and ``pair_ids`` taken from ``umerl.data.Pair`` objects."""
+        """``build`` with ``meta`` and ``pair_ids`` from ``umerl.data.formats.Pair`` objects."""
         meta = [pair_meta(pair) for pair in pairs]
         return cls.build(meta=meta, pair_ids=[m["id"] for m in meta], **kwargs)
 
 
 def pair_meta(pair: Any) -> dict[str, Any]:
-    """The metadata dict a reward sees for a ``umerl.data.Pair``."""
+    """The metadata dict a reward sees for a ``umerl.data.formats.Pair``."""
 
     def side(s: Any) -> dict[str, Any]:
         return {"text": s.text, "images": list(s.images), "video": list(s.video)}

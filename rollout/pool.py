@@ -23,10 +23,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from umerl.data import Side
-from umerl.faults import Fault, for_actor, kill_if
-from umerl.remote import WorkerError, gather, summarize
-from umerl.sampling import SamplingParams
+from umerl.data.formats import Side
+from umerl.model.sampling import SamplingParams
+from umerl.runtime.faults import Fault, for_actor, kill_if
+from umerl.runtime.remote import WorkerError, gather, summarize
 
 
 def prompt_seed(seed: int, step: int, pair_index: int, side: str) -> int:
@@ -60,7 +60,7 @@ class RolloutActor:
             self.model = None
         else:
             from rollout.transformers_engine import TransformersEngine
-            from umerl.model import load_policy
+            from umerl.model.loading import load_policy
 
             bundle = load_policy(checkpoint, dtype=dtype)
             self.engine = TransformersEngine(bundle)

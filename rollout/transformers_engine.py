@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
-from umerl.data import Side
-from umerl.inputs import EncodedPrompt
-from umerl.model import PolicyBundle
-from umerl.sampling import SamplingParams
+from umerl.data.formats import Side
+from umerl.model.inputs import EncodedPrompt
+from umerl.model.loading import PolicyBundle
+from umerl.model.sampling import SamplingParams
 
 
 class TransformersEngine:

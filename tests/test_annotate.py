@@ -16,7 +16,7 @@ from umerl.annotate import (
     teacher_messages,
     trim_to_sentence,
 )
-from umerl.data import Side, read_sft_pairs
+from umerl.data.formats import Side, read_sft_pairs
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The bundled umerl-mini benchmark builder (umerl/benchmark): format, splits, determinism."""
+"""The bundled umerl-mini benchmark builder (umerl/data/benchmark): format, splits, determinism."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from umerl.benchmark import DEFAULT_BENCHMARK, build_benchmark
-from umerl.benchmark import build as bb
+from umerl.data.benchmark import DEFAULT_BENCHMARK, build_benchmark
+from umerl.data.benchmark import build as bb
 
 SPLITS = ("train", "rl", "test")
 COMPLETION = re.compile(r"<think>.*?</think>.*?\s*<answer>.*?\s*<gen_emb>", re.DOTALL)
@@ -181,7 +181,7 @@ def test_manifest_format(bench: Path, manifest: dict) -> None:
 
 
 def test_manifest_is_readable_by_the_task_loader(bench: Path) -> None:
-    from umerl.tasks import read_manifest
+    from umerl.data.tasks import read_manifest
 
     specs = read_manifest(bench / "tasks.json", "test")
     assert [s.name for s in specs] == list(bb.TASKS)
@@ -216,7 +216,7 @@ def test_mmeb_lines_fields_types_and_media(bench: Path, manifest: dict, split: s
 
 
 def test_mmeb_files_pass_the_project_reader(bench: Path, manifest: dict) -> None:
-    from umerl.data import read_eval_queries
+    from umerl.data.formats import read_eval_queries
 
     for entry in manifest["tasks"]:
         for split in SPLITS:
@@ -422,7 +422,7 @@ def test_expected_digit_table_self_check() -> None:
 
 
 def test_reasoning_generator_is_valid() -> None:
-    from umerl.benchmark.reasoning import reason_items
+    from umerl.data.benchmark.reasoning import reason_items
 
     items = reason_items()
     assert len({it.text for it in items}) == len(items) >= 500
@@ -437,7 +437,7 @@ def test_reasoning_generator_is_valid() -> None:
 
 
 def test_sft_and_rl_pairs(bench: Path, manifest: dict) -> None:
-    from umerl.data import read_rl_pairs, read_sft_pairs
+    from umerl.data.formats import read_rl_pairs, read_sft_pairs
 
     for entry in manifest["tasks"]:
         task = entry["name"]
@@ -509,7 +509,7 @@ def image_descriptions(task: str, folder: Path, side: dict, meta: dict,
     if task == "faces_cls":
         face = int(meta["source"].split(":")[1]) < 100
         return ["a human face" if face else "a background patch with no face"]
-    from umerl.benchmark.sources import PHOTOS
+    from umerl.data.benchmark.sources import PHOTOS
 
     photo = next(p for p in PHOTOS if p.name == meta["label"])
     return [f"a photo of {phrase}" for phrase in photo.phrases]

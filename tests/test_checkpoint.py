@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from umerl import checkpoint as ckpt
+from umerl.train import checkpoint as ckpt
 
 
 def write_checkpoint(root: Path, step: int, payload: bytes = b"x" * 100) -> Path:
@@ -62,8 +62,8 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
 SAVER = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from umerl import checkpoint as ckpt
-    from umerl.model import load_policy, save_policy
+    from umerl.train import checkpoint as ckpt
+    from umerl.model.loading import load_policy, save_policy
 
     root, source = Path(sys.argv[1]), sys.argv[2]
     bundle = load_policy(source)
@@ -78,7 +78,7 @@ SAVER = textwrap.dedent("""
 
 
 def test_kill_mid_save_leaves_previous_checkpoint_loadable(tiny_model_dir, tmp_path: Path):
-    from umerl.model import load_policy
+    from umerl.model.loading import load_policy
 
     script = tmp_path / "saver.py"
     script.write_text(SAVER)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from umerl.cluster import (
+from umerl.config.cluster import (
     MARKER_PREFIX,
     check_cluster,
     check_shared_output_dir,
@@ -21,7 +21,7 @@ from umerl.cluster import (
     required_resources,
     write_markers,
 )
-from umerl.config import (
+from umerl.config.recipe import (
     RECIPES_DIR,
     ConfigError,
     load_recipe,
@@ -445,7 +445,7 @@ def test_a_node_that_is_gone(local_ray, tmp_path: Path) -> None:
 
 def test_evaluation_task_must_fit_a_node() -> None:
     """eval.gpus_per_worker: the evaluation task is one more bundle, checked after training's."""
-    from umerl.cluster import evaluation_resources
+    from umerl.config.cluster import evaluation_resources
 
     cfg, sources = recipe("qwen2vl_2b_grpo.yaml")
     assert [(p.section, p.count, p.gpus) for s in evaluation_resources(cfg) for p in s.pools] \

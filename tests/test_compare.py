@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from umerl.compare import compare, paired_differences
+from umerl.eval.compare import compare, paired_differences
 
 
 def summary(per_task: dict[str, dict[str, list[float]]]) -> dict:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from umerl.config import load_recipe
-from umerl.sources import ConfigError
+from umerl.config.origins import ConfigError
+from umerl.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,8 +54,8 @@ def test_broken_yaml_is_named(tmp_path: Path) -> None:
 
 
 def test_schema_covers_exactly_the_keys_of_the_defaults() -> None:
-    from umerl.config import defaults
-    from umerl.schema import SCHEMA, leaf_keys
+    from umerl.config.recipe import defaults
+    from umerl.config.schema import SCHEMA, leaf_keys
 
     assert set(leaf_keys(defaults())) == set(SCHEMA)
 
@@ -63,8 +63,8 @@ def test_schema_covers_exactly_the_keys_of_the_defaults() -> None:
 def test_every_default_value_passes_its_own_rule() -> None:
     from omegaconf import OmegaConf
 
-    from umerl.config import defaults
-    from umerl.schema import SCHEMA
+    from umerl.config.recipe import defaults
+    from umerl.config.schema import SCHEMA
 
     base = defaults()
     for key, rule in SCHEMA.items():
@@ -72,7 +72,7 @@ def test_every_default_value_passes_its_own_rule() -> None:
 
 
 def test_sources_name_recipe_lines_and_overrides(tmp_path: Path) -> None:
-    from umerl.config import load_recipe_with_sources
+    from umerl.config.recipe import load_recipe_with_sources
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("seed: 3\nrl:\n  group_size: 4\nrewards:\n  - {name: format}\n")
@@ -87,7 +87,7 @@ def test_sources_name_recipe_lines_and_overrides(tmp_path: Path) -> None:
 
 
 def test_a_later_list_replaces_the_sources_of_the_earlier_one(tmp_path: Path) -> None:
-    from umerl.config import load_recipe_with_sources
+    from umerl.config.recipe import load_recipe_with_sources
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("rewards:\n  - {name: format}\n  - {name: embedding}\n")
@@ -98,7 +98,7 @@ def test_a_later_list_replaces_the_sources_of_the_earlier_one(tmp_path: Path) ->
 
 def test_shipped_recipes_pass_the_schema_and_their_rules() -> None:
     """Each paper recipe also satisfies the rules between keys (validated on load)."""
-    from umerl.schema import rollout_engine
+    from umerl.config.schema import rollout_engine
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         cfg = load_recipe(recipe)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from umerl.data import (
+from umerl.data.formats import (
     DataError,
     Side,
     image_header_size,
@@ -16,7 +16,7 @@ from umerl.data import (
     read_rl_pairs,
     read_sft_pairs,
 )
-from umerl.tokens import format_completion
+from umerl.data.tokens import format_completion
 
 COMPLETION = format_completion("a cat on a mat", "a cat")
 

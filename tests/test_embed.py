@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from rollout.transformers_engine import TransformersEngine
-from umerl.data import Side
-from umerl.embed import disc_embeddings, forward_embeddings, gen_embeddings
-from umerl.inputs import video_patches
-from umerl.prompts import render_prompt
-from umerl.sampling import SamplingParams
-from umerl.tokens import DISC_EMB, GEN_EMB, format_completion
+from umerl.data.formats import Side
+from umerl.data.tokens import DISC_EMB, GEN_EMB, format_completion
+from umerl.model.embed import disc_embeddings, forward_embeddings, gen_embeddings
+from umerl.model.inputs import video_patches
+from umerl.model.prompts import render_prompt
+from umerl.model.sampling import SamplingParams
 
 INSTRUCTION = (
     "Represent the above input text, images, videos, or any combination of the three as "
@@ -197,7 +197,7 @@ def test_video_frames_reach_the_forward_pass(tiny_bundle, media) -> None:
 
 
 def test_checkpoint_without_config_is_a_clear_error(tmp_path: Path) -> None:
-    from umerl.model import load_policy
+    from umerl.model.loading import load_policy
 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_policy(tmp_path)
@@ -205,8 +205,8 @@ def test_checkpoint_without_config_is_a_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_every_family_embeds_text_images_and_video(family, media, tmp_path_factory) -> None:
-    from umerl.model import load_policy
-    from umerl.tiny import build_tiny_model
+    from umerl.model.loading import load_policy
+    from umerl.model.tiny import build_tiny_model
 
     bundle = load_policy(build_tiny_model(tmp_path_factory.mktemp(family) / "m", family=family))
     family_sides = [

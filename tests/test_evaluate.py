@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from umerl.cli import main
-from umerl.data import EvalQuery, Side
-from umerl.evaluate import build_pools, parse_modes
+from umerl.data.formats import EvalQuery, Side
+from umerl.eval.evaluate import build_pools, parse_modes
 
 
 def test_local_pools_merge_duplicates_and_keep_grades_aligned() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from test_rl import local_ray, metrics_log, rl_config  # noqa: F401 - the shared Ray fixture
 
-from umerl.faults import Fault, for_actor, parse_fault
-from umerl.remote import WorkerError
+from umerl.runtime.faults import Fault, for_actor, parse_fault
+from umerl.runtime.remote import WorkerError
 
 
 def test_fault_specs_parse_and_name_what_is_wrong():
@@ -25,8 +25,8 @@ def test_fault_specs_parse_and_name_what_is_wrong():
 
 
 def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
-    from umerl.config import load_recipe
-    from umerl.sources import ConfigError
+    from umerl.config.origins import ConfigError
+    from umerl.config.recipe import load_recipe
 
     with pytest.raises(ConfigError, match=r"faults\.kill.*entry \[0\].*rollout phase"):
         load_recipe(None, [f"output_dir={tmp_path}", "faults.kill=[rollout/0/2/update]"])
@@ -96,8 +96,8 @@ def test_a_dead_learner_restarts_the_stage_from_its_last_checkpoint(
     """Killed in step 4's update, or halfway through step 4's checkpoint (which must not be
     used): the stage restarts from step 2's checkpoint and steps 3-6 repeat the uncrashed
     run's rewards exactly."""
-    from umerl import checkpoint as ckpt
     from umerl.rl import run_rl
+    from umerl.train import checkpoint as ckpt
 
     cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rl.max_failures=1",
                     f"faults.kill=[{fault}]")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from umerl import dist as udist
-from umerl.config import load_recipe
-from umerl.tokens import format_completion
+from umerl.config.recipe import load_recipe
+from umerl.data.tokens import format_completion
+from umerl.train import dist as udist
 
 
 class _Sentinel(Exception):
@@ -88,7 +88,7 @@ def _decoder_layer(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_sft_trains_in_train_mode_and_checkpointing_recomputes(tiny_model_dir, sft_file,
                                                                tmp_path, checkpointing) -> None:
-    from umerl.sft import SftRun
+    from umerl.train.sft import SftRun
 
     udist.init_single_process()
     cfg = load_recipe(None, [f"output_dir={tmp_path}", f'sft.data=["{sft_file}"]',
@@ -105,7 +105,7 @@ def test_sft_trains_in_train_mode_and_checkpointing_recomputes(tiny_model_dir, s
 
 
 def test_learner_policy_trains_and_reference_sits_beside_it(tiny_model_dir, tmp_path) -> None:
-    from umerl.learner import Learner
+    from umerl.train.learner import Learner
 
     udist.init_single_process()
     cfg = load_recipe(None, [f"output_dir={tmp_path}", "rl.pairs_per_step=2", "rl.group_size=2",

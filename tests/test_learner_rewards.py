@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rewards import RewardError
-from umerl.config import load_recipe
+from umerl.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,10 +44,10 @@ def plugin_module(tmp_path, monkeypatch) -> str:
 
 def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
     from rollout.transformers_engine import TransformersEngine
-    from umerl import dist as udist
-    from umerl.data import read_rl_pairs
-    from umerl.learner import Learner, StepShard
-    from umerl.sampling import SamplingParams
+    from umerl.data.formats import read_rl_pairs
+    from umerl.model.sampling import SamplingParams
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
 
     udist.init_single_process()
     cfg = load_recipe(None, [
@@ -104,19 +104,19 @@ def test_a_failing_plugin_stops_the_step_before_any_update(
 
 def test_rewards_see_the_disc_embeddings_and_disc_agreement_rewards_them(
         tiny_model_dir, benchmark_manifest, tmp_path, plugin_module):
-    """The scoring pass's disc embeddings reach every reward: equal to what ``umerl.embed``
+    """The scoring pass's disc embeddings reach every reward: equal to what ``umerl.model.embed``
     computes for the same prompts, so the example DiscAgreement reward is no longer zero."""
     import importlib
 
     import torch
 
-    from umerl.embed import disc_embeddings
+    from umerl.model.embed import disc_embeddings
 
     rewards = [{"name": f"{plugin_module}:record_disc", "label": "seen"},
                {"name": str(REPO / "recipes" / "rewards_example.py") + ":DiscAgreement",
                 "label": "agree", "kwargs": {"missing": "error"}}]
     learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
-    learner.bundle.model.eval()  # the reference: umerl.embed with the weights before the update
+    learner.bundle.model.eval()  # reference: umerl.model.embed, weights before the update
     expect_q = disc_embeddings(learner.bundle, [p.query for p in shard.pairs])
     expect_t = disc_embeddings(learner.bundle, [p.target for p in shard.pairs])
     learner.bundle.model.train()

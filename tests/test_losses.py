@@ -1,4 +1,5 @@
-"""Tests for umerl.losses (SFT) and umerl.grpo (RL) against sentence-transformers, verl 0.9.1,
+"""Tests for umerl.train.losses (SFT) and umerl.train.grpo (RL) against
+sentence-transformers, verl 0.9.1,
 a 2-process gloo run and hand-written loops over the paper's formulas."""
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from umerl.grpo import (
+from umerl.train.grpo import (
     clipped_policy_loss,
     group_advantages,
     grpo_loss,
     grpo_side_loss,
     k3_kl,
 )
-from umerl.losses import (
+from umerl.train.losses import (
     SftLossWeights,
     assistant_labels,
     completion_ce,

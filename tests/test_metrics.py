@@ -1,4 +1,5 @@
-"""Tests for umerl.metrics: cross-checks against pytrec_eval and sklearn, plus hand-worked cases."""
+"""Tests for umerl.eval.metrics: cross-checks against pytrec_eval and sklearn, plus
+hand-worked cases."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import pytrec_eval
 from sklearn.metrics import ndcg_score
 
-from umerl.metrics import (
+from umerl.eval.metrics import (
     DEFAULT_KS,
     first_hit,
     format_table,

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from umerl.cli import main
-from umerl.data import DataError
-from umerl.mmeb_v2 import TASKS, load_task, select_tasks, task_pools
-from umerl.mmeb_v2.labels import VIDEO_CLS_LABELS
-from umerl.mmeb_v2.loaders import PARSERS
+from umerl.data.formats import DataError
+from umerl.eval.mmeb_v2 import TASKS, load_task, select_tasks, task_pools
+from umerl.eval.mmeb_v2.labels import VIDEO_CLS_LABELS
+from umerl.eval.mmeb_v2.loaders import PARSERS
 
 # report_score_v2.py: the folder per modality and the names it looks for (a subset of its lists)
 REPORT_NAMES = {"image": ["ImageNet-1K", "MSCOCO_t2i", "RefCOCO-Matching"],
@@ -608,7 +608,7 @@ def _eval(model: Path, root: Path, out: Path) -> int:
 
 def test_eval_writes_the_tree_report_score_v2_reads_and_resumes(
         tiny_model_dir: Path, mmeb_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    from umerl.evaluate import Evaluator
+    from umerl.eval.evaluate import Evaluator
 
     out = tmp_path / "eval"
     real_embed = Evaluator.embed
@@ -668,7 +668,8 @@ def test_eval_writes_the_tree_report_score_v2_reads_and_resumes(
         assert summary["modes"][mode]["overall"] == pytest.approx(np.mean(list(per_task.values())))
 
     # a finished evaluation resumes without the model: nothing is recomputed
-    monkeypatch.setattr("umerl.model.load_policy", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("umerl.model.loading.load_policy",
+                        lambda *a, **k: pytest.fail("model loaded"))
     assert _eval(tiny_model_dir, mmeb_copy, out) == 0
     assert "3 of 3 task(s) already finished" in capsys.readouterr().out
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_rl import local_ray, metrics_log, rl_config  # noqa: F401 - the shared Ray fixture
 
-from umerl.config import load_recipe
+from umerl.config.recipe import load_recipe
 
 
 def hf_token_logprobs(model, encoder, sides, completions) -> list[torch.Tensor]:
@@ -34,7 +34,7 @@ def learner_config(tmp_path, *overrides: str):
 
 
 def rl_pairs(benchmark_manifest, n: int = 2):
-    from umerl.data import read_rl_pairs
+    from umerl.data.formats import read_rl_pairs
 
     pairs, _ = read_rl_pairs(benchmark_manifest.parent / "digits_cls" / "rl_pairs.jsonl")
     return pairs[:n]
@@ -43,8 +43,8 @@ def rl_pairs(benchmark_manifest, n: int = 2):
 def test_engine_logprobs_are_the_policy_logprobs_of_the_sampled_tokens(tiny_model_dir,
                                                                        benchmark_manifest):
     from rollout.transformers_engine import TransformersEngine
-    from umerl.model import load_policy
-    from umerl.sampling import SamplingParams
+    from umerl.model.loading import load_policy
+    from umerl.model.sampling import SamplingParams
 
     bundle = load_policy(str(tiny_model_dir))
     engine = TransformersEngine(bundle)
@@ -68,10 +68,10 @@ def test_stale_rollouts_ratio_is_exp_of_new_minus_old(tiny_model_dir, benchmark_
     exp(logp_v1 - logp_v0) averaged over tokens, with both log-probs computed independently;
     the clip fraction is no longer 0."""
     from rollout.transformers_engine import TransformersEngine
-    from umerl import dist as udist
-    from umerl.learner import Learner, StepShard
-    from umerl.model import load_policy
-    from umerl.sampling import SamplingParams
+    from umerl.model.loading import load_policy
+    from umerl.model.sampling import SamplingParams
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
 
     udist.init_single_process()
     learner = Learner(learner_config(tmp_path, "rl.lr=0.02"), str(tiny_model_dir),
@@ -111,9 +111,9 @@ def test_single_forward_learner_matches_the_two_pass_one(tiny_model_dir, benchma
     """Embeddings from the update's own forward give the same rewards, losses and updated
     weights as a separate no-grad scoring pass."""
     from rollout.transformers_engine import TransformersEngine
-    from umerl import dist as udist
-    from umerl.learner import Learner, StepShard
-    from umerl.sampling import SamplingParams
+    from umerl.model.sampling import SamplingParams
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
 
     udist.init_single_process()
     results = {}
@@ -141,7 +141,7 @@ def test_single_forward_learner_matches_the_two_pass_one(tiny_model_dir, benchma
 
 
 def test_single_forward_is_auto_only_for_one_micro_batch_below_zero3():
-    from umerl.learner import single_forward_mode
+    from umerl.train.learner import single_forward_mode
 
     assert single_forward_mode("auto", 1, 2) is True
     assert single_forward_mode("auto", 4, 2) is False  # micro-batched: two passes
@@ -152,8 +152,8 @@ def test_single_forward_is_auto_only_for_one_micro_batch_below_zero3():
 
 
 def test_the_schema_names_the_keys_of_an_impossible_single_forward(tmp_path):
-    from umerl.schema import validate
-    from umerl.sources import ConfigError
+    from umerl.config.origins import ConfigError
+    from umerl.config.schema import validate
 
     with pytest.raises(ConfigError, match="learner.single_forward.*learner.zero_stage"):
         validate(load_recipe(None, ["learner.single_forward=true", "learner.zero_stage=3"]))

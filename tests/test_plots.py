@@ -1,4 +1,4 @@
-"""The metrics record (umerl/tracking.py) and the run's pictures (umerl/plots.py)."""
+"""The metrics record (umerl/runtime/tracking.py) and the run's pictures (umerl/eval/plots.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from umerl import plots
-from umerl.tracking import Tracker
+from umerl.eval import plots
+from umerl.runtime.tracking import Tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TASKS = ("digits_cls", "lee_text")
@@ -33,7 +33,7 @@ def rl_record(step: int) -> dict:
 
 
 def summary(scale: float) -> dict:
-    """A summary.json as umerl.evaluate writes it, with the fields the bar chart reads."""
+    """A summary.json as umerl.eval.evaluate writes it, with the fields the bar chart reads."""
     tasks = {t: {"scores": {"disc": scale * (i + 1) / 4, "gen": scale / 2, "oracle": scale},
                  "per_query": {}} for i, t in enumerate(TASKS)}
     modes = {m: {"overall": float(np.mean([tasks[t]["scores"][m] for t in TASKS]))}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from umerl.data import DataError, Side, read_eval_queries, read_rl_pairs
-from umerl.inputs import check_prompt_lengths
+from umerl.data.formats import DataError, Side, read_eval_queries, read_rl_pairs
+from umerl.model.inputs import check_prompt_lengths
 
 SIZES = [(28, 28), (60, 90), (200, 100), (640, 480), (13, 300)]  # (width, height)
 LONG_UNIT = "the quick brown fox "  # 6 tokens per repeat with the tiny tokenizer
@@ -20,8 +20,8 @@ LONG_UNIT = "the quick brown fox "  # 6 tokens per repeat with the tiny tokenize
 
 @pytest.fixture(scope="module")
 def qwen3_bundle(tmp_path_factory: pytest.TempPathFactory):
-    from umerl.model import load_policy
-    from umerl.tiny import build_tiny_model
+    from umerl.model.loading import load_policy
+    from umerl.model.tiny import build_tiny_model
 
     return load_policy(
         build_tiny_model(tmp_path_factory.mktemp("tiny3") / "qwen3_vl", family="qwen3_vl")

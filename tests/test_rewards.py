@@ -179,7 +179,7 @@ def test_format_rejects(text: str) -> None:
 
 def test_format_reward_uses_the_data_pattern() -> None:
     from rewards import builtin
-    from umerl.data import COMPLETION_PATTERN
+    from umerl.data.formats import COMPLETION_PATTERN
 
     assert builtin.COMPLETION_PATTERN is COMPLETION_PATTERN
     ctx = make_ctx(2, 2, completions=[GOOD, "", GOOD + " ", "<think>x</think>"] * 2)
@@ -218,7 +218,7 @@ def test_context_layout() -> None:
 
 
 def test_context_from_pairs_and_disc_embeddings() -> None:
-    from umerl.data import Pair, Side
+    from umerl.data.formats import Pair, Side
 
     pairs = [Pair(id="a", task="cls", query=Side(text="q", images=("x.png",)),
                   target=Side(text="t"), meta={"k": 1})]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rollout.pool import _split, prompt_seed
-from umerl.config import load_recipe
+from umerl.config.recipe import load_recipe
 
 
 def test_prompt_seeds_do_not_depend_on_pool_sizes() -> None:
@@ -122,10 +122,10 @@ def test_weight_sync_makes_rollout_weights_bit_equal(local_ray, tiny_model_dir,
     actor holds the learners' weights bit for bit; after an update without a sync it does not,
     and the digest check says so."""
     from rollout.pool import RolloutPool
-    from umerl.learner import LearnerPool, StepShard
+    from umerl.model.sampling import SamplingParams
     from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
-    from umerl.sampling import SamplingParams
-    from umerl.sft_data import ContrastiveBatcher
+    from umerl.train.learner import LearnerPool, StepShard
+    from umerl.train.sft_data import ContrastiveBatcher
 
     cfg = rl_config(tmp_path / "sync", benchmark_manifest.parent, "learner.num_workers=2",
                     f"learner.zero_stage={zero}", "rollout.num_workers=2",
@@ -174,9 +174,9 @@ def test_a_rollout_actor_killed_before_a_sync(local_ray, tiny_model_dir, benchma
     import ray
 
     from rollout.pool import RolloutPool
-    from umerl.learner import LearnerPool
-    from umerl.remote import WorkerError
     from umerl.rl import WeightSync
+    from umerl.runtime.remote import WorkerError
+    from umerl.train.learner import LearnerPool
 
     cfg = rl_config(tmp_path / "kill", benchmark_manifest.parent, "learner.num_workers=1",
                     "rollout.num_workers=2", "rl.weight_sync_timeout_s=20",

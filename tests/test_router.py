@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from umerl.cli import main
-from umerl.data import Side
-from umerl.evaluate import AUTO, parse_modes
-from umerl.router import CHEAP_FEATURES, Router, RoutingData, fit_router, routed
+from umerl.data.formats import Side
+from umerl.eval.evaluate import AUTO, parse_modes
+from umerl.eval.router import CHEAP_FEATURES, Router, RoutingData, fit_router, routed
 
 HIDDEN = 8
 

@@ -1,7 +1,7 @@
 """The embedding service: a real Ray Serve application on 127.0.0.1 with the tiny model.
 
 One application for the whole module (each Serve start costs seconds here). Expected
-embeddings come from ``umerl.embed`` in this process, on the same inputs read from files.
+embeddings come from ``umerl.model.embed`` in this process, on the same inputs read from files.
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ import pytest
 from PIL import Image
 
 from rollout.transformers_engine import TransformersEngine
-from umerl.client import (
+from umerl.config.recipe import ConfigError, load_recipe
+from umerl.config.schema import DIRECT_PORT_SPAN
+from umerl.data.formats import Side
+from umerl.eval.router import CHEAP_FEATURES, Router
+from umerl.model.embed import disc_embeddings, gen_embeddings
+from umerl.model.loading import context_length
+from umerl.model.sampling import SamplingParams
+from umerl.serve.client import (
     EmbeddingClient,
     ServiceError,
     data_url,
@@ -32,14 +39,7 @@ from umerl.client import (
     image_input,
     video_input,
 )
-from umerl.config import ConfigError, load_recipe
-from umerl.data import Side
-from umerl.embed import disc_embeddings, gen_embeddings
-from umerl.model import context_length
-from umerl.router import CHEAP_FEATURES, Router
-from umerl.sampling import SamplingParams
-from umerl.schema import DIRECT_PORT_SPAN
-from umerl.serve import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
+from umerl.serve.service import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
 
 MAX_NEW_TOKENS = 8
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from umerl import checkpoint as ckpt
-from umerl.config import load_recipe
-from umerl.data import Pair, Side
-from umerl.losses import assistant_labels, completion_ce
-from umerl.policy import PolicyModule
-from umerl.sft import completion_nll, side_inputs
-from umerl.sft_data import ContrastiveBatcher, shard
-from umerl.tokens import format_completion
-from umerl.training import cosine_schedule, parameter_group
+from umerl.config.recipe import load_recipe
+from umerl.data.formats import Pair, Side
+from umerl.data.tokens import format_completion
+from umerl.model.policy import PolicyModule
+from umerl.train import checkpoint as ckpt
+from umerl.train.engine import cosine_schedule, parameter_group
+from umerl.train.losses import assistant_labels, completion_ce
+from umerl.train.sft import completion_nll, side_inputs
+from umerl.train.sft_data import ContrastiveBatcher, shard
 
 
 def pair(i: int, target: str, task: str = "t") -> Pair:
@@ -89,7 +89,7 @@ def test_batches_come_from_one_dataset_and_cover_it() -> None:
 
 
 def test_false_negatives_with_the_same_target_are_masked() -> None:
-    from umerl.losses import info_nce
+    from umerl.train.losses import info_nce
 
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
@@ -148,8 +148,8 @@ def sft_config(out: Path, data: Path, steps: int, resume: str = "auto"):
 
 
 def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_model_dir, sft_data, tmp_path):
-    from umerl import dist as udist
-    from umerl.sft import SftRun
+    from umerl.train import dist as udist
+    from umerl.train.sft import SftRun
 
     udist.init_single_process()
     straight = SftRun(sft_config(tmp_path / "a", sft_data, 4), str(tiny_model_dir))

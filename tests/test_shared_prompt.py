@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_off_policy import learner_config, rl_pairs
 
-from umerl.config import ConfigError, load_recipe
+from umerl.config.recipe import ConfigError, load_recipe
 
 G = 3
 
@@ -21,7 +21,7 @@ G = 3
 def sides_and_completions(benchmark_manifest, gen_id: int):
     """An image prompt, a two-frame video prompt and a text prompt, G completions each, of
     different lengths (one of length 1), two of them writing <gen_emb> mid-way."""
-    from umerl.data import Side
+    from umerl.data.formats import Side
 
     images = sorted((benchmark_manifest.parent / "digits_cls" / "images").rglob("*.png"))[:2]
     sides = [Side(text="which digit is this", images=(str(images[0]),)),
@@ -60,9 +60,9 @@ def whole_row_reference(bundle, side, completion: list[int]) -> dict[str, torch.
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_shared_prompt_forward_equals_each_row_on_its_own(family, benchmark_manifest, tmp_path):
-    from umerl.model import load_policy
-    from umerl.policy import PolicyModule
-    from umerl.tiny import build_tiny_model
+    from umerl.model.loading import load_policy
+    from umerl.model.policy import PolicyModule
+    from umerl.model.tiny import build_tiny_model
 
     bundle = load_policy(str(build_tiny_model(tmp_path / family, family=family)))
     policy = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id).eval()
@@ -84,8 +84,8 @@ def test_shared_prompt_forward_equals_each_row_on_its_own(family, benchmark_mani
 
 def test_shared_prompt_gradients_equal_the_whole_rows(tiny_model_dir, benchmark_manifest):
     """The prompt's gradient is the sum over its G completions, as with G copies of it."""
-    from umerl.model import load_policy
-    from umerl.policy import PolicyModule
+    from umerl.model.loading import load_policy
+    from umerl.model.policy import PolicyModule
 
     bundle = load_policy(str(tiny_model_dir))
     policy = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id).train()
@@ -115,9 +115,9 @@ def test_shared_prompt_gradients_equal_the_whole_rows(tiny_model_dir, benchmark_
 def test_a_learner_step_with_a_shared_prompt_equals_whole_rows(tiny_model_dir,
                                                                benchmark_manifest, tmp_path):
     from rollout.transformers_engine import TransformersEngine
-    from umerl import dist as udist
-    from umerl.learner import Learner, StepShard
-    from umerl.sampling import SamplingParams
+    from umerl.model.sampling import SamplingParams
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
 
     udist.init_single_process()
     learners = {}
@@ -154,7 +154,7 @@ def test_shared_prompt_true_where_it_cannot_run_is_a_recipe_error(overrides, nam
 
 
 def test_auto_takes_the_shared_prompt_only_where_it_can_run():
-    from umerl.learner import shared_prompt_mode
+    from umerl.train.learner import shared_prompt_mode
 
     assert shared_prompt_mode("auto", True, False, 2)
     assert not shared_prompt_mode("auto", False, False, 2)

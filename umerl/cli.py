@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
-from umerl.config import defaults, load_recipe, load_recipe_with_sources
-from umerl.sources import ConfigError
+from umerl.config.origins import ConfigError
+from umerl.config.recipe import defaults, load_recipe, load_recipe_with_sources
 
 if TYPE_CHECKING:
-    from umerl.evaluate import EvalSettings
+    from umerl.eval.evaluate import EvalSettings
 
 
 def _offline_env() -> None:
@@ -180,7 +180,7 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 # CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
-# umerl/defaults.yaml and their values go through the recipe schema, like any recipe key.
+# umerl/config/defaults.yaml and their values go through the recipe schema, like any recipe key.
 EVAL_OPTIONS = [
     ("--split", "eval.split", {}),
     ("--modes", "eval.modes", {"nargs": "+", "help": "query:target mode pairs (disc or gen)"}),
@@ -255,11 +255,11 @@ def _dotlist_value(value: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from umerl.console import quiet
+    from umerl.data.tasks import resolve_tasks
     from umerl.driver import eval_settings, run_eval, run_eval_work
-    from umerl.model import load_encoder, prompt_limit
+    from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
-    from umerl.tasks import resolve_tasks
+    from umerl.runtime.console import quiet
 
     quiet()
     auto = _take_auto(args)
@@ -285,7 +285,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Path,
                       out: str) -> int:
     from umerl.driver import eval_settings, run_eval_work, run_mmeb_v2_eval
-    from umerl.mmeb_v2 import select_tasks
+    from umerl.eval.mmeb_v2 import select_tasks
 
     if not args.mmeb_v2:
         raise ValueError("--modalities and --tasks select MMEB-V2 tasks: they need --mmeb-v2 DIR")
@@ -299,7 +299,7 @@ def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Pat
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from umerl.compare import compare, compare_table
+    from umerl.eval.compare import compare, compare_table
 
     summaries = []
     for name in (args.a, args.b):
@@ -316,7 +316,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from umerl.plots import plot_run
+    from umerl.eval.plots import plot_run
 
     written = plot_run(args.run_dir, args.eval_dir)
     if not written:
@@ -361,7 +361,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
-    from umerl.tiny import build_tiny_model
+    from umerl.model.tiny import build_tiny_model
 
     path = build_tiny_model(args.out, family=args.family, seed=args.seed, size=args.size)
     print(f"tiny {args.family} model written to {path}")
@@ -381,7 +381,7 @@ def _take_auto(args: argparse.Namespace) -> bool:
 
 def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> EvalSettings:
     """``--router`` adds mode auto; ``--modes auto`` without ``--router`` is an error."""
-    from umerl.evaluate import parse_modes
+    from umerl.eval.evaluate import parse_modes
 
     if router is None:
         if auto:
@@ -394,9 +394,9 @@ def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from umerl.console import quiet
     from umerl.preflight import check_checkpoint
-    from umerl.serve import run_service
+    from umerl.runtime.console import quiet
+    from umerl.serve.service import run_service
 
     quiet()
     cfg = load_recipe(None, args.overrides)
@@ -405,12 +405,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_route_fit(args: argparse.Namespace) -> int:
-    from umerl.console import quiet
+    from umerl.data.tasks import resolve_tasks
     from umerl.driver import eval_settings, fit_router_on
-    from umerl.model import load_encoder, prompt_limit
+    from umerl.eval.router import describe
+    from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
-    from umerl.router import describe
-    from umerl.tasks import resolve_tasks
+    from umerl.runtime.console import quiet
 
     quiet()
     cfg = _options_config(args, ROUTE_OPTIONS)
@@ -427,7 +427,7 @@ def _cmd_route_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_benchmark(args: argparse.Namespace) -> int:
-    from umerl.tasks import ensure_benchmark
+    from umerl.data.tasks import ensure_benchmark
 
     print(f"benchmark manifest: {ensure_benchmark(args.out, args.seed)}")
     return 0

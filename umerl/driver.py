@@ -22,16 +22,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from umerl import checkpoint as ckpt
-from umerl.cluster import check_cluster, check_shared_output_dir, nodes_from_ray
-from umerl.config import to_container
-from umerl.console import quiet
-from umerl.evaluate import EvalSettings, comparison_table, parse_modes
-from umerl.model import prompt_limit
+from umerl.config.cluster import check_cluster, check_shared_output_dir, nodes_from_ray
+from umerl.config.origins import Sources
+from umerl.config.recipe import to_container
+from umerl.data.tasks import ensure_benchmark, resolve_tasks
+from umerl.eval.evaluate import EvalSettings, comparison_table, parse_modes
+from umerl.model.loading import prompt_limit
 from umerl.preflight import check_checkpoint, preflight
-from umerl.remote import WorkerError, gather, summarize, traceback_text
-from umerl.sources import Sources
-from umerl.tasks import ensure_benchmark, resolve_tasks
+from umerl.runtime.console import quiet
+from umerl.runtime.remote import WorkerError, gather, summarize, traceback_text
+from umerl.train import checkpoint as ckpt
 
 
 class StageError(RuntimeError):
@@ -80,13 +80,13 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
         print(f"\n{' -> '.join(evaluated)} (headline metric per task, %):")
         print(comparison_table(evaluated))
     if "sft" in results and "rl" in results:
-        from umerl.compare import compare, compare_table
+        from umerl.eval.compare import compare, compare_table
 
         effect = compare(results["sft"], results["rl"], seed=int(cfg.seed))
         print("\nRL's effect: rl - sft, points [95% bootstrap interval over queries]:")
         print(compare_table(effect))
         results["rl_vs_sft"] = effect
-    from umerl.plots import write_plots  # a failure here is a warning: the run is done
+    from umerl.eval.plots import write_plots  # a failure here is a warning: the run is done
 
     write_plots(cfg.output_dir, cfg.eval.out_dir or Path(cfg.output_dir) / "eval")
     results["checkpoint"] = model
@@ -178,7 +178,7 @@ def init_ray(cfg: DictConfig) -> None:
         # One machine has no preemptible nodes; Ray Train's preemption watcher would only log
         # a core-worker error about its own constructor arguments.
         env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    runtime_env = {"env_vars": env, "worker_process_setup_hook": "umerl.console.quiet"}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "umerl.runtime.console.quiet"}
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         print(f"[driver] joined the Ray cluster at {address}", flush=True)
@@ -194,7 +194,8 @@ def init_ray(cfg: DictConfig) -> None:
 
 # The user's settings for NCCL, CUDA, gloo and DeepSpeed reach every worker. Not
 # CUDA_VISIBLE_DEVICES: Ray assigns each worker its own GPUs. Not a DeepSpeed accelerator
-# chosen here: each worker picks its own from its own devices (umerl.dist.configure_accelerator)
+# chosen here: each worker picks its own from its own devices
+# (umerl.train.dist.configure_accelerator)
 # unless the user set DS_ACCELERATOR.
 FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_", "PYTORCH_CUDA_", "NVIDIA_", "GLOO_",
                       "TORCH_DISTRIBUTED_", "DS_")
@@ -226,7 +227,7 @@ def worker_env() -> dict[str, str]:
 
 def ensure_tiny_model(tiny_cfg: DictConfig) -> str:
     """Build the tiny model once; later runs reuse the folder."""
-    from umerl.tiny import build_tiny_model
+    from umerl.model.tiny import build_tiny_model
 
     out = Path(tiny_cfg.dir)
     if (out / "config.json").is_file():
@@ -251,7 +252,7 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from umerl.sft import sft_worker
+    from umerl.train.sft import sft_worker
 
     scfg = cfg.sft
     use_gpu = float(scfg.gpus_per_worker) > 0
@@ -279,7 +280,7 @@ def run_rl_stage(cfg: DictConfig, start: str, datasets: dict | None = None) -> P
     """GRPO from ``start`` (the SFT checkpoint), which is also the frozen KL reference;
     ``datasets``: the RL pairs the preflight already read and checked."""
     from umerl.rl import run_rl
-    from umerl.tracking import Tracker
+    from umerl.runtime.tracking import Tracker
 
     tracker = Tracker(cfg, stage="rl")
     try:
@@ -333,7 +334,7 @@ def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str
     """Load, evaluate, write JSON, print the table; returns the summary (plus, under
     ``worker``, the process and device that ran it). ``device="auto"``: CUDA if this process
     has a GPU."""
-    from umerl.evaluate import evaluate, summary_table
+    from umerl.eval.evaluate import evaluate, summary_table
 
     bundle, engine, device = policy_and_engine(checkpoint, dtype, device, settings.batch_size)
     summary = evaluate(bundle, engine, specs, settings, out_dir)
@@ -350,8 +351,8 @@ def run_mmeb_v2_eval(checkpoint: str, root: str, tasks: list, settings: EvalSett
     finished evaluation resumes without it)."""
     import torch
 
-    from umerl.evaluate import Evaluator
-    from umerl.mmeb_v2 import run_mmeb_v2
+    from umerl.eval.evaluate import Evaluator
+    from umerl.eval.mmeb_v2 import run_mmeb_v2
 
     def load() -> Evaluator:
         torch.manual_seed(settings.seed)
@@ -364,7 +365,7 @@ def run_mmeb_v2_eval(checkpoint: str, root: str, tasks: list, settings: EvalSett
 def fit_router_on(checkpoint: str | Path, specs, settings: EvalSettings, folds: int = 5,
                   dtype: str = "float32"):
     """``umerl route fit``: evaluate ``specs`` with the checkpoint (CPU) and fit a router."""
-    from umerl.evaluate import fit_on_tasks
+    from umerl.eval.evaluate import fit_on_tasks
 
     bundle, engine, _ = policy_and_engine(checkpoint, dtype, "cpu", settings.batch_size)
     router = fit_on_tasks(bundle, engine, specs, settings, folds)
@@ -379,7 +380,7 @@ def policy_and_engine(checkpoint: str | Path, dtype: str, device: str, batch_siz
     import torch
 
     from rollout.transformers_engine import TransformersEngine
-    from umerl.model import load_policy
+    from umerl.model.loading import load_policy
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,11 +1,11 @@
 """Everything a recipe needs from the world, checked before Ray starts.
 
-``umerl.schema`` checks the config alone (types, ranges, rules between keys); this module checks
-what the config points at: ``output_dir`` is writable, the starting checkpoint and any explicit
-``resume`` checkpoint are loadable, every reward loads (built-in, module or file, with its
-kwargs), every data file reads cleanly (each bad line a ``DataError`` naming ``file:line``,
-prompts within ``data.max_prompt_tokens``), each stage's batches can be filled, and every
-evaluation task resolves. Errors name the key and where its value came from.
+``umerl.config.schema`` checks the config alone (types, ranges, rules between keys); this module
+checks what the config points at: ``output_dir`` is writable, the starting checkpoint and any
+explicit ``resume`` checkpoint are loadable, every reward loads (built-in, module or file, with its
+kwargs), every data file reads cleanly (each bad line a ``DataError`` naming ``file:line``, prompts
+within ``data.max_prompt_tokens``), each stage's batches can be filled, and every evaluation task
+resolves. Errors name the key and where its value came from.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from umerl import checkpoint as ckpt
-from umerl.data import read_eval_queries, read_rl_pairs, read_sft_pairs
-from umerl.sft_data import load_pair_datasets
-from umerl.sources import ConfigError, Sources
+from umerl.config.origins import ConfigError, Sources
+from umerl.data.formats import read_eval_queries, read_rl_pairs, read_sft_pairs
+from umerl.train import checkpoint as ckpt
+from umerl.train.sft_data import load_pair_datasets
 
 
 def preflight(cfg: DictConfig, model: str, sources: Sources | None = None
@@ -88,7 +88,7 @@ def check_rewards(entries: Any, sources: Sources) -> None:
 
 
 def check_eval_tasks(cfg: DictConfig, encoder: Any, sources: Sources) -> None:
-    from umerl.tasks import resolve_tasks
+    from umerl.data.tasks import resolve_tasks
 
     try:
         specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
@@ -100,7 +100,7 @@ def check_eval_tasks(cfg: DictConfig, encoder: Any, sources: Sources) -> None:
 
 def check_eval_specs(specs: list, encoder: Any, cfg: DictConfig) -> None:
     """Every task file reads cleanly and every prompt fits ``data.max_prompt_tokens``."""
-    from umerl.inputs import check_prompt_lengths
+    from umerl.model.inputs import check_prompt_lengths
 
     for spec in specs:
         items, _ = read_eval_queries(spec.path, skip_invalid=bool(cfg.data.skip_invalid))
@@ -109,7 +109,7 @@ def check_eval_specs(specs: list, encoder: Any, cfg: DictConfig) -> None:
 
 
 def _check_batches(datasets: dict[str, list], batch: int, keys: str, sources: Sources) -> None:
-    from umerl.sft_data import ContrastiveBatcher
+    from umerl.train.sft_data import ContrastiveBatcher
 
     try:
         ContrastiveBatcher(datasets, batch)
@@ -120,6 +120,6 @@ def _check_batches(datasets: dict[str, list], batch: int, keys: str, sources: So
 
 
 def _encoder(model: str) -> Any:
-    from umerl.model import load_encoder
+    from umerl.model.loading import load_encoder
 
     return load_encoder(ckpt.verify(model))

@@ -32,14 +32,14 @@ from omegaconf import DictConfig
 
 from rollout.pool import RolloutPool, prompt_seed
 from rollout.weight_sync import BucketPlan, ChannelSpec, shm_free_bytes
-from umerl import checkpoint as ckpt
-from umerl.console import Progress
-from umerl.data import Pair, Side, read_rl_pairs
-from umerl.faults import parse_faults
-from umerl.learner import LearnerPool, StepShard
-from umerl.remote import WorkerError, gather
-from umerl.sampling import SamplingParams
-from umerl.sft_data import ContrastiveBatcher, load_pair_datasets
+from umerl.data.formats import Pair, Side, read_rl_pairs
+from umerl.model.sampling import SamplingParams
+from umerl.runtime.console import Progress
+from umerl.runtime.faults import parse_faults
+from umerl.runtime.remote import WorkerError, gather
+from umerl.train import checkpoint as ckpt
+from umerl.train.learner import LearnerPool, StepShard
+from umerl.train.sft_data import ContrastiveBatcher, load_pair_datasets
 
 # metric -> its console label
 CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
@@ -53,7 +53,7 @@ CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
 
 def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
     """The RL pairs, with the same line and prompt-length checks as the preflight."""
-    from umerl.model import load_encoder, prompt_limit
+    from umerl.model.loading import load_encoder, prompt_limit
 
     return load_pair_datasets(list(cfg.rl.data), read_rl_pairs, bool(cfg.data.skip_invalid),
                               load_encoder(policy),

@@ -1,0 +1,128 @@
+"""Find evaluation tasks: bundled names, benchmark manifests (tasks.json) or plain JSONL files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BUNDLED = "umerl-mini"
+POOLS = ("local", "global")
+MODALITIES = ("image", "video", "visdoc", "text")
+METRICS = ("hit@1", "ndcg_linear@5")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    path: Path  # the split's MMEB-format JSONL
+    modality: str = "image"
+    pool: str = "local"
+    metric: str = "hit@1"
+
+
+def default_benchmark_dir(seed: int = 0) -> Path:
+    base = os.environ.get("UMERL_DATA_DIR") or Path.home() / ".cache" / "umerl"
+    from umerl.data.benchmark.build import MANIFEST_VERSION
+
+    # The builder's version is part of the folder: a newer builder never reuses an old build.
+    return Path(base) / f"{BUNDLED}-v{MANIFEST_VERSION}-seed{seed}"
+
+
+def ensure_benchmark(directory: str | Path | None = None, seed: int = 0) -> Path:
+    """The bundled benchmark's tasks.json, built on first use (atomically: a crash mid-build
+    leaves no half-written benchmark behind)."""
+    target = Path(directory) if directory else default_benchmark_dir(seed)
+    manifest = target / "tasks.json"
+    if manifest.is_file():
+        return manifest
+    from umerl.data.benchmark import build_benchmark
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        print(f"building the bundled benchmark into {target} (once) ...", flush=True)
+        build_benchmark(staging, seed=seed)
+        if target.exists():  # an empty or broken leftover from an older run
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(manifest: Path, split: str) -> list[TaskSpec]:
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        entries = data["tasks"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest}: not a valid task manifest ({err})") from None
+    specs = []
+    for i, entry in enumerate(entries):
+        where = f"{manifest}: tasks[{i}]"
+        splits = entry.get("splits", {})
+        if split not in splits:
+            raise ValueError(f"{where}: no '{split}' split (has: {', '.join(splits)})")
+        spec = TaskSpec(
+            name=entry["name"],
+            path=manifest.parent / splits[split],
+            modality=entry.get("modality", "image"),
+            pool=entry.get("pool", "local"),
+            metric=entry.get("metric", "hit@1"),
+        )
+        _validate(spec, where)
+        specs.append(spec)
+    return specs
+
+
+def _validate(spec: TaskSpec, where: str) -> None:
+    if spec.pool not in POOLS:
+        raise ValueError(f"{where}: pool '{spec.pool}' must be one of {POOLS}")
+    if spec.modality not in MODALITIES:
+        raise ValueError(f"{where}: modality '{spec.modality}' must be one of {MODALITIES}")
+    if spec.metric not in METRICS:
+        raise ValueError(f"{where}: metric '{spec.metric}' must be one of {METRICS}")
+
+
+def resolve_tasks(
+    names: list[str],
+    split: str = "test",
+    benchmark_dir: str | Path | None = None,
+    benchmark_seed: int = 0,
+    pool: str = "local",
+    modality: str = "image",
+) -> list[TaskSpec]:
+    """Each name is a benchmark name, a bundled task name, a tasks.json or a task JSONL file."""
+    specs: list[TaskSpec] = []
+    bundled: list[TaskSpec] | None = None
+    for name in names:
+        path = Path(name)
+        if path.suffix == ".jsonl":
+            if not path.is_file():
+                raise FileNotFoundError(f"task file not found: {path}")
+            spec = TaskSpec(path.stem, path, modality=modality, pool=pool)
+            _validate(spec, str(path))
+            specs.append(spec)
+        elif path.name == "tasks.json" or path.is_dir():
+            manifest = path if path.name == "tasks.json" else path / "tasks.json"
+            specs.extend(read_manifest(manifest, split))
+        else:
+            if bundled is None:
+                bundled = read_manifest(ensure_benchmark(benchmark_dir, benchmark_seed), split)
+            specs.extend(_pick_bundled(name, bundled))
+    return specs
+
+
+def _pick_bundled(name: str, bundled: list[TaskSpec]) -> list[TaskSpec]:
+    if name == BUNDLED:
+        return list(bundled)
+    short = name.removeprefix(f"{BUNDLED}/")
+    chosen = [spec for spec in bundled if spec.name == short]
+    if not chosen:
+        known = ", ".join(spec.name for spec in bundled)
+        raise ValueError(f"unknown task '{name}': not a file, and bundled tasks are: {known}")
+    return chosen

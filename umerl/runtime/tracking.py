@@ -1,0 +1,64 @@
+"""Metrics to wandb (offline by default: no network; online when the recipe or env says so)
+and, whatever wandb's mode, one JSON line per logged step in ``output_dir/metrics/<stage>.jsonl``:
+a plain record of the run that ``umerl.eval.plots`` reads without wandb's own files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def metrics_path(output_dir: str | Path, stage: str) -> Path:
+    return Path(output_dir) / "metrics" / f"{stage}.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: numpy and torch scalars as Python numbers, NaN and inf as null (JSON has
+    neither)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Tracker:
+    """One wandb run per stage; ``mode`` comes from ``wandb.mode`` unless WANDB_MODE is set."""
+
+    def __init__(self, cfg: DictConfig, stage: str):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or str(cfg.wandb.mode)
+        directory = Path(cfg.output_dir).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        name = cfg.wandb.name or f"{Path(cfg.output_dir).name}-{stage}"
+        self.run = wandb.init(
+            project=str(cfg.wandb.project), name=name, mode=mode, dir=str(directory),
+            config=OmegaConf.to_container(cfg, resolve=True), job_type=stage, reinit="create_new",
+            # wandb's banner and end-of-run summary would bury the run's own lines.
+            settings=wandb.Settings(silent=True),
+        )
+        self.directory = directory
+        # Appended to, never truncated: a resumed run continues the record (a step logged
+        # again after a restart appears twice; readers keep its last line).
+        self.metrics_file = metrics_path(directory, stage)
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        if mode != "disabled":
+            where = f"offline, {self.run.dir} (upload: wandb sync)" if mode == "offline" else mode
+            print(f"[wandb] {stage} run {name}: {where}", flush=True)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+        line = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        # One write per step, flushed at once: a crash loses at most the line being written.
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            # default=str: an odd value must not stop a training run over its record.
+            f.write(json.dumps(line, default=str) + "\n")
+
+    def finish(self) -> None:
+        self.run.finish()

@@ -1,0 +1,504 @@
+"""GRPO learners: DeepSpeed data-parallel ranks that score rollouts and update the policy.
+
+Per RL step each rank holds a contiguous slice of the step's pairs with their G query and G
+target completions, and:
+
+1. scores its rollouts: a forward of the policy over prompt + completion gives the gen
+   embedding at <gen_emb> (and the disc one at <disc_emb>); the frozen reference gives
+   reference log-probs. With ``learner.single_forward`` that forward is the update's own, with
+   gradients (its embeddings detached); else a separate pass without gradients;
+2. all-gathers the embeddings and completions of every rank, so each reward sees the whole
+   step, and computes the rewards (identically on every rank);
+3. turns rewards into group advantages, (r - mean) / (std + eps) over each pair-side group;
+4. minimises the token-level clipped objective with the k3 KL to the reference, token sums /
+   max completion length, (query + target) / 2 (two-pass mode: running the policy again with
+   gradients). The ratio's denominator is the sampling weights' log-prob for rollouts a step
+   stale (``rl.max_staleness: 1``, from the rollout engine), else the current policy's own.
+
+With ``learner.shared_prompt`` every forward above runs each prompt once per micro-batch and
+its G completions on the prompt's keys and values (``PolicyModule``), not G copies of it.
+
+The embedding reward of a stale rollout still uses the current policy's embeddings: the
+reward compares the step's rollouts with one another (rank among the step's targets, margin
+to the others), so every rollout must be embedded in one space, and the space the update
+moves is the current policy's. Embeddings from the sampling weights would score a completion
+in a space the learners have already left.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from rewards import RewardContext, reward_metrics, rewards_from_config
+from rewards.builtin import rank_and_margin
+from umerl.data.formats import Pair, Side
+from umerl.model.loading import load_policy
+from umerl.model.policy import (
+    PolicyModule,
+    PolicyOutput,
+    completion_block_mask,
+    completion_mask_for,
+)
+from umerl.runtime.faults import for_actor, kill_if, parse_faults
+from umerl.runtime.remote import gather
+from umerl.train import checkpoint as ckpt
+from umerl.train import dist as udist
+from umerl.train.engine import (
+    build_engine,
+    load_checkpoint,
+    prepare_for_training,
+    save_checkpoint,
+    set_trainable,
+    use_bf16,
+)
+from umerl.train.grpo import group_advantages, grpo_side_loss
+
+
+@dataclass
+class StepShard:
+    """One learner rank's part of an RL step (a picklable message from the driver)."""
+
+    step: int
+    pairs: list[Pair]
+    pair_offset: int  # global index of pairs[0] within the step
+    query_completions: list[list[list[int]]]  # [pair][sample] token ids
+    target_completions: list[list[list[int]]]
+    # Off-policy rollouts (rl.max_staleness > 0): how many updates behind the learners the
+    # weights that sampled them were, and each token's log-prob under those weights
+    # ([pair][sample][token], from the rollout engine). None: sampled by the current policy.
+    staleness: int = 0
+    query_logprobs: list[list[list[float]]] | None = None
+    target_logprobs: list[list[list[float]]] | None = None
+
+
+class Learner:
+    """One learner rank (the Ray actor ``LearnerActor`` wraps it; tests use it directly)."""
+
+    def __init__(self, cfg: DictConfig, policy_checkpoint: str, reference_checkpoint: str):
+        self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
+        self.rank, self.world = udist.rank(), udist.world_size()
+        udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
+        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
+        prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
+        self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
+        rows = self.rows_per_side()
+        micro = int(self.lcfg.micro_batch_size) or rows
+        if rows % micro:
+            raise ValueError(f"learner.micro_batch_size={micro} must divide the {rows} rollouts "
+                             "per side per rank (rl.pairs_per_step / learner.num_workers * G)")
+        self.micro = micro
+        self.single_forward = single_forward_mode(self.lcfg.single_forward, rows // micro,
+                                                  int(self.lcfg.zero_stage))
+        self.shared_prompt = shared_prompt_mode(
+            self.lcfg.shared_prompt, micro % int(self.rcfg.group_size) == 0,
+            bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
+        r = self.rcfg
+        self.engine = build_engine(
+            PolicyModule(self.bundle.model, self.bundle.disc_id, self.bundle.gen_id),
+            lr=float(r.lr), weight_decay=float(r.weight_decay), total_steps=int(r.max_steps),
+            warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
+            gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
+            zero_stage=int(self.lcfg.zero_stage), bf16=use_bf16(self.lcfg.bf16),
+        )
+        # The frozen reference lives where DeepSpeed put the policy: batches go there.
+        reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
+                                device=str(self.engine.device))
+        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
+        self.reference.requires_grad_(False).eval()
+        self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
+        self.root = Path(cfg.output_dir) / r.output_subdir
+        self.faults = for_actor(parse_faults(cfg.faults.kill), "learner", self.rank)
+
+    def rows_per_side(self) -> int:
+        pairs = int(self.rcfg.pairs_per_step)
+        if pairs % self.world:
+            raise ValueError(f"rl.pairs_per_step={pairs} must be a multiple of "
+                             f"learner.num_workers={self.world}")
+        return pairs // self.world * int(self.rcfg.group_size)
+
+    @property
+    def max_completion_length(self) -> int:
+        return int(self.rcfg.max_completion_length or self.rcfg.max_new_tokens)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def step(self, shard: StepShard) -> dict[str, float]:
+        start = time.perf_counter()
+        G = int(self.rcfg.group_size)
+        if shard.staleness and shard.query_logprobs is None:
+            raise ValueError(f"step {shard.step}: rollouts {shard.staleness} update(s) stale "
+                             "came without the log-probs of the weights that sampled them")
+        sides = {
+            "query": ([p.query for p in shard.pairs for _ in range(G)],
+                      _flat(shard.query_completions), _flat(shard.query_logprobs)),
+            "target": ([p.target for p in shard.pairs for _ in range(G)],
+                       _flat(shard.target_completions), _flat(shard.target_logprobs)),
+        }
+        # Encoded once: the scoring pass and the update pass read the same micro-batches.
+        batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
+        if self.single_forward:  # the update's own forward gives the (detached) embeddings
+            forwards = {name: [self.engine(**b["inputs"]) for b in batches[name]]
+                        for name in batches}
+            scored = {name: self._score(batches[name], forwards[name]) for name in batches}
+        else:  # two passes: a no-grad one now, the update's forward per micro-batch later
+            forwards = None
+            scored = {name: self._score(batches[name]) for name in batches}
+        rewards, metrics = self._rewards(shard, scored)
+        advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
+        # Groups that teach nothing: identical rewards, so every advantage is 0.
+        metrics["reward/zero_advantage_groups"] = float(
+            (advantages.view(-1, G).abs().amax(dim=1) == 0).float().mean())
+        local = self._local_rows(advantages, len(shard.pairs) * G)
+        kill_if(self.faults, shard.step, "update")
+        metrics.update(self._update(batches, scored, local, forwards))
+        metrics["timing/learner_rank"] = time.perf_counter() - start
+        return metrics
+
+    def _micro_batches(self, sides: list[Side], completions: list[list[int]],
+                       logprobs: list[list[float]] | None) -> list[dict[str, Any]]:
+        """Model inputs per micro-batch and, for off-policy rollouts, their old log-probs laid
+        out like the policy's (the completion tokens' positions of each row). With
+        ``shared_prompt`` a micro-batch holds whole groups, each prompt encoded once."""
+        encoder = self.bundle.encoder
+        G = int(self.rcfg.group_size)
+        out = []
+        for a in range(0, len(sides), self.micro):
+            chunk = completions[a:a + self.micro]
+            if self.shared_prompt:  # rows a + i * G .. a + i * G + G - 1 share one prompt
+                inputs = encoder.shared_prompt_inputs(
+                    [encoder.encode(side) for side in sides[a:a + self.micro:G]], chunk)
+            else:
+                inputs = encoder.policy_inputs(
+                    [encoder.encode(side) for side in sides[a:a + self.micro]], chunk)
+            inputs = self._to_device(inputs)
+            old = None
+            if logprobs is not None:
+                rows = logprobs[a:a + self.micro]
+                if [len(r) for r in rows] != inputs["completion_lengths"].tolist():
+                    raise ValueError("rollout log-probs do not match their completions' lengths")
+                mask = _completion_mask(inputs)
+                old = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+                # Each row's completion is contiguous in the mask: mask order is token order.
+                old[mask] = torch.tensor([x for row in rows for x in row],
+                                         dtype=torch.float32, device=mask.device)
+            out.append({"inputs": inputs, "old_logprobs": old})
+        return out
+
+    @torch.no_grad()
+    def _score(self, batches: list[dict[str, Any]],
+               forwards: list[PolicyOutput] | None = None) -> dict[str, Any]:
+        """Gen and disc embeddings (current policy) and reference log-probs, micro-batch by
+        micro-batch; the embeddings from ``forwards`` (the update's own, detached) if given,
+        else from a forward without gradients."""
+        gen, disc, found, ref = [], [], [], []
+        for i, batch in enumerate(batches):
+            out: PolicyOutput = (forwards[i] if forwards is not None
+                                 else self.engine.module(**batch["inputs"], with_logprobs=False))
+            gen.append(out.gen.detach())
+            disc.append(out.disc.detach())  # at the prompt's <disc_emb>: same for a pair's G
+            found.append(out.gen_found)
+            ref.append(self.reference(**batch["inputs"]).logprobs)
+        return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
+                "ref": ref}
+
+    def _rewards(self, shard: StepShard, scored: dict[str, Any]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Gather every rank's rollouts; every rank computes the same step-wide rewards."""
+        query_emb = _all_gather_rows(scored["query"]["gen"])
+        target_emb = _all_gather_rows(scored["target"]["gen"])
+        disc_query = _all_gather_rows(scored["query"]["disc"])
+        disc_target = _all_gather_rows(scored["target"]["disc"])
+        local = {"pairs": shard.pairs, "q": shard.query_completions,
+                 "t": shard.target_completions}
+        everyone = _all_gather_objects(local)
+        pairs = [p for part in everyone for p in part["pairs"]]
+        q_ids = [c for part in everyone for group in part["q"] for c in group]
+        t_ids = [c for part in everyone for group in part["t"] for c in group]
+        decode = self.bundle.tokenizer.batch_decode
+        ids = q_ids + t_ids
+        ctx = RewardContext.from_pairs(
+            pairs, completions=decode(ids, skip_special_tokens=True), completion_ids=ids,
+            query_embeddings=query_emb, target_embeddings=target_emb,
+            disc_query_embeddings=disc_query, disc_target_embeddings=disc_target,
+            group_size=int(self.rcfg.group_size), step=shard.step,
+        )
+        total, parts, timings = self.rewards(ctx)
+        metrics = reward_metrics(ctx, total, parts, timings)
+        factors = rank_and_margin(query_emb, target_emb, int(self.rcfg.group_size))
+        metrics["reward/rank_score"] = float(
+            torch.cat([factors.query_rank, factors.target_rank]).float().mean())
+        lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)
+        metrics.update({"rollout/completion_len_mean": float(lengths.mean()),
+                        "rollout/completion_len_max": float(lengths.max()),
+                        "rollout/gen_emb_found": float(torch.cat(
+                            [scored["query"]["found"], scored["target"]["found"]]).float().mean())})
+        return total, metrics
+
+    def _local_rows(self, advantages: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+        """This rank's advantages: its slice of the query half and of the target half."""
+        half = advantages.shape[0] // 2
+        start = self.rank * rows
+        return {"query": advantages[start:start + rows],
+                "target": advantages[half + start:half + start + rows]}
+
+    def _update(self, batches: dict, scored: dict, advantages: dict,
+                forwards: dict[str, list[PolicyOutput]] | None) -> dict[str, float]:
+        """The clipped loss and backward, micro-batch by micro-batch (the policy forward with
+        gradients: ``forwards`` if the scoring pass already ran it); one optimizer step.
+        Off-policy rows take the ratio against the sampling weights' log-probs; on-policy
+        ones against the current policy's own (detached: a ratio of 1)."""
+        sums: dict[str, float] = {}
+        n_micro = sum(len(side_batches) for side_batches in batches.values())
+        for name, side_batches in batches.items():
+            for i, batch in enumerate(side_batches):
+                a = i * self.micro
+                out: PolicyOutput = (forwards[name][i] if forwards is not None
+                                     else self.engine(**batch["inputs"]))
+                loss, parts = grpo_side_loss(
+                    out.logprobs, batch["old_logprobs"], scored[name]["ref"][i],
+                    advantages[name][a:a + self.micro].to(out.logprobs.device),
+                    out.completion_mask, self.max_completion_length,
+                    kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
+                    eps_high=float(self.rcfg.clip_eps_high),
+                )
+                # DeepSpeed averages micro-batch losses over gradient accumulation; with both
+                # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
+                self.engine.backward(loss)
+                self.engine.step()
+                for key, value in parts.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) / n_micro
+        return {f"actor/{k}": v for k, v in sums.items()} | {"actor/lr": self.engine.get_lr()[0]}
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device = next(self.engine.module.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    # -- weights and checkpoints ----------------------------------------------------------------
+
+    def trainable_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """This rank's trainable parameters (under ZeRO-3: its shards, shape (0,) or partial)."""
+        return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
+                if p.requires_grad]
+
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        """(name, full shape, dtype) of every trainable parameter, in model order: what a
+        weight sync moves (under ZeRO-3 the full shapes, not this rank's shards)."""
+        return [(n, list(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+                for n, p in self.bundle.model.named_parameters() if p.requires_grad]
+
+    def weight_buckets(self, plan: Any) -> Iterator[list[torch.Tensor]]:
+        """Each bucket's full tensors, bucket by bucket. Under ZeRO-3 a collective: every rank
+        must iterate, each bucket is gathered while it is yielded and released after, so at
+        most one bucket's full parameters exist at once, never the whole model."""
+        params = dict(self.bundle.model.named_parameters())
+        zero3 = int(self.lcfg.zero_stage) == 3
+        if zero3:
+            import deepspeed
+        for bucket in plan.buckets:
+            group = [params[m.name] for m in bucket]
+            if zero3:
+                with deepspeed.zero.GatheredParameters(group):
+                    yield [p.detach() for p in group]
+            else:
+                yield [p.detach() for p in group]
+
+    def save(self, step: int, client_state: dict[str, Any]) -> Path:
+        return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
+                               int(self.lcfg.zero_stage), int(self.rcfg.keep_last),
+                               midway=lambda: kill_if(self.faults, step, "save"))
+
+    def resume(self) -> tuple[Path | None, dict[str, Any]]:
+        path = ckpt.resolve_resume(self.rcfg.resume, self.root)
+        if path is None:
+            return None, {}
+        return path, load_checkpoint(self.engine, path)
+
+
+def single_forward_mode(setting: str | bool, micro_batches_per_side: int, zero_stage: int
+                        ) -> bool:
+    """``learner.single_forward``: the update's forward also gives the reward's embeddings
+    (one policy forward per rollout per step, as the authors' trainer) instead of a separate
+    no-grad pass first. It holds every micro-batch's activations until the rewards are known,
+    so ``auto`` takes it only with one micro-batch per side (``learner.micro_batch_size: 0``
+    or the rank's whole share) and not under ZeRO-3, whose parameter gathering assumes each
+    forward is followed by its backward."""
+    if setting == "auto":
+        return micro_batches_per_side == 1 and zero_stage < 3
+    if setting is True and zero_stage == 3:  # the schema says so first, naming the recipe
+        raise ValueError("learner.single_forward=true cannot run under learner.zero_stage=3")
+    return setting is True
+
+
+def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpointing: bool,
+                       zero_stage: int) -> bool:
+    """``learner.shared_prompt``: a micro-batch runs each prompt once, its G completions on
+    its keys and values. ``auto`` takes it where it can run: micro-batches of whole groups,
+    no gradient checkpointing (its layers keep no cache) and ZeRO stage < 3 (not run there).
+    ``true`` elsewhere is a recipe error the schema reports first."""
+    possible = whole_groups and not gradient_checkpointing and zero_stage < 3
+    if setting is True and not possible:
+        raise ValueError("learner.shared_prompt=true needs micro-batches of whole groups, no "
+                         "gradient checkpointing and ZeRO stage < 3")
+    return possible if setting == "auto" else setting is True
+
+
+def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Where the policy's ``logprobs`` of these inputs hold completion tokens."""
+    if "completion_ids" in inputs:  # shared prompt: completions left-aligned in their block
+        return completion_block_mask(inputs["completion_ids"], inputs["completion_lengths"])
+    return completion_mask_for(inputs["input_ids"], inputs["completion_lengths"])
+
+
+def _flat(groups: list[list[Any]] | None) -> list[Any] | None:
+    """[pair][sample] -> [pair * G + sample] (None stays None)."""
+    return None if groups is None else [x for group in groups for x in group]
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    if udist.world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(udist.world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if udist.world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * udist.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class LearnerActor:
+    """A learner rank as a Ray actor; ``ray.remote`` is applied by ``LearnerPool``."""
+
+    def __init__(self, cfg: dict[str, Any], rank: int, world_size: int):
+        udist.configure_accelerator()
+        self.cfg = OmegaConf.create(cfg)
+        self.rank, self.world_size = rank, world_size
+        self.learner: Learner | None = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), udist.free_port()
+
+    def setup(self, master: tuple[str, int], policy: str, reference: str) -> dict[str, Any]:
+        udist.init_process_group(self.rank, self.world_size, master[0], master[1])
+        import ray
+
+        self.learner = Learner(self.cfg, policy, reference)
+        return {"rank": self.rank, "trainable": self.learner.trainable,
+                "device": str(self.learner.engine.device),
+                "model_type": str(self.learner.bundle.model.config.model_type),
+                # How it runs the policy per step: the RL stage's first console line says.
+                "passes": ("one forward" if self.learner.single_forward else "two passes")
+                + (", shared prompt" if self.learner.shared_prompt else ""),
+                "node": ray.util.get_node_ip_address()}
+
+    def step(self, shard: StepShard) -> dict[str, float]:
+        return self.learner.step(shard)
+
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        return self.learner.weight_specs()
+
+    def open_weight_sync(self, spec: Any, plan: Any) -> None:
+        """Every rank keeps the plan (ZeRO-3 gathers follow it); rank 0 joins the sync group
+        as its sender (blocks until every rollout worker has joined)."""
+        from rollout.weight_sync import WeightSender, open_channel
+
+        self.plan = plan
+        if getattr(self, "sender", None) is not None:  # a re-formed group: the old one goes
+            self.sender.close()
+        self.sender = (WeightSender(open_channel(spec, 0, self.learner.engine.device), plan)
+                       if self.rank == 0 else None)
+
+    def send_weights(self, digest: bool) -> dict[str, Any] | None:
+        """One sync: every rank takes part (ZeRO-3 gathers), rank 0 sends and answers."""
+        buckets = self.learner.weight_buckets(self.plan)
+        if self.sender is None:
+            for _ in buckets:
+                pass
+            return None
+        return self.sender.send(buckets, digest).as_dict()
+
+    def save(self, step: int, client_state: dict[str, Any]) -> str:
+        return str(self.learner.save(step, client_state))
+
+    def resume(self) -> tuple[str | None, dict[str, Any]]:
+        path, client = self.learner.resume()
+        return (str(path) if path else None), client
+
+
+class LearnerPool:
+    """``learner.num_workers`` learner actors in one placement group, one process group."""
+
+    def __init__(self, cfg: DictConfig, policy: str, reference: str):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        lcfg = cfg.learner
+        n, gpus = int(lcfg.num_workers), float(lcfg.gpus_per_worker)
+        bundle = {"CPU": float(lcfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
+        self.placement_group = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self.placement_group.ready(), timeout=600)
+        actor_cls = ray.remote(LearnerActor)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        self.actors = [
+            actor_cls.options(
+                num_cpus=float(lcfg.cpus_per_worker), num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+            ).remote(plain, i, n)
+            for i in range(n)
+        ]
+        self.names = [f"learner rank {i}" for i in range(n)]
+        master = gather([self.actors[0].address.remote()], self.names[:1])[0]
+        self.info = gather([a.setup.remote(master, policy, reference) for a in self.actors],
+                           self.names)
+
+    def step(self, shards: list[StepShard]) -> list[dict[str, float]]:
+        return gather([a.step.remote(s) for a, s in zip(self.actors, shards)], self.names)
+
+    def weight_specs(self) -> list[tuple[str, list[int], str]]:
+        return self._on_rank0("weight_specs")
+
+    def endpoint(self) -> tuple[str, int]:
+        """Learner rank 0's node address and a free port there: the sync group's rendezvous."""
+        return self._on_rank0("address")
+
+    def save(self, step: int, client_state: dict[str, Any]) -> str:
+        return gather([a.save.remote(step, client_state) for a in self.actors], self.names)[0]
+
+    def resume(self) -> tuple[str | None, dict[str, Any]]:
+        return gather([a.resume.remote() for a in self.actors], self.names)[0]
+
+    def _on_rank0(self, method: str) -> Any:
+        return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
+
+    def open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
+        """The calls (refs, worker names) joining the sync group; the driver waits on them
+        together with the rollout side's, which must run at the same time."""
+        return [a.open_weight_sync.remote(spec, plan) for a in self.actors], self.names
+
+    def send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
+        """The calls of one sync (every rank: ZeRO-3 gathers); rank 0's result is the sender's."""
+        return [a.send_weights.remote(digest) for a in self.actors], self.names
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.placement_group)

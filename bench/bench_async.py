@@ -75,8 +75,9 @@ def default_checkpoint() -> str | None:
 
 def run(label: str, overrides: list[str], checkpoint: str | None) -> Recorder:
     from umerl.config.recipe import load_recipe
-    from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
+    from umerl.driver import absolute_paths, ensure_tiny_model
     from umerl.rl import run_rl
+    from umerl.runtime.ray_start import init_ray
 
     out = f"/tmp/umerl-bench-async/{label.replace(' ', '_').replace(',', '')}"
     cfg = absolute_paths(load_recipe(REPO / "recipes" / "cpu_tiny.yaml",

@@ -59,7 +59,8 @@ def main() -> None:
     import ray
 
     from umerl.config.recipe import load_recipe
-    from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
+    from umerl.driver import absolute_paths, ensure_tiny_model
+    from umerl.runtime.ray_start import init_ray
 
     kills = [f"rollout/{k % 2}/{step}/{'generate' if k % 2 == 0 else 'weight_sync'}"
              for k, step in enumerate(range(args.every, args.steps + 1, args.every))]

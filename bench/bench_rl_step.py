@@ -49,9 +49,10 @@ def main() -> None:
 
     from rollout.pool import RolloutPool
     from umerl.config.recipe import load_recipe
-    from umerl.driver import absolute_paths, ensure_tiny_model, init_ray
+    from umerl.driver import absolute_paths, ensure_tiny_model
     from umerl.model.sampling import SamplingParams
     from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
+    from umerl.runtime.ray_start import init_ray
     from umerl.train.learner import LearnerPool
     from umerl.train.sft_data import ContrastiveBatcher
 

@@ -120,8 +120,8 @@ def start(args: argparse.Namespace) -> dict[str, str]:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from umerl.driver import worker_env
     from umerl.eval.router import Router
+    from umerl.runtime.ray_start import worker_env
     from umerl.serve.service import ServeOptions, start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)

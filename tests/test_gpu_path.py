@@ -54,7 +54,7 @@ def test_each_worker_picks_its_own_accelerator(monkeypatch) -> None:
 
 
 def test_driver_forwards_nccl_settings_but_no_accelerator(monkeypatch) -> None:
-    from umerl.driver import worker_env
+    from umerl.runtime.ray_start import worker_env
 
     monkeypatch.setenv("DS_ACCELERATOR", "x")
     monkeypatch.delenv("DS_ACCELERATOR")
@@ -127,7 +127,8 @@ def test_evaluation_runs_in_a_ray_task_with_the_recipes_gpu(tiny_model_dir, benc
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from umerl.driver import evaluate_checkpoint, worker_env
+    from umerl.eval.runner import evaluate_checkpoint
+    from umerl.runtime.ray_start import worker_env
 
     cfg = load_recipe(None, [f"output_dir={tmp_path}", "eval.tasks=[digits_cls]",
                              f"data.benchmark_dir={benchmark_manifest.parent}",

@@ -695,7 +695,7 @@ def test_eval_with_gpus_runs_the_model_work_in_a_ray_task(
 
     import ray
 
-    from umerl.driver import worker_env
+    from umerl.runtime.ray_start import worker_env
 
     def run(out: Path, *extra: str) -> str:
         assert main(["eval", str(tiny_model_dir), "--mmeb-v2", str(mmeb_copy), "--tasks",

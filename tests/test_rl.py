@@ -30,7 +30,7 @@ def local_ray():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    from umerl.driver import worker_env
+    from umerl.runtime.ray_start import worker_env
 
     ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              object_store_memory=512 << 20, runtime_env={"env_vars": worker_env()})

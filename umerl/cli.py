@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (getattr(args, "address", None) or os.environ.get("RAY_ADDRESS")):
         # A local Ray binds to loopback only; read by Ray at import, so set before importing it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from umerl.driver import StageError
+    from umerl.runtime.remote import StageError
 
     try:
         return args.handler(args)
@@ -256,7 +256,7 @@ def _dotlist_value(value: object) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from umerl.data.tasks import resolve_tasks
-    from umerl.driver import eval_settings, run_eval, run_eval_work
+    from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.runtime.console import quiet
@@ -284,8 +284,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Path,
                       out: str) -> int:
-    from umerl.driver import eval_settings, run_eval_work, run_mmeb_v2_eval
     from umerl.eval.mmeb_v2 import select_tasks
+    from umerl.eval.runner import eval_settings, run_eval_work, run_mmeb_v2_eval
 
     if not args.mmeb_v2:
         raise ValueError("--modalities and --tasks select MMEB-V2 tasks: they need --mmeb-v2 DIR")
@@ -406,8 +406,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_route_fit(args: argparse.Namespace) -> int:
     from umerl.data.tasks import resolve_tasks
-    from umerl.driver import eval_settings, fit_router_on
     from umerl.eval.router import describe
+    from umerl.eval.runner import eval_settings, fit_router_on
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.runtime.console import quiet

@@ -3,13 +3,15 @@
 ``gather`` waits for one call per worker. When a worker fails, the others get ``grace_s`` to
 finish (a rank blocked in a collective with a dead peer never would) and a ``WorkerError``
 names the first failed worker and its cause in one line; ``details`` keeps every failed
-worker's full traceback for the run's log file (``umerl.driver`` writes it).
+worker's full traceback for the run's log file (``reported_failures`` writes it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 
@@ -113,3 +115,52 @@ def _last_error_line(text: str) -> str:
     errors = [line for line in lines if ":" in line and line.split(":")[0].endswith(
         ("Error", "Exception", "Exit"))]
     return (errors or lines or ["(no message)"])[-1]
+
+
+class StageError(RuntimeError):
+    """A stage failed inside a worker: one line for the console, the traceback in a log."""
+
+
+@contextmanager
+def reported_failures(output_dir: str | Path, stage: str,
+                      last_checkpoint: Callable[[], Path | None] | None = None
+                      ) -> Iterator[None]:
+    """A worker failure becomes a ``StageError``: stage, worker and cause in one line; every
+    traceback goes to ``output_dir/logs/``. A training stage passes ``last_checkpoint``, which
+    finds its newest checkpoint (intact: checkpoints are written atomically)."""
+    try:
+        yield
+    except Exception as err:
+        if not isinstance(err, WorkerError) and not _is_train_failure(err):
+            raise
+        summary, details = _failure_text(err)
+        logs = Path(output_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        slug = "-".join("".join(c if c.isalnum() else " " for c in stage.lower()).split())
+        log = logs / f"{slug}-failure-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        log.write_text(details, encoding="utf-8")
+        if last_checkpoint is None:
+            raise StageError(f"{stage} failed: {summary}; traceback: {log}") from None
+        last = last_checkpoint()
+        kept = f"last checkpoint {last} (intact)" if last else "no checkpoint was written"
+        raise StageError(f"{stage} failed: {summary}; traceback: {log}; {kept}") from None
+
+
+def _is_train_failure(err: BaseException) -> bool:
+    from ray.train import TrainingFailedError
+
+    return isinstance(err, TrainingFailedError)
+
+
+def _failure_text(err: BaseException) -> tuple[str, str]:
+    if isinstance(err, WorkerError):
+        return str(err), err.details
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:  # Ray Train: {rank: exception}
+        rank = min(failures)
+        # Ray Train unwraps each worker's exception; its message keeps their tracebacks.
+        return f"SFT worker rank {rank}: {summarize(failures[rank])}", str(err)
+    cause = getattr(err, "controller_failure", None)  # Ray Train's controller failed
+    if cause is not None:
+        return f"Ray Train controller: {summarize(cause)}", traceback_text(cause)
+    return summarize(err), traceback_text(err)

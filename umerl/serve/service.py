@@ -699,7 +699,7 @@ def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> 
 def start_service(checkpoint: str, options: ServeOptions, router: Router | None) -> ServiceUrls:
     """Start Serve's HTTP proxy on ``host:port``, deploy the application and wait for the
     replicas' own servers (with ``direct_port``). Ray must already be initialised
-    (``umerl.driver.init_ray``)."""
+    (``umerl.runtime.ray_start.init_ray``)."""
     _, controller_env = serve_env(options)
     serve.start(http_options={"host": options.host, "port": options.port},
                 controller_options={"runtime_env": {"env_vars": controller_env}})
@@ -739,7 +739,7 @@ def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, .
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:
     """``umerl serve``: Ray (local on 127.0.0.1 unless ``ray.address``), the application, and a
     wait until Ctrl-C, which shuts Serve down."""
-    from umerl.driver import init_ray
+    from umerl.runtime.ray_start import init_ray
 
     router = Router.load(router_path) if router_path else None
     options = ServeOptions.from_config(cfg)

@@ -184,9 +184,16 @@ def format_reward(ctx: RewardContext) -> Tensor:
     return torch.tensor([float(matches_format(text)) for text in ctx.completions])
 
 
+def answer_reward(ctx: RewardContext) -> Tensor:
+    """Built-in ``answer``: 1.0 if the completion's ``<answer>`` names its pair's gold answer
+    (``umerl.data.answers``), else 0.0, also where the pair declares no answer."""
+    return torch.nan_to_num(ctx.answer_correct(), nan=0.0)
+
+
 BUILTIN_REWARDS = {
     "embedding": embedding,
     "format": format_reward,
     "rank": rank_reward,
     "margin": margin_reward,
+    "answer": answer_reward,
 }

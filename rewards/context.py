@@ -11,12 +11,15 @@ so ``rewards[ctx.query_slice]`` is the query side and ``r // G`` is the rollout'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from umerl.data.answers import gold_answer, names_answer
 
 QUERY, TARGET = 0, 1
 SIDE_NAMES = ("query", "target")
@@ -111,6 +114,14 @@ class RewardContext:
     def meta_of(self, rollout: int) -> dict[str, Any]:
         """The metadata of rollout ``rollout``'s pair."""
         return self.meta[int(self.pair_index[rollout])]
+
+    def answer_correct(self) -> Tensor:
+        """``float32 [R]``: 1.0 where the rollout's ``<answer>`` names its pair's gold answer,
+        0.0 where it does not, NaN where the pair declares none (``umerl.data.answers``)."""
+        gold = [gold_answer(m.get("task", ""), m.get("meta", {})) for m in self.meta]
+        values = [math.nan if gold[p] is None else float(names_answer(text, gold[p]))
+                  for text, p in zip(self.completions, self.pair_index.tolist())]
+        return torch.tensor(values, dtype=torch.float32)
 
     def describe(self, rollout: int) -> str:
         """``"query pair 3 (id 'x') sample 5"``, for error messages."""

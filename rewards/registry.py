@@ -271,7 +271,28 @@ def reward_metrics(ctx: RewardContext, total: Tensor, parts: Mapping[str, Tensor
             float(groups.std(dim=1).mean()) if ctx.group_size > 1 else 0.0)
     for label, seconds in timings.items():
         metrics[f"timing_s/reward/{label}"] = float(seconds)
-    return metrics
+    return metrics | answer_metrics(ctx)
+
+
+def answer_metrics(ctx: RewardContext) -> dict[str, float]:
+    """The share of sampled completions whose ``<answer>`` names the gold answer, over the
+    rollouts whose pair declares one (none: no metric): ``rollout/answer_accuracy``, per side
+    (``/query``, ``/target``) and, when the step mixes tasks, per task (``/<task>``)."""
+    correct = ctx.answer_correct()
+    checked = ~torch.isnan(correct)
+    if not bool(checked.any()):
+        return {}
+    out = {"rollout/answer_accuracy": float(correct[checked].mean())}
+    for side, rows in (("query", ctx.query_slice), ("target", ctx.target_slice)):
+        if bool(checked[rows].any()):
+            out[f"rollout/answer_accuracy/{side}"] = float(correct[rows][checked[rows]].mean())
+    tasks = [ctx.meta[p].get("task", "") for p in ctx.pair_index.tolist()]
+    if len(set(tasks)) > 1:
+        for task in sorted(set(tasks)):
+            rows = torch.tensor([t == task for t in tasks]) & checked
+            if bool(rows.any()):
+                out[f"rollout/answer_accuracy/{task}"] = float(correct[rows].mean())
+    return out
 
 
 def run_guarded(reward: Reward, ctx: RewardContext) -> Tensor:

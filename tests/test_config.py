@@ -103,3 +103,13 @@ def test_shipped_recipes_pass_the_schema_and_their_rules() -> None:
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         cfg = load_recipe(recipe)
         assert rollout_engine(cfg) in ("transformers", "vllm"), recipe
+
+
+def test_the_grpo_knobs_are_checked() -> None:
+    recipe = REPO / "recipes" / "cpu_tiny.yaml"
+    cfg = load_recipe(recipe, ["rl.loss_agg_mode=token-mean", "rl.norm_adv_by_std=false"])
+    assert cfg.rl.loss_agg_mode == "token-mean" and cfg.rl.norm_adv_by_std is False
+    with pytest.raises(ConfigError, match=r"'rl.loss_agg_mode' \(from command line.*token-sum"):
+        load_recipe(recipe, ["rl.loss_agg_mode=token-sum"])
+    with pytest.raises(ConfigError, match=r"'rl.norm_adv_by_std'"):
+        load_recipe(recipe, ["rl.norm_adv_by_std=3"])

@@ -19,10 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from umerl.config.schema import LOSS_AGG_MODES
 from umerl.train.grpo import (
+    aggregate,
     clipped_policy_loss,
     group_advantages,
-    grpo_loss,
     grpo_side_loss,
     k3_kl,
 )
@@ -437,26 +438,24 @@ def test_clipped_policy_loss_matches_verl(verl_algos, seed):
     logp, old_logp, _, advantages, mask = _policy_batch(seed)
     token_adv = advantages[:, None] * mask
     assert (advantages < 0).any() and (advantages > 0).any()
-    results = {}
-    # verl always dual-clips (clip_ratio_c must be > 1): c = 1e9 never binds, i.e. plain PPO.
-    for ours_c, verl_c in ((3.0, 3.0), (None, 1e9)):
-        per_token, clip_fraction = clipped_policy_loss(
-            logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, clip_ratio_c=ours_c
-        )
-        assert float(per_token[mask == 0].abs().max()) == 0.0
-        ours = per_token.sum() / mask.sum()  # token-mean
-        theirs, metrics = verl_algos.compute_policy_loss_vanilla(
-            old_log_prob=old_logp,
-            log_prob=logp,
-            advantages=token_adv,
-            response_mask=mask,
-            loss_agg_mode="token-mean",
-            config=_verl_actor_config(verl_c),
-        )
-        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
-        assert clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
-        results[ours_c] = float(ours)
-    assert abs(results[3.0] - results[None]) > 1e-3  # the dual clip binds on these inputs
+    per_token, clip_fraction = clipped_policy_loss(
+        logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28
+    )
+    assert float(per_token[mask == 0].abs().max()) == 0.0
+    ours = per_token.sum() / mask.sum()  # token-mean
+    # verl always dual-clips (clip_ratio_c must be > 1): c = 1e9 never binds, i.e. plain PPO,
+    # which is the paper's objective and this one's.
+    theirs, metrics = verl_algos.compute_policy_loss_vanilla(
+        old_log_prob=old_logp,
+        log_prob=logp,
+        advantages=token_adv,
+        response_mask=mask,
+        loss_agg_mode="token-mean",
+        config=_verl_actor_config(1e9),
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    assert clip_fraction == pytest.approx(metrics["actor/pg_clipfrac"], abs=1e-6)
+    assert 0 < clip_fraction < 1
 
 
 def test_k3_matches_verl(verl_algos):
@@ -569,19 +568,68 @@ def test_grpo_on_policy_and_two_sides():
     assert metrics["clip_fraction"] == 0.0 and metrics["kl"] == 0.0
     with pytest.raises(ValueError):
         grpo_side_loss(logp0, None, None, advantages, mask, 8, kl_beta=0.04)
-    # the two sides are averaged
-    query = {
-        "logp": logp0,
-        "old_logp": None,
-        "ref_logp": ref_logp,
-        "advantages": advantages,
-        "mask": mask,
-    }
-    target = {**query, "advantages": -advantages}
-    total, metrics = grpo_loss(query, target, max_completion_length=8)
-    q_loss, _ = grpo_side_loss(logp0, None, ref_logp, advantages, mask, 8)
-    t_loss, _ = grpo_side_loss(logp0, None, ref_logp, -advantages, mask, 8)
-    torch.testing.assert_close(total, (q_loss + t_loss) / 2)
-    assert metrics["query/loss"] == pytest.approx(float(q_loss))
-    assert metrics["target/loss"] == pytest.approx(float(t_loss))
-    assert metrics["loss"] == pytest.approx(float(total))
+
+
+# -- 6. the recipe knobs rl.norm_adv_by_std and rl.loss_agg_mode, against verl ----------------
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 8])
+def test_dr_grpo_advantages_match_verl(verl_algos, group_size):
+    gen = torch.Generator().manual_seed(10 + group_size)
+    n = 5 * group_size
+    rewards = torch.rand(n, generator=gen, dtype=torch.float64) * 0.01  # noise-sized spread
+    mask = _response_mask(gen, n, 6).double()
+    ours = group_advantages(rewards, group_size, norm_by_std=False)
+    token_rewards = torch.zeros_like(mask)
+    token_rewards[torch.arange(n), mask.sum(dim=1).long() - 1] = rewards
+    theirs, _ = verl_algos.compute_grpo_outcome_advantage(
+        token_level_rewards=token_rewards, response_mask=mask,
+        index=np.repeat(np.arange(n // group_size), group_size), norm_adv_by_std_in_grpo=False)
+    torch.testing.assert_close(ours[:, None] * mask, theirs, atol=1e-9, rtol=0)
+    # r - mean keeps the rewards' scale; dividing by the std blows noise up to size ~1
+    assert float(ours.abs().max()) < 0.01
+    assert float(group_advantages(rewards, group_size).abs().max()) > 0.5
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_loss_agg_modes_match_verl(verl_algos, mode):
+    logp, old_logp, ref_logp, advantages, mask = _policy_batch(11, rows=12, width=9)
+    max_len = 16
+    per_token = torch.randn(12, 9, generator=torch.Generator().manual_seed(4),
+                            dtype=torch.float64) * mask
+    theirs = verl_algos.agg_loss(per_token, mask, mode, loss_scale_factor=max_len)
+    # 1e-7: verl's seq-mean-token-mean divides by (token count + 1e-8)
+    torch.testing.assert_close(aggregate(per_token, mask.bool(), mode, max_len), theirs,
+                               atol=1e-7, rtol=0)
+    # and the whole side loss, policy and KL parts under the same mode
+    ours, metrics = grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len,
+                                   loss_agg_mode=mode)
+    pg, _ = verl_algos.compute_policy_loss_vanilla(
+        old_log_prob=old_logp, log_prob=logp, advantages=advantages[:, None] * mask,
+        response_mask=mask, loss_agg_mode=mode,
+        config=_verl_actor_config(1e9, loss_scale_factor=max_len))
+    kl = verl_algos.agg_loss(verl_algos.kl_penalty(logp, ref_logp, "low_var_kl"), mask, mode,
+                             loss_scale_factor=max_len)
+    torch.testing.assert_close(ours, pg + 0.04 * kl, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="loss_agg_mode 'token-sum'"):
+        aggregate(per_token, mask.bool(), "token-sum", max_len)
+
+
+def test_token_mean_over_micro_batches_and_ranks_is_the_step_mean():
+    """What the learner does for token-mean: each micro-batch's token sum over
+    ``token_divisor`` = step tokens / (ranks x micro-batches per side); averaging those losses
+    (DeepSpeed over micro-batches, data parallelism over ranks) gives the step's token mean."""
+    gen = torch.Generator().manual_seed(7)
+    ranks, micro, rows, width = 2, 3, 4, 10
+    values = torch.randn(ranks, micro, rows, width, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, width + 1, (ranks, micro, rows), generator=gen)
+    mask = torch.arange(width) < lengths[..., None]
+    divisor = float(mask.sum()) / (ranks * micro)
+    averaged = sum(aggregate(values[r, m] * mask[r, m], mask[r, m], "token-mean", 1, divisor)
+                   for r in range(ranks) for m in range(micro)) / (ranks * micro)
+    expected = float(values[mask].sum()) / int(mask.sum())
+    assert float(averaged) == pytest.approx(expected, abs=1e-12)
+    # without the divisor each micro-batch's own mean is averaged: a length bias
+    naive = sum(aggregate(values[r, m] * mask[r, m], mask[r, m], "token-mean", 1)
+                for r in range(ranks) for m in range(micro)) / (ranks * micro)
+    assert abs(float(naive) - expected) > 1e-3

@@ -508,3 +508,47 @@ def test_reward_metrics_report_each_parts_within_group_spread() -> None:
     assert metrics["reward/wide/group_std"] == pytest.approx(expected, rel=1e-5)
     assert metrics["reward/flat/group_std"] == 0.0
     assert metrics["reward/total/group_std"] == pytest.approx(expected, rel=1e-5)
+
+
+def _answer(text: str) -> str:
+    return f"<think>r</think><answer>{text}</answer><gen_emb>"
+
+
+def test_gold_answers_and_the_check() -> None:
+    from umerl.data.answers import gold_answer, names_answer
+
+    assert gold_answer("digits_cls", {"label": "nine"}) == "nine"
+    assert gold_answer("photo_i2t", {"label": "horse"}) is None  # its answer is a caption
+    assert gold_answer("my_task", {"answer": "Paris", "label": "x"}) == "Paris"
+    assert names_answer(_answer("  Nine. "), "nine")
+    assert names_answer(_answer('"a human face"'), "a  human face")
+    assert not names_answer(_answer("eight"), "nine")
+    assert not names_answer("<think>nine</think>nine<gen_emb>", "nine")  # no <answer> at all
+    assert not names_answer(_answer("ninety"), "nine")
+
+
+def test_answer_accuracy_metrics_and_reward() -> None:
+    """2 pairs x G=2: a labelled digits pair and an unlabelled caption pair; hand-counted."""
+    completions = [_answer("nine"), _answer("four"),        # query, pair 0: 1 of 2 right
+                   _answer("a dog"), _answer("a cat"),      # query, pair 1: no gold answer
+                   _answer("nine"), _answer("Nine"),        # target, pair 0: 2 of 2
+                   _answer("x"), _answer("y")]              # target, pair 1: no gold answer
+    query, target = random_embeddings(2, 2, dim=8, seed=0)
+    ctx = RewardContext.build(
+        completions=completions, completion_ids=[[1]] * 8, query_embeddings=query,
+        target_embeddings=target, group_size=2, step=1,
+        meta=[{"id": "a", "task": "digits_cls", "meta": {"label": "nine"}},
+              {"id": "b", "task": "photo_i2t", "meta": {"label": "dog"}}])
+    correct = ctx.answer_correct()
+    assert correct[[0, 1, 4, 5]].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert torch.isnan(correct[[2, 3, 6, 7]]).all()
+    metrics = rewards.reward_metrics(ctx, torch.zeros(8), {}, {})
+    assert metrics["rollout/answer_accuracy"] == pytest.approx(3 / 4)
+    assert metrics["rollout/answer_accuracy/query"] == pytest.approx(1 / 2)
+    assert metrics["rollout/answer_accuracy/target"] == pytest.approx(1.0)
+    assert metrics["rollout/answer_accuracy/digits_cls"] == pytest.approx(3 / 4)
+    assert "rollout/answer_accuracy/photo_i2t" not in metrics  # nothing to check there
+    assert rewards.BUILTIN_REWARDS["answer"](ctx).tolist() == [1, 0, 0, 0, 1, 1, 0, 0]
+    # a step without any declared answer logs no accuracy at all
+    assert not any(k.startswith("rollout/answer") for k in
+                   rewards.reward_metrics(make_ctx(2, 2), torch.zeros(8), {}, {}))

@@ -48,6 +48,7 @@ CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
                 "reward/zero_advantage_groups": "zero_adv", "actor/kl": "kl",
                 "actor/clip_fraction": "clip_fraction", "actor/ratio_mean": "ratio",
                 "rollout/staleness": "stale",
+                "rollout/answer_accuracy/query": "answer_acc",
                 "rollout/completion_len_mean": "completion_len_mean"}
 
 

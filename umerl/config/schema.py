@@ -31,6 +31,11 @@ class Rule:
     allowed: str
 
 
+# rl.loss_agg_mode's choices, verl's names (umerl/train/grpo.py implements each).
+LOSS_AGG_MODES = ("seq-mean-token-sum-norm", "seq-mean-token-sum", "seq-mean-token-mean",
+                  "token-mean")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -245,6 +250,8 @@ SCHEMA: dict[str, Rule] = {
     "rl.top_k": Int(0),
     "rl.top_p": Float(0.0, 1.0, low_open=True),
     "rl.adv_eps": POSITIVE,
+    "rl.norm_adv_by_std": Bool(),
+    "rl.loss_agg_mode": OneOf(*LOSS_AGG_MODES),
     "rl.clip_eps_low": Float(0.0, 1.0, low_open=True),
     "rl.clip_eps_high": POSITIVE,
     "rl.kl_beta": NONNEG,

@@ -1,13 +1,21 @@
-"""GRPO numerics for UME-R1 stage 2 (docs: ume-r1-method.md section 3).
+"""GRPO numerics for UME-R1 stage 2 (docs/method.md, "GRPO").
 
 Per side (query rollouts, target rollouts), with N = pairs x G sampled completions::
 
     A_i      = (r_i - mean_g(r)) / (std_g(r) + eps)             unbiased std, eps 1e-4
+               (rl.norm_adv_by_std=false, Dr. GRPO: A_i = r_i - mean_g(r))
     rho_it   = exp(logp_it - old_logp_it)
     pg_it    = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps_low, 1 + eps_high))   eps 0.2 / 0.28
     k3_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
-    L_side   = mean_i [ sum_t mask_it (pg_it + beta k3_it) / max_completion_length ]   beta 0.04
+    L_side   = agg(pg_it + beta k3_it)                                            beta 0.04
     L        = (L_query + L_target) / 2
+
+``agg`` is ``rl.loss_agg_mode`` (verl's names), over the side's N sequences x T tokens:
+
+    seq-mean-token-sum-norm  mean_i [ sum_t x_it / max_completion_length ]    (the default)
+    seq-mean-token-sum       mean_i [ sum_t x_it ]
+    seq-mean-token-mean      mean_i [ sum_t x_it / T_i ]                      (T_i: i's tokens)
+    token-mean               sum_i sum_t x_it / sum_i T_i       over the whole step's side
 
 Every constant is a parameter. Notes against verl 0.9.1 ``verl.trainer.ppo.core_algos`` (the
 cross-check reference in tests/test_losses.py):
@@ -18,31 +26,37 @@ cross-check reference in tests/test_losses.py):
 * Clamping: like verl, the log-ratio is clamped to [-20, 20] before ``exp`` (policy ratio and
   k3), and k3 itself is clamped to [-10, 10]. The clamps zero the gradient where they bind.
 * Dual clip: verl's ``compute_policy_loss_vanilla`` always applies dual-clip PPO for A < 0
-  (loss capped at -A * clip_ratio_c, default 3). The paper does not; ``clip_ratio_c=None`` (the
-  default) disables it, a number enables it.
-* Aggregation: ``grpo_side_loss`` is verl's ``seq-mean-token-sum-norm`` mode with
+  (loss capped at -A * clip_ratio_c, default 3). The paper does not, and neither does this.
+* Aggregation: the default is verl's ``seq-mean-token-sum-norm`` mode with
   ``loss_scale_factor = max_completion_length`` (TRL calls it ``dr_grpo``), except that verl
   drops fully masked sequences from the mean, while here every sequence counts (a sampled
   completion always has at least one token, so the two agree in practice).
-* Data parallel: the side loss is a mean over the LOCAL sequences; DP gradient averaging over
-  ranks holding equal numbers of sequences gives the global mean.
+* Data parallel: the seq-mean modes are a mean over the LOCAL sequences; DP gradient averaging
+  over ranks (and DeepSpeed's over micro-batches) holding equal numbers of sequences gives the
+  global mean. ``token-mean`` divides each micro-batch's token sum by ``token_divisor``, the
+  side's token count over the whole step divided by the number of micro-batches that average
+  into the update, so that the averaged gradient is the step-wide token mean (verl passes its
+  ``batch_num_tokens`` for the same reason).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch import Tensor
 
+from umerl.config.schema import LOSS_AGG_MODES
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4,
+                     norm_by_std: bool = True) -> Tensor:
     """Group-normalised advantages ``(r - mean_g) / (std_g + eps)``, unbiased std.
 
     Args:
         rewards: [N] scalar rewards, ordered group-major: group g is rows g*G .. g*G + G - 1.
         group_size: G; N must be a multiple of it.
         eps: added to the std (the paper: 1e-4).
+        norm_by_std: False gives Dr. GRPO's ``r - mean_g`` (no division: a group whose rewards
+            differ by noise alone gets advantages of the noise's size, not of size 1).
 
     Returns:
         [N] advantages (detached, float32 or wider). A group with identical rewards gets 0.
@@ -58,9 +72,11 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Ten
     if group_size == 1:
         return torch.zeros_like(rewards)
     grouped = rewards.view(-1, group_size)
-    mean = grouped.mean(dim=1, keepdim=True)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if not norm_by_std:
+        return centred.reshape(-1)
     std = grouped.std(dim=1, keepdim=True, unbiased=True)
-    return ((grouped - mean) / (std + eps)).reshape(-1)
+    return (centred / (std + eps)).reshape(-1)
 
 
 def k3_kl(
@@ -95,7 +111,6 @@ def clipped_policy_loss(
     mask: Tensor,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
-    clip_ratio_c: float | None = None,
     log_ratio_clamp: float = 20.0,
 ) -> tuple[Tensor, float]:
     """Token-level PPO clipped objective (as a loss to minimise).
@@ -106,14 +121,12 @@ def clipped_policy_loss(
         advantages: [N] (one per sequence, broadcast over tokens) or [N, T].
         mask: [N, T] valid completion tokens (bool or 0/1).
         eps_low, eps_high: ratio clip range [1 - eps_low, 1 + eps_high].
-        clip_ratio_c: if set (> 1), dual-clip PPO: for A < 0 the loss is capped at -A * c.
         log_ratio_clamp: logp - old_logp is clamped to +-this before ``exp``.
 
     Returns:
-        per_token_loss: [N, T], ``max(-A r, -A clip(r))`` (dual-clipped if enabled), 0 where
-            mask is False.
+        per_token_loss: [N, T], ``max(-A r, -A clip(r))``, 0 where mask is False.
         clip_fraction: share of valid tokens where the clipped term is the active one (verl's
-            ``pg_clipfrac``; dual-clip activations are not counted).
+            ``pg_clipfrac``).
     """
     mask = mask.bool()
     adv = _token_advantages(advantages, logp)
@@ -121,12 +134,27 @@ def clipped_policy_loss(
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = torch.maximum(unclipped, clipped)
-    if clip_ratio_c is not None:
-        if clip_ratio_c <= 1:
-            raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
-        loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_ratio_c), loss)
     clip_fraction = _masked_mean((clipped > unclipped).to(logp.dtype), mask)
     return torch.where(mask, loss, torch.zeros_like(loss)), clip_fraction
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_completion_length: int,
+              token_divisor: float | None = None) -> Tensor:
+    """``per_token`` [N, T] (0 where ``mask`` is False) to one number, by ``mode`` (one of
+    ``LOSS_AGG_MODES``; the formulas are in the module docstring). ``token_divisor``: the
+    divisor of ``token-mean`` (default: this batch's own token count)."""
+    rows = per_token.shape[0]
+    sums = per_token.sum(dim=1)
+    if mode == "seq-mean-token-sum-norm":
+        return sums.div(max_completion_length).sum() / rows
+    if mode == "seq-mean-token-sum":
+        return sums.sum() / rows
+    if mode == "seq-mean-token-mean":
+        return (sums / mask.sum(dim=1).clamp(min=1)).sum() / rows
+    if mode == "token-mean":
+        divisor = float(mask.sum()) if token_divisor is None else float(token_divisor)
+        return sums.sum() / max(divisor, 1.0)
+    raise ValueError(f"loss_agg_mode {mode!r}: expected one of {', '.join(LOSS_AGG_MODES)}")
 
 
 def grpo_side_loss(
@@ -139,11 +167,10 @@ def grpo_side_loss(
     kl_beta: float = 0.04,
     eps_low: float = 0.2,
     eps_high: float = 0.28,
-    clip_ratio_c: float | None = None,
+    loss_agg_mode: str = "seq-mean-token-sum-norm",
+    token_divisor: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO loss of one side (query or target rollouts).
-
-    ``sum_t mask * (pg + kl_beta * k3) / max_completion_length``, averaged over the N sequences.
+    """GRPO loss of one side (query or target rollouts): ``agg(pg + kl_beta * k3)``.
 
     Args:
         logp: [N, T] current-policy log-probs (with grad).
@@ -151,7 +178,9 @@ def grpo_side_loss(
             so the ratio is 1 but its gradient is the policy gradient).
         ref_logp: [N, T] frozen-reference log-probs; may be ``None`` only when kl_beta == 0.
         advantages: [N] or [N, T]; mask: [N, T] valid completion tokens.
-        max_completion_length: the constant divisor (the generation limit), not the batch's T.
+        max_completion_length: the constant divisor of ``seq-mean-token-sum-norm`` (the
+            generation limit), not the batch's T.
+        loss_agg_mode, token_divisor: see ``aggregate``.
 
     Returns:
         (loss, metrics): metrics hold ``policy_loss`` and ``kl_loss`` (the two parts of the loss
@@ -164,18 +193,19 @@ def grpo_side_loss(
     mask = mask.bool()
     if old_logp is None:
         old_logp = logp.detach()
-    pg, clip_fraction = clipped_policy_loss(
-        logp, old_logp, advantages, mask, eps_low, eps_high, clip_ratio_c
-    )
-    rows = logp.shape[0]
-    policy_loss = pg.sum(dim=1).div(max_completion_length).sum() / rows
+    pg, clip_fraction = clipped_policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high)
+
+    def agg(per_token: Tensor) -> Tensor:
+        return aggregate(per_token, mask, loss_agg_mode, max_completion_length, token_divisor)
+
+    policy_loss = agg(pg)
     if ref_logp is None:
         if kl_beta != 0:
             raise ValueError("ref_logp is required when kl_beta != 0")
         kl_tok = torch.zeros_like(logp)
     else:
         kl_tok = torch.where(mask, k3_kl(logp, ref_logp), torch.zeros_like(logp))
-    kl_loss = kl_tok.sum(dim=1).div(max_completion_length).sum() / rows
+    kl_loss = agg(kl_tok)
     loss = policy_loss + kl_beta * kl_loss
     metrics = {
         "loss": float(loss.detach()),
@@ -186,25 +216,4 @@ def grpo_side_loss(
         # Token mean of rho = exp(logp - old_logp): 1 on-policy, off 1 for stale rollouts.
         "ratio_mean": _masked_mean(torch.exp((logp - old_logp).detach().clamp(-20, 20)), mask),
     }
-    return loss, metrics
-
-
-def grpo_loss(
-    query_side: Mapping[str, Tensor | None], target_side: Mapping[str, Tensor | None], **kwargs
-) -> tuple[Tensor, dict[str, float]]:
-    """``(L_query + L_target) / 2``.
-
-    Each side maps ``logp, old_logp, ref_logp, advantages, mask`` to tensors (``old_logp`` and
-    ``ref_logp`` may be None, see ``grpo_side_loss``); ``kwargs`` (max_completion_length,
-    kl_beta, eps_low, eps_high, clip_ratio_c) are shared. Metrics are prefixed ``query/`` and
-    ``target/``, plus the total ``loss``.
-    """
-    keys = ("logp", "old_logp", "ref_logp", "advantages", "mask")
-    losses, metrics = [], {}
-    for name, side in (("query", query_side), ("target", target_side)):
-        side_loss, side_metrics = grpo_side_loss(*(side.get(k) for k in keys), **kwargs)
-        losses.append(side_loss)
-        metrics.update({f"{name}/{k}": v for k, v in side_metrics.items()})
-    loss = (losses[0] + losses[1]) / 2
-    metrics["loss"] = float(loss.detach())
     return loss, metrics

@@ -153,7 +153,8 @@ class Learner:
             forwards = None
             scored = {name: self._score(batches[name]) for name in batches}
         rewards, metrics = self._rewards(shard, scored)
-        advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps))
+        advantages = group_advantages(rewards, G, eps=float(self.rcfg.adv_eps),
+                                      norm_by_std=bool(self.rcfg.norm_adv_by_std))
         # Groups that teach nothing: identical rewards, so every advantage is 0.
         metrics["reward/zero_advantage_groups"] = float(
             (advantages.view(-1, G).abs().amax(dim=1) == 0).float().mean())
@@ -258,7 +259,9 @@ class Learner:
         ones against the current policy's own (detached: a ratio of 1)."""
         sums: dict[str, float] = {}
         n_micro = sum(len(side_batches) for side_batches in batches.values())
+        mode = str(self.rcfg.loss_agg_mode)
         for name, side_batches in batches.items():
+            divisor = _token_divisor(side_batches) if mode == "token-mean" else None
             for i, batch in enumerate(side_batches):
                 a = i * self.micro
                 out: PolicyOutput = (forwards[name][i] if forwards is not None
@@ -268,7 +271,8 @@ class Learner:
                     advantages[name][a:a + self.micro].to(out.logprobs.device),
                     out.completion_mask, self.max_completion_length,
                     kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
-                    eps_high=float(self.rcfg.clip_eps_high),
+                    eps_high=float(self.rcfg.clip_eps_high), loss_agg_mode=mode,
+                    token_divisor=divisor,
                 )
                 # DeepSpeed averages micro-batch losses over gradient accumulation; with both
                 # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
@@ -361,6 +365,14 @@ def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 def _flat(groups: list[list[Any]] | None) -> list[Any] | None:
     """[pair][sample] -> [pair * G + sample] (None stays None)."""
     return None if groups is None else [x for group in groups for x in group]
+
+
+def _token_divisor(side_batches: list[dict[str, Any]]) -> float:
+    """``token-mean``'s divisor for each micro-batch of one side: the side's completion tokens
+    over every rank, divided by the micro-batches that DeepSpeed and data parallelism average
+    (this side's on every rank), so that the averaged gradient is the step-wide token mean."""
+    local = float(sum(int(b["inputs"]["completion_lengths"].sum()) for b in side_batches))
+    return udist.all_reduce_sum(local) / (udist.world_size() * len(side_batches))
 
 
 def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The built-in rewards: UME-R1's embedding reward (rank x margin), its ablation parts, format.
 
-The embedding reward (ume-r1-method.md, section 3). For an anchor rollout i of pair p (a query
-rollout, scored against target rollouts; or a target rollout, scored against query rollouts):
+The embedding reward (docs/method.md, 'The embedding reward'). For an anchor rollout i of
+pair p (a query rollout, scored against target rollouts; or a target rollout, scored against
+query rollouts):
 
     S[i, :]  similarities of i to ALL P*G rollouts of the other side in the step
     Pos      the G columns of pair p;   Neg  the (P-1)*G columns of the other pairs

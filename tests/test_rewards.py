@@ -32,7 +32,9 @@ GOOD = "<think>a</think><answer>b</answer><gen_emb>"
 
 
 def reference_side(anchors: list[list[float]], others: list[list[float]], group: int) -> list:
-    """R_emb for each anchor rollout against all rollouts of the other side (ume-r1-method §3).
+    """R_emb for each anchor rollout against all rollouts of the other side.
+
+    The definition: docs/method.md, 'The embedding reward'.
 
     topG: columns sorted by similarity, descending, ties by lower column index first.
     A single pair has no negatives: mean(N) is taken as 0.

@@ -1,4 +1,4 @@
-"""GRPO numerics for UME-R1 stage 2 (docs/method.md, "GRPO").
+"""GRPO numerics for UME-R1 stage 2 (docs/method.md, 'Stage 2: GRPO').
 
 Per side (query rollouts, target rollouts), with N = pairs x G sampled completions::
 

@@ -1,7 +1,7 @@
 """Cold-start SFT objective: two symmetric InfoNCE losses plus completion cross-entropy.
 
-UME-R1 stage 1 (docs: ume-r1-method.md section 2) trains on one teacher-forced forward pass per
-side and minimises, with all weights 1::
+UME-R1 stage 1 (docs/method.md, 'Stage 1: cold-start SFT') trains on one teacher-forced
+forward pass per side and minimises, with all weights 1::
 
     InfoNCE(gen_q, gen_t) + InfoNCE(disc_q, disc_t) + CE(query completion) + CE(target completion)
 

@@ -78,6 +78,10 @@ def test_umerl_eval_writes_scores_that_recompute_from_saved_embeddings(
     assert set(task["scores"]) == {"disc", "gen", "oracle"}
     assert task["scores"]["oracle"] >= max(task["scores"]["disc"], task["scores"]["gen"])
     assert 0.0 <= task["pass_at_k"]["pass@1"] <= task["pass_at_k"]["pass@2"] <= 1.0
+    for key in ("pass@1", "pass@2"):  # per query too, for `umerl compare`'s intervals
+        assert len(task["per_query"][key]) == 4
+        assert np.mean(task["per_query"][key]) == pytest.approx(task["pass_at_k"][key])
+    assert all(v in (0.0, 0.5, 1.0) for v in task["per_query"]["pass@1"])  # c / 2 samples
     for mode in ("disc", "gen", "oracle"):
         scores = json.loads((out / mode / "colours_score.json").read_text())
         assert {"hit@1", "ndcg_linear@5", "hit@5", "ndcg_linear@10"} <= set(scores)

@@ -312,3 +312,13 @@ def test_shape_mismatch_raises():
         score_queries([np.array([0.1, 0.2])], [np.array([1, 0, 0])])
     with pytest.raises(ValueError):
         score_queries([np.array([0.1])], [np.array([1]), np.array([1])])
+
+
+def test_pass_at_k_per_query_by_hand() -> None:
+    from umerl.eval.metrics import pass_at_k, pass_at_k_per_query
+
+    correct = np.array([0, 1, 4])
+    assert pass_at_k_per_query(correct, 4, 1).tolist() == [0.0, 0.25, 1.0]
+    # k = 2 of n = 4 with c = 1: 1 - C(3, 2) / C(4, 2) = 1 - 3 / 6
+    assert pass_at_k_per_query(correct, 4, 2).tolist() == [0.0, 0.5, 1.0]
+    assert pass_at_k(correct, 4, 2) == pytest.approx(0.5)

@@ -193,7 +193,10 @@ class Evaluator:
             result.per_mode[name] = metrics.mean_metrics(values)
             result.per_query[name] = [float(v) for v in values[spec.metric]]
         if self.settings.pass_k:
-            result.pass_at_k = self._pass_at_k(spec.name, pools, cand_emb)
+            per_query_pass = self._pass_at_k(spec.name, pools, cand_emb)
+            result.pass_at_k = {key: float(np.mean(v)) for key, v in per_query_pass.items()}
+            # per query too, so that `umerl compare` gives pass@k intervals as for the modes
+            result.per_query.update({key: v.tolist() for key, v in per_query_pass.items()})
         result.seconds = time.perf_counter() - start
         if out_dir is not None:
             self._write_task(out_dir, spec, pools, result, query_emb, cand_emb, completions)
@@ -225,14 +228,17 @@ class Evaluator:
             )
         return query_emb, cand_emb, completions
 
-    def _pass_at_k(self, label: str, pools: TaskPools, cand_emb: dict) -> dict[str, float]:
+    def _pass_at_k(self, label: str, pools: TaskPools, cand_emb: dict
+                   ) -> dict[str, np.ndarray]:
+        """``pass@k`` -> each query's unbiased estimate."""
         n = max(self.settings.pass_k)
         samples = self.sample_queries(pools.queries, n, f"{label} queries")
         correct = np.array([
             metrics.num_first_hits(samples[i] @ cand_emb["gen"][pool].T, rel)
             for i, (pool, rel) in enumerate(zip(pools.pools, pools.relevance))
         ])
-        return {f"pass@{k}": metrics.pass_at_k(correct, n, k) for k in self.settings.pass_k}
+        return {f"pass@{k}": metrics.pass_at_k_per_query(correct, n, k)
+                for k in self.settings.pass_k}
 
     def _write_task(self, out_dir: Path, spec: TaskSpec, pools: TaskPools, result: TaskResult,
                     query_emb: dict, cand_emb: dict, completions: dict) -> None:

@@ -193,7 +193,12 @@ def num_first_hits(sample_scores: np.ndarray, relevance: np.ndarray) -> int:
 
 
 def pass_at_k(num_correct: np.ndarray, num_samples: int, k: int) -> float:
-    """Mean over queries of the unbiased pass@k estimator 1 - C(n-c, k) / C(n, k).
+    """Mean over queries of the unbiased pass@k estimator (``pass_at_k_per_query``)."""
+    return float(np.mean(pass_at_k_per_query(num_correct, num_samples, k)))
+
+
+def pass_at_k_per_query(num_correct: np.ndarray, num_samples: int, k: int) -> np.ndarray:
+    """The unbiased pass@k estimator 1 - C(n-c, k) / C(n, k) of each query.
 
     ``num_correct[q]`` is ``c``, the number of the ``n = num_samples`` sampled embeddings of
     query q whose ranking puts a relevant candidate first (Chen et al. 2021). With k == n this
@@ -213,7 +218,7 @@ def pass_at_k(num_correct: np.ndarray, num_samples: int, k: int) -> float:
         raise ValueError(f"num_correct must lie in [0, {n}]")
     # Exact integer binomials: the float product form loses precision for large n.
     total = math.comb(n, k)
-    return float(np.mean([1.0 - math.comb(n - int(ci), k) / total for ci in c]))
+    return np.array([1.0 - math.comb(n - int(ci), k) / total for ci in c])
 
 
 def oracle(

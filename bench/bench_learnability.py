@@ -1,0 +1,199 @@
+"""Does GRPO raise what it rewards? GRPO on one task's RL pairs from an SFT checkpoint, several
+seeds, beside a control whose embedding reward is shuffled within each group; the share of
+sampled completions naming the gold answer step by step, and the task's test split before and
+after (greedy gen and sampled pass@1, paired bootstrap intervals).
+
+    .venv/bin/python bench/bench_learnability.py --checkpoint runs/cpu_tiny/sft \\
+        [--task digits_cls] [--steps 200] [--seeds 0,1,2] [--out /tmp/umerl-learnability] \\
+        [--recipe recipes/cpu_tiny.yaml] [key=value ...]
+
+Each (variant, seed) is one ``umerl rl`` run on its own local Ray with the recipe's RL
+settings, ``rl.data`` the task's RL pairs, ``rl.max_steps`` the steps, evaluated on the task's
+test split (modes gen:gen, pass@1 from ``eval.pass_k``'s samples). Printed: per seed, the
+query-side answer accuracy (``rollout/answer_accuracy/query``) of the first and last 10% of
+steps and its change, with the mean and a 95% t-interval over seeds; the mean embedding reward
+likewise; then greedy gen and pass@1 after RL minus before, per seed with 95% paired bootstrap
+intervals over the test queries (``umerl.eval.compare``). A PNG of the curves goes to
+OUT/learnability.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ACCURACY = "rollout/answer_accuracy/query"
+REWARD = "reward/embedding"
+VARIANTS = {  # label -> the rewards list; the control's part keeps the label "embedding"
+    "reward": "[{name: format, weight: 1.0}, {name: embedding, weight: 1.0}]",
+    "shuffled": "[{name: format, weight: 1.0}, {name: 'bench/shuffled_reward.py:"
+                "shuffled_embedding', label: embedding, weight: 1.0}]",
+}
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> Path:
+    """One ``umerl rl`` run into OUT/<variant>-seed<seed> (replaced); returns the folder."""
+    out = Path(args.out) / f"{variant}-seed{seed}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    pairs = Path(args.benchmark) / args.task / "rl_pairs.jsonl"
+    command = [
+        sys.executable, "-m", "umerl.cli", "rl", str(args.recipe), "--checkpoint",
+        str(checkpoint), f"output_dir={out}", f"seed={seed}", f"rl.data=[{pairs}]",
+        f"rl.max_steps={args.steps}", f"rl.save_every={args.steps}", f"rewards={VARIANTS[variant]}",
+        f"eval.tasks=[{args.task}]", "eval.modes=[gen:gen]", "eval.before=true",
+        *args.overrides,
+    ]
+    env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    env.pop("RAY_ADDRESS", None)
+    start = time.perf_counter()
+    with open(out / "run.log", "w", encoding="utf-8") as log:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (out / "run.log").read_text(encoding="utf-8").splitlines()[-20:]
+        raise SystemExit(f"{variant} seed {seed}: umerl rl failed (exit {proc.returncode}); "
+                         f"log {out / 'run.log'}:\n" + "\n".join(tail))
+    print(f"[learnability] {variant} seed {seed}: {time.perf_counter() - start:.0f} s, {out}",
+          flush=True)
+    return out
+
+
+def curve(out: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics" / "rl.jsonl").read_text().splitlines()]
+    values = [row[key] for row in rows if key in row]
+    if len(values) != len(rows):
+        raise SystemExit(f"{out}: {key} missing from {len(rows) - len(values)} steps")
+    return values
+
+
+def first_last(values: list[float]) -> tuple[float, float]:
+    """Means of the first and last 10% of steps (at least one step each)."""
+    n = max(1, len(values) // 10)
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval (mean, low, high); a single value has no interval."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def curve_rows(runs: dict[tuple[str, int], Path], key: str) -> list[dict]:
+    rows = []
+    for (variant, seed), out in runs.items():
+        first, last = first_last(curve(out, key))
+        rows.append({"variant": variant, "seed": seed, "first 10%": round(100 * first, 1),
+                     "last 10%": round(100 * last, 1), "change": round(100 * (last - first), 1)})
+    for variant in sorted({v for v, _ in runs}, key=list(VARIANTS).index):
+        changes = [r["change"] for r in rows if r["variant"] == variant]
+        mean, low, high = t_interval(changes)
+        rows.append({"variant": variant, "seed": "mean", "change": f"{mean:+.1f} "
+                     f"[{low:+.1f}, {high:+.1f}]"})
+    return rows
+
+
+def eval_rows(runs: dict[tuple[str, int], Path], resamples: int) -> list[dict]:
+    from umerl.eval.compare import compare
+
+    rows = []
+    for (variant, seed), out in runs.items():
+        before = json.loads((out / "eval" / "before" / "summary.json").read_text())
+        after = json.loads((out / "eval" / "rl" / "summary.json").read_text())
+        effect = compare(before, after, resamples=resamples, seed=seed)["overall"]
+        row = {"variant": variant, "seed": seed}
+        for mode in ("gen", "pass@1"):
+            e = effect[mode]
+            row[f"{mode} before"] = round(100 * before["modes"][mode]["overall"], 1)
+            row[f"{mode} after"] = round(100 * after["modes"][mode]["overall"], 1)
+            row[f"{mode} change"] = (f"{100 * e['diff']:+.1f} [{100 * e['low']:+.1f}, "
+                                     f"{100 * e['high']:+.1f}]")
+        rows.append(row)
+    return rows
+
+
+def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4))
+    for column, (key, title) in enumerate(((ACCURACY, "sampled answers naming the gold label"),
+                                           (REWARD, "mean embedding reward"))):
+        axes = figure.add_subplot(1, 2, column + 1)
+        for (variant, seed), out in runs.items():
+            values = curve(out, key)
+            window = max(1, len(values) // 20)  # a moving mean: single steps are noisy
+            smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(
+                0, i - window + 1):i + 1]) for i in range(len(values))]
+            axes.plot(range(1, len(values) + 1), smooth, label=f"{variant} seed {seed}",
+                      color="tab:blue" if variant == "reward" else "tab:grey",
+                      alpha=0.5 + 0.15 * seed)
+        axes.set_title(title)
+        axes.set_xlabel("GRPO step")
+        axes.legend(fontsize=7)
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="the SFT checkpoint (or sft/ root)")
+    parser.add_argument("--task", default="digits_cls")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default="/tmp/umerl-learnability")
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "cpu_tiny.yaml"))
+    parser.add_argument("--benchmark", default=None,
+                        help="the bundled benchmark folder (default: built or found as the "
+                        "recipe's data.benchmark_dir says)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("overrides", nargs="*", help="recipe key=value overrides")
+    args = parser.parse_args()
+
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import ensure_benchmark
+    from umerl.eval.metrics import format_table
+    from umerl.train import checkpoint as ckpt
+
+    if args.benchmark is None:
+        cfg = load_recipe(args.recipe, args.overrides)
+        args.benchmark = str(ensure_benchmark(cfg.data.benchmark_dir,
+                                              int(cfg.data.benchmark_seed)).parent)
+    start = Path(args.checkpoint).resolve()
+    checkpoint = ckpt.latest(start) or start
+    print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}", flush=True)
+    runs = {(variant, int(seed)): run(args, checkpoint, variant, int(seed))
+            for variant in args.variants.split(",") for seed in args.seeds.split(",")}
+    print(f"\nquery-side answer accuracy ({ACCURACY}), %:")
+    print(format_table(curve_rows(runs, ACCURACY),
+                       ["variant", "seed", "first 10%", "last 10%", "change"]))
+    print(f"\nmean embedding reward ({REWARD}), x100:")
+    print(format_table(curve_rows(runs, REWARD),
+                       ["variant", "seed", "first 10%", "last 10%", "change"]))
+    print(f"\n{args.task} test split, after RL - before, points [95% paired bootstrap]:")
+    columns = ["variant", "seed"] + [f"{m} {c}" for m in ("gen", "pass@1")
+                                     for c in ("before", "after", "change")]
+    print(format_table(eval_rows(runs, args.resamples), columns))
+    plot(runs, Path(args.out) / "learnability.png")
+    print(f"\ncurves: {Path(args.out) / 'learnability.png'}")
+
+
+if __name__ == "__main__":
+    main()

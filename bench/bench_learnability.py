@@ -7,9 +7,10 @@ after (greedy gen and sampled pass@1, paired bootstrap intervals).
         [--task digits_cls] [--steps 200] [--seeds 0,1,2] [--out /tmp/umerl-learnability] \\
         [--recipe recipes/cpu_tiny.yaml] [key=value ...]
 
-Each (variant, seed) is one ``umerl rl`` run on its own local Ray with the recipe's RL
-settings, ``rl.data`` the task's RL pairs, ``rl.max_steps`` the steps, evaluated on the task's
-test split (modes gen:gen, pass@1 from ``eval.pass_k``'s samples). Printed: per seed, the
+The checkpoint is evaluated once on the task's test split (``umerl eval``: mode gen, pass@1
+from ``eval.pass_k``'s samples, the recipe's eval settings); then each (variant, seed) is one
+``umerl rl`` run on its own local Ray with the recipe's RL settings, ``rl.data`` the task's RL
+pairs, ``rl.max_steps`` the steps, evaluated the same way after RL. Printed: per seed, the
 query-side answer accuracy (``rollout/answer_accuracy/query``) of the first and last 10% of
 steps and its change, with the mean and a 95% t-interval over seeds; the mean embedding reward
 likewise; then greedy gen and pass@1 after RL minus before, per seed with 95% paired bootstrap
@@ -45,6 +46,8 @@ T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31
 def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> Path:
     """One ``umerl rl`` run into OUT/<variant>-seed<seed> (replaced); returns the folder."""
     out = Path(args.out) / f"{variant}-seed{seed}"
+    if args.reuse and (out / "eval" / "rl" / "summary.json").is_file():
+        return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     pairs = Path(args.benchmark) / args.task / "rl_pairs.jsonl"
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
         sys.executable, "-m", "umerl.cli", "rl", str(args.recipe), "--checkpoint",
         str(checkpoint), f"output_dir={out}", f"seed={seed}", f"rl.data=[{pairs}]",
         f"rl.max_steps={args.steps}", f"rl.save_every={args.steps}", f"rewards={VARIANTS[variant]}",
-        f"eval.tasks=[{args.task}]", "eval.modes=[gen:gen]", "eval.before=true",
+        f"eval.tasks=[{args.task}]", "eval.modes=[gen:gen]", "eval.before=false",
         *args.overrides,
     ]
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
@@ -67,6 +70,21 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
     print(f"[learnability] {variant} seed {seed}: {time.perf_counter() - start:.0f} s, {out}",
           flush=True)
     return out
+
+
+def evaluate_start(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """The checkpoint's scores on the task's test split, with the recipe's eval settings."""
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import resolve_tasks
+    from umerl.eval.runner import eval_settings, run_eval
+
+    cfg = load_recipe(args.recipe, [*args.overrides, "eval.modes=[gen:gen]"])
+    specs = resolve_tasks([args.task], cfg.eval.split, args.benchmark_dir,
+                          int(cfg.data.benchmark_seed))
+    out = Path(args.out) / "before"
+    if args.reuse and (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    return run_eval(checkpoint, specs, eval_settings(cfg), out, cfg.model.dtype)
 
 
 def curve(out: Path, key: str) -> list[float]:
@@ -98,29 +116,29 @@ def curve_rows(runs: dict[tuple[str, int], Path], key: str) -> list[dict]:
     rows = []
     for (variant, seed), out in runs.items():
         first, last = first_last(curve(out, key))
-        rows.append({"variant": variant, "seed": seed, "first 10%": round(100 * first, 1),
-                     "last 10%": round(100 * last, 1), "change": round(100 * (last - first), 1)})
+        rows.append({"variant": variant, "seed": str(seed), "first 10%": f"{100 * first:.1f}",
+                     "last 10%": f"{100 * last:.1f}", "change": f"{100 * (last - first):+.1f}",
+                     "_change": 100 * (last - first)})
     for variant in sorted({v for v, _ in runs}, key=list(VARIANTS).index):
-        changes = [r["change"] for r in rows if r["variant"] == variant]
+        changes = [r["_change"] for r in rows if r["variant"] == variant]
         mean, low, high = t_interval(changes)
         rows.append({"variant": variant, "seed": "mean", "change": f"{mean:+.1f} "
                      f"[{low:+.1f}, {high:+.1f}]"})
     return rows
 
 
-def eval_rows(runs: dict[tuple[str, int], Path], resamples: int) -> list[dict]:
+def eval_rows(before: dict, runs: dict[tuple[str, int], Path], resamples: int) -> list[dict]:
     from umerl.eval.compare import compare
 
     rows = []
     for (variant, seed), out in runs.items():
-        before = json.loads((out / "eval" / "before" / "summary.json").read_text())
         after = json.loads((out / "eval" / "rl" / "summary.json").read_text())
         effect = compare(before, after, resamples=resamples, seed=seed)["overall"]
-        row = {"variant": variant, "seed": seed}
+        row = {"variant": variant, "seed": str(seed)}
         for mode in ("gen", "pass@1"):
             e = effect[mode]
-            row[f"{mode} before"] = round(100 * before["modes"][mode]["overall"], 1)
-            row[f"{mode} after"] = round(100 * after["modes"][mode]["overall"], 1)
+            row[f"{mode} before"] = f"{100 * before['modes'][mode]['overall']:.1f}"
+            row[f"{mode} after"] = f"{100 * after['modes'][mode]['overall']:.1f}"
             row[f"{mode} change"] = (f"{100 * e['diff']:+.1f} [{100 * e['low']:+.1f}, "
                                      f"{100 * e['high']:+.1f}]")
         rows.append(row)
@@ -164,6 +182,8 @@ def main() -> None:
                         "recipe's data.benchmark_dir says)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs found in OUT (and OUT/before): report again")
     parser.add_argument("overrides", nargs="*", help="recipe key=value overrides")
     args = parser.parse_args()
 
@@ -172,13 +192,13 @@ def main() -> None:
     from umerl.eval.metrics import format_table
     from umerl.train import checkpoint as ckpt
 
-    if args.benchmark is None:
-        cfg = load_recipe(args.recipe, args.overrides)
-        args.benchmark = str(ensure_benchmark(cfg.data.benchmark_dir,
-                                              int(cfg.data.benchmark_seed)).parent)
+    cfg = load_recipe(args.recipe, args.overrides)
+    args.benchmark_dir = args.benchmark or cfg.data.benchmark_dir
+    args.benchmark = str(ensure_benchmark(args.benchmark_dir, int(cfg.data.benchmark_seed)).parent)
     start = Path(args.checkpoint).resolve()
     checkpoint = ckpt.latest(start) or start
     print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}", flush=True)
+    before = evaluate_start(args, checkpoint)
     runs = {(variant, int(seed)): run(args, checkpoint, variant, int(seed))
             for variant in args.variants.split(",") for seed in args.seeds.split(",")}
     print(f"\nquery-side answer accuracy ({ACCURACY}), %:")
@@ -190,7 +210,7 @@ def main() -> None:
     print(f"\n{args.task} test split, after RL - before, points [95% paired bootstrap]:")
     columns = ["variant", "seed"] + [f"{m} {c}" for m in ("gen", "pass@1")
                                      for c in ("before", "after", "change")]
-    print(format_table(eval_rows(runs, args.resamples), columns))
+    print(format_table(eval_rows(before, runs, args.resamples), columns))
     plot(runs, Path(args.out) / "learnability.png")
     print(f"\ncurves: {Path(args.out) / 'learnability.png'}")
 

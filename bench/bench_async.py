@@ -35,6 +35,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported at run time after sys.path has the repository
+    from umerl.runtime.tracking import MemoryTracker
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -55,16 +59,6 @@ MODES = {
 }
 
 
-class Recorder:
-    """A tracker: keeps every step's metrics."""
-
-    def __init__(self) -> None:
-        self.steps: dict[int, dict[str, float]] = {}
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.steps[step] = dict(metrics)
-
-
 def default_checkpoint() -> str | None:
     from umerl.train import checkpoint as ckpt
 
@@ -73,18 +67,19 @@ def default_checkpoint() -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def run(label: str, overrides: list[str], checkpoint: str | None) -> Recorder:
+def run(label: str, overrides: list[str], checkpoint: str | None) -> MemoryTracker:
     from umerl.config.recipe import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model
     from umerl.rl import run_rl
     from umerl.runtime.ray_start import init_ray
+    from umerl.runtime.tracking import MemoryTracker
 
     out = f"/tmp/umerl-bench-async/{label.replace(' ', '_').replace(',', '')}"
     cfg = absolute_paths(load_recipe(REPO / "recipes" / "cpu_tiny.yaml",
                                      [f"output_dir={out}", *ONE_EACH, *overrides]))
     init_ray(cfg)
     policy = checkpoint or ensure_tiny_model(cfg.model.tiny)
-    recorder = Recorder()
+    recorder = MemoryTracker()
     start = time.perf_counter()
     run_rl(cfg, policy, policy, recorder)
     print(f"  {label}: {len(recorder.steps)} steps in {time.perf_counter() - start:.0f} s "
@@ -92,7 +87,7 @@ def run(label: str, overrides: list[str], checkpoint: str | None) -> Recorder:
     return recorder
 
 
-def mean(rec: Recorder, key: str, steady: bool = False) -> float:
+def mean(rec: MemoryTracker, key: str, steady: bool = False) -> float:
     steps = sorted(rec.steps)
     if steady and len(steps) > 2:
         steps = steps[1:-1]

@@ -18,6 +18,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported at run time after sys.path has the repository
+    from umerl.runtime.tracking import MemoryTracker
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,20 +32,11 @@ sys.path.insert(0, str(REPO))
 REWARD_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score")
 
 
-class Recorder:
-    """A tracker: keeps every step's metrics."""
-
-    def __init__(self) -> None:
-        self.steps: dict[int, dict[str, float]] = {}
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.steps[step] = dict(metrics)
-
-
-def run(cfg, checkpoint: str, label: str) -> tuple[Recorder, float]:
+def run(cfg, checkpoint: str, label: str) -> tuple[MemoryTracker, float]:
     from umerl.rl import run_rl
+    from umerl.runtime.tracking import MemoryTracker
 
-    recorder = Recorder()
+    recorder = MemoryTracker()
     start = time.perf_counter()
     run_rl(cfg, checkpoint, checkpoint, tracker=recorder)
     seconds = time.perf_counter() - start

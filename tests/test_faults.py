@@ -5,7 +5,7 @@ and a dead learner restarts the stage from its last complete checkpoint."""
 from __future__ import annotations
 
 import pytest
-from test_rl import local_ray, metrics_log, rl_config  # noqa: F401 - the shared Ray fixture
+from test_rl import determined, local_ray, rl_config, run_logged  # noqa: F401 - the Ray fixture
 
 from umerl.runtime.faults import Fault, for_actor, parse_fault
 from umerl.runtime.remote import WorkerError
@@ -40,41 +40,27 @@ def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
 RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.num_workers=2")
 
 
-def rewards(out: str) -> list[str]:
-    """Each step's reward and rank-score fields (timings differ between runs)."""
-    return [line.split(" | ")[0] for line in metrics_log(out)]
-
-
 @pytest.fixture(scope="module")
 def uncrashed(local_ray, tiny_model_dir, benchmark_manifest, tmp_path_factory):  # noqa: F811
-    import contextlib
-    import io
-
-    from umerl.rl import run_rl
-
-    out = io.StringIO()
     cfg = rl_config(tmp_path_factory.mktemp("uncrashed"), benchmark_manifest.parent, *RUN)
-    with contextlib.redirect_stdout(out):
-        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-    lines = rewards(out.getvalue())
-    assert len(lines) == 6
-    return lines
+    logged = determined(run_logged(cfg, tiny_model_dir)[0])
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+    return logged
 
 
 @pytest.mark.parametrize("fault", ["rollout/1/3/generate", "rollout/0/3/weight_sync"])
 def test_a_rollout_actor_killed_mid_step_costs_nothing(local_ray, tiny_model_dir,  # noqa: F811
                                                       benchmark_manifest, tmp_path, capsys,
                                                       uncrashed, fault):
-    from umerl.rl import run_rl
-
     cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, f"faults.kill=[{fault}]")
-    run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    tracker, _ = run_logged(cfg, tiny_model_dir)
     out = capsys.readouterr().out
     actor = fault.split("/")[1]
     phase = fault.split("/")[3]
     assert f"rollout actor {actor} failed during {phase} at step 3" in out
     assert "restart 1 of 3" in out
-    assert rewards(out) == uncrashed  # all 6 steps, each with the uncrashed run's rewards
+    assert [m["fault/rollout_restarts"] for _, m in tracker.logged] == [0, 0, 1, 1, 1, 1]
+    assert determined(tracker) == uncrashed  # all 6 steps, each with the uncrashed run's rewards
 
 
 def test_more_kills_than_max_restarts_is_a_clear_error(local_ray, tiny_model_dir,  # noqa: F811
@@ -96,19 +82,20 @@ def test_a_dead_learner_restarts_the_stage_from_its_last_checkpoint(
     """Killed in step 4's update, or halfway through step 4's checkpoint (which must not be
     used): the stage restarts from step 2's checkpoint and steps 3-6 repeat the uncrashed
     run's rewards exactly."""
-    from umerl.rl import run_rl
     from umerl.train import checkpoint as ckpt
 
     cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rl.max_failures=1",
                     f"faults.kill=[{fault}]")
-    final = run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    tracker, final = run_logged(cfg, tiny_model_dir)
     out = capsys.readouterr().out
     assert "restarting the RL stage from its last complete checkpoint (restart 1 of 1)" in out
     assert "resumed from" in out and "step_00000002" in out
-    lines = rewards(out)
-    first = lines[:3] if fault.endswith("update") else lines[:4]
-    assert first == uncrashed[:len(first)]  # before the kill
-    assert lines[len(first):] == uncrashed[2:]  # after the restart, from step 3: identical
+    logged = determined(tracker)
+    # a kill in the update comes before step 4 is logged; one in the save, after
+    before = [1, 2, 3] if fault.endswith("update") else [1, 2, 3, 4]
+    assert [step for step, _ in logged] == [*before, 3, 4, 5, 6]
+    assert logged[:len(before)] == uncrashed[:len(before)]  # before the kill
+    assert logged[len(before):] == uncrashed[2:]  # after the restart, from step 3: identical
     assert final.name == "step_00000006" and ckpt.verify(final) == final
 
 

@@ -11,9 +11,10 @@ import copy
 
 import pytest
 import torch
-from test_rl import local_ray, metrics_log, rl_config  # noqa: F401 - the shared Ray fixture
+from test_rl import determined, local_ray, rl_config, run_logged  # noqa: F401 - the Ray fixture
 
 from umerl.config.recipe import load_recipe
+from umerl.runtime.tracking import MemoryTracker
 
 
 def hf_token_logprobs(model, encoder, sides, completions) -> list[torch.Tensor]:
@@ -161,52 +162,40 @@ def test_the_schema_names_the_keys_of_an_impossible_single_forward(tmp_path):
         validate(load_recipe(None, ["rl.max_staleness=2"]))
 
 
-def reward_columns(lines: list[str]) -> list[str]:
-    return [line.split("| ")[0] for line in lines]
-
-
-def field(line: str, label: str) -> float:
-    words = line.split()
-    return float(words[words.index(label) + 1])
-
-
 def test_one_step_off_policy_runs_deterministically_and_resumes_exactly(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys):  # noqa: F811
-    from umerl.rl import run_rl
-
-    def run(name: str, *overrides: str) -> list[str]:
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
+    def run(name: str, *overrides: str) -> MemoryTracker:
         cfg = rl_config(tmp_path / name, benchmark_manifest.parent, "rl.max_staleness=1",
                         "rl.lr=0.02", "rl.max_steps=3", *overrides)
-        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-        return metrics_log(capsys.readouterr().out)
+        return run_logged(cfg, tiny_model_dir)[0]
 
     first = run("a")
-    assert len(first) == 3
+    assert [step for step, _ in first.logged] == [1, 2, 3]
+    steps = [m for _, m in first.logged]
     # step 1 samples with the starting weights and learns from them; steps 2 and 3 learn from
     # rollouts sampled one update earlier, and the ratio shows it
-    assert [field(line, "stale") for line in first] == [0.0, 1.0, 1.0]
-    assert field(first[0], "ratio") == 1.0 and field(first[2], "ratio") != 1.0
-    assert all("rollout_idle" in line and "learner_idle" in line for line in first)
-    assert reward_columns(run("b")) == reward_columns(first)
+    assert [m["rollout/staleness"] for m in steps] == [0.0, 1.0, 1.0]
+    assert steps[0]["actor/ratio_mean"] == 1.0
+    assert abs(steps[2]["actor/ratio_mean"] - 1) > 1e-3
+    assert all(0 <= m[f"{pool}/idle_ratio"] <= 1 for m in steps for pool in ("rollout", "learner"))
+    assert determined(run("b")) == determined(first)
     # A learner killed in step 3's update: the stage restarts from step 2's checkpoint, which
     # holds the rollouts generated ahead for step 3 (with their log-probs).
     restarted = run("c", "faults.kill=[learner/0/3/update]")
-    assert len(restarted) == 3 and restarted[2].startswith("[rl] step 3/3")
-    assert reward_columns(restarted) == reward_columns(first)
+    assert [step for step, _ in restarted.logged] == [1, 2, 3]
+    assert determined(restarted) == determined(first)
 
 
 def test_synchronous_loop_is_unchanged_by_the_single_forward(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys):  # noqa: F811
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
     """max_staleness 0 with either learner mode: on-policy every step (ratio 1, staleness 0)
     and the same rewards step by step as the two-pass loop this replaced."""
-    from umerl.rl import run_rl
-
-    lines = {}
+    logged = {}
     for single in ("true", "false"):
         cfg = rl_config(tmp_path / single, benchmark_manifest.parent, "rl.max_steps=3",
                         f"learner.single_forward={single}")
-        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-        lines[single] = metrics_log(capsys.readouterr().out)
-    assert all(field(line, "stale") == 0.0 and field(line, "ratio") == 1.0
-               for line in lines["true"])
-    assert reward_columns(lines["true"]) == reward_columns(lines["false"])
+        logged[single] = determined(run_logged(cfg, tiny_model_dir)[0])
+    assert [step for step, _ in logged["true"]] == [1, 2, 3]
+    assert all(m["rollout/staleness"] == 0.0 and m["actor/ratio_mean"] == 1.0
+               for _, m in logged["true"])
+    assert logged["true"] == logged["false"]

@@ -6,6 +6,7 @@ policy (the SFT stage is tested elsewhere), 2 pairs x G=2 per step, short comple
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from rollout.pool import _split, prompt_seed
 from umerl.config.recipe import load_recipe
+from umerl.runtime.tracking import MemoryTracker
 
 
 def test_prompt_seeds_do_not_depend_on_pool_sizes() -> None:
@@ -51,22 +53,38 @@ def rl_config(out: Path, benchmark: Path, *overrides: str):
     return absolute_paths(cfg)
 
 
-def metrics_log(output: str) -> list[str]:
-    return [line for line in output.splitlines() if line.startswith("[rl] step")]
+# What a step's data, seeds and weights decide (its timings aside): equal, step by step, in two
+# runs that sample the same rollouts from the same weights.
+DETERMINED = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
+              "reward/format/group_std", "reward/embedding/group_std",
+              "reward/zero_advantage_groups", "actor/kl", "actor/clip_fraction",
+              "actor/ratio_mean", "rollout/staleness", "rollout/completion_len_mean")
+REWARDS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score")
 
 
-def test_rl_steps_with_separate_pools(local_ray, tiny_model_dir, benchmark_manifest, tmp_path,
-                                      capsys):
+def run_logged(cfg, policy: Path) -> tuple[MemoryTracker, Path]:
+    """run_rl from ``policy`` (also the reference), with every step's metrics recorded."""
     from umerl.rl import run_rl
 
+    tracker = MemoryTracker()
+    final = run_rl(cfg, str(policy), str(policy), tracker)
+    return tracker, final
+
+
+def determined(tracker: MemoryTracker, keys: tuple[str, ...] = DETERMINED
+               ) -> list[tuple[int, dict[str, float]]]:
+    """Each logged step with its ``keys`` (a missing key fails: a comparison of what was not
+    logged would pass on nothing)."""
+    return [(step, {k: m[k] for k in keys}) for step, m in tracker.logged]
+
+
+def test_rl_steps_with_separate_pools(local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
     cfg = rl_config(tmp_path / "a", benchmark_manifest.parent)
-    final = run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-    out = capsys.readouterr().out
-    steps = metrics_log(out)
-    assert len(steps) == 2
-    for key in ("total", "format", "embedding", "rank_score", "kl", "clip_fraction",
-                "rollout", "learner", "weight_sync"):
-        assert f" {key} " in steps[-1], (key, steps[-1])
+    tracker, final = run_logged(cfg, tiny_model_dir)
+    assert [step for step, _ in tracker.logged] == [1, 2]
+    for key in (*REWARDS, "actor/kl", "actor/clip_fraction", "timing/rollout",
+                "timing/learner", "timing/weight_sync"):
+        assert all(math.isfinite(m[key]) for _, m in tracker.logged), key
     assert final.name == "step_00000002"
     from safetensors.torch import load_file
 
@@ -76,16 +94,14 @@ def test_rl_steps_with_separate_pools(local_ray, tiny_model_dir, benchmark_manif
 
 
 def test_rollout_pool_size_does_not_change_rewards(local_ray, tiny_model_dir,
-                                                   benchmark_manifest, tmp_path, capsys):
-    from umerl.rl import run_rl
-
-    rewards = {}
+                                                   benchmark_manifest, tmp_path):
+    logged = {}
     for n in (1, 2):
         cfg = rl_config(tmp_path / f"r{n}", benchmark_manifest.parent,
                         f"rollout.num_workers={n}")
-        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-        rewards[n] = [line.split("| ")[0] for line in metrics_log(capsys.readouterr().out)]
-    assert rewards[1] == rewards[2]
+        logged[n] = determined(run_logged(cfg, tiny_model_dir)[0])
+    assert [step for step, _ in logged[1]] == [1, 2]
+    assert logged[1] == logged[2]
 
 
 def learner_weights(learners) -> dict[str, torch.Tensor]:
@@ -207,60 +223,49 @@ def test_a_rollout_actor_killed_before_a_sync(local_ray, tiny_model_dir, benchma
 
 def test_resume_continues_at_the_right_step_with_the_right_data(
         local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys):
-    from umerl.rl import run_rl
-
     straight = rl_config(tmp_path / "straight", benchmark_manifest.parent, "rl.max_steps=3")
-    run_rl(straight, str(tiny_model_dir), str(tiny_model_dir))
-    uninterrupted = metrics_log(capsys.readouterr().out)
+    uninterrupted = determined(run_logged(straight, tiny_model_dir)[0])
+    assert [step for step, _ in uninterrupted] == [1, 2, 3]
 
     stopped = rl_config(tmp_path / "stopped", benchmark_manifest.parent, "rl.max_steps=2")
-    run_rl(stopped, str(tiny_model_dir), str(tiny_model_dir))
+    run_logged(stopped, tiny_model_dir)
     capsys.readouterr()
     resumed_cfg = rl_config(tmp_path / "stopped", benchmark_manifest.parent, "rl.max_steps=3")
-    run_rl(resumed_cfg, str(tiny_model_dir), str(tiny_model_dir))
+    resumed, _ = run_logged(resumed_cfg, tiny_model_dir)
     out = capsys.readouterr().out
     assert "resumed from" in out and "step_00000002" in out
-    resumed = metrics_log(out)
-    assert len(resumed) == 1 and resumed[0].startswith("[rl] step 3/3")
     # same weights after step 2, same pairs and seeds at step 3: the same rewards
-    assert resumed[0].split("| ")[0] == uninterrupted[2].split("| ")[0]
+    assert determined(resumed) == uninterrupted[2:]
 
 
 def test_learner_pool_size_does_not_change_rewards(local_ray, tiny_model_dir,
-                                                   benchmark_manifest, tmp_path, capsys):
+                                                   benchmark_manifest, tmp_path):
     """The reverse: 1 or 2 learner ranks (rollout pool fixed) score the same rollouts alike.
     After one update the two runs' weights differ by float rounding (the data-parallel
     reduction order), so the comparison is on the first step, from identical weights."""
-    from umerl.rl import run_rl
-
     rewards = {}
     for n in (1, 2):
         cfg = rl_config(tmp_path / f"l{n}", benchmark_manifest.parent,
                         f"learner.num_workers={n}", "rl.max_steps=1")
-        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
-        rewards[n] = [line.split("| ")[0] for line in metrics_log(capsys.readouterr().out)]
-    one, two = rewards[1][0].split(), rewards[2][0].split()
-    keep = [i for i, word in enumerate(one) if word in ("total", "format", "embedding",
-                                                        "rank_score")]
-    assert [one[i + 1] for i in keep] == [two[i + 1] for i in keep]
+        rewards[n] = determined(run_logged(cfg, tiny_model_dir)[0], REWARDS)
+    assert [step for step, _ in rewards[1]] == [step for step, _ in rewards[2]] == [1]
+    # One rank embeds all rows in one batch, two embed half each: float32 rounding apart.
+    assert rewards[2][0][1] == pytest.approx(rewards[1][0][1], rel=0, abs=1e-6)
 
 
 def test_zero3_learners_sync_save_and_resume(local_ray, tiny_model_dir, benchmark_manifest,
-                                             tmp_path, capsys):
+                                             tmp_path):
     """2 ZeRO-3 learner ranks: the rollout actor's weights equal the gathered (not the sharded)
     learner weights bit for bit (run_rl checks the digests at start and end, and raises
     otherwise), checkpoints hold full tensors, and a resumed run continues exactly."""
     from safetensors.torch import load_file
 
-    from umerl.rl import run_rl
-
     zero3 = ("learner.num_workers=2", "learner.zero_stage=3", "rollout.num_workers=1")
     straight = rl_config(tmp_path / "z3", benchmark_manifest.parent, "rl.max_steps=3", *zero3)
-    run_rl(straight, str(tiny_model_dir), str(tiny_model_dir))
-    uninterrupted = metrics_log(capsys.readouterr().out)
+    uninterrupted = determined(run_logged(straight, tiny_model_dir)[0])
+    assert [step for step, _ in uninterrupted] == [1, 2, 3]
     stopped = rl_config(tmp_path / "z3s", benchmark_manifest.parent, "rl.max_steps=2", *zero3)
-    final = run_rl(stopped, str(tiny_model_dir), str(tiny_model_dir))
-    capsys.readouterr()
+    _, final = run_logged(stopped, tiny_model_dir)
     exported = load_file(final / "model.safetensors")
     start = load_file(tiny_model_dir / "model.safetensors")
     assert all(t.numel() > 0 for t in exported.values())  # not the (0,)-shaped shards
@@ -269,6 +274,4 @@ def test_zero3_learners_sync_save_and_resume(local_ray, tiny_model_dir, benchmar
                if k in exported and "embed_tokens" not in k and "lm_head" not in k)
     assert any(not torch.equal(exported[k], start[k]) for k in start if k in exported)
     resumed = rl_config(tmp_path / "z3s", benchmark_manifest.parent, "rl.max_steps=3", *zero3)
-    run_rl(resumed, str(tiny_model_dir), str(tiny_model_dir))
-    out = metrics_log(capsys.readouterr().out)
-    assert len(out) == 1 and out[0].split("| ")[0] == uninterrupted[2].split("| ")[0]
+    assert determined(run_logged(resumed, tiny_model_dir)[0]) == uninterrupted[2:]

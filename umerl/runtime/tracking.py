@@ -62,3 +62,22 @@ class Tracker:
 
     def finish(self) -> None:
         self.run.finish()
+
+
+class MemoryTracker:
+    """The Tracker's ``log`` in memory, for tests and bench/: every call's step and a
+    copy of its metrics, in call order, as the Tracker receives them (a step the stage repeats
+    after a restart appears twice, as in the JSONL)."""
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict[str, Any]]] = []
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        # A copy: the caller's dict must not change the record after the call.
+        self.logged.append((int(step), dict(metrics)))
+
+    @property
+    def steps(self) -> dict[int, dict[str, Any]]:
+        """Each step's metrics, its last logged line winning (as ``umerl.eval.plots`` reads
+        the JSONL)."""
+        return dict(self.logged)

@@ -1,0 +1,24 @@
+"""The RL stage's console line, the one place a test reads it: the other RL tests read the
+recorded metrics (umerl.runtime.tracking.MemoryTracker), whatever the console prints."""
+
+from __future__ import annotations
+
+from umerl.rl import CONSOLE_KEYS, _console_line
+
+TIMED = "rollout 0.3s learner 1.0s weight_sync 0.0s step 1.4s"
+TIMINGS = {"timing/rollout": 0.31, "timing/learner": 1.04, "timing/weight_sync": 0.02,
+           "timing/step": 1.37}
+
+
+def test_the_rl_step_line_shows_every_console_metric_then_timings_and_idle():
+    metrics = {**{key: 0.1234 + n for n, key in enumerate(CONSOLE_KEYS)}, **TIMINGS,
+               "rollout/idle_ratio": 0.456, "learner/idle_ratio": 0.0,
+               "actor/lr": 1e-3}  # logged, not shown
+    values = " ".join(f"{label} {n + 0.123:.3f}" for n, label in enumerate(CONSOLE_KEYS.values()))
+    assert _console_line(3, 5, metrics) == (
+        f"[rl] step 3/5 {values} | {TIMED} rollout_idle 0.46 learner_idle 0.00")
+
+
+def test_a_metric_the_step_did_not_log_is_left_out():
+    line = _console_line(1, 1, {"reward/total": 0.5, **TIMINGS})
+    assert line == f"[rl] step 1/1 total 0.500 | {TIMED}"

@@ -35,19 +35,10 @@ def local_ray():
     ray.shutdown()
 
 
-class Recorder:
-    """The tracker interface ``run_rl`` logs to, keeping each step's metrics."""
-
-    def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.steps.append({**metrics, "step": step})
-
-
 def rewards_per_step(out: Path, benchmark: Path, tiny: Path, reward: str) -> list[float]:
     from umerl.driver import absolute_paths
     from umerl.rl import run_rl
+    from umerl.runtime.tracking import MemoryTracker
 
     cfg = load_recipe(None, [
         f"output_dir={out}", f"data.benchmark_dir={benchmark}", "rl.enabled=true",
@@ -57,10 +48,10 @@ def rewards_per_step(out: Path, benchmark: Path, tiny: Path, reward: str) -> lis
         f"rewards=[{{name: 'tests/learnable_reward.py:{reward}', weight: 1.0}}]",
     ])
     cfg.rl.data = [str(benchmark / "digits_cls" / "rl_pairs.jsonl")]
-    recorder = Recorder()
-    run_rl(absolute_paths(cfg), str(tiny), str(tiny), recorder)
-    assert [m["step"] for m in recorder.steps] == list(range(1, STEPS + 1))
-    return [m["reward/total"] for m in recorder.steps]
+    tracker = MemoryTracker()
+    run_rl(absolute_paths(cfg), str(tiny), str(tiny), tracker)
+    assert [step for step, _ in tracker.logged] == list(range(1, STEPS + 1))
+    return [metrics["reward/total"] for _, metrics in tracker.logged]
 
 
 def gain(rewards: list[float]) -> float:

@@ -111,5 +111,7 @@ def test_console_has_no_library_noise_and_shows_progress(first_run):
     assert not noisy, "\n".join(noisy[:20])
     assert "[preflight] recipe, checkpoint, rewards and data checked" in output
     assert "ETA" in next(line for line in output.splitlines() if "[sft] step 4/4" in line)
-    assert "ETA" in next(line for line in output.splitlines() if "[rl] step 2/2" in line)
+    rl_progress = [line for line in output.splitlines()
+                   if line.startswith("[rl]") and "steps/s" in line]
+    assert len(rl_progress) == 2 and all("ETA" in line for line in rl_progress)
     assert "ETA" in next(line for line in output.splitlines() if "[eval] 2/2 lee_text" in line)

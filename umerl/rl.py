@@ -100,7 +100,7 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     first = int(client.get("step", 0)) + 1
     if resumed:
         sampler.load_state_dict(client["data"])
-    rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype,
+    rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.learner.bf16, cfg.model.dtype,
                           parse_faults(cfg.faults.kill))
     link = WeightSync.connect(cfg, learners, rollout)
     # Every engine starts from the learners' (bf16-rounded) weights.
@@ -392,15 +392,6 @@ def choose_transport(requested: str, learner_device: str, learner_node: str,
     if requested == "shm" and not room:
         raise ValueError(f"{key}=shm needs {2 * largest_bucket >> 20} MB free in /dev/shm")
     return requested
-
-
-def rollout_dtype(cfg: DictConfig) -> str:
-    """The rollout engines generate in the learners' training dtype: bit-equal weights after
-    every sync. ``learner.bf16: auto`` is resolved by each rollout actor on its own device."""
-    bf16 = str(cfg.learner.bf16).lower()
-    if bf16 == "auto":
-        return "auto"
-    return "bfloat16" if bf16 == "true" else str(cfg.model.dtype)
 
 
 def _console_line(step: int, total: int, m: dict[str, float]) -> str:

@@ -17,6 +17,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from umerl.config.origins import ConfigError, Sources
+from umerl.data.dtypes import MODEL_DTYPES
+from umerl.runtime.devices import ENGINES, engine_for
 from umerl.runtime.faults import parse_fault
 
 # `serve.direct_port`: the replicas' own HTTP servers take their ports from this many.
@@ -170,7 +172,6 @@ def FaultSpec() -> Rule:
 
 MODES = ("disc:disc", "gen:gen", "disc:gen", "gen:disc")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-DTYPES = ("float32", "bfloat16", "float16")
 RESUME = Either(OneOf("auto"), Str(nullable=True))
 BF16 = OneOf("auto", True, False)
 ZERO = OneOf(0, 1, 2, 3)
@@ -198,7 +199,7 @@ SCHEMA: dict[str, Rule] = {
     "seed": Int(0),
     "output_dir": Str(),
     "model.path": Str(nullable=True),
-    "model.dtype": OneOf(*DTYPES),
+    "model.dtype": OneOf(*MODEL_DTYPES),
     "model.tiny.family": OneOf(*FAMILIES),
     "model.tiny.size": OneOf("tiny", "small"),
     "model.tiny.seed": Int(0),
@@ -255,7 +256,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_verify_every": Int(0),
     "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),
-    "rollout.engine": OneOf("auto", "transformers", "vllm"),
+    "rollout.engine": OneOf("auto", *ENGINES),
     "rollout.tensor_parallel_size": Int(1),
     "rollout.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "rollout.enforce_eager": Bool(),
@@ -283,7 +284,7 @@ SCHEMA: dict[str, Rule] = {
     "serve.num_replicas": Int(1),
     "serve.cpus_per_replica": POSITIVE,
     "serve.gpus_per_replica": NONNEG,
-    "serve.engine": OneOf("auto", "transformers", "vllm"),
+    "serve.engine": OneOf("auto", *ENGINES),
     "serve.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "serve.model_name": Str(nullable=True),
     "serve.disc_batch_size": Int(1),
@@ -336,14 +337,6 @@ def validate(config: DictConfig, sources: Sources | None = None) -> None:
         problem = rule(config, sources)
         if problem:
             raise ConfigError(problem)
-
-
-def rollout_engine(config: DictConfig) -> str:
-    """The engine ``rollout.engine=auto`` resolves to: vLLM when rollout workers have GPUs."""
-    r = config.rollout
-    if r.engine != "auto":
-        return str(r.engine)
-    return "vllm" if float(r.gpus_per_worker) > 0 else "transformers"
 
 
 def _pairs_divide_learners(c: DictConfig, s: Sources) -> str | None:
@@ -402,7 +395,7 @@ def _direct_ports_apart(c: DictConfig, s: Sources) -> str | None:
 
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
-    engine = rollout_engine(c)
+    engine = engine_for(c.rollout.engine, gpus)
     if tp > 1 and engine != "vllm":
         return (f"{s.describe('rollout.tensor_parallel_size')} = {tp} needs the vLLM engine; "
                 f"{s.describe('rollout.engine')} resolves to {engine}")

@@ -48,6 +48,7 @@ from umerl.model.policy import (
     completion_block_mask,
     completion_mask_for,
 )
+from umerl.runtime.devices import use_bf16
 from umerl.runtime.faults import for_actor, kill_if, parse_faults
 from umerl.runtime.remote import gather
 from umerl.train import checkpoint as ckpt
@@ -58,7 +59,6 @@ from umerl.train.engine import (
     prepare_for_training,
     save_checkpoint,
     set_trainable,
-    use_bf16,
 )
 from umerl.train.grpo import group_advantages, grpo_side_loss
 

@@ -96,6 +96,41 @@ def test_a_later_list_replaces_the_sources_of_the_earlier_one(tmp_path: Path) ->
     assert sources.of("rewards[1]") == "command line 'rewards=[{name: rank}]'"
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"rl.pairs_per_step": 3}, r"'rl\.pairs_per_step' .* must be a multiple of"),
+    ({"learner.micro_batch_size": 5}, r"'learner\.micro_batch_size' .* = 5 must divide the 16"),
+    ({"learner.single_forward": True, "learner.zero_stage": 3}, "learner.single_forward"),
+    ({"learner.shared_prompt": True, "learner.gradient_checkpointing": True},
+     "learner.shared_prompt"),
+])
+def test_check_learner_applies_the_learner_rules_whatever_rl_enabled(changes, named) -> None:
+    """The rules a Learner runs on a config that load_recipe never checked (tests build one
+    with rl.enabled false): the schema's own functions, so the same errors."""
+    from omegaconf import OmegaConf
+
+    from umerl.config.schema import check_learner, validate
+
+    cfg = load_recipe(None, ["learner.num_workers=2", "rl.group_size=8"])
+    check_learner(cfg)
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    assert not cfg.rl.enabled
+    with pytest.raises(ConfigError, match=named):
+        check_learner(cfg)
+    cfg.rl.enabled = True
+    with pytest.raises(ConfigError, match=named):
+        validate(cfg)
+
+
+def test_rl_sizes_are_only_checked_when_the_rl_stage_runs() -> None:
+    from umerl.config.schema import validate
+
+    cfg = load_recipe(None, ["rl.pairs_per_step=3", "learner.num_workers=2"])  # rl off: fine
+    cfg.rl.enabled = True
+    with pytest.raises(ConfigError, match="must be a multiple of"):
+        validate(cfg)
+
+
 def test_shipped_recipes_pass_the_schema_and_their_rules() -> None:
     """Each paper recipe also satisfies the rules between keys (validated on load)."""
     from umerl.runtime.devices import ENGINES, engine_for

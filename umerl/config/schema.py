@@ -25,6 +25,8 @@ from umerl.runtime.faults import parse_fault
 DIRECT_PORT_SPAN = 100
 
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
+# A rule between keys: None when the config keeps it, else the error naming the keys' sources.
+Rules = tuple[Callable[[DictConfig, Sources], str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -333,7 +335,18 @@ def validate(config: DictConfig, sources: Sources | None = None) -> None:
         problem = rule.check(value)
         if problem:
             raise ConfigError(f"{sources.describe(key)}: {problem}; allowed: {rule.allowed}")
-    for rule in CROSS_RULES:
+    _check_rules(config, sources, CROSS_RULES)
+
+
+def check_learner(config: DictConfig, sources: Sources | None = None) -> None:
+    """The rules between the learner's keys and the RL stage's, whether or not ``rl.enabled``:
+    a ``Learner`` runs them when it is built, since tests and benchmarks build one from a
+    config that ``validate`` may have passed with the RL stage off. Raises ``ConfigError``."""
+    _check_rules(config, sources or Sources(), LEARNER_RULES)
+
+
+def _check_rules(config: DictConfig, sources: Sources, rules: Rules) -> None:
+    for rule in rules:
         problem = rule(config, sources)
         if problem:
             raise ConfigError(problem)
@@ -341,7 +354,7 @@ def validate(config: DictConfig, sources: Sources | None = None) -> None:
 
 def _pairs_divide_learners(c: DictConfig, s: Sources) -> str | None:
     pairs, learners = int(c.rl.pairs_per_step), int(c.learner.num_workers)
-    if c.rl.enabled and pairs % learners:
+    if pairs % learners:
         return (f"{s.describe('rl.pairs_per_step')} = {pairs} must be a multiple of "
                 f"{s.describe('learner.num_workers')} = {learners}: each learner takes an equal "
                 "share of the step's pairs")
@@ -351,11 +364,19 @@ def _pairs_divide_learners(c: DictConfig, s: Sources) -> str | None:
 def _learner_micro_batch(c: DictConfig, s: Sources) -> str | None:
     micro = int(c.learner.micro_batch_size)
     rows = int(c.rl.pairs_per_step) // int(c.learner.num_workers) * int(c.rl.group_size)
-    if c.rl.enabled and micro and rows % micro:
+    if micro and rows % micro:
         return (f"{s.describe('learner.micro_batch_size')} = {micro} must divide the {rows} "
                 "rollouts per side per learner (rl.pairs_per_step / learner.num_workers x "
                 "rl.group_size); 0 means all at once")
     return None
+
+
+def _learner_sizes(c: DictConfig, s: Sources) -> str | None:
+    """How a step's rollouts split over learners and micro-batches matters only to a run whose
+    RL stage is on (``check_learner`` asks regardless)."""
+    if not c.rl.enabled:
+        return None
+    return _pairs_divide_learners(c, s) or _learner_micro_batch(c, s)
 
 
 def _single_forward(c: DictConfig, s: Sources) -> str | None:
@@ -438,8 +459,9 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
-CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
-    _pairs_divide_learners, _learner_micro_batch, _single_forward, _shared_prompt,
-    _direct_ports_apart, _tensor_parallel,
+LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
+                        _shared_prompt)
+CROSS_RULES: Rules = (
+    _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _tensor_parallel,
     _something_trains, _pass_k_within_budget, _faults_can_fire,
 )

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewards import RewardContext, reward_metrics, rewards_from_config
 from rewards.builtin import rank_and_margin
+from umerl.config.schema import check_learner
 from umerl.data.formats import Pair, Side
 from umerl.model.loading import load_policy
 from umerl.model.policy import (
@@ -84,18 +85,15 @@ class Learner:
     """One learner rank (the Ray actor ``LearnerActor`` wraps it; tests use it directly)."""
 
     def __init__(self, cfg: DictConfig, policy_checkpoint: str, reference_checkpoint: str):
+        check_learner(cfg)  # the recipe's rules, also for a config load_recipe did not check
         self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
         self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
         prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
         self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
-        rows = self.rows_per_side()
-        micro = int(self.lcfg.micro_batch_size) or rows
-        if rows % micro:
-            raise ValueError(f"learner.micro_batch_size={micro} must divide the {rows} rollouts "
-                             "per side per rank (rl.pairs_per_step / learner.num_workers * G)")
-        self.micro = micro
+        rows = int(self.rcfg.pairs_per_step) // self.world * int(self.rcfg.group_size)
+        self.micro = micro = int(self.lcfg.micro_batch_size) or rows
         self.single_forward = single_forward_mode(self.lcfg.single_forward, rows // micro,
                                                   int(self.lcfg.zero_stage))
         self.shared_prompt = shared_prompt_mode(
@@ -117,13 +115,6 @@ class Learner:
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
         self.root = Path(cfg.output_dir) / r.output_subdir
         self.faults = for_actor(parse_faults(cfg.faults.kill), "learner", self.rank)
-
-    def rows_per_side(self) -> int:
-        pairs = int(self.rcfg.pairs_per_step)
-        if pairs % self.world:
-            raise ValueError(f"rl.pairs_per_step={pairs} must be a multiple of "
-                             f"learner.num_workers={self.world}")
-        return pairs // self.world * int(self.rcfg.group_size)
 
     @property
     def max_completion_length(self) -> int:
@@ -330,11 +321,9 @@ def single_forward_mode(setting: str | bool, micro_batches_per_side: int, zero_s
     no-grad pass first. It holds every micro-batch's activations until the rewards are known,
     so ``auto`` takes it only with one micro-batch per side (``learner.micro_batch_size: 0``
     or the rank's whole share) and not under ZeRO-3, whose parameter gathering assumes each
-    forward is followed by its backward."""
+    forward is followed by its backward (``true`` there is the schema's error)."""
     if setting == "auto":
         return micro_batches_per_side == 1 and zero_stage < 3
-    if setting is True and zero_stage == 3:  # the schema says so first, naming the recipe
-        raise ValueError("learner.single_forward=true cannot run under learner.zero_stage=3")
     return setting is True
 
 
@@ -343,12 +332,10 @@ def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpo
     """``learner.shared_prompt``: a micro-batch runs each prompt once, its G completions on
     its keys and values. ``auto`` takes it where it can run: micro-batches of whole groups,
     no gradient checkpointing (its layers keep no cache) and ZeRO stage < 3 (not run there).
-    ``true`` elsewhere is a recipe error the schema reports first."""
-    possible = whole_groups and not gradient_checkpointing and zero_stage < 3
-    if setting is True and not possible:
-        raise ValueError("learner.shared_prompt=true needs micro-batches of whole groups, no "
-                         "gradient checkpointing and ZeRO stage < 3")
-    return possible if setting == "auto" else setting is True
+    ``true`` elsewhere is the schema's error."""
+    if setting == "auto":
+        return whole_groups and not gradient_checkpointing and zero_stage < 3
+    return setting is True
 
 
 def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:

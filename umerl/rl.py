@@ -163,7 +163,6 @@ def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: Learner
     for key in per_learner[0]:
         if key.startswith("actor/"):
             metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
-    metrics.pop("timing/learner_rank", None)
     metrics.update(sync)
     metrics["fault/rollout_restarts"] = float(stream.rollout.restarts)
     metrics["fault/recovery_s"] = stream.rollout.recovery_s

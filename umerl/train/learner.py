@@ -28,7 +28,6 @@ in a space the learners have already left.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from rewards import RewardContext, reward_metrics, rewards_from_config
-from rewards.builtin import rank_and_margin
+from rewards.builtin import step_rank_and_margin
 from umerl.config.schema import check_learner
 from umerl.data.formats import Pair, Side
 from umerl.model.loading import load_policy
@@ -123,7 +122,6 @@ class Learner:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, shard: StepShard) -> dict[str, float]:
-        start = time.perf_counter()
         G = int(self.rcfg.group_size)
         if shard.staleness and shard.query_logprobs is None:
             raise ValueError(f"step {shard.step}: rollouts {shard.staleness} update(s) stale "
@@ -151,7 +149,6 @@ class Learner:
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local, forwards))
-        metrics["timing/learner_rank"] = time.perf_counter() - start
         return metrics
 
     def _micro_batches(self, sides: list[Side], completions: list[list[int]],
@@ -224,7 +221,7 @@ class Learner:
         )
         total, parts, timings = self.rewards(ctx)
         metrics = reward_metrics(ctx, total, parts, timings)
-        factors = rank_and_margin(query_emb, target_emb, int(self.rcfg.group_size))
+        factors = step_rank_and_margin(ctx)  # the embedding reward's own, when it ran
         metrics["reward/rank_score"] = float(
             torch.cat([factors.query_rank, factors.target_rank]).float().mean())
         lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)

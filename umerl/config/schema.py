@@ -314,19 +314,6 @@ SCHEMA: dict[str, Rule] = {
 }
 
 
-def leaf_keys(config: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted paths of every leaf of a config (lists count as leaves)."""
-    keys = []
-    for key in config.keys():
-        name = f"{prefix}{key}"
-        node = config._get_node(key)
-        if isinstance(node, DictConfig) and len(node) > 0:
-            keys.extend(leaf_keys(node, f"{name}."))
-        else:
-            keys.append(name)
-    return keys
-
-
 def validate(config: DictConfig, sources: Sources | None = None) -> None:
     """Types and ranges of every key, then the rules between keys; raises ``ConfigError``."""
     sources = sources or Sources()

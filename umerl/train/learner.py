@@ -272,11 +272,6 @@ class Learner:
 
     # -- weights and checkpoints ----------------------------------------------------------------
 
-    def trainable_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """This rank's trainable parameters (under ZeRO-3: its shards, shape (0,) or partial)."""
-        return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
-                if p.requires_grad]
-
     def weight_specs(self) -> list[tuple[str, list[int], str]]:
         """(name, full shape, dtype) of every trainable parameter, in model order: what a
         weight sync moves (under ZeRO-3 the full shapes, not this rank's shards)."""

@@ -426,7 +426,7 @@ def _something_trains(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
-def _pass_k_within_budget(c: DictConfig, s: Sources) -> str | None:
+def _pass_k_distinct(c: DictConfig, s: Sources) -> str | None:
     if len(set(c.eval.pass_k)) != len(c.eval.pass_k):
         return f"{s.describe('eval.pass_k')}: repeated values in {list(c.eval.pass_k)}"
     return None
@@ -450,5 +450,5 @@ LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_fo
                         _shared_prompt)
 CROSS_RULES: Rules = (
     _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _tensor_parallel,
-    _something_trains, _pass_k_within_budget, _faults_can_fire,
+    _something_trains, _pass_k_distinct, _faults_can_fire,
 )

@@ -465,12 +465,12 @@ class LearnerPool:
     def _on_rank0(self, method: str) -> Any:
         return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
 
-    def open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
+    def async_open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
         """The calls (refs, worker names) joining the sync group; the driver waits on them
         together with the rollout side's, which must run at the same time."""
         return [a.open_weight_sync.remote(spec, plan) for a in self.actors], self.names
 
-    def send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
+    def async_send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
         """The calls of one sync (every rank: ZeRO-3 gathers); rank 0's result is the sender's."""
         return [a.send_weights.remote(digest) for a in self.actors], self.names
 

@@ -47,7 +47,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from rollout.weight_sync import (  # noqa: E402
-    DTYPES,
     BucketPlan,
     ChannelSpec,
     Digest,
@@ -58,6 +57,7 @@ from rollout.weight_sync import (  # noqa: E402
     load_into,
     open_channel,
 )
+from umerl.data.dtypes import torch_dtype  # noqa: E402
 
 MATRIX_BYTES, COLS = 8 << 20, 1024
 TIMEOUT_S = 120.0
@@ -123,7 +123,7 @@ def receiver_main(rank: int, commands: mp.Queue, results: mp.Queue) -> None:
             plan = BucketPlan.build(specs, bucket_bytes)
             if key != (specs, device):
                 tensors = {}  # free the previous size first
-                tensors = {name: torch.zeros(shape, dtype=DTYPES[dt], device=device)
+                tensors = {name: torch.zeros(shape, dtype=torch_dtype(dt), device=device)
                            for name, shape, dt in specs}
                 key = (specs, device)
             plan.check_targets(tensors, f"receiver {rank}")

@@ -40,6 +40,10 @@ class RankMargin(NamedTuple):
     target_rank: Tensor
     target_margin: Tensor
 
+    def reward(self) -> tuple[Tensor, Tensor]:
+        """R_emb = rank x margin: ``(query_rewards, target_rewards)``."""
+        return self.query_rank * self.query_margin, self.target_rank * self.target_margin
+
 
 def rank_and_margin(query_embs: Tensor, target_embs: Tensor, group_size: int) -> RankMargin:
     """The two factors of the embedding reward for both sides (see the module docstring).
@@ -74,8 +78,16 @@ def embedding_reward(
         against all target rollouts of the step (positives: its own pair's G targets); target
         rollout j against all query rollouts. Ties, P = 1 and G = 1: see the module docstring.
     """
-    parts = rank_and_margin(query_embs, target_embs, group_size)
-    return parts.query_rank * parts.query_margin, parts.target_rank * parts.target_margin
+    return rank_and_margin(query_embs, target_embs, group_size).reward()
+
+
+def step_rank_and_margin(ctx: RewardContext) -> RankMargin:
+    """``rank_and_margin`` of a step's rollouts, computed once per context: the embedding, rank
+    and margin rewards and the learners' ``reward/rank_score`` all read the same one."""
+    if "rank_and_margin" not in ctx._derived:
+        ctx._derived["rank_and_margin"] = rank_and_margin(
+            ctx.query_embeddings, ctx.target_embeddings, ctx.group_size)
+    return ctx._derived["rank_and_margin"]
 
 
 def _check_pair_major(query_embs: Tensor, target_embs: Tensor, group_size: int) -> None:
@@ -145,8 +157,7 @@ def _hits_with_ties(sim: Tensor, own_block: Tensor, kth: Tensor, own: Tensor,
 
 def embedding(ctx: RewardContext) -> Tensor:
     """Built-in ``embedding``: rank x margin for both sides (queries first, then targets)."""
-    query, target = embedding_reward(ctx.query_embeddings, ctx.target_embeddings, ctx.group_size)
-    return torch.cat([query, target])
+    return torch.cat(step_rank_and_margin(ctx).reward())
 
 
 def rank_reward(ctx: RewardContext, threshold: float | None = None) -> Tensor:
@@ -156,7 +167,7 @@ def rank_reward(ctx: RewardContext, threshold: float | None = None) -> Tensor:
     thresholded reward 1.0 if rank >= threshold else 0.0 (a group that is all-easy or all-hard
     then has zero reward variance, hence zero advantage: the weakness the paper points out).
     """
-    parts = rank_and_margin(ctx.query_embeddings, ctx.target_embeddings, ctx.group_size)
+    parts = step_rank_and_margin(ctx)
     rank = torch.cat([parts.query_rank, parts.target_rank])
     if threshold is None:
         return rank
@@ -165,7 +176,7 @@ def rank_reward(ctx: RewardContext, threshold: float | None = None) -> Tensor:
 
 def margin_reward(ctx: RewardContext) -> Tensor:
     """Built-in ``margin`` (ablation: margin only): mean(Pos) - mean(Neg) per rollout."""
-    parts = rank_and_margin(ctx.query_embeddings, ctx.target_embeddings, ctx.group_size)
+    parts = step_rank_and_margin(ctx)
     return torch.cat([parts.query_margin, parts.target_margin])
 
 

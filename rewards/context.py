@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,6 +63,9 @@ class RewardContext:
     step: int = 0
     disc_query_embeddings: Tensor | None = None
     disc_target_embeddings: Tensor | None = None
+    # What the built-in rewards derive from the step once and share (``rewards.builtin``).
+    _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False,
+                                     compare=False)
 
     # --- sizes and slices -------------------------------------------------------------------
 

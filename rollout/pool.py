@@ -25,6 +25,7 @@ from typing import Any
 
 from umerl.data.formats import Side
 from umerl.model.sampling import SamplingParams
+from umerl.runtime.devices import engine_for, training_dtype
 from umerl.runtime.faults import Fault, for_actor, kill_if
 from umerl.runtime.remote import WorkerError, gather, summarize
 
@@ -38,7 +39,7 @@ def prompt_seed(seed: int, step: int, pair_index: int, side: str) -> int:
 class RolloutActor:
     """One rollout worker; ``ray.remote`` is applied by ``RolloutPool``."""
 
-    def __init__(self, checkpoint: str, engine: str, dtype: str = "float32",
+    def __init__(self, checkpoint: str, engine_kind: str, bf16: str | bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
                  model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
                  faults: Sequence[Fault] = ()):
@@ -46,23 +47,20 @@ class RolloutActor:
 
         self.faults = list(faults)
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        if dtype == "auto":  # as the learners' bf16: auto, on this actor's own device
-            dtype = ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-                     else model_dtype)
-        self.dtype = dtype
-        self.kind = engine
-        if engine == "vllm":
+        # The learners' training dtype; bf16: auto is asked on this actor's own device.
+        self.dtype = training_dtype(bf16, model_dtype)
+        if engine_kind == "vllm":
             from rollout.vllm_engine import VllmEngine
 
             self.engine = VllmEngine(checkpoint, tensor_parallel_size=tensor_parallel_size,
-                                     gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                                     **(vllm_options or {}))
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     dtype=self.dtype, **(vllm_options or {}))
             self.model = None
         else:
             from rollout.transformers_engine import TransformersEngine
             from umerl.model.loading import load_policy
 
-            bundle = load_policy(checkpoint, dtype=dtype)
+            bundle = load_policy(checkpoint, dtype=self.dtype)
             self.engine = TransformersEngine(bundle)
             self.model = bundle.model
 
@@ -130,19 +128,18 @@ class RolloutActor:
 class RolloutPool:
     """``num_workers`` rollout actors in one placement group (their own GPUs on a cluster)."""
 
-    def __init__(self, cfg: Any, checkpoint: str, dtype: str = "float32",
+    def __init__(self, cfg: Any, checkpoint: str, bf16: str | bool = False,
                  model_dtype: str = "float32", faults: Sequence[Fault] = ()):
         import ray
         from ray.util.placement_group import placement_group
 
         self.cfg = cfg
         gpus = float(cfg.gpus_per_worker)
-        self.engine = (cfg.engine if cfg.engine != "auto"
-                       else ("vllm" if gpus > 0 else "transformers"))
+        self.engine_kind = engine_for(cfg.engine, gpus)  # the name; each actor holds an engine
         bundle = {"CPU": float(cfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
         self.placement_group = placement_group([bundle] * int(cfg.num_workers), strategy="PACK")
         ray.get(self.placement_group.ready(), timeout=600)
-        self._actor_args = (checkpoint, self.engine, dtype, int(cfg.tensor_parallel_size),
+        self._actor_args = (checkpoint, self.engine_kind, bf16, int(cfg.tensor_parallel_size),
                             float(cfg.gpu_memory_utilization), model_dtype,
                             {"enforce_eager": bool(cfg.enforce_eager),
                              "max_model_len": cfg.max_model_len})
@@ -246,14 +243,16 @@ class RolloutPool:
     def sync_ranks(self) -> list[dict[str, Any]]:
         return gather([actor.sync_ranks.remote() for actor in self.actors], self.names)
 
-    def open_weight_sync(self, spec: Any, plan: Any, first_ranks: Sequence[int],
-                         source_model_type: str) -> tuple[list[Any], list[str]]:
+    def async_open_weight_sync(self, spec: Any, plan: Any, first_ranks: Sequence[int],
+                               source_model_type: str) -> tuple[list[Any], list[str]]:
         """The calls (refs, worker names) joining the sync group, actor i from rank
         ``first_ranks[i]``; they complete together with the learner side's."""
         return ([a.open_weight_sync.remote(spec, plan, r, source_model_type)
                  for a, r in zip(self.actors, first_ranks, strict=True)], self.names)
 
-    def receive_weights(self, digest: bool, step: int = 0) -> tuple[list[Any], list[str]]:
+    def async_receive_weights(self, digest: bool, step: int = 0
+                              ) -> tuple[list[Any], list[str]]:
+        """The calls (refs, worker names) of one sync; they complete with the learner side's."""
         return [a.receive_weights.remote(digest, step) for a in self.actors], self.names
 
     def shutdown(self) -> None:

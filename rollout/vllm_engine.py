@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from umerl.data.dtypes import MODEL_DTYPES
 from umerl.data.formats import Side
 from umerl.data.tokens import (
     DISC_EMB,
@@ -88,7 +89,7 @@ _LEGACY_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visu
 SUPPRESSED_TOKENS = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, DISC_EMB)
 
 DEFAULT_LIMIT_MM_PER_PROMPT = {"image": 4, "video": 1}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *MODEL_DTYPES)  # auto: the checkpoint's own
 
 
 def to_checkpoint_name(name: str, model_type: str = "qwen2_vl") -> str:

@@ -47,15 +47,10 @@ from typing import Any
 
 import torch
 
+from umerl.data.dtypes import DTYPES, torch_dtype
+
 ALIGN = 64  # byte alignment of every tensor inside a bucket (any dtype view is then legal)
 TRANSPORTS = ("nccl", "shm", "gloo")
-
-# The one dtype table of the wire: names as torch spells them without "torch.".
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
-}
 
 
 def dtype_name(dtype: torch.dtype | str) -> str:
@@ -100,7 +95,7 @@ class BucketPlan:
             seen.add(name)
             shape = tuple(int(d) for d in shape)
             dtype = dtype_name(dtype)
-            nbytes = _numel(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+            nbytes = _numel(shape) * torch.empty((), dtype=torch_dtype(dtype)).element_size()
             start = _aligned(size)
             if buckets[-1] and start + nbytes > bucket_bytes:
                 buckets.append([])
@@ -181,7 +176,7 @@ def bucket_views(flat: torch.Tensor, metas: Sequence[TensorMeta]
     """Typed, shaped views into a flat uint8 buffer (no copies)."""
     out = []
     for meta in metas:
-        dtype = DTYPES[meta.dtype]
+        dtype = torch_dtype(meta.dtype)
         raw = flat[meta.offset:meta.offset + meta.nbytes]
         out.append((meta.name, raw.view(dtype).view(meta.shape) if meta.nbytes
                     else torch.empty(meta.shape, dtype=dtype, device=flat.device)))

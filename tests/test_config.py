@@ -5,11 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 from umerl.config.origins import ConfigError
 from umerl.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def leaf_keys(config: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf of a config (lists count as leaves)."""
+    keys = []
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        node = config._get_node(key)
+        if isinstance(node, DictConfig) and len(node) > 0:
+            keys.extend(leaf_keys(node, f"{name}."))
+        else:
+            keys.append(name)
+    return keys
 
 
 def test_every_shipped_recipe_loads_and_names_its_command() -> None:
@@ -55,7 +69,7 @@ def test_broken_yaml_is_named(tmp_path: Path) -> None:
 
 def test_schema_covers_exactly_the_keys_of_the_defaults() -> None:
     from umerl.config.recipe import defaults
-    from umerl.config.schema import SCHEMA, leaf_keys
+    from umerl.config.schema import SCHEMA
 
     assert set(leaf_keys(defaults())) == set(SCHEMA)
 
@@ -96,13 +110,48 @@ def test_a_later_list_replaces_the_sources_of_the_earlier_one(tmp_path: Path) ->
     assert sources.of("rewards[1]") == "command line 'rewards=[{name: rank}]'"
 
 
+@pytest.mark.parametrize("changes, named", [
+    ({"rl.pairs_per_step": 3}, r"'rl\.pairs_per_step' .* must be a multiple of"),
+    ({"learner.micro_batch_size": 5}, r"'learner\.micro_batch_size' .* = 5 must divide the 16"),
+    ({"learner.single_forward": True, "learner.zero_stage": 3}, "learner.single_forward"),
+    ({"learner.shared_prompt": True, "learner.gradient_checkpointing": True},
+     "learner.shared_prompt"),
+])
+def test_check_learner_applies_the_learner_rules_whatever_rl_enabled(changes, named) -> None:
+    """The rules a Learner runs on a config that load_recipe never checked (tests build one
+    with rl.enabled false): the schema's own functions, so the same errors."""
+    from omegaconf import OmegaConf
+
+    from umerl.config.schema import check_learner, validate
+
+    cfg = load_recipe(None, ["learner.num_workers=2", "rl.group_size=8"])
+    check_learner(cfg)
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    assert not cfg.rl.enabled
+    with pytest.raises(ConfigError, match=named):
+        check_learner(cfg)
+    cfg.rl.enabled = True
+    with pytest.raises(ConfigError, match=named):
+        validate(cfg)
+
+
+def test_rl_sizes_are_only_checked_when_the_rl_stage_runs() -> None:
+    from umerl.config.schema import validate
+
+    cfg = load_recipe(None, ["rl.pairs_per_step=3", "learner.num_workers=2"])  # rl off: fine
+    cfg.rl.enabled = True
+    with pytest.raises(ConfigError, match="must be a multiple of"):
+        validate(cfg)
+
+
 def test_shipped_recipes_pass_the_schema_and_their_rules() -> None:
     """Each paper recipe also satisfies the rules between keys (validated on load)."""
-    from umerl.config.schema import rollout_engine
+    from umerl.runtime.devices import ENGINES, engine_for
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         cfg = load_recipe(recipe)
-        assert rollout_engine(cfg) in ("transformers", "vllm"), recipe
+        assert engine_for(cfg.rollout.engine, cfg.rollout.gpus_per_worker) in ENGINES, recipe
 
 
 def test_the_grpo_knobs_are_checked() -> None:

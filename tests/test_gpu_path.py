@@ -149,13 +149,13 @@ def test_rollout_engines_generate_in_the_learners_training_dtype(tiny_model_dir,
     """DeepSpeed bf16 learners publish bf16 weights; a float32 rollout engine would refuse
     them (or differ from them). learner.bf16=auto is resolved on the rollout actor's device."""
     from rollout.pool import RolloutActor
-    from umerl.rl import rollout_dtype
+    from umerl.runtime.devices import training_dtype
 
-    assert rollout_dtype(load_recipe(None, ["learner.bf16=true"])) == "bfloat16"
-    assert rollout_dtype(load_recipe(None, ["learner.bf16=false"])) == "float32"
-    assert rollout_dtype(load_recipe(None, ["learner.bf16=auto"])) == "auto"
+    assert training_dtype(True, "float32") == "bfloat16"
+    assert training_dtype(False, "float32") == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a bf16 GPU's answers
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert training_dtype("auto", "float32") == "bfloat16"
     actor = RolloutActor(str(tiny_model_dir), "transformers", "auto", model_dtype="float32")
     assert actor.dtype == "bfloat16"
     assert next(actor.model.parameters()).dtype == torch.bfloat16

@@ -92,7 +92,7 @@ def test_a_failing_plugin_stops_the_step_before_any_update(
     rewards = [{"name": "format"}, {"name": f"{plugin_module}:Exploding", "label": "judge"}]
     learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
     params = dict(learner.bundle.model.named_parameters())
-    plan = BucketPlan.of(learner.trainable_named_parameters(), 1 << 20)
+    plan = BucketPlan.build(learner.weight_specs(), 1 << 20)
     before = Digest.of(plan, params)
     with pytest.raises(RewardError) as err:
         learner.step(shard)

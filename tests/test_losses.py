@@ -27,14 +27,7 @@ from umerl.train.grpo import (
     grpo_side_loss,
     k3_kl,
 )
-from umerl.train.losses import (
-    SftLossWeights,
-    assistant_labels,
-    completion_ce,
-    gather_with_grad,
-    info_nce,
-    sft_loss,
-)
+from umerl.train.losses import gather_with_grad, info_nce
 
 
 def _unit(gen: torch.Generator, rows: int, dim: int, dtype=torch.float32) -> torch.Tensor:
@@ -217,122 +210,7 @@ def test_info_nce_two_ranks_equals_one_rank(tmp_path):
         torch.testing.assert_close(result["xt_grad"] / WORLD, xt.grad[rows], atol=1e-6, rtol=0)
 
 
-# -- 3. Completion cross-entropy --------------------------------------------------------------
-
-
-def test_assistant_labels_left_padded():
-    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6], [0, 9, 9, 9, 9, 9]])
-    labels = assistant_labels(ids, [2, 6, 0])
-    assert labels.tolist() == [[-100, -100, -100, -100, 7, 8], [1, 2, 3, 4, 5, 6], [-100] * 6]
-    with pytest.raises(ValueError):
-        assistant_labels(ids, [7, 1, 1])
-    with pytest.raises(ValueError):
-        assistant_labels(ids, [1, 1])
-
-
-def _ce_batch(seed: int, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    rows, width, vocab = 4, 9, 13
-    ids = torch.randint(1, vocab, (rows, width), generator=gen)
-    completion = torch.tensor([3, 1, 8, 5])
-    logits = torch.randn(rows, width, vocab, generator=gen, dtype=dtype)
-    return ids, completion, logits
-
-
-def _manual_ce(logits: torch.Tensor, ids: torch.Tensor, completion: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    width = ids.shape[1]
-    for i in range(ids.shape[0]):
-        for pos in range(width - int(completion[i]), width):  # completion tokens of row i
-            if pos == 0:
-                continue  # nothing predicts the very first token
-            log_probs = logits[i, pos - 1].log_softmax(dim=-1)
-            total -= float(log_probs[ids[i, pos]])
-            count += 1
-    return total / count
-
-
-def test_completion_ce_matches_manual_loop():
-    ids, completion, logits = _ce_batch(0)
-    loss = completion_ce(logits, assistant_labels(ids, completion))
-    assert float(loss) == pytest.approx(_manual_ce(logits, ids, completion), abs=1e-10)
-    # float32 / bf16 logits are scored in float32
-    loss32 = completion_ce(logits.float(), assistant_labels(ids, completion))
-    assert loss32.dtype == torch.float32
-    assert float(loss32) == pytest.approx(float(loss), abs=1e-5)
-    assert (
-        completion_ce(logits.bfloat16(), assistant_labels(ids, completion)).dtype == torch.float32
-    )
-
-
-def test_completion_ce_ignores_non_assistant_tokens():
-    ids, completion, logits = _ce_batch(1)
-    labels = assistant_labels(ids, completion)
-    base = completion_ce(logits, labels)
-    width = ids.shape[1]
-    # Logits at positions that predict a masked label (and the last position) do not count.
-    predicts_completion = torch.zeros(ids.shape, dtype=torch.bool)
-    predicts_completion[:, :-1] = labels[:, 1:] != -100
-    noisy = logits.clone()
-    noisy[~predicts_completion] = torch.randn_like(noisy[~predicts_completion]) * 100
-    torch.testing.assert_close(completion_ce(noisy, labels), base, atol=1e-12, rtol=0)
-    # Prompt token ids do not count either.
-    prompt = torch.arange(width)[None, :] < (width - completion)[:, None]
-    other_ids = torch.where(prompt, (ids + 5) % 13, ids)
-    torch.testing.assert_close(
-        completion_ce(logits, assistant_labels(other_ids, completion)), base, atol=0, rtol=0
-    )
-    # ...but changing a logit that predicts a completion token does.
-    noisy = logits.clone()
-    noisy[predicts_completion] += torch.randn_like(noisy[predicts_completion])
-    assert abs(float(completion_ce(noisy, labels) - base)) > 1e-3
-    # The gradient is zero outside the positions that predict completion tokens.
-    leaf = logits.clone().requires_grad_()
-    completion_ce(leaf, labels).backward()
-    assert float(leaf.grad[~predicts_completion].abs().max()) == 0.0
-
-
-def test_completion_ce_denominator_and_empty_batch():
-    ids, completion, logits = _ce_batch(2)
-    labels = assistant_labels(ids, completion)
-    count = int((labels[:, 1:] != -100).sum())
-    mean = completion_ce(logits, labels)
-    torch.testing.assert_close(completion_ce(logits, labels, denominator=2 * count), mean / 2)
-    leaf = logits.clone().requires_grad_()
-    empty = completion_ce(leaf, assistant_labels(ids, [0, 0, 0, 0]))
-    assert float(empty.detach()) == 0.0
-    empty.backward()  # still part of the graph
-    assert float(leaf.grad.abs().max()) == 0.0
-
-
-def test_sft_loss_weighted_sum_and_logs():
-    parts = {
-        "gen_nce": torch.tensor(1.5, requires_grad=True),
-        "disc_nce": torch.tensor(2.0),
-        "query_ce": torch.tensor(0.25),
-        "target_ce": torch.tensor(0.5),
-    }
-    loss, logs = sft_loss(parts, SftLossWeights())
-    assert float(loss.detach()) == pytest.approx(4.25)
-    assert logs == {
-        "gen_nce": 1.5,
-        "disc_nce": 2.0,
-        "query_ce": 0.25,
-        "target_ce": 0.5,
-        "loss": 4.25,
-    }
-    loss.backward()
-    assert float(parts["gen_nce"].grad) == 1.0
-    weights = SftLossWeights(gen_nce=2.0, disc_nce=0.0, query_ce=0.5, target_ce=1.0)
-    loss, _ = sft_loss({k: v for k, v in parts.items() if k != "disc_nce"}, weights)
-    assert float(loss.detach()) == pytest.approx(2 * 1.5 + 0.5 * 0.25 + 0.5)
-    with pytest.raises(KeyError):
-        sft_loss({"gen_nce": parts["gen_nce"]}, SftLossWeights())
-    with pytest.raises(KeyError):
-        sft_loss({**parts, "other": torch.tensor(1.0)})
-
-
-# -- 4. GRPO vs verl 0.9.1 --------------------------------------------------------------------
+# -- 3. GRPO vs verl 0.9.1 --------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +377,7 @@ def test_grpo_side_loss_matches_verl_seq_mean_token_sum_norm(verl_algos):
     assert metrics["clip_fraction"] == pytest.approx(pg_metrics["actor/pg_clipfrac"], abs=1e-6)
 
 
-# -- 5. GRPO side loss vs a loop over the paper's formula -------------------------------------
+# -- 4. GRPO side loss vs a loop over the paper's formula -------------------------------------
 
 
 def _paper_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len, beta, lo, hi):

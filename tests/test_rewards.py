@@ -274,6 +274,23 @@ def test_builtin_reward_functions() -> None:
     assert thresholded.tolist() == [float(r >= 0.5) for r in rank.tolist()]
 
 
+def test_the_builtin_rewards_share_one_rank_and_margin_per_step(monkeypatch) -> None:
+    """The embedding, rank and margin rewards (and the learners' rank_score, which reads
+    ``step_rank_and_margin``) compute the similarity ranks of a step once."""
+    import rewards.builtin as builtin
+
+    ctx = make_ctx(4, 3, seed=2)
+    expected = rewards.rank_and_margin(ctx.query_embeddings, ctx.target_embeddings, 3)
+    calls = []
+    monkeypatch.setattr(builtin, "rank_and_margin",
+                        lambda *args: calls.append(1) or expected)
+    for name in ("embedding", "rank", "margin"):
+        BUILTIN_REWARDS[name](ctx)
+    assert builtin.step_rank_and_margin(ctx) is expected and len(calls) == 1
+    builtin.step_rank_and_margin(make_ctx(4, 3, seed=2))  # a new step: computed anew
+    assert len(calls) == 2
+
+
 # --- registry and plug-ins ------------------------------------------------------------------
 
 PLUGIN_SOURCE = textwrap.dedent("""

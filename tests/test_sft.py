@@ -14,7 +14,6 @@ from umerl.data.tokens import format_completion
 from umerl.model.policy import PolicyModule
 from umerl.train import checkpoint as ckpt
 from umerl.train.engine import cosine_schedule, parameter_group
-from umerl.train.losses import assistant_labels, completion_ce
 from umerl.train.sft import completion_nll, side_inputs
 from umerl.train.sft_data import ContrastiveBatcher, shard
 
@@ -40,10 +39,7 @@ def test_ce_counts_only_the_assistant_tokens(tiny_bundle) -> None:
     assert int(lengths[0]) == len(completion_ids["input_ids"]) + 1
     assert out.completion_mask.sum(dim=1).tolist() == lengths.tolist()
     assert batch["input_ids"][0, -1] == tiny_bundle.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    # equals an independent CE over the full-vocabulary logits with -100 outside the completion
-    reference = completion_ce(logits, assistant_labels(batch["input_ids"], lengths))
-    assert torch.allclose(completion_nll(out), reference, atol=1e-5)
-    # and a hand computation at the completion positions only
+    # equals a hand computation over the full-vocabulary logits at the completion positions
     manual = []
     for row in range(2):
         width = batch["input_ids"].shape[1]

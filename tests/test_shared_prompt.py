@@ -153,6 +153,18 @@ def test_shared_prompt_true_where_it_cannot_run_is_a_recipe_error(overrides, nam
     load_recipe(None, ["learner.shared_prompt=auto", *overrides])  # auto falls back
 
 
+def test_a_learner_refuses_what_the_schema_refuses(tmp_path):
+    """A Learner built from a config load_recipe never checked runs the schema's rule itself,
+    before it loads anything."""
+    from umerl.train.learner import Learner
+
+    cfg = learner_config(tmp_path)
+    cfg.learner.shared_prompt = True
+    cfg.learner.gradient_checkpointing = True
+    with pytest.raises(ConfigError, match="'learner.gradient_checkpointing'"):
+        Learner(cfg, str(tmp_path / "no-policy"), str(tmp_path / "no-reference"))
+
+
 def test_auto_takes_the_shared_prompt_only_where_it_can_run():
     from umerl.train.learner import shared_prompt_mode
 

@@ -369,7 +369,7 @@ def test_learner_actors_sync_into_vllm_rollout_actors_bit_exact(tiny_model_dir, 
                                        "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
     try:
         learners = LearnerPool(cfg, str(tiny_model_dir), str(tiny_model_dir))
-        rollout = RolloutPool(cfg.rollout, str(twin), "float32", "float32")
+        rollout = RolloutPool(cfg.rollout, str(twin), False, "float32")
         try:
             link = WeightSync.connect(cfg, learners, rollout)
             assert link.transport == "shm" and len(link.plan.buckets) > 2

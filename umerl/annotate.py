@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rollout.transformers_engine import TransformersEngine
+from umerl.data.dtypes import torch_dtype
 from umerl.data.formats import COMPLETION_PATTERN, Pair, Side, read_rl_pairs
 from umerl.data.tokens import format_completion
 from umerl.model.prompts import user_content
@@ -242,14 +243,13 @@ class TextTeacher:
 
     @classmethod
     def load(cls, path: str, gguf_file: str | None, dtype: str) -> TextTeacher:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
         return cls(model.eval(), tokenizer)
 
 

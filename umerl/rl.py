@@ -101,14 +101,14 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     first = int(client.get("step", 0)) + 1
     if resumed:
         sampler.load_state_dict(client["data"])
-    rollout = RolloutPool(cfg.rollout, resumed or policy, rollout_dtype(cfg), cfg.model.dtype,
+    rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.learner.bf16, cfg.model.dtype,
                           parse_faults(cfg.faults.kill))
     link = WeightSync.connect(cfg, learners, rollout)
     # Every engine starts from the learners' (bf16-rounded) weights.
     link.sync(digest=True, step=first - 1)
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
-          f"rollout {cfg.rollout.num_workers} x {rollout.engine}, learner "
+          f"rollout {cfg.rollout.num_workers} x {rollout.engine_kind}, learner "
           f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage} "
           f"({learners.info[0]['passes']}), weight sync "
           f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
@@ -164,7 +164,6 @@ def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: Learner
     for key in per_learner[0]:
         if key.startswith("actor/"):
             metrics[key] = sum(m[key] for m in per_learner) / len(per_learner)
-    metrics.pop("timing/learner_rank", None)
     metrics.update(sync)
     metrics["fault/rollout_restarts"] = float(stream.rollout.restarts)
     metrics["fault/recovery_s"] = stream.rollout.recovery_s
@@ -183,11 +182,11 @@ def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: Learner
     return metrics
 
 
-def shards_of(batch: Rollouts, step: int, learners: int) -> list[StepShard]:
+def shards_of(batch: Rollouts, step: int, num_learners: int) -> list[StepShard]:
     """Each learner rank's contiguous slice of the step's pairs, with their completions (and
     their log-probs if the learners have moved on since the weights that sampled them)."""
     P = len(batch.pairs)
-    per_rank = P // learners
+    per_rank = P // num_learners
     staleness = step - 1 - batch.version  # the learners hold the weights after step - 1
     lps = batch.logprobs if staleness > 0 else None
     return [
@@ -312,9 +311,9 @@ class WeightSync:
                            shm_prefix=f"/dev/shm/umerl-weights-{uuid.uuid4().hex[:12]}")
         link = cls(cfg, learners, rollout, plan, transport, spec.timeout_s)
         first_ranks = list(accumulate([1] + counts))[:-1]
-        link._wait(learners.open_weight_sync(spec, plan),
-                   rollout.open_weight_sync(spec, plan, first_ranks,
-                                            learners.info[0]["model_type"]))
+        link._wait(learners.async_open_weight_sync(spec, plan),
+                   rollout.async_open_weight_sync(spec, plan, first_ranks,
+                                                  learners.info[0]["model_type"]))
         return link
 
     def sync(self, digest: bool = False, step: int = 0) -> dict[str, float]:
@@ -348,8 +347,8 @@ class WeightSync:
         self.transport, self.plan = fresh.transport, fresh.plan
 
     def _sync(self, digest: bool, step: int) -> dict[str, float]:
-        sent, received = self._wait(self.learners.send_weights(digest),
-                                    self.rollout.receive_weights(digest, step))
+        sent, received = self._wait(self.learners.async_send_weights(digest),
+                                    self.rollout.async_receive_weights(digest, step))
         sender = sent[0]
         if digest:
             for name, got in zip(self.rollout.names, received, strict=True):
@@ -393,15 +392,6 @@ def choose_transport(requested: str, learner_device: str, learner_node: str,
     if requested == "shm" and not room:
         raise ValueError(f"{key}=shm needs {2 * largest_bucket >> 20} MB free in /dev/shm")
     return requested
-
-
-def rollout_dtype(cfg: DictConfig) -> str:
-    """The rollout engines generate in the learners' training dtype: bit-equal weights after
-    every sync. ``learner.bf16: auto`` is resolved by each rollout actor on its own device."""
-    bf16 = str(cfg.learner.bf16).lower()
-    if bf16 == "auto":
-        return "auto"
-    return "bfloat16" if bf16 == "true" else str(cfg.model.dtype)
 
 
 def _console_line(step: int, total: int, m: dict[str, float]) -> str:

@@ -9,15 +9,14 @@ CPUs over the cluster's, a bundle no single node can hold (a vLLM actor's tensor
 share one node: ``rollout.gpus_per_worker`` GPUs on one machine), or bundles that fit the
 totals but cannot be packed onto the nodes.
 
-``required_resources`` and ``check_cluster`` are pure (no Ray): ``describe_cluster("2x8")``
-describes a cluster for tests; ``nodes_from_ray()`` reads the live one.
+``required_resources`` and ``check_cluster`` are pure (no Ray): they take the nodes as
+resource mappings, which ``nodes_from_ray()`` reads from the live cluster (tests write them).
 ``check_shared_output_dir`` proves that every node of a multi-node cluster sees ``output_dir``
 (checkpoints are written by workers on every node and read back by the driver).
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import time
 import uuid
@@ -30,7 +29,6 @@ from omegaconf import DictConfig
 
 from umerl.config.origins import ConfigError, Sources
 
-DEFAULT_CPUS_PER_NODE = 64
 MARKER_PREFIX = ".umerl-shared-"
 _EPS = 1e-6
 _PACK_BUDGET = 200_000  # placement attempts before the packing search gives up (no error then)
@@ -217,21 +215,6 @@ def _packs(bundles: list[dict[str, float]], nodes: Sequence[dict[str, float]]) -
         return False
 
     return place(0, 0)
-
-
-def describe_cluster(spec: str) -> list[dict[str, float]]:
-    """Node resources from ``NODESxGPUS[:CPUS]`` groups joined by ``+``: ``"2x8"`` is two
-    nodes of 8 GPUs and 64 CPUs each, ``"2x8:96"`` with 96 CPUs, ``"1x8+2x4"`` mixed nodes."""
-    nodes: list[dict[str, float]] = []
-    for group in str(spec).replace(" ", "").split("+"):
-        match = re.fullmatch(r"(\d+)x(\d+)(?::(\d+(?:\.\d+)?))?", group)
-        if not match or int(match.group(1)) < 1:
-            raise ConfigError(f"cluster '{spec}': expected NODESxGPUS or NODESxGPUS:CPUS groups "
-                              f"joined by '+' (e.g. 2x8, 2x8:96, 1x8+2x4), got '{group}'")
-        count, gpus = int(match.group(1)), float(match.group(2))
-        cpus = float(match.group(3)) if match.group(3) else float(DEFAULT_CPUS_PER_NODE)
-        nodes.extend({"CPU": cpus, "GPU": gpus} for _ in range(count))
-    return nodes
 
 
 def nodes_from_ray() -> list[dict[str, float]]:

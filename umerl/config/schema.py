@@ -17,12 +17,16 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from umerl.config.origins import ConfigError, Sources
+from umerl.data.dtypes import MODEL_DTYPES
+from umerl.runtime.devices import ENGINES, engine_for
 from umerl.runtime.faults import parse_fault
 
 # `serve.direct_port`: the replicas' own HTTP servers take their ports from this many.
 DIRECT_PORT_SPAN = 100
 
 Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong
+# A rule between keys: None when the config keeps it, else the error naming the keys' sources.
+Rules = tuple[Callable[[DictConfig, Sources], str | None], ...]
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,6 @@ def FaultSpec() -> Rule:
 
 MODES = ("disc:disc", "gen:gen", "disc:gen", "gen:disc")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-DTYPES = ("float32", "bfloat16", "float16")
 RESUME = Either(OneOf("auto"), Str(nullable=True))
 BF16 = OneOf("auto", True, False)
 ZERO = OneOf(0, 1, 2, 3)
@@ -203,7 +206,7 @@ SCHEMA: dict[str, Rule] = {
     "seed": Int(0),
     "output_dir": Str(),
     "model.path": Str(nullable=True),
-    "model.dtype": OneOf(*DTYPES),
+    "model.dtype": OneOf(*MODEL_DTYPES),
     "model.tiny.family": OneOf(*FAMILIES),
     "model.tiny.size": OneOf("tiny", "small"),
     "model.tiny.seed": Int(0),
@@ -262,7 +265,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_verify_every": Int(0),
     "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),
-    "rollout.engine": OneOf("auto", "transformers", "vllm"),
+    "rollout.engine": OneOf("auto", *ENGINES),
     "rollout.tensor_parallel_size": Int(1),
     "rollout.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "rollout.enforce_eager": Bool(),
@@ -290,7 +293,7 @@ SCHEMA: dict[str, Rule] = {
     "serve.num_replicas": Int(1),
     "serve.cpus_per_replica": POSITIVE,
     "serve.gpus_per_replica": NONNEG,
-    "serve.engine": OneOf("auto", "transformers", "vllm"),
+    "serve.engine": OneOf("auto", *ENGINES),
     "serve.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "serve.model_name": Str(nullable=True),
     "serve.disc_batch_size": Int(1),
@@ -318,19 +321,6 @@ SCHEMA: dict[str, Rule] = {
 }
 
 
-def leaf_keys(config: DictConfig, prefix: str = "") -> list[str]:
-    """Dotted paths of every leaf of a config (lists count as leaves)."""
-    keys = []
-    for key in config.keys():
-        name = f"{prefix}{key}"
-        node = config._get_node(key)
-        if isinstance(node, DictConfig) and len(node) > 0:
-            keys.extend(leaf_keys(node, f"{name}."))
-        else:
-            keys.append(name)
-    return keys
-
-
 def validate(config: DictConfig, sources: Sources | None = None) -> None:
     """Types and ranges of every key, then the rules between keys; raises ``ConfigError``."""
     sources = sources or Sources()
@@ -339,23 +329,26 @@ def validate(config: DictConfig, sources: Sources | None = None) -> None:
         problem = rule.check(value)
         if problem:
             raise ConfigError(f"{sources.describe(key)}: {problem}; allowed: {rule.allowed}")
-    for rule in CROSS_RULES:
+    _check_rules(config, sources, CROSS_RULES)
+
+
+def check_learner(config: DictConfig, sources: Sources | None = None) -> None:
+    """The rules between the learner's keys and the RL stage's, whether or not ``rl.enabled``:
+    a ``Learner`` runs them when it is built, since tests and benchmarks build one from a
+    config that ``validate`` may have passed with the RL stage off. Raises ``ConfigError``."""
+    _check_rules(config, sources or Sources(), LEARNER_RULES)
+
+
+def _check_rules(config: DictConfig, sources: Sources, rules: Rules) -> None:
+    for rule in rules:
         problem = rule(config, sources)
         if problem:
             raise ConfigError(problem)
 
 
-def rollout_engine(config: DictConfig) -> str:
-    """The engine ``rollout.engine=auto`` resolves to: vLLM when rollout workers have GPUs."""
-    r = config.rollout
-    if r.engine != "auto":
-        return str(r.engine)
-    return "vllm" if float(r.gpus_per_worker) > 0 else "transformers"
-
-
 def _pairs_divide_learners(c: DictConfig, s: Sources) -> str | None:
     pairs, learners = int(c.rl.pairs_per_step), int(c.learner.num_workers)
-    if c.rl.enabled and pairs % learners:
+    if pairs % learners:
         return (f"{s.describe('rl.pairs_per_step')} = {pairs} must be a multiple of "
                 f"{s.describe('learner.num_workers')} = {learners}: each learner takes an equal "
                 "share of the step's pairs")
@@ -365,11 +358,19 @@ def _pairs_divide_learners(c: DictConfig, s: Sources) -> str | None:
 def _learner_micro_batch(c: DictConfig, s: Sources) -> str | None:
     micro = int(c.learner.micro_batch_size)
     rows = int(c.rl.pairs_per_step) // int(c.learner.num_workers) * int(c.rl.group_size)
-    if c.rl.enabled and micro and rows % micro:
+    if micro and rows % micro:
         return (f"{s.describe('learner.micro_batch_size')} = {micro} must divide the {rows} "
                 "rollouts per side per learner (rl.pairs_per_step / learner.num_workers x "
                 "rl.group_size); 0 means all at once")
     return None
+
+
+def _learner_sizes(c: DictConfig, s: Sources) -> str | None:
+    """How a step's rollouts split over learners and micro-batches matters only to a run whose
+    RL stage is on (``check_learner`` asks regardless)."""
+    if not c.rl.enabled:
+        return None
+    return _pairs_divide_learners(c, s) or _learner_micro_batch(c, s)
 
 
 def _single_forward(c: DictConfig, s: Sources) -> str | None:
@@ -409,7 +410,7 @@ def _direct_ports_apart(c: DictConfig, s: Sources) -> str | None:
 
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
-    engine = rollout_engine(c)
+    engine = engine_for(c.rollout.engine, gpus)
     if tp > 1 and engine != "vllm":
         return (f"{s.describe('rollout.tensor_parallel_size')} = {tp} needs the vLLM engine; "
                 f"{s.describe('rollout.engine')} resolves to {engine}")
@@ -432,7 +433,7 @@ def _something_trains(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
-def _pass_k_within_budget(c: DictConfig, s: Sources) -> str | None:
+def _pass_k_distinct(c: DictConfig, s: Sources) -> str | None:
     if len(set(c.eval.pass_k)) != len(c.eval.pass_k):
         return f"{s.describe('eval.pass_k')}: repeated values in {list(c.eval.pass_k)}"
     return None
@@ -452,8 +453,9 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
-CROSS_RULES: tuple[Callable[[DictConfig, Sources], str | None], ...] = (
-    _pairs_divide_learners, _learner_micro_batch, _single_forward, _shared_prompt,
-    _direct_ports_apart, _tensor_parallel,
-    _something_trains, _pass_k_within_budget, _faults_can_fire,
+LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
+                        _shared_prompt)
+CROSS_RULES: Rules = (
+    _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _tensor_parallel,
+    _something_trains, _pass_k_distinct, _faults_can_fire,
 )

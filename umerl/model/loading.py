@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from umerl.data.dtypes import MODEL_DTYPES, torch_dtype
 from umerl.data.tokens import (
     DISC_EMB,
     EMBEDDING_TOKEN_INIT_SOURCES,
@@ -19,7 +20,6 @@ from umerl.data.tokens import (
 from umerl.model.inputs import InputEncoder
 
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -71,10 +71,10 @@ def load_policy(
     """Load model, tokenizer and image processor from a Hugging Face folder, offline."""
     from transformers import AutoModelForImageTextToText
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {sorted(MODEL_DTYPES)}")
     _, tokenizer, image_processor = _load_processors(Path(path), trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
     add_embedding_tokens(model, tokenizer)
     model.eval()
     return bundle_for(model, tokenizer, image_processor)

@@ -42,6 +42,7 @@ from ray import serve
 from umerl.config.schema import DIRECT_PORT_SPAN
 from umerl.data.formats import Side
 from umerl.eval.router import Router
+from umerl.runtime.devices import engine_for
 
 MODES = ("disc", "gen", "auto")
 ENCODING_FORMATS = ("float", "base64")  # base64: float32 little-endian bytes, as OpenAI's
@@ -313,9 +314,7 @@ class ServeOptions:
 
     @property
     def resolved_engine(self) -> str:
-        if self.engine != "auto":
-            return self.engine
-        return "vllm" if self.gpus_per_replica > 0 else "transformers"
+        return engine_for(self.engine, self.gpus_per_replica)
 
 
 @dataclass

@@ -55,12 +55,6 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -
     model.train()
 
 
-def use_bf16(setting: Any) -> bool:
-    if str(setting).lower() == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(setting)
-
-
 def build_engine(
     module: torch.nn.Module, *, lr: float, weight_decay: float, total_steps: int,
     warmup_ratio: float, min_lr_ratio: float, micro_batch_size: int,

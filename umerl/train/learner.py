@@ -28,7 +28,6 @@ in a space the learners have already left.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from rewards import RewardContext, reward_metrics, rewards_from_config
-from rewards.builtin import rank_and_margin
+from rewards.builtin import step_rank_and_margin
+from umerl.config.schema import check_learner
 from umerl.data.formats import Pair, Side
 from umerl.model.loading import load_policy
 from umerl.model.policy import (
@@ -48,6 +48,7 @@ from umerl.model.policy import (
     completion_block_mask,
     completion_mask_for,
 )
+from umerl.runtime.devices import use_bf16
 from umerl.runtime.faults import for_actor, kill_if, parse_faults
 from umerl.runtime.remote import gather
 from umerl.train import checkpoint as ckpt
@@ -58,7 +59,6 @@ from umerl.train.engine import (
     prepare_for_training,
     save_checkpoint,
     set_trainable,
-    use_bf16,
 )
 from umerl.train.grpo import group_advantages, grpo_side_loss
 
@@ -84,18 +84,15 @@ class Learner:
     """One learner rank (the Ray actor ``LearnerActor`` wraps it; tests use it directly)."""
 
     def __init__(self, cfg: DictConfig, policy_checkpoint: str, reference_checkpoint: str):
+        check_learner(cfg)  # the recipe's rules, also for a config load_recipe did not check
         self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
         self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
         prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
         self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
-        rows = self.rows_per_side()
-        micro = int(self.lcfg.micro_batch_size) or rows
-        if rows % micro:
-            raise ValueError(f"learner.micro_batch_size={micro} must divide the {rows} rollouts "
-                             "per side per rank (rl.pairs_per_step / learner.num_workers * G)")
-        self.micro = micro
+        rows = int(self.rcfg.pairs_per_step) // self.world * int(self.rcfg.group_size)
+        self.micro = micro = int(self.lcfg.micro_batch_size) or rows
         self.single_forward = single_forward_mode(self.lcfg.single_forward, rows // micro,
                                                   int(self.lcfg.zero_stage))
         self.shared_prompt = shared_prompt_mode(
@@ -118,13 +115,6 @@ class Learner:
         self.root = Path(cfg.output_dir) / r.output_subdir
         self.faults = for_actor(parse_faults(cfg.faults.kill), "learner", self.rank)
 
-    def rows_per_side(self) -> int:
-        pairs = int(self.rcfg.pairs_per_step)
-        if pairs % self.world:
-            raise ValueError(f"rl.pairs_per_step={pairs} must be a multiple of "
-                             f"learner.num_workers={self.world}")
-        return pairs // self.world * int(self.rcfg.group_size)
-
     @property
     def max_completion_length(self) -> int:
         return int(self.rcfg.max_completion_length or self.rcfg.max_new_tokens)
@@ -132,7 +122,6 @@ class Learner:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, shard: StepShard) -> dict[str, float]:
-        start = time.perf_counter()
         G = int(self.rcfg.group_size)
         if shard.staleness and shard.query_logprobs is None:
             raise ValueError(f"step {shard.step}: rollouts {shard.staleness} update(s) stale "
@@ -161,7 +150,6 @@ class Learner:
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local, forwards))
-        metrics["timing/learner_rank"] = time.perf_counter() - start
         return metrics
 
     def _micro_batches(self, sides: list[Side], completions: list[list[int]],
@@ -234,7 +222,7 @@ class Learner:
         )
         total, parts, timings = self.rewards(ctx)
         metrics = reward_metrics(ctx, total, parts, timings)
-        factors = rank_and_margin(query_emb, target_emb, int(self.rcfg.group_size))
+        factors = step_rank_and_margin(ctx)  # the embedding reward's own, when it ran
         metrics["reward/rank_score"] = float(
             torch.cat([factors.query_rank, factors.target_rank]).float().mean())
         lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)
@@ -288,11 +276,6 @@ class Learner:
 
     # -- weights and checkpoints ----------------------------------------------------------------
 
-    def trainable_named_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        """This rank's trainable parameters (under ZeRO-3: its shards, shape (0,) or partial)."""
-        return [(n, p.detach()) for n, p in self.bundle.model.named_parameters()
-                if p.requires_grad]
-
     def weight_specs(self) -> list[tuple[str, list[int], str]]:
         """(name, full shape, dtype) of every trainable parameter, in model order: what a
         weight sync moves (under ZeRO-3 the full shapes, not this rank's shards)."""
@@ -334,11 +317,9 @@ def single_forward_mode(setting: str | bool, micro_batches_per_side: int, zero_s
     no-grad pass first. It holds every micro-batch's activations until the rewards are known,
     so ``auto`` takes it only with one micro-batch per side (``learner.micro_batch_size: 0``
     or the rank's whole share) and not under ZeRO-3, whose parameter gathering assumes each
-    forward is followed by its backward."""
+    forward is followed by its backward (``true`` there is the schema's error)."""
     if setting == "auto":
         return micro_batches_per_side == 1 and zero_stage < 3
-    if setting is True and zero_stage == 3:  # the schema says so first, naming the recipe
-        raise ValueError("learner.single_forward=true cannot run under learner.zero_stage=3")
     return setting is True
 
 
@@ -347,12 +328,10 @@ def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpo
     """``learner.shared_prompt``: a micro-batch runs each prompt once, its G completions on
     its keys and values. ``auto`` takes it where it can run: micro-batches of whole groups,
     no gradient checkpointing (its layers keep no cache) and ZeRO stage < 3 (not run there).
-    ``true`` elsewhere is a recipe error the schema reports first."""
-    possible = whole_groups and not gradient_checkpointing and zero_stage < 3
-    if setting is True and not possible:
-        raise ValueError("learner.shared_prompt=true needs micro-batches of whole groups, no "
-                         "gradient checkpointing and ZeRO stage < 3")
-    return possible if setting == "auto" else setting is True
+    ``true`` elsewhere is the schema's error."""
+    if setting == "auto":
+        return whole_groups and not gradient_checkpointing and zero_stage < 3
+    return setting is True
 
 
 def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -498,12 +477,12 @@ class LearnerPool:
     def _on_rank0(self, method: str) -> Any:
         return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
 
-    def open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
+    def async_open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
         """The calls (refs, worker names) joining the sync group; the driver waits on them
         together with the rollout side's, which must run at the same time."""
         return [a.open_weight_sync.remote(spec, plan) for a in self.actors], self.names
 
-    def send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
+    def async_send_weights(self, digest: bool) -> tuple[list[Any], list[str]]:
         """The calls of one sync (every rank: ZeRO-3 gathers); rank 0's result is the sender's."""
         return [a.send_weights.remote(digest) for a in self.actors], self.names
 

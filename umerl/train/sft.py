@@ -22,6 +22,7 @@ from umerl.data.tokens import IM_END
 from umerl.model.loading import PolicyBundle, load_policy, prompt_limit
 from umerl.model.policy import PolicyModule, PolicyOutput
 from umerl.runtime.console import Progress
+from umerl.runtime.devices import use_bf16
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 from umerl.train.engine import (
@@ -30,7 +31,6 @@ from umerl.train.engine import (
     prepare_for_training,
     save_checkpoint,
     set_trainable,
-    use_bf16,
 )
 from umerl.train.losses import info_nce
 from umerl.train.sft_data import ContrastiveBatcher, load_pair_datasets, shard, target_id

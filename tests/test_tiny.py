@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from umerl import tiny  # noqa: E402
+from umerl.model import tiny  # noqa: E402
 from umerl.data.tokens import (  # noqa: E402
     DISC_EMB,
     ENDOFTEXT,

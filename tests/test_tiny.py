@@ -12,7 +12,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from umerl.model import tiny  # noqa: E402
 from umerl.data.tokens import (  # noqa: E402
     DISC_EMB,
     ENDOFTEXT,
@@ -25,6 +24,7 @@ from umerl.data.tokens import (  # noqa: E402
     VISION_END,
     VISION_START,
 )
+from umerl.model import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,13 @@ VARIANTS = {  # label -> the rewards list; the control's part keeps the label "e
     "reward": "[{name: format, weight: 1.0}, {name: embedding, weight: 1.0}]",
     "shuffled": "[{name: format, weight: 1.0}, {name: 'bench/shuffled_reward.py:"
                 "shuffled_embedding', label: embedding, weight: 1.0}]",
+    # Not run by default: the verifiable answer reward (1 when the answer names the gold
+    # label) beside the embedding reward, logged but unweighted: what the loop does with a
+    # signal that pays exactly for correct answers.
+    "answer": "[{name: format, weight: 1.0}, {name: answer, weight: 1.0}, "
+              "{name: embedding, weight: 0.0}]",
 }
+DEFAULT_VARIANTS = "reward,shuffled"
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
@@ -180,7 +186,8 @@ def main() -> None:
     parser.add_argument("--benchmark", default=None,
                         help="the bundled benchmark folder (default: built or found as the "
                         "recipe's data.benchmark_dir says)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs found in OUT (and OUT/before): report again")

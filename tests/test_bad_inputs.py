@@ -126,7 +126,7 @@ def test_recipe_file_errors_name_file_and_line(tmp_path: Path) -> None:
 def test_unknown_reward_and_missing_reward_file(world, tmp_path: Path) -> None:
     args = ["train", RECIPE, *base(world, tmp_path)]
     assert_fails([*args, "rewards=[{name: nope}]"],
-                 r"rewards\[0\]: reward 'nope' .*unknown reward: built-ins are embedding, "
+                 r"rewards\[0\]: reward 'nope' .*unknown reward: built-ins are answer, embedding, "
                  r"format, margin, rank;.*from command line")
     missing = tmp_path / "missing.py"
     assert_fails([*args, f"rewards=[{{name: '{missing}:fn'}}]"],

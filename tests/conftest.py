@@ -32,3 +32,18 @@ def benchmark_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from umerl.data.tasks import ensure_benchmark
 
     return ensure_benchmark(tmp_path_factory.mktemp("bench") / "umerl-mini")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on loopback with 2 CPUs and the workers' environment, one per test module
+    (the GRPO loop's tests)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    from umerl.runtime.ray_start import worker_env
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+             object_store_memory=512 << 20, runtime_env={"env_vars": worker_env()})
+    yield ray
+    ray.shutdown()

@@ -5,7 +5,7 @@ and a dead learner restarts the stage from its last complete checkpoint."""
 from __future__ import annotations
 
 import pytest
-from test_rl import determined, local_ray, rl_config, run_logged  # noqa: F401 - the Ray fixture
+from test_rl import determined, rl_config, run_logged
 
 from umerl.runtime.faults import Fault, for_actor, parse_fault
 from umerl.runtime.remote import WorkerError
@@ -41,7 +41,7 @@ RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.nu
 
 
 @pytest.fixture(scope="module")
-def uncrashed(local_ray, tiny_model_dir, benchmark_manifest, tmp_path_factory):  # noqa: F811
+def uncrashed(local_ray, tiny_model_dir, benchmark_manifest, tmp_path_factory):
     cfg = rl_config(tmp_path_factory.mktemp("uncrashed"), benchmark_manifest.parent, *RUN)
     logged = determined(run_logged(cfg, tiny_model_dir)[0])
     assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
@@ -49,7 +49,7 @@ def uncrashed(local_ray, tiny_model_dir, benchmark_manifest, tmp_path_factory): 
 
 
 @pytest.mark.parametrize("fault", ["rollout/1/3/generate", "rollout/0/3/weight_sync"])
-def test_a_rollout_actor_killed_mid_step_costs_nothing(local_ray, tiny_model_dir,  # noqa: F811
+def test_a_rollout_actor_killed_mid_step_costs_nothing(local_ray, tiny_model_dir,
                                                       benchmark_manifest, tmp_path, capsys,
                                                       uncrashed, fault):
     cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, f"faults.kill=[{fault}]")
@@ -63,7 +63,7 @@ def test_a_rollout_actor_killed_mid_step_costs_nothing(local_ray, tiny_model_dir
     assert determined(tracker) == uncrashed  # all 6 steps, each with the uncrashed run's rewards
 
 
-def test_more_kills_than_max_restarts_is_a_clear_error(local_ray, tiny_model_dir,  # noqa: F811
+def test_more_kills_than_max_restarts_is_a_clear_error(local_ray, tiny_model_dir,
                                                        benchmark_manifest, tmp_path):
     from umerl.rl import run_rl
 
@@ -77,7 +77,7 @@ def test_more_kills_than_max_restarts_is_a_clear_error(local_ray, tiny_model_dir
 
 @pytest.mark.parametrize("fault", ["learner/1/4/update", "learner/0/4/save"])
 def test_a_dead_learner_restarts_the_stage_from_its_last_checkpoint(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys,  # noqa: F811
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys,
         uncrashed, fault):
     """Killed in step 4's update, or halfway through step 4's checkpoint (which must not be
     used): the stage restarts from step 2's checkpoint and steps 3-6 repeat the uncrashed
@@ -100,7 +100,7 @@ def test_a_dead_learner_restarts_the_stage_from_its_last_checkpoint(
 
 
 def test_a_learner_death_beyond_max_failures_fails_the_stage(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
     from umerl.rl import run_rl
 
     cfg = rl_config(tmp_path, benchmark_manifest.parent, "rl.max_steps=2",

@@ -12,27 +12,11 @@ tensor or a wrong mask in the loss makes the first assertion fail.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import pytest
 
 from umerl.config.recipe import load_recipe
 
 STEPS, WINDOW = 30, 5
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    from umerl.runtime.ray_start import worker_env
-
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             object_store_memory=512 << 20, runtime_env={"env_vars": worker_env()})
-    yield ray
-    ray.shutdown()
 
 
 def rewards_per_step(out: Path, benchmark: Path, tiny: Path, reward: str) -> list[float]:

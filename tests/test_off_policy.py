@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from test_rl import determined, local_ray, rl_config, run_logged  # noqa: F401 - the Ray fixture
+from test_rl import determined, rl_config, run_logged
 
 from umerl.config.recipe import load_recipe
 from umerl.runtime.tracking import MemoryTracker
@@ -161,7 +161,7 @@ def test_the_schema_names_the_keys_of_an_impossible_single_forward(tmp_path):
 
 
 def test_one_step_off_policy_runs_deterministically_and_resumes_exactly(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
     def run(name: str, *overrides: str) -> MemoryTracker:
         cfg = rl_config(tmp_path / name, benchmark_manifest.parent, "rl.max_staleness=1",
                         "rl.lr=0.02", "rl.max_steps=3", *overrides)
@@ -185,7 +185,7 @@ def test_one_step_off_policy_runs_deterministically_and_resumes_exactly(
 
 
 def test_synchronous_loop_is_unchanged_by_the_single_forward(
-        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):  # noqa: F811
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
     """max_staleness 0 with either learner mode: on-policy every step (ratio 1, staleness 0)
     and the same rewards step by step as the two-pass loop this replaced."""
     logged = {}

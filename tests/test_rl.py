@@ -7,7 +7,6 @@ policy (the SFT stage is tested elsewhere), 2 pairs x G=2 per step, short comple
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -25,19 +24,6 @@ def test_prompt_seeds_do_not_depend_on_pool_sizes() -> None:
     assert prompt_seed(0, 3, 1, "query") == prompt_seed(0, 3, 1, "query")
     assert prompt_seed(1, 3, 1, "query") != prompt_seed(0, 3, 1, "query")
     assert _split(5, 2) == [(0, 3), (3, 5)] and _split(2, 3) == [(0, 1), (1, 2), (2, 2)]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    from umerl.runtime.ray_start import worker_env
-
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-             object_store_memory=512 << 20, runtime_env={"env_vars": worker_env()})
-    yield ray
-    ray.shutdown()
 
 
 def rl_config(out: Path, benchmark: Path, *overrides: str):

@@ -511,3 +511,13 @@ def test_token_mean_over_micro_batches_and_ranks_is_the_step_mean():
     naive = sum(aggregate(values[r, m] * mask[r, m], mask[r, m], "token-mean", 1)
                 for r in range(ranks) for m in range(micro)) / (ranks * micro)
     assert abs(float(naive) - expected) > 1e-3
+
+
+def test_the_learners_token_divisor_counts_the_sides_tokens_per_micro_batch():
+    """``learner._token_divisor`` (one process): the side's completion tokens over its
+    micro-batches, so the micro-batch losses average to the side's token mean."""
+    from umerl.train.learner import _token_divisor
+
+    batches = [{"inputs": {"completion_lengths": torch.tensor([3, 5])}},
+               {"inputs": {"completion_lengths": torch.tensor([2, 6])}}]
+    assert _token_divisor(batches) == (3 + 5 + 2 + 6) / 2

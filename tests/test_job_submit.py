@@ -1,14 +1,17 @@
 """`ray job submit` of the CPU recipe to a cluster started with `ray start --head` on loopback,
-exactly as the README shows (shortened: a few SFT and GRPO steps, two tasks evaluated)."""
+exactly as the README shows (shortened: a few SFT and GRPO steps, two tasks evaluated); and a
+job whose driver is SIGKILLed mid-RL, submitted again, continuing exactly."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def head_node():
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.fail("the ray CLI is missing from the virtual environment")
@@ -66,3 +69,61 @@ def test_ray_job_submit_runs_the_recipe(head_node, tiny_model_dir, benchmark_man
               (out / "metrics" / "rl.jsonl").read_text().splitlines()]
     assert logged == [1, 2]
     assert (out / "rl" / "latest").is_file() and (out / "sft" / "latest").is_file()
+
+
+def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path,
+           wait: bool = True) -> subprocess.CompletedProcess:
+    command = [
+        str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(REPO),
+        *([] if wait else ["--no-wait"]), "--", "python", "-m", "umerl.cli", "train",
+        "recipes/cpu_tiny.yaml", f"output_dir={out}", f"model.path={tiny_model_dir}",
+        f"data.benchmark_dir={benchmark_dir}", "sft.max_steps=2", "sft.micro_batch_size=4",
+        "rl.max_steps=6", "rl.save_every=3", "rl.pairs_per_step=2", "rl.group_size=2",
+        "rl.max_new_tokens=8", "eval.enabled=false",
+    ]
+    proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
+                          timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
+
+
+def rl_lines(out: Path) -> list[dict]:
+    path = out / "metrics" / "rl.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def kill_driver_after(head: str, out: Path, rl_step: int) -> None:
+    """SIGKILL the driver of the job writing ``out`` once its RL stage has logged ``rl_step``."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head)
+    deadline = time.monotonic() + 600
+    driver = None
+    while not any(m["step"] >= rl_step for m in rl_lines(out)):
+        assert time.monotonic() < deadline, f"RL step {rl_step} never came"
+        if driver is None:  # found before the kill, which then comes at once
+            running = [job for job in client.list_jobs() if job.status == "RUNNING"
+                       and str(out) in job.entrypoint and job.driver_info]
+            driver = running[0] if running else None
+        time.sleep(0.05)
+    assert driver is not None, "no running job writes " + str(out)
+    os.kill(int(driver.driver_info.pid), signal.SIGKILL)
+    while client.get_job_status(driver.submission_id) == "RUNNING":
+        assert time.monotonic() < deadline, "the killed job still reads as running"
+        time.sleep(0.5)
+
+
+def test_a_killed_job_submitted_again_continues_exactly(head_node, tiny_model_dir,
+                                                        benchmark_manifest, tmp_path):
+    bench = benchmark_manifest.parent
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    submit(head_node, clean, tiny_model_dir, bench)
+    submit(head_node, killed, tiny_model_dir, bench, wait=False)
+    kill_driver_after(head_node, killed, rl_step=4)  # RL checkpoint at step 3
+    submit(head_node, killed, tiny_model_dir, bench)
+    steps = [m["step"] for m in rl_lines(killed)]
+    assert steps[:4] == [1, 2, 3, 4] and steps.count(1) == 1 and 4 in steps[4:], steps
+    keys = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
+            "actor/kl", "actor/policy_loss")
+    assert ({m["step"]: [m[k] for k in keys] for m in rl_lines(killed)}
+            == {m["step"]: [m[k] for k in keys] for m in rl_lines(clean)})

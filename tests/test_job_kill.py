@@ -1,0 +1,116 @@
+"""The whole job killed (driver and its local Ray, SIGKILL, no cleanup) mid-SFT and again mid-RL,
+then the same command run again: each stage continues from its last checkpoint and every step's
+losses and rewards equal those of a run that was never interrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# What each stage must reproduce exactly after the kill (timings and throughput may differ).
+SFT_KEYS = ("sft/loss", "sft/gen_nce", "sft/disc_nce", "sft/query_ce", "sft/target_ce",
+            "sft/lr")
+RL_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score",
+           "actor/kl", "actor/policy_loss")
+
+
+def command(out: Path, tiny_model_dir: Path, benchmark_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "umerl.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"),
+        f"output_dir={out}", f"model.path={tiny_model_dir}", f"data.benchmark_dir={benchmark_dir}",
+        "eval.enabled=false", "ray.num_cpus=2", "sft.max_steps=6", "sft.save_every=3",
+        "sft.log_every=1", "sft.micro_batch_size=4", "rl.max_steps=6", "rl.save_every=3",
+        "rl.pairs_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8",
+    ]
+
+
+def env() -> dict[str, str]:
+    out = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+           "PYTHONUNBUFFERED": "1"}
+    out.pop("RAY_ADDRESS", None)
+    return out
+
+
+def logged_steps(out: Path, stage: str) -> list[dict]:
+    path = out / "metrics" / f"{stage}.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_to_end(out: Path, argv: list[str]) -> None:
+    proc = subprocess.run(argv, cwd=out.parent, env=env(), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+
+
+def run_and_kill(out: Path, argv: list[str], stage: str, after_step: int) -> None:
+    """Start the job in its own session and SIGKILL every process of that session once
+    ``stage`` has logged ``after_step``: the driver, the local Ray it started and every Ray
+    worker at once (Ray gives each worker a process group of its own: killing the driver's
+    group alone would leave the workers a moment to finish the stage)."""
+    proc = subprocess.Popen(argv, cwd=out.parent, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not any(m["step"] >= after_step for m in logged_steps(out, stage)):
+            assert proc.poll() is None, f"the job ended before {stage} step {after_step}"
+            assert time.monotonic() < deadline, f"{stage} step {after_step} never came"
+            time.sleep(0.05)
+    finally:
+        for pid in session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    for _ in range(200):  # every process gone, so the rerun starts a local Ray of its own
+        if not session_pids(proc.pid):
+            return
+        time.sleep(0.1)
+    raise AssertionError("processes of the killed job are still running")
+
+
+def session_pids(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies, already dead, left out)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and os.getsid(int(entry.name)) == sid:
+                pids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return pids
+
+
+def last_per_step(lines: list[dict], keys: tuple[str, ...]) -> dict[int, tuple]:
+    return {m["step"]: tuple(m.get(k) for k in keys) for m in lines}
+
+
+def test_a_killed_job_run_again_continues_exactly(tmp_path, tiny_model_dir, benchmark_manifest):
+    bench = benchmark_manifest.parent
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    run_to_end(clean, command(clean, tiny_model_dir, bench))
+    argv = command(killed, tiny_model_dir, bench)
+    run_and_kill(killed, argv, "sft", after_step=4)  # SFT checkpoint at step 3
+    run_and_kill(killed, argv, "rl", after_step=4)  # RL checkpoint at step 3
+    run_to_end(killed, argv)
+
+    sft, rl = logged_steps(killed, "sft"), logged_steps(killed, "rl")
+    # Each rerun took up where the last checkpoint left off, not from step 1.
+    sft_order, rl_order = [m["step"] for m in sft], [m["step"] for m in rl]
+    assert sft_order[:4] == [1, 2, 3, 4] and sft_order.count(1) == 1, sft_order
+    assert 4 in sft_order[4:] and sft_order[-1] == 6, sft_order
+    assert rl_order[:4] == [1, 2, 3, 4] and rl_order.count(1) == 1, rl_order
+    assert 4 in rl_order[4:] and rl_order[-1] == 6, rl_order
+    # ... and every step equals the uninterrupted run's.
+    assert last_per_step(sft, SFT_KEYS) == last_per_step(logged_steps(clean, "sft"), SFT_KEYS)
+    assert last_per_step(rl, RL_KEYS) == last_per_step(logged_steps(clean, "rl"), RL_KEYS)

@@ -1,92 +1,175 @@
-"""Chaos run: the CPU recipe's RL stage with a rollout actor SIGKILLed every few steps.
+"""Chaos bench: each fault the RL stage must survive (or end by name), one run per fault.
 
-    .venv/bin/python bench/bench_faults.py [--steps 20] [--every 5] [key=value ...]
+    .venv/bin/python bench/bench_faults.py [--steps 8] [--at 6] [--only NAME,...] [key=value ...]
 
-Runs ``--steps`` GRPO steps of recipes/cpu_tiny.yaml (2 rollout actors, 2 learner actors, a
-local Ray) from the tiny model with ``faults.kill`` set to kill a rollout actor every
-``--every`` steps, alternating actors and phases (mid-generation, mid-weight-sync), then the
-same steps without faults, and prints: kills survived, steps lost (steps the faulty run did
-not finish, or whose rewards differ from the clean run's: must be 0), and each recovery's time
-(``fault/recovery_s``) as a share of the clean run's median step.
+Runs ``umerl rl recipes/cpu_tiny.yaml`` from the tiny model (2 rollout actors, 2 learner actors,
+a local Ray; ``--steps`` GRPO steps, a checkpoint every ``--steps // 2``) once without faults and
+once per fault, the fault at step ``--at``, and prints per fault:
+
+    detected   seconds from the fault to the run's first word about it (a replacement, a
+               restart, the error line); for a hang this is the timeout that bounds it
+    outcome    recovered (the run finished) or failed, with the run's one-line error
+    took       seconds from the fault to the next step logged (recovered) or to the exit
+    lost       steps run twice (a restart from the last checkpoint) or never run
+    exact      whether every step's rewards equal the clean run's
+
+Times: the killed actor stamps its ``[faults]`` line with the wall-clock time of the kill (the
+driver kill is the bench's own); the run's reactions are timed by the arrival of the driver's
+console lines. Rewards come from ``output_dir/metrics/rl.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
-import statistics
+import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported at run time after sys.path has the repository
-    from umerl.runtime.tracking import MemoryTracker
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
+OUT = Path("/tmp/umerl-bench-faults")
 REWARD_KEYS = ("reward/total", "reward/format", "reward/embedding", "reward/rank_score")
+# Console lines that say the run noticed a fault (the first one after the injection counts).
+NOTICED = ("[rollout] ", "[rl] learner", "umerl: error:")
 
 
-def run(cfg, checkpoint: str, label: str) -> tuple[MemoryTracker, float]:
-    from umerl.rl import run_rl
-    from umerl.runtime.tracking import MemoryTracker
+@dataclass
+class Fault:
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    # Called with the running job and the step to act at; for faults the bench itself injects.
+    inject: Callable[[subprocess.Popen, Path, int], float] | None = None
+    rerun: bool = False  # the fault ends the job: run the same command again to recover
 
-    recorder = MemoryTracker()
-    start = time.perf_counter()
-    run_rl(cfg, checkpoint, checkpoint, tracker=recorder)
-    seconds = time.perf_counter() - start
-    print(f"{label}: {len(recorder.steps)} steps in {seconds:.0f} s", flush=True)
-    return recorder, seconds
+
+def faults(at: int) -> list[Fault]:
+    return [
+        Fault("rollout killed mid-generate", [f"faults.kill=[rollout/1/{at}/generate]"]),
+        Fault("rollout killed mid-weight-sync", [f"faults.kill=[rollout/0/{at}/weight_sync]"]),
+        Fault("learner killed mid-update", [f"faults.kill=[learner/1/{at}/update]"]),
+        Fault("learner killed mid-save", [f"faults.kill=[learner/0/{at}/save]"]),
+        Fault("driver + local Ray SIGKILLed", inject=kill_session, rerun=True),
+    ]
+
+
+def command(out: Path, checkpoint: str, steps: int, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "umerl.cli", "rl", str(REPO / "recipes" / "cpu_tiny.yaml"),
+            "--checkpoint", checkpoint, f"output_dir={out}", "rl.resume=auto",
+            f"rl.max_steps={steps}", f"rl.save_every={max(1, steps // 2)}", "eval.enabled=false",
+            *overrides]
+
+
+def env() -> dict[str, str]:
+    out = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
+           "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    out.pop("RAY_ADDRESS", None)
+    return out
+
+
+@dataclass
+class Run:
+    code: int
+    lines: list[tuple[float, str]]  # (arrival time, line)
+    injected: float | None
+
+
+def run(argv: list[str], out: Path, inject: Callable | None = None, at: int = 0) -> Run:
+    """The job in its own session; every console line timestamped on arrival."""
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, cwd=REPO)
+    lines: list[tuple[float, str]] = []
+    injected = None
+    for line in proc.stdout:
+        now = time.time()
+        lines.append((now, line.rstrip()))
+        if "[faults] killing" in line:  # stamped by the killed actor itself
+            injected = float(line.rsplit("unix time ", 1)[1].split(")")[0])
+        if inject is not None and injected is None and line.startswith(f"[rl] step {at - 1}/"):
+            injected = inject(proc, out, at)
+    return Run(proc.wait(), lines, injected)
+
+
+def kill_session(proc: subprocess.Popen, out: Path, at: int) -> float:
+    """SIGKILL the driver, its local Ray and every worker (all of the job's session)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == proc.pid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+    return time.time()
+
+
+def rewards(out: Path) -> tuple[list[int], dict[int, tuple]]:
+    path = out / "metrics" / "rl.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    return ([m["step"] for m in lines],
+            {m["step"]: tuple(m.get(k) for k in REWARD_KEYS) for m in lines})
+
+
+def report(fault: Fault, runs: list[Run], out: Path, clean: dict[int, tuple], steps: int
+           ) -> str:
+    t0 = next((r.injected for r in runs if r.injected is not None), None)
+    if t0 is None:
+        return f"{fault.name:34s} the fault never fired"
+    after = [(t, line) for r in runs for t, line in r.lines if t > t0]
+    noticed = next((t for t, line in after if line.startswith(NOTICED)), None)
+    order, got = rewards(out)
+    final = runs[-1]
+    if final.code == 0:
+        resumed = next((t for t, line in after if line.startswith("[rl] step ")), None)
+        outcome = "recovered"
+        took = (resumed or after[-1][0]) - t0
+    else:
+        error = next((line for _, line in after if line.startswith("umerl: error:")), "")
+        outcome = f"failed: {error.removeprefix('umerl: error: ')[:120]}"
+        took = after[-1][0] - t0
+    lost = len(order) - len(set(order)) + len([s for s in range(1, steps + 1) if s not in got])
+    exact = all(got.get(s) == v for s, v in clean.items()) if final.code == 0 else False
+    detected = "-" if noticed is None else f"{noticed - t0:5.1f} s"
+    return (f"{fault.name:34s} detected {detected:>8s}  took {took:5.1f} s  lost {lost}  "
+            f"exact {'yes' if exact else 'no':3s}  {outcome}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--every", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--at", type=int, default=6, help="the step each fault hits")
+    parser.add_argument("--only", default="", help="comma-separated fault names (substrings)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    from umerl.model.tiny import build_tiny_model
 
-    import ray
-
-    from umerl.config.recipe import load_recipe
-    from umerl.driver import absolute_paths, ensure_tiny_model
-    from umerl.runtime.ray_start import init_ray
-
-    kills = [f"rollout/{k % 2}/{step}/{'generate' if k % 2 == 0 else 'weight_sync'}"
-             for k, step in enumerate(range(args.every, args.steps + 1, args.every))]
-
-    def recipe(out: str, faults: list[str]):
-        return absolute_paths(load_recipe(REPO / "recipes" / "cpu_tiny.yaml", [
-            f"output_dir={out}", "rl.resume=null", f"rl.max_steps={args.steps}",
-            f"rl.save_every={args.steps}", f"rollout.max_restarts={len(kills)}",
-            f"faults.kill=[{','.join(faults)}]", *args.overrides]))
-
-    clean_cfg = recipe("/tmp/umerl-bench-faults/clean", [])
-    init_ray(clean_cfg)
-    try:
-        checkpoint = ensure_tiny_model(clean_cfg.model.tiny)
-        print(f"faults: {', '.join(kills)}", flush=True)
-        faulty, _ = run(recipe("/tmp/umerl-bench-faults/faulty", kills), checkpoint, "faulty")
-        clean, _ = run(clean_cfg, checkpoint, "clean")
-    finally:
-        ray.shutdown()
-    lost = [s for s in clean.steps if s not in faulty.steps or any(
-        faulty.steps[s].get(k) != clean.steps[s].get(k) for k in REWARD_KEYS)]
-    step_s = statistics.median(m["timing/step"] for m in clean.steps.values())
-    restarts = int(max(m["fault/rollout_restarts"] for m in faulty.steps.values()))
-    print(f"\nkills survived: {restarts} of {len(kills)}; steps lost: {len(lost)}"
-          f"{' ' + str(lost) if lost else ''}; clean median step {step_s:.2f} s")
-    for fault in kills:
-        step = int(fault.split("/")[2])
-        m = faulty.steps[step]
-        print(f"  {fault:26s} recovery {m['fault/recovery_s']:6.2f} s = "
-              f"{m['fault/recovery_s'] / step_s:5.2f} steps; that step took "
-              f"{m['timing/step']:.2f} s")
+    checkpoint = OUT / "tiny"
+    if not (checkpoint / "config.json").is_file():
+        build_tiny_model(checkpoint, family="qwen2_vl")
+    chosen = [f for f in faults(args.at)
+              if not args.only or any(s in f.name for s in args.only.split(","))]
+    base = command(OUT / "clean", str(checkpoint), args.steps, args.overrides)
+    subprocess.run(["rm", "-rf", str(OUT / "clean")], check=True)
+    clean_run = run(base, OUT / "clean")
+    assert clean_run.code == 0, "\n".join(line for _, line in clean_run.lines[-30:])
+    _, clean = rewards(OUT / "clean")
+    print(f"clean: {len(clean)} steps", flush=True)
+    rows = []
+    for i, fault in enumerate(chosen):
+        out = OUT / f"fault-{i}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        argv = command(out, str(checkpoint), args.steps, [*args.overrides, *fault.overrides])
+        runs = [run(argv, out, fault.inject, args.at)]
+        if fault.rerun:
+            runs.append(run(argv, out))
+        rows.append(report(fault, runs, out, clean, args.steps))
+        print(rows[-1], flush=True)
+    print(f"\n{args.steps} steps, each fault at step {args.at}, checkpoints every "
+          f"{max(1, args.steps // 2)} steps:")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -61,5 +62,8 @@ def for_actor(faults: Sequence[Fault], actor: str, index: int, after_step: int =
 def kill_if(faults: Sequence[Fault], step: int, phase: str) -> None:
     """SIGKILL this process when one of ``faults`` (already this actor's) names step and phase."""
     if any(f.step == step and f.phase == phase for f in faults):
-        print(f"[faults] killing pid {os.getpid()} at step {step} during {phase}", flush=True)
+        # The wall-clock time: the chaos bench measures detection from it (this line reaches
+        # the driver's console through Ray's log monitor, a moment late).
+        print(f"[faults] killing pid {os.getpid()} at step {step} during {phase} "
+              f"(at unix time {time.time():.3f})", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -58,12 +58,15 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -
 class FiniteStepAdamW(torch.optim.AdamW):
     """AdamW that refuses an update from a non-finite loss or gradient, on every rank alike.
 
-    DeepSpeed calls this optimizer's ``step`` on the gradients it has reduced and clipped
-    (stage 0: the module's; ZeRO 1-2 and bf16: each rank's fp32 partition), after the grad
-    norm is known and before anything is applied. Only some of those paths skip a non-finite
-    norm by themselves (ZeRO 1-2 in fp32 does; fp32 stage 0 and bf16 do not), and a ZeRO
-    rank sees only its partition: so every rank checks its own gradients and the losses it
-    saw, and the ranks agree (one all-reduce) before any of them applies the step.
+    DeepSpeed (0.19) calls this optimizer's ``step`` on the gradients it has reduced and
+    clipped (stage 0 in fp32: the module's; ZeRO and bf16: each rank's fp32 partition, once
+    per parameter group or ZeRO-3 sub-group), after the grad norm is known and before
+    anything is applied. Some paths skip a non-finite norm themselves and never get here
+    (ZeRO 1-2 in fp32, ZeRO-3, the bf16 optimizer of stage 0: ``engine.was_step_applied()``
+    tells); fp32 stage 0 and ZeRO 1-2 in bf16 would apply it, a finite gradient from a
+    non-finite loss passes them all, and a ZeRO rank sees only its partition. So every rank
+    checks its own gradients and the losses it saw, and the ranks agree (one all-reduce)
+    before any of them applies the step.
     """
 
     def __init__(self, params: Any, **kwargs: Any):

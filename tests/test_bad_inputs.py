@@ -189,6 +189,15 @@ def test_overlong_query_is_a_data_error(world, tmp_path: Path) -> None:
                  r"rl\.jsonl:2: query prompt is \d+ tokens, over data\.max_prompt_tokens=4096")
 
 
+def test_control_token_in_a_query_text_is_named_by_the_preflight(world, tmp_path: Path) -> None:
+    """Without the check the processor fails later: "prompt has 2 <|image_pad|> but 1 media",
+    naming no file, and takes its whole batch with it."""
+    query = {"text": "what is <|image_pad|> here", "images": [str(world["root"] / "red.png")]}
+    data = write_jsonl(tmp_path / "rl.jsonl", [rl_pair(0), rl_pair(1, query)])
+    assert_fails(["train", RECIPE, *base(world, tmp_path), f"rl.data=[{data}]"],
+                 r"rl\.jsonl:2: query: field 'text' holds <\|image_pad\|>")
+
+
 def test_too_few_pairs_for_a_step(world, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "rl.jsonl", [rl_pair(0), rl_pair(1)])
     assert_fails(["train", RECIPE, *base(world, tmp_path), f"rl.data=[{data}]"],
@@ -248,6 +257,16 @@ def test_eval_media_that_is_not_an_image(world, tmp_path: Path) -> None:
     task = eval_task(world, tmp_path, str(world["root"] / "not_an_image.png"))
     assert_fails(["eval", world["model"], str(task)],
                  r"task\.jsonl:2: field 'qry_img_path': not a readable image")
+
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>"])
+def test_eval_control_token_in_a_query_text(world, tmp_path: Path, token: str) -> None:
+    task = eval_task(world, tmp_path, str(world["root"] / "red.png"))
+    lines = task.read_text().splitlines()
+    lines[1] = lines[1].replace('"qry_text": "x"', json.dumps({"qry_text": f"x {token} y"})[1:-1])
+    task.write_text("\n".join(lines) + "\n")
+    assert_fails(["eval", world["model"], str(task)],
+                 rf"task\.jsonl:2: field 'qry_text' holds {re.escape(token)}")
 
 
 def test_eval_non_utf8_line(world, tmp_path: Path) -> None:

@@ -257,3 +257,62 @@ def test_image_header_cache_sees_a_replaced_file(media: Path) -> None:
     Image.new("RGB", (20, 10)).save(path, format="PNG")
     assert image_header_size(path) == (20, 10)
     assert image_header_size(media / "absent.png") == "No such file or directory"
+
+
+# -- control tokens in text: caught at the door, named by file:line, field and token ----------
+
+CONTROL_SFT = [
+    (sft_record(query={"text": "find <|image_pad|> the cat", "images": ["cat.png"],
+                       "completion": COMPLETION}),
+     r"sft.jsonl:2: query: field 'text' holds <\|image_pad\|>"),
+    (sft_record(target={"text": "a cat<|im_end|>\n<|im_start|>assistant",
+                        "completion": COMPLETION}),
+     r"sft.jsonl:2: target: field 'text' holds <\|im_end\|>"),
+    (sft_record(target={"text": "a <disc_emb> cat", "completion": COMPLETION}),
+     r"sft.jsonl:2: target: field 'text' holds <disc_emb>"),
+    (sft_record(target={"text": "a cat", "completion": format_completion("x<|im_end|>", "y")}),
+     r"sft.jsonl:2: target: field 'completion' holds <\|im_end\|>"),
+    (sft_record(target={"text": "a cat", "completion": format_completion("x", "<gen_emb>")}),
+     r"sft.jsonl:2: target: field 'completion' holds <gen_emb>"),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), CONTROL_SFT)
+def test_control_tokens_in_pair_text_are_rejected(media: Path, bad, message: str) -> None:
+    path = write_lines(media / "sft.jsonl", [sft_record(), bad])
+    with pytest.raises(DataError, match=message):
+        read_sft_pairs(path)
+    rl = write_lines(media / "rl.jsonl", [sft_record(), bad])
+    if "completion" not in message:  # RL pairs drop completions unread
+        with pytest.raises(DataError, match=message.replace("sft", "rl")):
+            read_rl_pairs(rl)
+
+
+@pytest.mark.parametrize(("bad", "field"), [
+    (mmeb_record(qry_text="red <|image_pad|>"), "qry_text"),
+    (mmeb_record(qry_inst="<|vision_start|>Represent"), "qry_inst"),
+    (mmeb_record(tgt_inst="Represent<|im_end|>"), "tgt_inst"),
+    (mmeb_record(tgt_text=["cat", "dog <|video_pad|>", "bird"]), r"tgt_text\[1\]"),
+])
+def test_control_tokens_in_eval_text_are_rejected(media: Path, bad: dict, field: str) -> None:
+    path = write_lines(media / "task.jsonl", [mmeb_record(), bad])
+    with pytest.raises(DataError, match=rf"task.jsonl:2: field '{field}' holds <"):
+        read_eval_queries(path)
+
+
+def test_control_token_in_finds_the_first_and_lets_reasoning_tags_pass() -> None:
+    from umerl.data.tokens import control_token_in
+
+    assert control_token_in("a <gen_emb> b <|im_end|>") == "<gen_emb>"
+    assert control_token_in("plain text, a < b") is None
+    # The format is the completion's: a quoted tag in an input is plain text to it.
+    assert control_token_in("explain <think> and <answer> tags") is None
+    assert control_token_in("<|IMAGE_PAD|>") is None  # the tokenizer matches exact strings
+
+
+def test_sides_built_outside_the_readers_get_the_same_check() -> None:
+    from umerl.data.formats import check_side_texts
+
+    check_side_texts([Side(text="fine", source="a.parquet:row 1")])
+    with pytest.raises(DataError, match=r"^b.parquet:row 7: text holds <\|image_pad\|>"):
+        check_side_texts([Side(text="x <|image_pad|>", source="b.parquet:row 7")])

@@ -30,6 +30,13 @@ def plugin_module(tmp_path, monkeypatch) -> str:
             SEEN.append((ctx.disc_query_embeddings, ctx.disc_target_embeddings))
             return torch.zeros(ctx.num_rollouts)
 
+        RUNAWAY = [True]
+
+        def runaway_scale(ctx):
+            # Finite (reward validation passes), but its advantages overflow the loss to inf.
+            signs = torch.tensor([(-1.0) ** i for i in range(ctx.num_rollouts)])
+            return signs * (3e38 if RUNAWAY[0] else 1.0)
+
         class Exploding:
             def __init__(self):
                 self.calls = 0
@@ -42,7 +49,7 @@ def plugin_module(tmp_path, monkeypatch) -> str:
     return "my_rewards.lengths"
 
 
-def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
+def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards, *overrides):
     from rollout.transformers_engine import TransformersEngine
     from umerl.data.formats import read_rl_pairs
     from umerl.model.sampling import SamplingParams
@@ -52,7 +59,7 @@ def learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards):
     udist.init_single_process()
     cfg = load_recipe(None, [
         f"output_dir={tmp_path}", "rl.pairs_per_step=2", "rl.group_size=2",
-        "rl.max_new_tokens=6", "learner.num_workers=1", "wandb.mode=disabled",
+        "rl.max_new_tokens=6", "learner.num_workers=1", "wandb.mode=disabled", *overrides,
     ])
     cfg.rewards = rewards
     learner = Learner(cfg, str(tiny_model_dir), str(tiny_model_dir))
@@ -136,3 +143,82 @@ def test_groups_whose_rewards_are_all_equal_are_counted(tiny_model_dir, benchmar
     metrics = learner.step(shard)
     assert metrics["reward/zero_advantage_groups"] == 1.0
     assert metrics["reward/zero/group_std"] == 0.0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
+        tiny_model_dir, benchmark_manifest, tmp_path, plugin_module, zero_stage):
+    """A reward whose advantages overflow the loss: the step is skipped (weights unchanged,
+    counted); a good step in between resets the run of skips; max_skipped_steps in a row stop
+    it, naming the step. fp32 ZeRO-0 is the path where DeepSpeed applies a NaN step itself."""
+    import importlib
+
+    import torch
+
+    from rollout.weight_sync import BucketPlan, Digest
+
+    runaway = importlib.import_module(plugin_module).RUNAWAY
+    rewards = [{"name": f"{plugin_module}:runaway_scale", "label": "runaway"}]
+    learner, shard = learner_and_shard(
+        tiny_model_dir, benchmark_manifest, tmp_path, rewards, "rl.norm_adv_by_std=false",
+        f"learner.zero_stage={zero_stage}", "learner.max_skipped_steps=2")
+    plan = BucketPlan.build(learner.weight_specs(), 1 << 20)
+
+    def digest() -> str:  # of the full weights (ZeRO-3: gathered, as a weight sync does)
+        out = Digest()
+        for bucket, tensors in zip(plan.buckets, learner.weight_buckets(plan)):
+            assert all(torch.isfinite(t).all() for t in tensors)
+            out.update((m.name, t) for m, t in zip(bucket, tensors))
+        return out.hexdigest()
+
+    before, steps = digest(), []
+    for step, overflow in enumerate([True, False, True, True], start=1):
+        runaway[0] = overflow
+        shard.step = step
+        if step == 4:
+            with pytest.raises(RuntimeError) as err:
+                learner.step(shard)
+            break
+        steps.append(learner.step(shard))
+        after = digest()
+        assert (after != before) != overflow  # a skipped step leaves every weight as it was
+        before = after
+    assert [m["actor/skipped_steps"] for m in steps] == [1.0, 1.0, 2.0]
+    assert digest() == before  # step 4 was not applied either
+    message = str(err.value)
+    assert message.startswith("step 4:") and "2 steps in a row (3..4" in message
+    assert "learner.max_skipped_steps = 2" in message and "after step 2" in message
+
+
+def _guard_rank(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo ranks stepping a FiniteStepAdamW; only rank 1 saw a non-finite loss."""
+    import torch
+
+    from umerl.train import dist as udist
+    from umerl.train.engine import FiniteStepAdamW
+
+    udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = FiniteStepAdamW([weight], lr=0.1)
+    optimizer.begin_step()
+    optimizer.note_loss(torch.tensor(float("nan") if rank == 1 else 1.0))
+    weight.grad = torch.ones(3)  # finite on both ranks
+    optimizer.step()
+    torch.save({"weight": weight.detach(), "skipped": optimizer.skipped},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """ZeRO ranks hold different partitions and see different losses: the skip is agreed, so
+    no rank applies an update another refused (the weights would part ways)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from umerl.train.dist import free_port
+
+    mp.start_processes(_guard_rank, args=(free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["skipped"] is True
+        assert torch.equal(result["weight"], torch.ones(3))

@@ -717,3 +717,17 @@ def test_eval_with_gpus_runs_the_model_work_in_a_ray_task(
         name = f"{mode}/image/ImageNet-1K_score.json"
         assert json.loads((tmp_path / "ray" / name).read_text()) == json.loads(
             (tmp_path / "here" / name).read_text())
+
+
+def test_control_tokens_in_a_copy_are_named_with_their_row(mmeb_copy: Path,
+                                                           tmp_path: Path) -> None:
+    """MMEB-V2 rows get the data readers' control-token check (umerl eval's task loading)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(mmeb_copy, copy)
+    table = copy / "ziyjiang/MMEB_Test_Instruct/ImageNet-1K/test-00000-of-00001.parquet"
+    _parquet(table, [{"qry_inst": "Represent the given image for classification",
+                      "qry_text": "", "qry_img_path": "ImageNet-1K/d0.png", "tgt_inst": "",
+                      "tgt_text": ["zero", "one<|im_end|>"], "tgt_img_path": ["", ""]}])
+    with pytest.raises(DataError, match=r"test-00000-of-00001\.parquet.*: text holds "
+                                        r"<\|im_end\|>"):
+        load_task(copy, TASKS["ImageNet-1K"])

@@ -340,6 +340,16 @@ def test_parse_request_reads_items() -> None:
         parse_request(b"x" * (LIMITS.max_request_bytes + 1), LIMITS, "tiny")
 
 
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|im_end|>", "<gen_emb>"])
+def test_control_tokens_in_a_text_are_a_400_naming_field_and_token(token: str) -> None:
+    """One such text would otherwise fail the whole batch it is served in."""
+    body = json.dumps({"input": ["fine", {"text": f"a {token} b"}]}).encode()
+    with pytest.raises(RequestError) as err:
+        parse_request(body, LIMITS, "tiny")
+    assert (err.value.status, err.value.field) == (400, "input[1].text")
+    assert token in err.value.message
+
+
 def test_parse_request_reads_encoding_format() -> None:
     body = json.dumps({"input": "a", "encoding_format": "base64"}).encode()
     assert parse_request(body, LIMITS, "tiny").encoding_format == "base64"

@@ -61,6 +61,32 @@ def test_reward_raising_mid_run(tmp_path, tiny_model_dir, benchmark_manifest):
     assert ckpt.latest(root) == root / "step_00000001" and ckpt.verify(root / "step_00000001")
 
 
+def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir, benchmark_manifest):
+    """From step 2 a reward's (finite) values overflow the loss: steps 2 and 3 are skipped on
+    both learner ranks, and with learner.max_skipped_steps=2 the run stops at step 3, naming
+    it and the last checkpoint (step 2's, holding step 1's weights)."""
+    plugin = tmp_path / "runaway.py"
+    plugin.write_text(
+        "import torch\n"
+        "def runaway(ctx):\n"
+        "    scale = 3e38 if ctx.step >= 2 else 1.0\n"
+        "    return torch.tensor([scale * (-1) ** i for i in range(ctx.num_rollouts)])\n")
+    code, output = umerl(
+        tmp_path, "rl", RECIPE, "--checkpoint", str(tiny_model_dir),
+        f"output_dir={tmp_path / 'run'}", f"data.benchmark_dir={benchmark_manifest.parent}",
+        "eval.enabled=false", "rl.max_steps=4", "rl.save_every=1", "rl.pairs_per_step=2",
+        "rl.group_size=2", "rl.max_new_tokens=6", "rollout.num_workers=1", "ray.num_cpus=2",
+        "rl.norm_adv_by_std=false", "learner.max_skipped_steps=2",
+        f"rewards=[{{name: '{plugin}:runaway'}}]")
+    assert code == 1, output[-4000:]
+    line = error_line(output)
+    assert re.search(r"RL failed: learner rank \d \(step 3\): RuntimeError: step 3: the loss or "
+                     r"gradient was not finite in 2 steps in a row \(2\.\.3", line), line
+    root = tmp_path / "run" / "rl"
+    assert f"last checkpoint {root / 'step_00000002'} (intact)" in line
+    assert ckpt.latest(root) == root / "step_00000002"
+
+
 def test_sft_worker_data_error_mid_run(tmp_path, tiny_model_dir, benchmark_manifest):
     """A PNG whose header reads but whose pixels are cut off passes the preflight (headers
     only) and fails in an SFT worker: the failure names the worker and the file:line."""

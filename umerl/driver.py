@@ -145,6 +145,7 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from umerl.runtime.tracking import driver_credentials
     from umerl.train.sft import sft_worker
 
     scfg = cfg.sft
@@ -154,7 +155,8 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
         resources["GPU"] = float(scfg.gpus_per_worker)
     trainer = TorchTrainer(
         sft_worker,
-        train_loop_config={"cfg": to_container(cfg), "init_checkpoint": str(init_checkpoint)},
+        train_loop_config={"cfg": to_container(cfg), "init_checkpoint": str(init_checkpoint),
+                           "credentials": driver_credentials()},
         scaling_config=ScalingConfig(num_workers=int(scfg.num_workers), use_gpu=use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -281,6 +281,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.gradient_checkpointing": Bool(),
     "learner.single_forward": OneOf("auto", True, False),
     "learner.shared_prompt": OneOf("auto", True, False),
+    "learner.max_skipped_steps": Int(1),
     **{f"learner.train.{k}": rule for k, rule in TRAIN_PARTS.items()},
     "annotate.max_new_tokens": Int(1),
     "annotate.max_completion_tokens": Int(1),

@@ -13,7 +13,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from umerl.data.tokens import GEN_EMB
+from umerl.data.tokens import GEN_EMB, control_token_problem
 
 T = TypeVar("T")
 
@@ -214,6 +214,18 @@ def _header_size(path: str, mtime_ns: int, size: int) -> tuple[int, int] | str:
     return width, height
 
 
+def _text(record: dict[str, Any], key: str, ctx: _Context, default: Any = ...) -> str:
+    """A text field, free of the model's control tokens (``control_token_problem``)."""
+    return _checked_text(_get(record, key, str, ctx, default), key, ctx)
+
+
+def _checked_text(text: str, name: str, ctx: _Context) -> str:
+    problem = control_token_problem(text)
+    if problem:
+        raise ctx.fail(f"field '{name}' {problem}")
+    return text
+
+
 def _media_list(
     record: dict[str, Any], key: str, ctx: _Context, video: bool = False
 ) -> tuple[str, ...]:
@@ -257,7 +269,7 @@ def _parse_side(record: Any, name: str, ctx: _Context, needs_completion: bool) -
     if not isinstance(record, dict):
         raise ctx.fail(f"field '{name}' must be object, got {type(record).__name__}")
     side_ctx = _Context(f"{ctx.where}: {name}", ctx.media_root)
-    text = _get(record, "text", str, side_ctx, default="")
+    text = _text(record, "text", side_ctx, default="")
     images = _media_list(record, "images", side_ctx)
     video = _media_list(record, "video", side_ctx, video=True)
     if not text.strip() and not images and not video:
@@ -269,6 +281,7 @@ def _parse_side(record: Any, name: str, ctx: _Context, needs_completion: bool) -
             raise side_ctx.fail(
                 "completion does not match <think>…</think><answer>…</answer><gen_emb>"
             )
+        _checked_text(completion.rstrip().removesuffix(GEN_EMB), "completion", side_ctx)
     return Side(text=text, images=images, video=video, completion=completion, source=ctx.where)
 
 
@@ -281,6 +294,15 @@ def _parse_pair(record: dict[str, Any], ctx: _Context, needs_completion: bool) -
     return Pair(id=str(pair_id), task=task, query=query, target=target, meta=meta)
 
 
+def check_side_texts(sides: Iterable[Side]) -> None:
+    """Sides built elsewhere than these readers (MMEB-V2's parquet rows): the same control-token
+    check, the error naming each side's source."""
+    for side in sides:
+        problem = control_token_problem(side.text)
+        if problem:
+            raise DataError(f"{side.source or 'a side'}: text {problem}")
+
+
 def join_instruction(instruction: str, text: str) -> str:
     """MMEB splits instruction and text; a side's text is both, on separate lines."""
     instruction, text = instruction.strip(), text.strip()
@@ -289,7 +311,7 @@ def join_instruction(instruction: str, text: str) -> str:
 
 def _parse_eval_query(record: dict[str, Any], ctx: _Context) -> EvalQuery:
     qry_text = join_instruction(
-        _get(record, "qry_inst", str, ctx, default=""), _get(record, "qry_text", str, ctx, "")
+        _text(record, "qry_inst", ctx, default=""), _text(record, "qry_text", ctx, "")
     )
     qry_img = _get(record, "qry_img_path", str, ctx, default="")
     images = (_resolve_media(qry_img, "qry_img_path", ctx),) if qry_img else ()
@@ -303,7 +325,7 @@ def _parse_eval_query(record: dict[str, Any], ctx: _Context) -> EvalQuery:
 
 
 def _parse_candidates(record: dict[str, Any], ctx: _Context) -> tuple[Side, ...]:
-    tgt_inst = _get(record, "tgt_inst", str, ctx, default="")
+    tgt_inst = _text(record, "tgt_inst", ctx, default="")
     texts = _get(record, "tgt_text", list, ctx)
     img_paths = _get(record, "tgt_img_path", list, ctx, default=[""] * len(texts))
     if not texts:
@@ -318,6 +340,7 @@ def _parse_candidates(record: dict[str, Any], ctx: _Context) -> tuple[Side, ...]
             raise ctx.fail(f"candidate {i}: 'tgt_text' and 'tgt_img_path' entries must be strings")
         if not text.strip() and not img:
             raise ctx.fail(f"empty candidate {i}: no tgt_text and no tgt_img_path")
+        _checked_text(text, f"tgt_text[{i}]", ctx)
         images = (_resolve_media(img, f"tgt_img_path[{i}]", ctx),) if img else ()
         candidates.append(Side(text=join_instruction(tgt_inst, text), images=images,
                                source=f"{ctx.where}: candidate {i}"))

@@ -62,7 +62,9 @@ def worker_env() -> dict[str, str]:
     for key, value in os.environ.items():
         if key.startswith(FORWARDED_PREFIXES) and key not in NOT_FORWARDED:
             env[key] = value
-    for key in ("TORCH_EXTENSIONS_DIR", "UMERL_DATA_DIR", "WANDB_API_KEY"):
+    # Never a credential (WANDB_API_KEY): the dashboard, `ray job` and the logs show a runtime
+    # env. The process that runs wandb takes it from the driver (umerl.runtime.tracking).
+    for key in ("TORCH_EXTENSIONS_DIR", "UMERL_DATA_DIR"):
         if os.environ.get(key):
             env[key] = os.environ[key]
     return {k: v for k, v in env.items() if v}

@@ -12,6 +12,28 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# What wandb reads from the environment to log in. Not in a Ray runtime env (the dashboard,
+# `ray job` and the logs show it): RL's tracker runs in the driver, which has it; SFT's in a
+# Ray Train worker, which gets it from the driver as a Ray object (``driver_credentials``).
+CREDENTIALS = ("WANDB_API_KEY",)
+
+
+def driver_credentials() -> Any:
+    """The driver's credentials as a Ray object: what travels with a task's arguments is its
+    reference, not the value."""
+    import ray
+
+    return ray.put({k: os.environ[k] for k in CREDENTIALS if os.environ.get(k)})
+
+
+def adopt_credentials(ref: Any) -> None:
+    """In a worker: the driver's credentials into this process's environment (a key the
+    worker's node already sets wins)."""
+    import ray
+
+    for key, value in ray.get(ref).items():
+        os.environ.setdefault(key, value)
+
 
 def metrics_path(output_dir: str | Path, stage: str) -> Path:
     return Path(output_dir) / "metrics" / f"{stage}.jsonl"

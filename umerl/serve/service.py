@@ -41,6 +41,7 @@ from ray import serve
 
 from umerl.config.schema import DIRECT_PORT_SPAN
 from umerl.data.formats import Side
+from umerl.data.tokens import control_token_problem
 from umerl.eval.router import Router
 from umerl.runtime.devices import engine_for
 
@@ -189,6 +190,9 @@ def _item(value: Any, where: str, limits: Limits) -> InputItem:
     if len(text) > limits.max_text_chars:
         raise RequestError(413, f"{where}.text", f"{len(text)} characters, over the limit of "
                            f"{limits.max_text_chars}")
+    problem = control_token_problem(text)
+    if problem:
+        raise RequestError(400, f"{where}.text", problem)
     image = value.get("image")
     image_bytes = None if image is None else decode_image(image, f"{where}.image", limits)
     video = _video(value.get("video"), f"{where}.video", limits)

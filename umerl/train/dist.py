@@ -65,6 +65,15 @@ def all_reduce_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def on_every_rank(flag: bool) -> bool:
+    """True when ``flag`` holds on every rank (a collective: every rank must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return bool(tensor.item())
+
+
 def configure_accelerator() -> str:
     """DeepSpeed's accelerator for THIS worker, from its own devices (a CPU-only head node
     must not give GPU learners the CPU accelerator); an explicit DS_ACCELERATOR wins.

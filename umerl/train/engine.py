@@ -55,18 +55,59 @@ def prepare_for_training(model: torch.nn.Module, gradient_checkpointing: bool) -
     model.train()
 
 
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that refuses an update from a non-finite loss or gradient, on every rank alike.
+
+    DeepSpeed (0.19) calls this optimizer's ``step`` on the gradients it has reduced and
+    clipped (stage 0 in fp32: the module's; ZeRO and bf16: each rank's fp32 partition, once
+    per parameter group or ZeRO-3 sub-group), after the grad norm is known and before
+    anything is applied. Some paths skip a non-finite norm themselves and never get here
+    (ZeRO 1-2 in fp32, ZeRO-3, the bf16 optimizer of stage 0: ``engine.was_step_applied()``
+    tells); fp32 stage 0 and ZeRO 1-2 in bf16 would apply it, a finite gradient from a
+    non-finite loss passes them all, and a ZeRO rank sees only its partition. So every rank
+    checks its own gradients and the losses it saw, and the ranks agree (one all-reduce)
+    before any of them applies the step.
+    """
+
+    def __init__(self, params: Any, **kwargs: Any):
+        super().__init__(params, **kwargs)
+        self.begin_step()
+
+    def begin_step(self) -> None:
+        """Forget the previous step's losses and verdict (call before its first backward)."""
+        self.losses_finite = True
+        self.skipped = False
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        self.losses_finite = self.losses_finite and bool(torch.isfinite(loss.detach()).all())
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
+        finite = self.losses_finite and (not grads or bool(
+            torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()))
+        if udist.on_every_rank(finite):
+            return super().step(closure)
+        self.skipped = True  # DeepSpeed zeroes the gradients after this call, as after a step
+        return None
+
+
 def build_engine(
     module: torch.nn.Module, *, lr: float, weight_decay: float, total_steps: int,
     warmup_ratio: float, min_lr_ratio: float, micro_batch_size: int,
     gradient_accumulation_steps: int, grad_clip: float, zero_stage: int, bf16: bool,
+    skip_non_finite: bool = False,
 ) -> Any:
-    """A DeepSpeed engine over ``module``'s trainable parameters, cosine schedule with warmup."""
+    """A DeepSpeed engine over ``module``'s trainable parameters, cosine schedule with warmup.
+    ``skip_non_finite``: its optimizer is a ``FiniteStepAdamW`` (``engine.client_optimizer``)."""
     udist.configure_accelerator()
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
     # A client torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile for minutes on CPU.
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    adamw = FiniteStepAdamW if skip_non_finite else torch.optim.AdamW
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total_steps, warmup_ratio, min_lr_ratio)
     )
@@ -78,6 +119,8 @@ def build_engine(
         "bf16": {"enabled": bool(bf16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # ZeRO vets optimizers by exact type; FiniteStepAdamW is AdamW with a guarded step.
+        "zero_allow_untested_optimizer": skip_non_finite,
     }
     udist.disable_deepspeed_jit_ops()
     engine, _, _, _ = deepspeed.initialize(

@@ -54,6 +54,7 @@ from umerl.runtime.remote import gather
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 from umerl.train.engine import (
+    FiniteStepAdamW,
     build_engine,
     load_checkpoint,
     prepare_for_training,
@@ -105,7 +106,11 @@ class Learner:
             warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
             zero_stage=int(self.lcfg.zero_stage), bf16=use_bf16(self.lcfg.bf16),
+            skip_non_finite=True,
         )
+        self.optimizer: FiniteStepAdamW = self.engine.client_optimizer
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
+        self.skipped_in_a_row = 0
         # The frozen reference lives where DeepSpeed put the policy: batches go there.
         reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
                                 device=str(self.engine.device))
@@ -150,7 +155,22 @@ class Learner:
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local, forwards))
+        self._count_skipped(shard.step, bool(metrics.pop("actor/skipped")))
+        metrics["actor/skipped_steps"] = float(self.skipped_steps)
         return metrics
+
+    def _count_skipped(self, step: int, skipped: bool) -> None:
+        """Count a skipped update; ``learner.max_skipped_steps`` in a row stop the run (every
+        rank raises alike: the ranks agreed on each skip)."""
+        self.skipped_steps += int(skipped)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        limit = int(self.lcfg.max_skipped_steps)
+        if self.skipped_in_a_row >= limit:
+            raise RuntimeError(
+                f"step {step}: the loss or gradient was not finite in {self.skipped_in_a_row} "
+                f"steps in a row ({step - self.skipped_in_a_row + 1}..{step}, updates skipped; "
+                f"learner.max_skipped_steps = {limit}); the weights are those after step "
+                f"{step - self.skipped_in_a_row}")
 
     def _micro_batches(self, sides: list[Side], completions: list[list[int]],
                        logprobs: list[list[float]] | None) -> list[dict[str, Any]]:
@@ -244,8 +264,10 @@ class Learner:
         """The clipped loss and backward, micro-batch by micro-batch (the policy forward with
         gradients: ``forwards`` if the scoring pass already ran it); one optimizer step.
         Off-policy rows take the ratio against the sampling weights' log-probs; on-policy
-        ones against the current policy's own (detached: a ratio of 1)."""
+        ones against the current policy's own (detached: a ratio of 1). ``actor/skipped``:
+        the update was not applied (a non-finite loss or gradient on some rank)."""
         sums: dict[str, float] = {}
+        self.optimizer.begin_step()
         n_micro = sum(len(side_batches) for side_batches in batches.values())
         mode = str(self.rcfg.loss_agg_mode)
         for name, side_batches in batches.items():
@@ -264,11 +286,15 @@ class Learner:
                 )
                 # DeepSpeed averages micro-batch losses over gradient accumulation; with both
                 # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
+                self.optimizer.note_loss(loss)
                 self.engine.backward(loss)
                 self.engine.step()
                 for key, value in parts.items():
                     sums[key] = sums.get(key, 0.0) + float(value) / n_micro
-        return {f"actor/{k}": v for k, v in sums.items()} | {"actor/lr": self.engine.get_lr()[0]}
+        # DeepSpeed's own overflow skip (ZeRO 1-2 in fp32) never reaches the optimizer.
+        skipped = self.optimizer.skipped or not self.engine.was_step_applied()
+        return ({f"actor/{k}": v for k, v in sums.items()}
+                | {"actor/lr": self.engine.get_lr()[0], "actor/skipped": float(skipped)})
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.engine.module.parameters()).device

@@ -189,11 +189,13 @@ def _format_metrics(step: int, total: int, m: dict[str, float]) -> str:
 
 def sft_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point (the process group already exists)."""
-    from umerl.runtime.tracking import Tracker
+    from umerl.runtime.tracking import Tracker, adopt_credentials
 
     udist.configure_accelerator()
     cfg = OmegaConf.create(config["cfg"])
     run = SftRun(cfg, config["init_checkpoint"])
+    if udist.rank() == 0 and config.get("credentials") is not None:
+        adopt_credentials(config["credentials"])  # for wandb, which runs here
     tracker = Tracker(cfg, stage="sft") if udist.rank() == 0 else None
     try:
         final = run.train(tracker)

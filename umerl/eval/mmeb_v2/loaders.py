@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from umerl.data.formats import DataError, EvalQuery, Side, join_instruction
+from umerl.data.formats import DataError, EvalQuery, Side, check_side_texts, join_instruction
 from umerl.eval.evaluate import TaskPools, build_pools
 from umerl.eval.mmeb_v2.catalog import TaskInfo
 from umerl.eval.mmeb_v2.files import Row, read_rows
@@ -65,6 +65,8 @@ def load_task(root: Path, info: TaskInfo) -> LoadedTask:
     items, corpus = PARSERS[info.parser](root, info)
     if not items:
         raise DataError(f"MMEB-V2 task {info.name}: no queries in {root / info.repo}")
+    check_side_texts([side for item in items for side in (item.query, *item.candidates)]
+                     + corpus)
     return LoadedTask(info, items, corpus)
 
 

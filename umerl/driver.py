@@ -25,7 +25,7 @@ from umerl.data.tasks import ensure_benchmark
 from umerl.eval.evaluate import comparison_table
 from umerl.eval.runner import evaluate_checkpoint
 from umerl.model.loading import prompt_limit
-from umerl.preflight import check_checkpoint, preflight
+from umerl.preflight import check_checkpoint, check_output_dir, preflight
 from umerl.runtime.console import quiet
 from umerl.runtime.ray_start import init_ray
 from umerl.runtime.remote import reported_failures
@@ -44,8 +44,10 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
     length: two runs never write into one folder.
     """
     quiet()
+    sources = sources or Sources()
+    check_output_dir(cfg.output_dir, sources.describe("output_dir"))  # the lock goes there
     with run_lock(cfg.output_dir):
-        return _train(cfg, sources or Sources())
+        return _train(cfg, sources)
 
 
 def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:

@@ -194,6 +194,16 @@ def _manifest_problem(path: Path) -> str | None:
     return None
 
 
+def check_resumable(path: str | Path) -> None:
+    """The manifest records a hash for every file (cheap: nothing is read but the manifest);
+    older checkpoints record sizes only, and resuming unpickles DeepSpeed state."""
+    path = Path(path)
+    if any(sha is None for _, sha in _entries(read_manifest(path)).values()):
+        raise CheckpointError(f"{path}: its {MANIFEST} records no SHA-256 hashes (written by an "
+                              "older umerl), so its training state cannot be checked before "
+                              "it is loaded; start fresh in another output_dir")
+
+
 def check_hashes(path: str | Path, required: bool = True) -> None:
     """Every file the manifest lists has its SHA-256; raises ``CheckpointError`` naming the first
     that differs. ``required``: a manifest without hashes (written before they were recorded) is
@@ -202,12 +212,10 @@ def check_hashes(path: str | Path, required: bool = True) -> None:
     problem = _manifest_problem(path)
     if problem:
         raise CheckpointError(f"{path}: incomplete checkpoint: {problem}")
+    if required:
+        check_resumable(path)
     entries = _entries(read_manifest(path))
     expected = {name: sha for name, (_, sha) in entries.items() if sha is not None}
-    if len(expected) < len(entries) and required:
-        raise CheckpointError(f"{path}: its {MANIFEST} records no SHA-256 hashes (written by an "
-                              "older umerl), so its training state cannot be checked before "
-                              "it is loaded; start fresh in another output_dir")
     actual = _digests(path, sorted(expected))
     for name in sorted(expected):
         if actual[name] != expected[name]:

@@ -156,6 +156,63 @@ def test_missing_data_file_is_named_by_key(world, tmp_path: Path) -> None:
                  r"'sft\.data\[0\]' \(from command line.*\): data file not found: .*nope\.jsonl")
 
 
+# -- one run per folder (issue 24): the train cases also name a missing data file, which the code
+# before the fix reported instead (it checked neither) --------------------------------------
+
+def hold(folder: Path) -> Path:
+    """``folder`` with a lock held by this (live) test process."""
+    import socket
+    import time
+
+    folder.mkdir()
+    (folder / ".umerl.lock").write_text(json.dumps({
+        "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+        "heartbeat": time.time()}))
+    return folder
+
+
+def test_a_second_run_on_a_held_output_dir(world, tmp_path: Path) -> None:
+    out = hold(tmp_path / "out")
+    assert_fails(["train", RECIPE, *base(world, tmp_path), f"sft.data=[{tmp_path}/nope.jsonl]"],
+                 rf"{re.escape(str(out))} is in use by another umerl run \(pid {os.getpid()} on ")
+
+
+def test_an_evaluation_into_a_held_folder(world, tmp_path: Path) -> None:
+    out = hold(tmp_path / "eval")
+    assert_fails(["eval", world["model"], "digits_cls", "--benchmark-dir", world["bench"],
+                  "--out", str(out)],
+                 rf"{re.escape(str(out))} is in use by another umerl run \(pid {os.getpid()} on ")
+
+
+def committed_checkpoint(world: dict, root: Path, step: int) -> Path:
+    from umerl.train import checkpoint as ckpt
+
+    staging = ckpt.begin(root, step)
+    shutil.copytree(world["model"], staging, dirs_exist_ok=True)
+    return ckpt.commit(root, step, "sft")
+
+
+def test_a_fresh_run_into_another_runs_checkpoints(world, tmp_path: Path) -> None:
+    committed_checkpoint(world, tmp_path / "out" / "sft", 40)
+    assert_fails(["train", RECIPE, *base(world, tmp_path), "sft.resume=null",
+                  f"sft.data=[{tmp_path}/nope.jsonl]"],
+                 r"'sft\.resume' \(from command line.*\): sft\.resume=null starts fresh, but "
+                 r".*/out/sft holds another run's checkpoints \(newest step_00000040\); set "
+                 r"sft\.resume=auto to continue that run, or output_dir=")
+
+
+def test_resuming_a_checkpoint_without_hashes(world, tmp_path: Path) -> None:
+    """A checkpoint from before manifests recorded hashes: resume=auto stops in the preflight
+    (resuming unpickles DeepSpeed state that nothing can check)."""
+    done = committed_checkpoint(world, tmp_path / "out" / "sft", 40)
+    manifest = json.loads((done / "umerl_checkpoint.json").read_text())
+    manifest["files"] = {name: (done / name).stat().st_size for name in manifest["files"]}
+    (done / "umerl_checkpoint.json").write_text(json.dumps(manifest))
+    assert_fails(["train", RECIPE, *base(world, tmp_path), f"sft.data=[{tmp_path}/nope.jsonl]"],
+                 r"'sft\.resume' \(from .*\): .*step_00000040: its umerl_checkpoint\.json records "
+                 r"no SHA-256 hashes")
+
+
 def test_malformed_rl_line(world, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "rl.jsonl", [rl_pair(0), '{"id": "p1", "task":', rl_pair(2)])
     assert_fails(["train", RECIPE, *base(world, tmp_path), f"rl.data=[{data}]"],

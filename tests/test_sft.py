@@ -174,3 +174,53 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_model_dir, sft_da
     final = ckpt.latest(tmp_path / "b" / "sft")
     assert final is not None and final.name == "step_00000004"
     assert ckpt.read_manifest(final)["stage"] == "sft"
+
+
+def test_resume_checks_hashes_before_deepspeed_unpickles(tiny_model_dir, sft_data, tmp_path):
+    """Issue 24: the client state and RNG states load with ``weights_only=True``; DeepSpeed's
+    own files (which it unpickles) are loaded only once every file matches its SHA-256, so a
+    same-size replacement carrying code is refused, naming the file, and its code never runs."""
+    import os
+    import pickle
+
+    from umerl.train import dist as udist
+    from umerl.train.sft import SftRun
+
+    udist.init_single_process()
+    SftRun(sft_config(tmp_path / "run", sft_data, 2), str(tiny_model_dir)).train()
+    state = ckpt.latest(tmp_path / "run" / "sft") / ckpt.TRAIN_STATE
+    marker = tmp_path / "the-pickle-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    target = state / "ds" / "mp_rank_00_model_states.pt"
+    evil = pickle.dumps(Payload())
+    target.write_bytes(evil + b"\0" * (target.stat().st_size - len(evil)))  # same size
+    resumed = SftRun(sft_config(tmp_path / "run", sft_data, 4), str(tiny_model_dir))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256") as err:
+        resumed.resume()
+    assert str(target) in str(err.value)
+    assert not marker.exists()
+    client = torch.load(state / "client_state.pt", weights_only=True)
+    assert client["step"] == 2 and client["stage"] == "sft" and "data" in client
+    assert set(torch.load(state / "rng_rank0.pt", weights_only=True)) == {"python", "numpy",
+                                                                         "torch"}
+
+
+def test_a_fresh_run_refuses_another_runs_checkpoints(tiny_model_dir, sft_data, tmp_path):
+    """Issue 24: a fresh run (resume=null) beside an older run's later steps deleted its own new
+    checkpoints. It now stops before training, naming the folder and the ways out."""
+    from umerl.train import dist as udist
+    from umerl.train.sft import SftRun
+
+    udist.init_single_process()
+    SftRun(sft_config(tmp_path / "run", sft_data, 4), str(tiny_model_dir)).train()
+    older = sorted(p.name for p in (tmp_path / "run" / "sft").glob("step_*"))
+    fresh = SftRun(sft_config(tmp_path / "run", sft_data, 2, resume="null"),
+                   str(tiny_model_dir))
+    with pytest.raises(ckpt.CheckpointError, match="sft.resume=auto") as err:
+        fresh.train()
+    assert str(tmp_path / "run" / "sft") in str(err.value) and fresh.state.step == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "sft").glob("step_*")) == older

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from umerl.config.origins import ConfigError
 from umerl.config.recipe import defaults, load_recipe, load_recipe_with_sources
+from umerl.runtime.run_lock import FolderLocked, run_lock
 
 if TYPE_CHECKING:
     from umerl.eval.evaluate import EvalSettings
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.handler(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:  # DataError, CheckpointError
+    except (ConfigError, ValueError, FileNotFoundError, FolderLocked) as err:  # DataError, ...
         print(f"umerl: error: {err}", file=sys.stderr)
         return 2
     except StageError as err:
@@ -276,9 +277,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                           pool=args.pool, modality=args.modality)
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
     specs = [dataclasses.replace(spec, path=spec.path.resolve()) for spec in specs]
-    run_eval_work(cfg, "eval", run_eval, str(checkpoint), specs,
-                  _routed_settings(eval_settings(cfg), args.router, auto), out,
-                  cfg.model.dtype)
+    settings = _routed_settings(eval_settings(cfg), args.router, auto)
+    with run_lock(out):  # two evaluations never write into one folder
+        run_eval_work(cfg, "eval", run_eval, str(checkpoint), specs, settings, out,
+                      cfg.model.dtype)
     return 0
 
 
@@ -292,9 +294,10 @@ def _cmd_eval_mmeb_v2(args: argparse.Namespace, cfg: DictConfig, checkpoint: Pat
     if args.tasks:
         raise ValueError(f"--mmeb-v2 reads its tasks from DIR; got TASK arguments {args.tasks}")
     tasks = select_tasks(args.modalities, args.mmeb_tasks)
-    run_eval_work(cfg, "MMEB-V2", run_mmeb_v2_eval, str(checkpoint),
-                  str(Path(args.mmeb_v2).resolve()), tasks, eval_settings(cfg), out,
-                  cfg.model.dtype, chunk_size=args.chunk_size)
+    with run_lock(out):
+        run_eval_work(cfg, "MMEB-V2", run_mmeb_v2_eval, str(checkpoint),
+                      str(Path(args.mmeb_v2).resolve()), tasks, eval_settings(cfg), out,
+                      cfg.model.dtype, chunk_size=args.chunk_size)
     return 0
 
 

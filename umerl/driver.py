@@ -25,10 +25,11 @@ from umerl.data.tasks import ensure_benchmark
 from umerl.eval.evaluate import comparison_table
 from umerl.eval.runner import evaluate_checkpoint
 from umerl.model.loading import prompt_limit
-from umerl.preflight import check_checkpoint, preflight
+from umerl.preflight import check_checkpoint, check_output_dir, preflight
 from umerl.runtime.console import quiet
 from umerl.runtime.ray_start import init_ray
 from umerl.runtime.remote import reported_failures
+from umerl.runtime.run_lock import run_lock
 from umerl.train import checkpoint as ckpt
 
 
@@ -38,10 +39,18 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
     checkpoint.
 
     Everything that can be checked without a cluster is checked first (``umerl.preflight``):
-    a bad recipe, reward, checkpoint or data line fails here, before Ray starts.
+    a bad recipe, reward, checkpoint or data line fails here, before Ray starts. Before that,
+    the job takes ``output_dir``'s lock (``FolderLocked`` if another run holds it) for its whole
+    length: two runs never write into one folder.
     """
     quiet()
     sources = sources or Sources()
+    check_output_dir(cfg.output_dir, sources.describe("output_dir"))  # the lock goes there
+    with run_lock(cfg.output_dir):
+        return _train(cfg, sources)
+
+
+def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:
     cfg = absolute_paths(cfg)
     if cfg.model.path:
         model = str(check_checkpoint(cfg.model.path, sources.describe("model.path")))

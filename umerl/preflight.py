@@ -1,10 +1,12 @@
 """Everything a recipe needs from the world, checked before Ray starts.
 
 ``umerl.config.schema`` checks the config alone (types, ranges, rules between keys); this module
-checks what the config points at: ``output_dir`` is writable, the starting checkpoint and any
-explicit ``resume`` checkpoint are loadable, every reward loads (built-in, module or file, with its
-kwargs), every data file reads cleanly (each bad line a ``DataError`` naming ``file:line``, prompts
-within ``data.max_prompt_tokens``), each stage's batches can be filled, and every evaluation task
+checks what the config points at: ``output_dir`` is writable (the driver checks it first: the
+run's lock goes there), the starting checkpoint and any explicit ``resume`` checkpoint are
+loadable (a resume's files match their hashes), a fresh start (``resume: null``) does not write
+among another run's checkpoints, every reward loads (built-in, module or file, with its kwargs),
+every data file reads cleanly (each bad line a ``DataError`` naming ``file:line``, prompts within
+``data.max_prompt_tokens``), each stage's batches can be filled, and every evaluation task
 resolves. Errors name the key and where its value came from.
 """
 
@@ -31,12 +33,10 @@ def preflight(cfg: DictConfig, model: str, sources: Sources | None = None
     Returns the pair datasets it read, by stage (``sft``, ``rl``), for the driver to reuse."""
     sources = sources or Sources()
     start = time.perf_counter()
-    check_output_dir(cfg.output_dir, sources.describe("output_dir"))
     check_checkpoint(model, sources.describe("model.path"))
     for stage in ("sft", "rl"):
-        resume = cfg[stage].resume
-        if cfg[stage].enabled and resume not in (None, "auto", "none", "null", ""):
-            check_checkpoint(resume, sources.describe(f"{stage}.resume"))
+        if cfg[stage].enabled:
+            check_resume(cfg, stage, sources)
     if cfg.rl.enabled:
         check_rewards(cfg.rewards, sources)
     encoder = _encoder(model)
@@ -69,11 +69,29 @@ def check_output_dir(path: str, described: str) -> None:
         raise ConfigError(f"{described}: cannot write to {path}: {err.strerror or err}") from None
 
 
-def check_checkpoint(path: str, described: str) -> Path:
+def check_checkpoint(path: str, described: str, resumable: bool = False) -> Path:
     try:
-        return ckpt.verify(path)
+        return ckpt.verify(path, resumable)
     except ckpt.CheckpointError as err:
         raise ckpt.CheckpointError(f"{described}: {err}") from None
+
+
+def check_resume(cfg: DictConfig, stage: str, sources: Sources) -> None:
+    """An explicit ``<stage>.resume`` checkpoint is loadable and its files match their hashes;
+    ``auto`` finds a checkpoint that records hashes, or none; a fresh start (null) finds no
+    other run's checkpoints in the stage's checkpoint root."""
+    resume, key = cfg[stage].resume, f"{stage}.resume"
+    if not ckpt.is_fresh(resume) and str(resume).lower() != "auto":
+        check_checkpoint(resume, sources.describe(key), resumable=True)
+        return
+    root = Path(cfg.output_dir) / cfg[stage].output_subdir
+    try:
+        if ckpt.is_fresh(resume):
+            ckpt.check_fresh_start(root, key)
+        elif (found := ckpt.latest(root)) is not None:
+            ckpt.check_resumable(found)  # its hashes are compared when the workers resume
+    except ckpt.CheckpointError as err:
+        raise ConfigError(f"{sources.describe(key)}: {err}") from None
 
 
 def check_rewards(entries: Any, sources: Sources) -> None:

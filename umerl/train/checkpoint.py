@@ -6,7 +6,8 @@ Layout under a run's checkpoint root::
         config.json, model.safetensors, tokenizer files, preprocessor_config.json
         train_state/          what resume needs: DeepSpeed engine state (optimizer,
                               scheduler), data cursor, step, RNG state per rank
-        umerl_checkpoint.json the manifest, written last: step, stage, files and sizes
+        umerl_checkpoint.json the manifest, written last: step, stage, every file's size and
+                              SHA-256
     latest                    the name of the newest complete checkpoint
     .step_00000050.partial/   a save in progress (or one that crashed): never loaded
     .step_00000040.replaced/  the previous copy of a step being saved again (loaded only if
@@ -14,17 +15,23 @@ Layout under a run's checkpoint root::
 
 Every rank writes into the ``.partial`` folder; rank 0 writes the manifest, renames the folder
 into place (the commit point: a rename within a filesystem is atomic) and then replaces
-``latest``. A reader trusts a folder only if its manifest matches the files on disk.
+``latest``. Picking the newest checkpoint trusts a folder whose files have the manifest's
+sizes; ``verify`` and every resume also compare each file's SHA-256 (a same-size corruption is
+caught there) before anything is loaded, so DeepSpeed only unpickles files that are byte for
+byte those its run wrote. Manifests written before hashes were recorded (sizes only) still
+verify for evaluation (safetensors loading runs no code) but cannot be resumed from.
 On a multi-node cluster the root must be on storage every rank can reach.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +62,10 @@ def commit(root: str | Path, step: int, stage: str, extra: dict[str, Any] | None
     """Seal the staging folder of ``step`` and make it the latest checkpoint (rank 0 only)."""
     root = Path(root)
     staging = partial_dir(root, step)
-    files = {
-        str(p.relative_to(staging)): p.stat().st_size
-        for p in sorted(staging.rglob("*")) if p.is_file()
-    }
+    names = [str(p.relative_to(staging)) for p in sorted(staging.rglob("*")) if p.is_file()]
+    digests = _digests(staging, names)
+    files = {name: {"bytes": (staging / name).stat().st_size, "sha256": digests[name]}
+             for name in names}
     manifest = {"step": step, "stage": stage, "created": time.time(), "files": files,
                 **(extra or {})}
     _write_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
@@ -75,13 +82,32 @@ def commit(root: str | Path, step: int, stage: str, extra: dict[str, Any] | None
     return final
 
 
+def file_sha256(path: Path) -> str:
+    """The one digest a manifest records (streamed: a file is never read whole into memory)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _digests(folder: Path, names: list[str]) -> dict[str, str]:
+    # hashlib releases the GIL while hashing, so files hash in parallel.
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: file_sha256(folder / n), names)))
+
+
+def _entries(manifest: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """name -> (bytes, sha256); a manifest from before hashes were recorded maps name -> bytes."""
+    return {name: (int(entry), None) if isinstance(entry, int)
+            else (int(entry["bytes"]), str(entry["sha256"]))
+            for name, entry in manifest["files"].items()}
+
+
 def is_complete(path: str | Path) -> bool:
-    """The manifest exists, parses, and every file it lists is there with its size."""
+    """The manifest exists, parses, and every file it lists is there with its size (hashes are
+    compared by ``verify`` and on resume, not here: picking the latest stays cheap)."""
     path = Path(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
         return all((path / name).stat().st_size == size
-                   for name, size in manifest["files"].items())
+                   for name, (size, _) in _entries(read_manifest(path)).items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -110,12 +136,14 @@ class CheckpointError(ValueError):
     """A checkpoint folder cannot be loaded; the message names the folder and the file."""
 
 
-def verify(path: str | Path) -> Path:
+def verify(path: str | Path, resumable: bool = False) -> Path:
     """A loadable Hugging Face folder, checked without loading it; returns the folder.
 
     ``path`` may be a checkpoint folder or a run's checkpoint root (then its newest complete
-    checkpoint). A umerl manifest must match the files; every safetensors file must be as
-    long as its header says (a truncated copy fails here, not half-way through a load).
+    checkpoint). A umerl manifest must match the files (sizes, and SHA-256 where it records
+    them); every safetensors file must be as long as its header says (a truncated copy fails
+    here, not half-way through a load). ``resumable``: hashes are required (see
+    ``check_hashes``).
     """
     path = Path(path)
     if not path.is_dir():
@@ -128,9 +156,7 @@ def verify(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: not a Hugging Face checkpoint (no config.json)")
     if (path / MANIFEST).is_file():
-        problem = _manifest_problem(path)
-        if problem:
-            raise CheckpointError(f"{path}: incomplete checkpoint: {problem}")
+        check_hashes(path, required=resumable)
     weights = sorted(path.glob("*.safetensors"))
     if not weights and not list(path.glob("*.bin")):
         raise CheckpointError(f"{path}: no weights (*.safetensors or *.bin)")
@@ -156,16 +182,46 @@ def _pointer_note(root: Path) -> str:
 
 def _manifest_problem(path: Path) -> str | None:
     try:
-        files = read_manifest(path)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        files = _entries(read_manifest(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"unreadable {MANIFEST} ({err})"
-    for name, size in files.items():
+    for name, (size, _) in files.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} is {file.stat().st_size} bytes, the manifest says {size}"
     return None
+
+
+def check_resumable(path: str | Path) -> None:
+    """The manifest records a hash for every file (cheap: nothing is read but the manifest);
+    older checkpoints record sizes only, and resuming unpickles DeepSpeed state."""
+    path = Path(path)
+    if any(sha is None for _, sha in _entries(read_manifest(path)).values()):
+        raise CheckpointError(f"{path}: its {MANIFEST} records no SHA-256 hashes (written by an "
+                              "older umerl), so its training state cannot be checked before "
+                              "it is loaded; start fresh in another output_dir")
+
+
+def check_hashes(path: str | Path, required: bool = True) -> None:
+    """Every file the manifest lists has its SHA-256; raises ``CheckpointError`` naming the first
+    that differs. ``required``: a manifest without hashes (written before they were recorded) is
+    an error, as on resume, which unpickles DeepSpeed state; else it is accepted on sizes."""
+    path = Path(path)
+    problem = _manifest_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: incomplete checkpoint: {problem}")
+    if required:
+        check_resumable(path)
+    entries = _entries(read_manifest(path))
+    expected = {name: sha for name, (_, sha) in entries.items() if sha is not None}
+    actual = _digests(path, sorted(expected))
+    for name in sorted(expected):
+        if actual[name] != expected[name]:
+            raise CheckpointError(f"{path / name}: SHA-256 {actual[name][:16]}... differs from "
+                                  f"the manifest's {expected[name][:16]}... (the file was "
+                                  "changed or damaged after the checkpoint was written)")
 
 
 def _safetensors_problem(file: Path) -> str | None:
@@ -185,25 +241,46 @@ def _safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def resolve_resume(resume: str | None, root: str | Path) -> Path | None:
-    """``auto``: the latest good checkpoint under root, if any; ``null``/``none``: start fresh;
-    anything else: that checkpoint folder, which must be complete."""
-    if resume is None or str(resume).lower() in ("none", "null", "false", ""):
+def is_fresh(resume: str | None) -> bool:
+    return resume is None or str(resume).lower() in ("none", "null", "false", "")
+
+
+def check_fresh_start(root: str | Path, key: str) -> None:
+    """A fresh start (``key`` null) must not write into a root holding another run's
+    checkpoints: its saves and retention would interleave with them."""
+    found = latest(root)
+    if found is not None:
+        raise CheckpointError(
+            f"{key}=null starts fresh, but {root} holds another run's checkpoints (newest "
+            f"{found.name}); set {key}=auto to continue that run, or output_dir=<another folder> "
+            "to start fresh")
+
+
+def resolve_resume(resume: str | None, root: str | Path, key: str = "resume") -> Path | None:
+    """``auto``: the latest good checkpoint under root, if any; ``null``/``none``: start fresh
+    (refused if root already holds checkpoints); anything else: that checkpoint folder, which
+    must be complete. A checkpoint to resume from must match its manifest's hashes."""
+    if is_fresh(resume):
+        check_fresh_start(root, key)
         return None
-    if str(resume).lower() == "auto":
-        return latest(root)
-    path = Path(resume)
+    path = latest(root) if str(resume).lower() == "auto" else Path(resume)
+    if path is None:
+        return None
     if not is_complete(path):
-        raise CheckpointError(f"resume={resume}: not a complete umerl checkpoint "
+        raise CheckpointError(f"{key}={resume}: not a complete umerl checkpoint "
                               f"(no valid {MANIFEST})")
+    check_hashes(path)
     return path
 
 
-def prune(root: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and stale partials."""
+def prune(root: str | Path, keep_last: int, written: int) -> list[Path]:
+    """Delete complete checkpoints older than the one just written (step ``written``, always
+    kept) beyond the newest ``keep_last`` (that one included). Higher steps are not this run's
+    history (an explicit resume from an earlier step): they are left alone."""
     root = Path(root)
-    steps = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and is_complete(p))
-    doomed = steps[:-keep_last] if keep_last > 0 else []
+    steps = sorted(p for p in root.glob("step_*") if _STEP_DIR.match(p.name)
+                   and int(p.name[5:]) < written and is_complete(p))
+    doomed = steps[:max(0, len(steps) - (keep_last - 1))] if keep_last > 0 else []
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed

@@ -13,6 +13,8 @@ from umerl.model.loading import PolicyBundle, save_policy
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 
+CLIENT_STATE = "client_state.pt"  # in train_state/: step, stage, data cursor, rollouts ahead
+
 
 def parameter_group(name: str) -> str:
     """Which part of a Qwen-VL model a parameter belongs to: vision, projector or llm."""
@@ -154,10 +156,13 @@ def save_checkpoint(
         ckpt.begin(root, step)
     udist.barrier()
     staging = ckpt.partial_dir(root, step)
-    engine.save_checkpoint(str(staging / ckpt.TRAIN_STATE), tag="ds",
-                           client_state={**client_state, "step": step, "stage": stage},
-                           save_latest=False)
-    torch.save(udist.rng_state(), staging / ckpt.TRAIN_STATE / f"rng_rank{rank}.pt")
+    state_dir = staging / ckpt.TRAIN_STATE
+    # The client state goes beside DeepSpeed's files, not into them: it loads without
+    # unpickling (weights_only), as do the RNG states.
+    engine.save_checkpoint(str(state_dir), tag="ds", save_latest=False)
+    if rank == 0:
+        torch.save({**client_state, "step": step, "stage": stage}, state_dir / CLIENT_STATE)
+    torch.save(udist.rng_state(), state_dir / f"rng_rank{rank}.pt")
     if midway is not None:
         midway()
     state_dict = full_state_dict(engine, zero_stage)
@@ -167,16 +172,20 @@ def save_checkpoint(
     final = ckpt.step_dir(root, step)
     if rank == 0:
         final = ckpt.commit(root, step, stage, {"world_size": udist.world_size()})
-        ckpt.prune(root, keep_last)
+        ckpt.prune(root, keep_last, written=step)
         print(f"[{stage}] checkpoint {final}", flush=True)
     udist.barrier()
     return final
 
 
 def load_checkpoint(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns client state."""
-    _, client = engine.load_checkpoint(str(path / ckpt.TRAIN_STATE), tag="ds")
-    rng_file = path / ckpt.TRAIN_STATE / f"rng_rank{udist.rank()}.pt"
-    if rng_file.is_file():
-        udist.set_rng_state(torch.load(rng_file, weights_only=False))
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; returns client state.
+    ``path`` comes from ``ckpt.resolve_resume``, which has checked every file's SHA-256:
+    DeepSpeed's ``load_checkpoint`` unpickles its files (``weights_only=False``)."""
+    state_dir = path / ckpt.TRAIN_STATE
+    client = torch.load(state_dir / CLIENT_STATE, weights_only=True)
+    engine.load_checkpoint(str(state_dir), tag="ds")
+    rng_file = state_dir / f"rng_rank{udist.rank()}.pt"
+    if rng_file.is_file():  # absent when resuming with more ranks than the checkpoint had
+        udist.set_rng_state(torch.load(rng_file, weights_only=True))
     return client

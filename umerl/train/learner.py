@@ -330,7 +330,7 @@ class Learner:
                                midway=lambda: kill_if(self.faults, step, "save"))
 
     def resume(self) -> tuple[Path | None, dict[str, Any]]:
-        path = ckpt.resolve_resume(self.rcfg.resume, self.root)
+        path = ckpt.resolve_resume(self.rcfg.resume, self.root, "rl.resume")
         if path is None:
             return None, {}
         return path, load_checkpoint(self.engine, path)

@@ -110,7 +110,7 @@ class SftRun:
         self.state = TrainState()
 
     def resume(self) -> Path | None:
-        path = ckpt.resolve_resume(self.scfg.resume, self.root)
+        path = ckpt.resolve_resume(self.scfg.resume, self.root, "sft.resume")
         if path is None:
             return None
         client = load_checkpoint(self.engine, path)

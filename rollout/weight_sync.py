@@ -388,8 +388,8 @@ class _Gloo:
 
 def wait_until(done: Callable[[], bool], timeout_s: float, what: str,
                abort: Callable[[], None]) -> None:
-    """Poll ``done()`` until it is true; past ``timeout_s``, ``abort()`` (drop the connections,
-    so the peers fail too and the stuck work is cancelled) and raise ``TimeoutError``.
+    """Poll ``done()`` until it is true; past ``timeout_s``, ``abort()`` (drop this rank's
+    connections and cancel its stuck work) and raise ``TimeoutError``.
 
     The wait NCCL lacks: a broadcast whose peer died or stopped reading never completes and
     never fails, and ``stream.synchronize()`` would block this process for ever."""
@@ -456,19 +456,19 @@ class _Nccl:
         event = torch.cuda.Event()
         event.record(self.stream)
         return PolledWork(event.query, self.timeout_s, "a NCCL broadcast", self.close,
-                          lambda: current.wait_event(event))
+                          lambda: torch.cuda.current_stream(self.device).wait_event(event))
 
     def synchronize(self) -> None:
         """Both streams drained, each polled against the timeout (never ``synchronize()``)."""
         for stream, what in ((self.stream, "the NCCL stream"),
-                             (torch.cuda.current_stream(self.device), "the loading stream")):
+                             (torch.cuda.current_stream(self.device), "the current CUDA stream")):
             event = torch.cuda.Event()
             event.record(stream)
             wait_until(event.query, self.timeout_s, what, self.close)
 
     def close(self) -> None:
-        """vLLM's ``destroy`` calls ``ncclCommAbort``: it returns with peers gone or stuck (a
-        plain ``ncclCommDestroy`` would wait for them), and cancels the broadcasts in flight."""
+        """vLLM's ``destroy`` calls ``ncclCommAbort`` (in a thread it waits 5 s for): unlike
+        ``ncclCommDestroy`` it needs no peer, and it ends the broadcasts still in flight."""
         if self.comm is None:
             return
         destroy = getattr(self.comm, "destroy", None)

@@ -69,12 +69,14 @@ _ENTRY_KEYS = {"name", "weight", "kwargs", "label"}
 
 def rewards_from_config(entries: Sequence[Mapping[str, Any]] | Any,
                         base_dir: str | Path | None = None,
-                        slow_seconds: float = 30.0) -> RewardSet:
+                        slow_seconds: float = 30.0, timeout_s: float | None = None
+                        ) -> RewardSet:
     """Build a ``RewardSet`` from recipe entries ``{name, weight=1.0, kwargs={}, label=None}``.
 
     ``entries`` may be plain lists/dicts or OmegaConf containers. Relative plug-in file paths
     are tried from the working directory, then from ``base_dir`` (e.g. the recipe's folder).
     Every problem raises ``RewardError`` whose message starts with ``rewards[i]``.
+    ``timeout_s``: each reward's limit per step (the learners pass ``rl.reward_timeout_s``).
     """
     entries = _to_plain(entries)
     if not isinstance(entries, list) or not entries:
@@ -91,7 +93,7 @@ def rewards_from_config(entries: Sequence[Mapping[str, Any]] | Any,
             reward.label = spec.label
         loaded.append(WeightedReward(reward, spec.weight))
     try:
-        return RewardSet(loaded, slow_seconds=slow_seconds)
+        return RewardSet(loaded, slow_seconds=slow_seconds, timeout_s=timeout_s)
     except ValueError as err:
         raise RewardError("?", "recipe", str(err), "rewards") from None
 

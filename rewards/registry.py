@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -206,11 +207,12 @@ class RewardSet:
     ``parts`` are each reward's own (unweighted) values; ``total = sum(weight * part)``. Each
     call is guarded: an exception, a wrong type or length, NaN or inf raises ``RewardError``
     naming the reward, its origin, the step and the problem. Every reward is timed; one slower
-    than ``slow_seconds`` is logged as a warning (others at debug level).
+    than ``slow_seconds`` is logged as a warning (others at debug level). With ``timeout_s``,
+    one that has not returned by then raises ``RewardError`` (``run_with_timeout``).
     """
 
     def __init__(self, rewards: Sequence[WeightedReward | tuple[Reward, float]],
-                 slow_seconds: float = 30.0):
+                 slow_seconds: float = 30.0, timeout_s: float | None = None):
         self.rewards = [r if isinstance(r, WeightedReward) else WeightedReward(*r)
                         for r in rewards]
         if not self.rewards:
@@ -223,7 +225,7 @@ class RewardSet:
         for entry in self.rewards:
             if not math.isfinite(entry.weight):
                 raise ValueError(f"reward '{entry.reward.name}': weight must be finite")
-        self.slow_seconds = slow_seconds
+        self.slow_seconds, self.timeout_s = slow_seconds, timeout_s
 
     @property
     def labels(self) -> list[str]:
@@ -239,7 +241,8 @@ class RewardSet:
         timings: dict[str, float] = {}
         for label, entry in zip(self.labels, self.rewards):
             start = time.perf_counter()
-            values = run_guarded(entry.reward, ctx)
+            values = (run_guarded(entry.reward, ctx) if self.timeout_s is None
+                      else run_with_timeout(entry.reward, ctx, self.timeout_s))
             elapsed = time.perf_counter() - start
             timings[label] = elapsed
             level = logging.WARNING if elapsed > self.slow_seconds else logging.DEBUG
@@ -322,6 +325,35 @@ def run_guarded(reward: Reward, ctx: RewardContext) -> Tensor:
             raise RewardError(reward.name, reward.origin,
                               f"returned {kind} at {where} for rollouts [{shown}]{more}")
     return values.to(ctx.device)
+
+
+def run_with_timeout(reward: Reward, ctx: RewardContext, timeout_s: float) -> Tensor:
+    """``run_guarded`` in a thread of its own, waited for at most ``timeout_s``; a reward still
+    running then raises ``RewardError`` naming it, the step and ``rl.reward_timeout_s``.
+
+    Python cannot stop a thread: the stuck reward keeps running, in a daemon thread that does
+    not hold the process open. In a learner that is harmless: the error fails the RL stage,
+    whose end kills every learner actor, the thread with its process."""
+    box: dict[str, Any] = {}
+    grad = torch.is_grad_enabled()  # per thread in torch: the caller's mode, not the default
+
+    def run() -> None:
+        try:
+            with torch.set_grad_enabled(grad):
+                box["values"] = run_guarded(reward, ctx)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name=f"reward {reward.name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise RewardError(reward.name, reward.origin,
+                          f"no result within rl.reward_timeout_s={timeout_s:g} s at step "
+                          f"{ctx.step} (still running when the stage stops)")
+    if "error" in box:
+        raise box["error"]
+    return box["values"]
 
 
 def _to_tensor(reward: Reward, out: Any, where: str) -> Tensor:

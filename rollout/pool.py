@@ -5,15 +5,16 @@ the policy. The pool splits a step's prompts contiguously across actors; every p
 its own seed, so the completions do not depend on how many actors there are, or on which actor
 generates them.
 
-Supervision. An actor that dies (or exceeds ``rollout.call_timeout_s`` on a generate call) is
-replaced by the pool itself in the same placement-group bundle, and its share of the step is
-re-dispatched at once to the healthy actors: the step's completions are exactly those of an
-uncrashed run. The replacement is *stale* (it loaded the checkpoint the run started from) and
-gets no prompts until the RL loop has re-formed the weight-sync group and a sync to it has
-matched the learners' digest (``mark_synced``). The pool respawns instead of using Ray's actor
-restarts because a restarted actor would come back stale without the loop knowing, into a
-weight-sync group that still counts its dead predecessor; here every replacement is an event
-the loop sees, logs and re-syncs. At most ``rollout.max_restarts`` per run.
+Supervision. An actor that dies (or exceeds ``rollout.call_timeout_s`` on a generate call,
+counted from when it starts the share) is replaced by the pool itself in the same placement-
+group bundle, and its share of the step is re-dispatched to the healthy actors: the step's
+completions are exactly those of an uncrashed run. The replacement is *stale* (it loaded the
+checkpoint the run started from) and gets no prompts until the RL loop has re-formed the
+weight-sync group and a sync to it has matched the learners' digest (``mark_synced``). The pool
+respawns instead of using Ray's actor restarts because a restarted actor would come back stale
+without the loop knowing, into a weight-sync group that still counts its dead predecessor; here
+every replacement is an event the loop sees, logs and re-syncs. At most
+``rollout.max_restarts`` per run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 from umerl.data.formats import Side
 from umerl.model.sampling import SamplingParams
 from umerl.runtime.devices import engine_for, training_dtype
-from umerl.runtime.faults import Fault, for_actor, kill_if
+from umerl.runtime.faults import Fault, for_actor, kill_if, stall_if
 from umerl.runtime.remote import WorkerError, gather, summarize
 
 
@@ -69,7 +70,9 @@ class RolloutActor:
                  ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         """[side][sample] completions and, with ``logprobs``, their tokens' log-probs under
         the weights that sampled them (an off-policy step's importance-ratio denominator)."""
-        if not any(f.step == step and f.phase == "generate" for f in self.faults):
+        stall_if(self.faults, step, "generate")
+        if not any(f.step == step and f.phase == "generate" and not f.stall_s
+                   for f in self.faults):
             if logprobs:
                 return self.engine.generate_with_logprobs(sides, n, sampling, seeds)
             return self.engine.generate(sides, n, sampling, seeds), []
@@ -185,26 +188,34 @@ class RolloutPool:
                  ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None]:
         """``n`` samples per side (and, with ``logprobs``, their tokens' log-probs, else None);
         each healthy actor generates a contiguous share. A share whose actor dies or exceeds
-        rollout.call_timeout_s goes to a healthy actor at once."""
+        rollout.call_timeout_s goes to the next healthy actor that is free.
+
+        Each actor holds one share at a time: a share waiting for an actor waits here, not in
+        the actor's queue. So a call's clock starts when it is sent to an idle actor, that is
+        when the actor starts it, and a share re-dispatched behind a busy (slow, but healthy)
+        actor is not charged for the wait: one death cannot get a healthy actor killed."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
         ready = [i for i in range(len(self.actors)) if i not in self.stale]
-        shares = [(ready[j], a, b) for j, (a, b) in enumerate(_split(len(sides), len(ready)))
-                  if b > a]
+        waiting = [(a, b) for a, b in _split(len(sides), len(ready)) if b > a]
         results: dict[int, tuple[list, list]] = {}
         pending: dict[Any, tuple[int, int, int]] = {}
         deadline: dict[Any, float] = {}
         failed_at: dict[int, float] = {}  # share start -> when its first actor failed
 
-        def dispatch(i: int, a: int, b: int) -> None:
-            ref = self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n,
-                                                 sampling, step, logprobs)
-            pending[ref] = (i, a, b)
-            deadline[ref] = time.monotonic() + float(self.cfg.call_timeout_s)
+        def dispatch_waiting() -> None:
+            busy = {i for i, _, _ in pending.values()}
+            for i in (j for j in range(len(self.actors)) if j not in self.stale | busy):
+                if not waiting:
+                    return
+                a, b = waiting.pop(0)
+                ref = self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n,
+                                                     sampling, step, logprobs)
+                pending[ref] = (i, a, b)
+                deadline[ref] = time.monotonic() + float(self.cfg.call_timeout_s)
 
-        for i, a, b in shares:
-            dispatch(i, a, b)
+        dispatch_waiting()
         while pending:
             wait_s = max(0.0, min(deadline.values()) - time.monotonic())
             done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
@@ -216,6 +227,7 @@ class RolloutPool:
                     results[a] = ray.get(ref)
                     if a in failed_at:
                         self.recovery_s += time.perf_counter() - failed_at.pop(a)
+                    dispatch_waiting()  # actor i is free
                     continue
                 except (RayActorError, GetTimeoutError) as err:
                     cause = summarize(err)
@@ -229,19 +241,20 @@ class RolloutPool:
                 cause = f"no answer within rollout.call_timeout_s={self.cfg.call_timeout_s:g} s"
             failed_at.setdefault(a, time.perf_counter())
             self.replace(i, cause, step, "generate")
-            healthy = [j for j in range(len(self.actors)) if j not in self.stale]
-            if not healthy:
+            if len(self.stale) == len(self.actors):
                 raise WorkerError(self.names[i], f"{cause}; no healthy rollout actor is left "
                                   "to take its prompts", "")
-            busy = {j for j, _, _ in pending.values()}
-            dispatch(next((j for j in healthy if j not in busy), healthy[0]), a, b)
+            waiting.append((a, b))
+            dispatch_waiting()
         completions = [samples for a in sorted(results) for samples in results[a][0]]
         if not logprobs:
             return completions, None
         return completions, [samples for a in sorted(results) for samples in results[a][1]]
 
     def sync_ranks(self) -> list[dict[str, Any]]:
-        return gather([actor.sync_ranks.remote() for actor in self.actors], self.names)
+        return gather([actor.sync_ranks.remote() for actor in self.actors], self.names,
+                      timeout_s=float(self.cfg.call_timeout_s),
+                      timeout_key="rollout.call_timeout_s")
 
     def async_open_weight_sync(self, spec: Any, plan: Any, first_ranks: Sequence[int],
                                source_model_type: str) -> tuple[list[Any], list[str]]:

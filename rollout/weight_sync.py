@@ -31,7 +31,11 @@ in flight, and a receiver loads bucket k while bucket k+1 arrives. The byte path
 
 A receiver that dies mid-stream breaks the gloo connection and the other ranks raise at once;
 a hung peer is bounded by ``rl.weight_sync_timeout_s`` (the gloo timeout, and the driver's wait
-on every side of the sync). ``Digest`` is the one fingerprint both sides compute, over the
+on every side of the sync). NCCL reports no error for a missing peer: its broadcast just never
+completes. So no rank ever blocks in ``synchronize()``: each waits by polling a CUDA event
+against that same timeout (``wait_until``), aborts the communicator when it passes and raises
+``TimeoutError``, and the actor is free again for the driver's recovery calls.
+``Digest`` is the one fingerprint both sides compute, over the
 plan's tensors in plan order, so the driver can prove the pools agree bit for bit.
 """
 
@@ -382,12 +386,49 @@ class _Gloo:
         self.group = None
 
 
+def wait_until(done: Callable[[], bool], timeout_s: float, what: str,
+               abort: Callable[[], None]) -> None:
+    """Poll ``done()`` until it is true; past ``timeout_s``, ``abort()`` (drop this rank's
+    connections and cancel its stuck work) and raise ``TimeoutError``.
+
+    The wait NCCL lacks: a broadcast whose peer died or stopped reading never completes and
+    never fails, and ``stream.synchronize()`` would block this process for ever."""
+    deadline = time.monotonic() + timeout_s
+    pause = 1e-4
+    while not done():
+        if time.monotonic() > deadline:
+            abort()
+            raise TimeoutError(f"weight sync: {what} not complete after "
+                               f"rl.weight_sync_timeout_s={timeout_s:g} s (a peer died or stopped "
+                               "reading); the sync group was aborted")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.01)  # quick for a fast bucket, cheap for a slow one
+
+
+@dataclass
+class PolledWork:
+    """One posted broadcast: ``wait()`` returns once ``done()`` is true (bounded by
+    ``wait_until``), then runs ``then()`` (on GPU: order the current stream after it)."""
+
+    done: Callable[[], bool]
+    timeout_s: float
+    what: str
+    abort: Callable[[], None]
+    then: Callable[[], None] = lambda: None
+
+    def wait(self) -> None:
+        wait_until(self.done, self.timeout_s, self.what, self.abort)
+        self.then()
+
+
 class _Nccl:
     """Broadcasts over vLLM's ``PyNcclCommunicator`` on a side stream (GPU only).
 
     ``broadcast`` enqueues on the side stream after the work already queued on the current
-    stream (the packing), and returns an event; ``wait()`` makes the current stream wait for it,
-    so a buffer is refilled, or a received bucket read, only once its broadcast is done.
+    stream (the packing), and returns a ``PolledWork`` on an event recorded after it; its
+    ``wait()`` polls the event (bounded by ``rl.weight_sync_timeout_s``), then makes the current
+    stream wait for it, so a buffer is refilled, or a received bucket read, only once its
+    broadcast is done.
     """
 
     def __init__(self, spec: ChannelSpec, rank: int, device: torch.device):
@@ -401,39 +442,39 @@ class _Nccl:
         except ImportError as exc:
             raise RuntimeError("weight-sync transport 'nccl' needs vLLM (pip install "
                                "'umerl[gpu]') on learner rank 0 and every rollout worker") from exc
-        self.device = device
+        self.device, self.timeout_s = device, spec.timeout_s
         with torch.cuda.device(device):
             self.comm = stateless_init_process_group(spec.address, spec.port, rank,
                                                      spec.world_size, device)
             self.stream = torch.cuda.Stream(device)
 
-    def broadcast(self, tensor: torch.Tensor) -> Any:
+    def broadcast(self, tensor: torch.Tensor) -> PolledWork:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         self.comm.broadcast(tensor, src=0, stream=self.stream)
         tensor.record_stream(self.stream)
         event = torch.cuda.Event()
         event.record(self.stream)
-        return _StreamWait(event, self.device)
+        return PolledWork(event.query, self.timeout_s, "a NCCL broadcast", self.close,
+                          lambda: torch.cuda.current_stream(self.device).wait_event(event))
 
     def synchronize(self) -> None:
-        self.stream.synchronize()
-        torch.cuda.current_stream(self.device).synchronize()
+        """Both streams drained, each polled against the timeout (never ``synchronize()``)."""
+        for stream, what in ((self.stream, "the NCCL stream"),
+                             (torch.cuda.current_stream(self.device), "the current CUDA stream")):
+            event = torch.cuda.Event()
+            event.record(stream)
+            wait_until(event.query, self.timeout_s, what, self.close)
 
     def close(self) -> None:
+        """vLLM's ``destroy`` calls ``ncclCommAbort`` (in a thread it waits 5 s for): unlike
+        ``ncclCommDestroy`` it needs no peer, and it ends the broadcasts still in flight."""
+        if self.comm is None:
+            return
         destroy = getattr(self.comm, "destroy", None)
         if callable(destroy):
             destroy()
         self.comm = None
-
-
-@dataclass
-class _StreamWait:
-    event: Any
-    device: torch.device
-
-    def wait(self) -> None:
-        torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 class BroadcastChannel:

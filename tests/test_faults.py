@@ -1,8 +1,15 @@
 """Failure handling with real Ray actors and real SIGKILLs (``faults.kill``): a dead rollout
 actor costs the run nothing (same rewards as an uncrashed run), the restart budget is enforced,
-and a dead learner restarts the stage from its last complete checkpoint."""
+and a dead learner restarts the stage from its last complete checkpoint. Stalls
+(``faults.stall``): a hung learner is killed and restarted the same way, and a slow rollout
+actor is not charged for the share it queues."""
 
 from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from test_rl import determined, rl_config, run_logged
@@ -35,6 +42,11 @@ def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"after rl.max_steps = 3"):
         load_recipe(None, [f"output_dir={tmp_path}", "rl.max_steps=3",
                            "faults.kill=[learner/0/9/save]"])
+    with pytest.raises(ConfigError, match=r"faults\.stall.*learner stall fires in update only"):
+        load_recipe(None, [f"output_dir={tmp_path}", "faults.stall=[learner/0/2/save]"])
+    for key in ("learner.step_timeout_s", "rl.reward_timeout_s", "faults.stall_s"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_recipe(None, [f"output_dir={tmp_path}", f"{key}=0"])
 
 
 RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.num_workers=2")
@@ -108,3 +120,59 @@ def test_a_learner_death_beyond_max_failures_fails_the_stage(
     with pytest.raises(WorkerError) as err:
         run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
     assert str(err.value).startswith("learner rank 0") and "rl.max_failures=0" in str(err.value)
+
+
+def within(seconds: float, run: Callable[[], Any]) -> Any:
+    """``run()``'s result, or a failed test if it has not returned after ``seconds`` (a hang
+    is a failure, not a stuck test run)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds:g} s: a hang"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def test_a_hung_learner_is_killed_and_the_stage_restarts_from_its_checkpoint(
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path, capsys, uncrashed):
+    """Learner rank 1 sleeps an hour in step 4's update (rank 0 waits for it in the update's
+    collective): after learner.step_timeout_s the driver kills both and restarts the stage
+    from step 2's checkpoint, as for a learner that died; steps 3-6 repeat the uncrashed
+    run's rewards exactly."""
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rl.max_failures=1",
+                    "learner.step_timeout_s=30", "faults.stall=[learner/1/4/update]")
+    start = time.monotonic()
+    tracker, final = within(400, lambda: run_logged(cfg, tiny_model_dir))
+    out = capsys.readouterr().out
+    assert "no answer within learner.step_timeout_s=30 s" in out
+    assert "restarting the RL stage from its last complete checkpoint (restart 1 of 1)" in out
+    logged = determined(tracker)
+    assert [step for step, _ in logged] == [1, 2, 3, 3, 4, 5, 6]
+    assert logged[:3] == uncrashed[:3] and logged[3:] == uncrashed[2:]
+    assert final.name == "step_00000006"
+    print(f"hung learner: run with restart took {time.monotonic() - start:.0f} s")
+
+
+def test_a_share_queued_behind_a_slow_actor_is_not_charged_for_the_wait(
+        local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
+    """Step 2: rollout actor 0 dies, and actor 1 is slow (each generate call of step 2 sleeps
+    5 s before generating: slow, not hung). Actor 0's share goes to actor 1, behind its own.
+    Counted from dispatch, it would pass rollout.call_timeout_s=8 (dispatched ~0 s, done
+    ~10 s) and actor 1 would be killed too, leaving no healthy actor; counted from when actor
+    1 starts it, each call takes ~5 s: one restart, the run completes."""
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, "rl.max_steps=2",
+                    "rollout.num_workers=2", "learner.num_workers=1",
+                    "rollout.call_timeout_s=8", "faults.kill=[rollout/0/2/generate]",
+                    "faults.stall=[rollout/1/2/generate]", "faults.stall_s=5")
+    tracker, _ = within(300, lambda: run_logged(cfg, tiny_model_dir))
+    assert [m["fault/rollout_restarts"] for _, m in tracker.logged] == [0, 1]
+    assert tracker.logged[1][1]["timing/rollout"] >= 10  # both shares ran on actor 1, in turn

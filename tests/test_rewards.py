@@ -571,3 +571,35 @@ def test_answer_accuracy_metrics_and_reward() -> None:
     # a step without any declared answer logs no accuracy at all
     assert not any(k.startswith("rollout/answer") for k in
                    rewards.reward_metrics(make_ctx(2, 2), torch.zeros(8), {}, {}))
+
+
+def test_a_reward_that_never_returns_is_a_reward_error_within_its_timeout(tmp_path) -> None:
+    """A plug-in that sleeps for ever: with a timeout, the RewardSet raises RewardError naming
+    the reward, the step and rl.reward_timeout_s within the timeout plus a little (run in a
+    thread here, so that a regression fails the test instead of hanging it)."""
+    import threading
+    import time
+
+    plugin = tmp_path / "stuck.py"
+    plugin.write_text("import time\n\ndef stuck(ctx):\n    time.sleep(3600)\n")
+    reward_set = rewards_from_config([{"name": "format"}, {"name": f"{plugin}:stuck"}],
+                                     timeout_s=1.0)
+    outcome: dict = {}
+
+    def run() -> None:
+        start = time.monotonic()
+        try:
+            reward_set(make_ctx(2, 2))  # step 3
+        except RewardError as err:
+            outcome["error"], outcome["seconds"] = err, time.monotonic() - start
+
+    caller = threading.Thread(target=run, daemon=True)
+    caller.start()
+    caller.join(timeout=10)
+    assert not caller.is_alive(), "the reward set hangs on a reward that never returns"
+    err = outcome["error"]
+    assert err.reward == f"{plugin}:stuck" and "rl.reward_timeout_s=1 s at step 3" in str(err)
+    assert 1.0 <= outcome["seconds"] < 3.0
+    # A reward that answers in time gives what it gives without the timeout.
+    total, parts, _ = rewards_from_config([{"name": "format"}], timeout_s=5.0)(make_ctx(2, 2))
+    assert torch.equal(total, rewards_from_config([{"name": "format"}])(make_ctx(2, 2))[0])

@@ -15,9 +15,11 @@ import torch
 
 from rollout.weight_sync import (
     ALIGN,
+    BroadcastChannel,
     BucketPlan,
     ChannelSpec,
     Digest,
+    PolledWork,
     WeightReceiver,
     WeightSender,
     bucket_views,
@@ -191,6 +193,99 @@ def test_a_receiver_killed_mid_stream_fails_the_sender_fast(transport):
     assert time.monotonic() - start < 20.0  # the broken connection, not the timeout
     child.join(timeout=30)
     assert child.exitcode == 3
+
+
+class StandInNcclGroup:
+    """Stand-in for NCCL's missing error (the real one needs a GPU per rank): a broadcast is
+    complete only once every rank has posted it, and a rank that stops posting makes nobody
+    fail, the others' broadcasts just stay incomplete for ever, as NCCL's do. Each rank's
+    waits are the ``PolledWork`` that ``_Nccl`` returns, on a "done?" callable here instead of
+    ``torch.cuda.Event.query``; ``close`` records the abort (``_Nccl.close``: ncclCommAbort)."""
+
+    def __init__(self, world: int, timeout_s: float):
+        self.world, self.timeout_s = world, timeout_s
+        self.posted: dict[int, dict[int, torch.Tensor]] = {}
+        self.lock = threading.Lock()
+        self.aborted: list[int] = []
+
+    def rank(self, rank: int) -> StandInNcclRank:
+        return StandInNcclRank(self, rank)
+
+
+class StandInNcclRank:
+    def __init__(self, group: StandInNcclGroup, rank: int):
+        self.group, self.rank, self.posts = group, rank, 0
+
+    def broadcast(self, tensor: torch.Tensor) -> PolledWork:
+        seq, self.posts = self.posts, self.posts + 1
+        with self.group.lock:
+            self.group.posted.setdefault(seq, {})[self.rank] = tensor
+
+        def done() -> bool:
+            return len(self.group.posted[seq]) == self.group.world
+
+        def deliver() -> None:
+            if self.rank:
+                tensor.copy_(self.group.posted[seq][0])
+
+        return PolledWork(done, self.group.timeout_s, "a stand-in broadcast", self.close,
+                          deliver)
+
+    def synchronize(self) -> None:
+        """Every wait already went through ``PolledWork``."""
+
+    def close(self) -> None:
+        self.group.aborted.append(self.rank)
+
+
+@pytest.mark.parametrize("who_stops", ["receiver", "sender"])
+def test_a_peer_that_stops_mid_sync_is_a_timeout_not_a_hang(who_stops):
+    """A receiver that stops reading after the first bucket (or a sender that stops sending
+    after it): the other side's broadcast never completes and, with NCCL, never errors. Its
+    wait ends in a TimeoutError naming rl.weight_sync_timeout_s within the timeout plus a
+    little, and aborts its communicator."""
+    weights = {f"w{i}": torch.randn(1000) for i in range(6)}  # 6 buckets of 4 KB
+    plan = BucketPlan.of(weights.items(), 4096)
+    timeout_s = 2.0
+    group = StandInNcclGroup(2, timeout_s)
+    stop = threading.Event()  # the stopped side waits here for ever (until the test ends)
+    outcome: dict[str, BaseException | float] = {}
+
+    def buckets():
+        for k, tensors in enumerate(iter_named(weights, plan)):
+            if who_stops == "sender" and k == 2:
+                stop.wait()
+            yield tensors
+
+    def sink(views):
+        if who_stops == "receiver":
+            stop.wait()  # the first bucket's load never returns: no further bucket is read
+
+    def run(side: str, work) -> None:
+        start = time.monotonic()
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - the test's subject
+            outcome[side] = exc
+            outcome[f"{side}_s"] = time.monotonic() - start
+
+    sender = WeightSender(BroadcastChannel(group.rank(0), 0, torch.device("cpu"), False), plan)
+    receiver = WeightReceiver(BroadcastChannel(group.rank(1), 1, torch.device("cpu"), False),
+                              plan, sink)
+    waiting = "receiver" if who_stops == "sender" else "sender"
+    threads = {"sender": threading.Thread(target=run, daemon=True,
+                                          args=("sender", lambda: sender.send(buckets()))),
+               "receiver": threading.Thread(target=run, daemon=True,
+                                            args=("receiver", receiver.receive))}
+    for t in threads.values():
+        t.start()
+    threads[waiting].join(timeout=timeout_s + 5)
+    stop.set()
+    assert not threads[waiting].is_alive(), f"the {waiting} hangs"
+    assert isinstance(outcome[waiting], TimeoutError), outcome
+    assert "rl.weight_sync_timeout_s=2" in str(outcome[waiting])
+    assert timeout_s <= outcome[f"{waiting}_s"] < timeout_s + 3
+    assert group.aborted[0] == (0 if waiting == "sender" else 1)  # the waiting side aborted
 
 
 def test_a_plan_that_does_not_match_the_model_fails_before_any_byte_moves():

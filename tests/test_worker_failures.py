@@ -18,12 +18,12 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "recipes" / "cpu_tiny.yaml")
 
 
-def umerl(tmp: Path, *args: str) -> tuple[int, str]:
+def umerl(tmp: Path, *args: str, timeout_s: float = 600) -> tuple[int, str]:
     env = {**os.environ, "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
            "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-m", "umerl.cli", *args], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout_s)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -85,6 +85,34 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir, benchm
     root = tmp_path / "run" / "rl"
     assert f"last checkpoint {root / 'step_00000002'} (intact)" in line
     assert ckpt.latest(root) == root / "step_00000002"
+
+
+def test_reward_that_never_returns_mid_run(tmp_path, tiny_model_dir, benchmark_manifest):
+    """A plug-in that sleeps for ever at step 2: with rl.reward_timeout_s=5 the stage fails
+    with one line naming the reward, the step and the key, and the process ends (the stuck
+    reward thread dies with the learner actors); the subprocess timeout turns a hang into a
+    failure."""
+    plugin = tmp_path / "stuck.py"
+    plugin.write_text(
+        "import time\n\n"
+        "def stuck(ctx):\n"
+        "    if ctx.step == 2:\n"
+        "        time.sleep(3600)\n"
+        "    return [0.0] * ctx.num_rollouts\n")
+    code, output = umerl(
+        tmp_path, "rl", RECIPE, "--checkpoint", str(tiny_model_dir),
+        f"output_dir={tmp_path / 'run'}", f"data.benchmark_dir={benchmark_manifest.parent}",
+        "eval.enabled=false", "rl.max_steps=3", "rl.save_every=1", "rl.pairs_per_step=2",
+        "rl.group_size=2", "rl.max_new_tokens=6", "rollout.num_workers=1", "ray.num_cpus=2",
+        "rl.reward_timeout_s=5", f"rewards=[{{name: format}}, {{name: '{plugin}:stuck'}}]",
+        timeout_s=300)
+    assert code == 1, output[-4000:]
+    line = error_line(output)
+    assert re.search(r"RL failed: learner rank \d \(step 2\): RewardError: reward "
+                     r".*stuck\.py:stuck' .*no result within rl\.reward_timeout_s=5 s at "
+                     r"step 2", line), line
+    root = tmp_path / "run" / "rl"
+    assert f"last checkpoint {root / 'step_00000001'} (intact)" in line
 
 
 def test_sft_worker_data_error_mid_run(tmp_path, tiny_model_dir, benchmark_manifest):

@@ -35,7 +35,7 @@ from rollout.weight_sync import BucketPlan, ChannelSpec, shm_free_bytes
 from umerl.data.formats import Pair, Side, read_rl_pairs
 from umerl.model.sampling import SamplingParams
 from umerl.runtime.console import Progress
-from umerl.runtime.faults import parse_faults
+from umerl.runtime.faults import recipe_faults
 from umerl.runtime.remote import WorkerError, gather
 from umerl.train import checkpoint as ckpt
 from umerl.train.learner import LearnerPool, StepShard
@@ -70,7 +70,8 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
     learner cannot be: its shard of the optimizer state is gone. So the stage restarts from its
     last complete checkpoint (model, optimizer, data cursor, RNG: the run continues exactly as
     an uninterrupted one from there), at most ``rl.max_failures`` times; injected faults fire
-    in the first attempt only."""
+    in the first attempt only. A hung learner (no answer within ``learner.step_timeout_s``, or
+    stuck in a sync past ``rl.weight_sync_timeout_s``) is killed and counts as dead."""
     datasets = datasets or load_rl_datasets(cfg, policy)
     limit = int(cfg.rl.max_failures)
     failures = 0
@@ -89,7 +90,7 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
                   f"(restart {failures} of {limit})", flush=True)
             cfg = copy.deepcopy(cfg)
             cfg.rl.resume = "auto"  # this run's own checkpoints
-            cfg.faults.kill = []
+            cfg.faults.kill, cfg.faults.stall = [], []
 
 
 def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
@@ -102,7 +103,7 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     if resumed:
         sampler.load_state_dict(client["data"])
     rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.learner.bf16, cfg.model.dtype,
-                          parse_faults(cfg.faults.kill))
+                          recipe_faults(cfg.faults))
     link = WeightSync.connect(cfg, learners, rollout)
     # Every engine starts from the learners' (bf16-rounded) weights.
     link.sync(digest=True, step=first - 1)
@@ -362,11 +363,17 @@ class WeightSync:
                 "weight_sync/send_s": float(sender["seconds"])}
 
     def _wait(self, *calls: tuple[list[Any], list[str]]) -> list[list[Any]]:
-        """Both sides of a collective at once, bounded by rl.weight_sync_timeout_s."""
+        """Both sides of a collective at once, bounded by rl.weight_sync_timeout_s. Learners
+        still in it then are hung (their own deadline, from when they started, is later):
+        killed and counted as dead, so the stage restarts from its checkpoint."""
         refs = [ref for side, _ in calls for ref in side]
         names = [name for _, side in calls for name in side]
-        results = gather(refs, names, timeout_s=self.timeout_s,
-                         timeout_key="rl.weight_sync_timeout_s")
+        try:
+            results = gather(refs, names, timeout_s=self.timeout_s,
+                             timeout_key="rl.weight_sync_timeout_s")
+        except WorkerError as err:
+            self.learners.kill_hung(err)
+            raise
         out, start = [], 0
         for side, _ in calls:
             out.append(results[start:start + len(side)])

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from umerl.config.origins import ConfigError, Sources
 from umerl.data.dtypes import MODEL_DTYPES
 from umerl.runtime.devices import ENGINES, engine_for
-from umerl.runtime.faults import parse_fault
+from umerl.runtime.faults import STALL_PHASES, parse_fault
 
 # `serve.direct_port`: the replicas' own HTTP servers take their ports from this many.
 DIRECT_PORT_SPAN = 100
@@ -262,6 +262,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_transport": OneOf("auto", "nccl", "shm", "gloo"),
     "rl.weight_sync_bucket_mb": POSITIVE,
     "rl.weight_sync_timeout_s": POSITIVE,
+    "rl.reward_timeout_s": POSITIVE,
     "rl.weight_sync_verify_every": Int(0),
     "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),
@@ -273,9 +274,12 @@ SCHEMA: dict[str, Rule] = {
     "rollout.max_restarts": Int(0),
     "rl.max_failures": Int(0),
     "faults.kill": ListOf(FaultSpec()),
+    "faults.stall": ListOf(FaultSpec()),
+    "faults.stall_s": POSITIVE,
     "rollout.max_model_len": Int(16, nullable=True),
     **_pool("learner"),
     "learner.zero_stage": ZERO,
+    "learner.step_timeout_s": POSITIVE,
     "learner.micro_batch_size": Int(0),
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
@@ -441,16 +445,21 @@ def _pass_k_distinct(c: DictConfig, s: Sources) -> str | None:
 
 
 def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
-    """A fault that names an actor or a step the run does not have would silently not fire."""
-    for text in c.faults.kill:
-        fault = parse_fault(text)
-        workers = int(c[fault.actor].num_workers)
-        if fault.index >= workers:
-            return (f"{s.describe('faults.kill')}: {text} names {fault.actor} {fault.index}, "
-                    f"but {fault.actor}.num_workers = {workers}")
-        if fault.step > int(c.rl.max_steps):
-            return (f"{s.describe('faults.kill')}: {text} is at step {fault.step}, after "
-                    f"rl.max_steps = {c.rl.max_steps}")
+    """A fault that names an actor, a step or (a stall) a phase the run does not have would
+    silently not fire."""
+    for key in ("faults.kill", "faults.stall"):
+        for text in OmegaConf.select(c, key):
+            fault = parse_fault(text)
+            workers = int(c[fault.actor].num_workers)
+            if fault.index >= workers:
+                return (f"{s.describe(key)}: {text} names {fault.actor} {fault.index}, "
+                        f"but {fault.actor}.num_workers = {workers}")
+            if fault.step > int(c.rl.max_steps):
+                return (f"{s.describe(key)}: {text} is at step {fault.step}, after "
+                        f"rl.max_steps = {c.rl.max_steps}")
+            if key == "faults.stall" and fault.phase not in STALL_PHASES[fault.actor]:
+                return (f"{s.describe(key)}: {text}: a {fault.actor} stall fires in "
+                        f"{', '.join(STALL_PHASES[fault.actor])} only")
     return None
 
 

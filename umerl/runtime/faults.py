@@ -10,17 +10,24 @@ Each entry is ``ACTOR/INDEX/STEP/PHASE``, e.g. ``rollout/1/3/generate``:
 The process is killed with SIGKILL (no Python cleanup, as a preempted node or an OOM kill), so
 what the tests and ``bench/bench_faults.py`` survive is a real process death. A fault fires
 once: a replacement actor gets only the faults of later steps, and a restarted RL stage none.
+
+``faults.stall`` entries (same form; phases ``rollout/I/S/generate`` and ``learner/I/S/update``)
+make the actor sleep ``faults.stall_s`` seconds there instead, on every such call of step S: a
+slow actor, or (with a long sleep) a hung one that answers nothing, as a deadlock would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 PHASES = {"rollout": ("generate", "weight_sync"), "learner": ("update", "save")}
+STALL_PHASES = {"rollout": ("generate",), "learner": ("update",)}  # where a stall can fire
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class Fault:
     index: int
     step: int
     phase: str
+    stall_s: float = 0.0  # > 0: a stall (faults.stall): sleep this long there, not a kill
 
     def __str__(self) -> str:
         return f"{self.actor}/{self.index}/{self.step}/{self.phase}"
@@ -49,8 +57,16 @@ def parse_fault(text: str) -> Fault:
     return Fault(actor, int(index), int(step), phase)
 
 
-def parse_faults(texts: Iterable[str]) -> list[Fault]:
-    return [parse_fault(t) for t in texts]
+def parse_faults(texts: Iterable[str], stalls: Iterable[str] = (), stall_s: float = 0.0
+                 ) -> list[Fault]:
+    """The kills ``texts`` and the stalls ``stalls`` (each ``stall_s`` seconds long)."""
+    return ([parse_fault(t) for t in texts]
+            + [dataclasses.replace(parse_fault(t), stall_s=float(stall_s)) for t in stalls])
+
+
+def recipe_faults(cfg: Any) -> list[Fault]:
+    """A recipe's ``faults`` section: its kills and its stalls."""
+    return parse_faults(cfg.kill, cfg.stall, float(cfg.stall_s))
 
 
 def for_actor(faults: Sequence[Fault], actor: str, index: int, after_step: int = 0
@@ -61,9 +77,18 @@ def for_actor(faults: Sequence[Fault], actor: str, index: int, after_step: int =
 
 def kill_if(faults: Sequence[Fault], step: int, phase: str) -> None:
     """SIGKILL this process when one of ``faults`` (already this actor's) names step and phase."""
-    if any(f.step == step and f.phase == phase for f in faults):
+    if any(f.step == step and f.phase == phase and not f.stall_s for f in faults):
         # The wall-clock time: the chaos bench measures detection from it (this line reaches
         # the driver's console through Ray's log monitor, a moment late).
         print(f"[faults] killing pid {os.getpid()} at step {step} during {phase} "
               f"(at unix time {time.time():.3f})", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall_if(faults: Sequence[Fault], step: int, phase: str) -> None:
+    """Sleep here when one of ``faults`` (already this actor's) is a stall of step and phase."""
+    seconds = max((f.stall_s for f in faults if f.step == step and f.phase == phase), default=0)
+    if seconds:
+        print(f"[faults] stalling pid {os.getpid()} for {seconds:g} s at step {step} during "
+              f"{phase}", flush=True)
+        time.sleep(seconds)

@@ -18,9 +18,11 @@ from typing import Any
 class WorkerError(RuntimeError):
     """A Ray worker failed: ``str(err)`` is one line, ``details`` the tracebacks."""
 
-    def __init__(self, worker: str, summary: str, details: str, dead: Sequence[str] = ()):
+    def __init__(self, worker: str, summary: str, details: str, dead: Sequence[str] = (),
+                 hung: Sequence[str] = ()):
         self.worker, self.summary, self.details = worker, summary, details
         self.dead = list(dead)  # the workers whose process died (not a Python error)
+        self.hung = list(hung)  # the workers still running when the wait's timeout passed
         self.context = ""
         super().__init__(f"{worker}: {summary}")
 
@@ -32,7 +34,8 @@ class WorkerError(RuntimeError):
 def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0,
            timeout_s: float | None = None, timeout_key: str = "") -> list[Any]:
     """``ray.get`` of one ref per worker, raising ``WorkerError`` for the first failure, or
-    for the first worker still running after ``timeout_s`` (named by ``timeout_key``)."""
+    for the first worker still running after ``timeout_s`` (named by ``timeout_key``; the
+    error's ``hung`` lists every worker still running)."""
     import ray
 
     index = {ref: i for i, ref in enumerate(refs)}
@@ -47,8 +50,8 @@ def gather(refs: Sequence[Any], workers: Sequence[str], grace_s: float = 30.0,
         done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
         if not done and not failures:
             stuck = [workers[index[ref]] for ref in pending]
-            raise WorkerError(stuck[0], f"no answer within {timeout_s:g} s ({timeout_key}); "
-                              f"still running: {', '.join(stuck)}", "")
+            raise WorkerError(stuck[0], f"no answer within {timeout_key}={timeout_s:g} s; "
+                              f"still running: {', '.join(stuck)}", "", hung=stuck)
         if not done:
             break  # the grace period is over; the rest are stuck behind the failure
         try:

@@ -49,8 +49,8 @@ from umerl.model.policy import (
     completion_mask_for,
 )
 from umerl.runtime.devices import use_bf16
-from umerl.runtime.faults import for_actor, kill_if, parse_faults
-from umerl.runtime.remote import gather
+from umerl.runtime.faults import for_actor, kill_if, recipe_faults, stall_if
+from umerl.runtime.remote import WorkerError, gather
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 from umerl.train.engine import (
@@ -116,9 +116,10 @@ class Learner:
                                 device=str(self.engine.device))
         self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
         self.reference.requires_grad_(False).eval()
-        self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd())
+        self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd(),
+                                           timeout_s=float(self.rcfg.reward_timeout_s))
         self.root = Path(cfg.output_dir) / r.output_subdir
-        self.faults = for_actor(parse_faults(cfg.faults.kill), "learner", self.rank)
+        self.faults = for_actor(recipe_faults(cfg.faults), "learner", self.rank)
 
     @property
     def max_completion_length(self) -> int:
@@ -154,6 +155,7 @@ class Learner:
             (advantages.view(-1, G).abs().amax(dim=1) == 0).float().mean())
         local = self._local_rows(advantages, len(shard.pairs) * G)
         kill_if(self.faults, shard.step, "update")
+        stall_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local, forwards))
         self._count_skipped(shard.step, bool(metrics.pop("actor/skipped")))
         metrics["actor/skipped_steps"] = float(self.skipped_steps)
@@ -480,12 +482,37 @@ class LearnerPool:
             for i in range(n)
         ]
         self.names = [f"learner rank {i}" for i in range(n)]
-        master = gather([self.actors[0].address.remote()], self.names[:1])[0]
-        self.info = gather([a.setup.remote(master, policy, reference) for a in self.actors],
-                           self.names)
+        self.timeout_s = float(lcfg.step_timeout_s)
+        master = self._gather([self.actors[0].address.remote()], self.names[:1])[0]
+        self.info = self._gather([a.setup.remote(master, policy, reference)
+                                  for a in self.actors])
+
+    def _gather(self, refs: list[Any], names: list[str] | None = None) -> list[Any]:
+        """Every driver-to-learner call, bounded by ``learner.step_timeout_s`` from dispatch.
+        The driver waits for each call before the next, so a call queues at most behind a
+        weight sync that failed on the rollout side, itself bounded by
+        ``rl.weight_sync_timeout_s`` (the sender's own deadline): the generous default covers
+        both. A learner still running then is hung: ``kill_hung``."""
+        try:
+            return gather(refs, names or self.names, timeout_s=self.timeout_s,
+                          timeout_key="learner.step_timeout_s")
+        except WorkerError as err:
+            self.kill_hung(err)
+            raise
+
+    def kill_hung(self, err: WorkerError) -> None:
+        """Kill the learners ``err`` found hung and count them as dead: the RL loop then
+        restarts the stage from its checkpoint, as for a learner that died. A hung actor can
+        answer nothing else (it is single-threaded), and its ranks' process group is stuck."""
+        import ray
+
+        for name in err.hung:
+            if name in self.names and name not in err.dead:
+                ray.kill(self.actors[self.names.index(name)], no_restart=True)
+                err.dead.append(name)
 
     def step(self, shards: list[StepShard]) -> list[dict[str, float]]:
-        return gather([a.step.remote(s) for a, s in zip(self.actors, shards)], self.names)
+        return self._gather([a.step.remote(s) for a, s in zip(self.actors, shards)])
 
     def weight_specs(self) -> list[tuple[str, list[int], str]]:
         return self._on_rank0("weight_specs")
@@ -495,13 +522,13 @@ class LearnerPool:
         return self._on_rank0("address")
 
     def save(self, step: int, client_state: dict[str, Any]) -> str:
-        return gather([a.save.remote(step, client_state) for a in self.actors], self.names)[0]
+        return self._gather([a.save.remote(step, client_state) for a in self.actors])[0]
 
     def resume(self) -> tuple[str | None, dict[str, Any]]:
-        return gather([a.resume.remote() for a in self.actors], self.names)[0]
+        return self._gather([a.resume.remote() for a in self.actors])[0]
 
     def _on_rank0(self, method: str) -> Any:
-        return gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
+        return self._gather([getattr(self.actors[0], method).remote()], self.names[:1])[0]
 
     def async_open_weight_sync(self, spec: Any, plan: Any) -> tuple[list[Any], list[str]]:
         """The calls (refs, worker names) joining the sync group; the driver waits on them

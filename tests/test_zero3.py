@@ -240,17 +240,17 @@ def test_zero3_sft_trains_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir
         assert torch.allclose(out.gen, live["gen"], atol=1e-5)
 
 
-def _completions(tokenizer, prefix: str) -> list[list[list[int]]]:
+def _completions(tokenizer, prefix: str) -> list[list[int]]:
     """One pair's group of two rollouts (token ids), as a learner's step receives them."""
     texts = [format_completion(f"{prefix} {k}", str(k)) for k in range(2)]
-    return [[tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
 def _mixed_learner_main(rank: int, port: int, model: str, root: str,
                         media: dict[str, list[str]]) -> None:
-    """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's),
-    data 0 on rank 0 (its query micro-batch: a video and no image at all), data 1 (images) on
-    rank 1; then the same step from the start with the ranks' data swapped."""
+    """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's), data
+    0 on rank 0 (its query micro-batch: a video and images), data 1 (images) on rank 1; then
+    the same step from the start with the ranks' data swapped."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from umerl.config.recipe import load_recipe
@@ -261,27 +261,29 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
     root_path = Path(root)
     for order, which in (("as_given", rank), ("swapped", 1 - rank)):
         cfg = load_recipe(None, [
-            f"output_dir={root_path / order}", "rl.pairs_per_step=2", "rl.group_size=2",
+            f"output_dir={root_path / order}", "rl.pairs_per_step=4", "rl.group_size=2",
             "rl.lr=0.01", "learner.num_workers=2", "learner.zero_stage=3",
             "wandb.mode=disabled",
         ])
         learner = Learner(cfg, model, model)
-        pair = _rank_pairs(media, which)[0]
-        rollouts = [_completions(learner.bundle.tokenizer, f"{side} {which}") for side in "qt"]
-        metrics = learner.step(StepShard(1, [pair], rank, *rollouts))
+        pairs = _rank_pairs(media, which)
+        tokenizer = learner.bundle.tokenizer
+        rollouts = [[_completions(tokenizer, f"{side} {p.id}") for p in pairs] for side in "qt"]
+        metrics = learner.step(StepShard(1, pairs, 2 * rank, *rollouts))
         _save_full_weights(learner.engine, root_path / f"rl_{order}.pt")
-        if rank == 0:
-            torch.save(metrics, root_path / f"rl_{order}_metrics.pt")
+        torch.save(metrics, root_path / f"rl_{order}_metrics_data{which}.pt")
     udist.barrier()
 
 
 def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir):
-    """The learners' path: rank 0's query micro-batch holds only a video (no image: the other
-    way round), rank 1's only images. The step runs (no hang, no abort), updates the weights,
-    and its losses and rewards, computed from both ranks' forwards, are those of the run with
-    the ranks' data swapped. (Not its weights element by element: one ZeRO-3 Adam step on 2
-    gloo ranks moves lm_head elements with ~1e-9 gradients by +-lr depending on the data's
-    placement, with images only and before this change too.)"""
+    """The learners' path: rank 0's query micro-batch holds a video and images, rank 1's only
+    images. The step runs (no hang, no abort) and updates the weights; the step's rewards and
+    each data's KL and ratio, computed from both ranks' forwards, are those of the run with
+    the ranks' data swapped. Not compared: the policy loss and the weights element by element.
+    A random tiny model gives a group's rollouts near-equal rewards, so (r - mean) / std
+    turns the rounding of the rewards' summation order (which the swap changes) into a policy
+    loss of +-4e-5 instead of 0, and one Adam step moves elements with ~1e-9 gradients by
+    +-lr (so too with images only, before this change)."""
     from umerl.model.loading import load_policy
     from umerl.train.dist import free_port
 
@@ -292,12 +294,14 @@ def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(tmp_path, tiny_m
     assert weights.keys() == start.keys()
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert sum(not torch.allclose(weights[k], start[k], atol=1e-3) for k in weights) > 10
-    given = torch.load(tmp_path / "rl_as_given_metrics.pt")
-    swapped = torch.load(tmp_path / "rl_swapped_metrics.pt")
-    compared = [k for k in given if k.startswith(("actor/", "reward/"))]
-    assert "actor/loss" in compared and "reward/total" in compared
-    for key in compared:
-        assert given[key] == pytest.approx(swapped[key], abs=1e-6), key
+    for which in (0, 1):  # actor/ metrics are the rank's own data's; reward/ the step's
+        given = torch.load(tmp_path / f"rl_as_given_metrics_data{which}.pt")
+        swapped = torch.load(tmp_path / f"rl_swapped_metrics_data{which}.pt")
+        compared = [k for k in given if k.startswith(("actor/", "reward/"))
+                    and k not in ("actor/loss", "actor/policy_loss")]
+        assert "actor/kl" in compared and "reward/total" in compared
+        for key in compared:
+            assert given[key] == pytest.approx(swapped[key], abs=1e-6), key
 
 
 def test_blank_media_run_the_tower_for_both_modalities_and_change_nothing(tiny_bundle, tmp_path):

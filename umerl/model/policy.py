@@ -88,7 +88,8 @@ class PolicyModule(nn.Module):
     modules, in the same order, forward and backward (the projector trains), on every rank,
     and no value changes. Chosen over keeping the tower out of ZeRO-3 partitioning: the
     projector is part of the tower and trains by default, so its parameters would stay
-    partitioned and gathered anyway; the blank media cost 1-4 patches per forward.
+    partitioned and gathered anyway; the blank media cost the smallest image the processor
+    makes (4 patches in the tiny model, 16 in Qwen2-VL) per modality and forward.
     (Not applied to the shared-prompt forward, which ZeRO-3 does not run.)
     """
 

@@ -102,3 +102,245 @@ def test_zero3_export_loads_and_embeds_like_the_engine(zero3_runs, tiny_model_di
     assert torch.allclose(out.disc, live["disc"], atol=1e-5)
     assert torch.allclose(out.gen, live["gen"], atol=1e-5)
     assert not torch.allclose(before.disc, live["disc"], atol=1e-3)  # training moved it
+
+
+# -- any mix of modalities ------------------------------------------------------------------------
+# Qwen-VL runs its vision tower once for a batch's images and once more for its videos; under
+# ZeRO-3 each call gathers the tower's parameters (a collective) and DeepSpeed checks that every
+# rank ran the same modules. A rank whose micro-batch holds a video and one whose micro-batch
+# holds none must still train, not hang or disagree.
+
+HANG_LIMIT_S = 300  # far above a normal run (about a minute): past it the ranks are hung
+
+
+def _spawn_bounded(fn, args: tuple, nprocs: int = 2) -> None:
+    """``mp.spawn`` that fails the test when the ranks are still running after ``HANG_LIMIT_S``
+    (an unmatched collective blocks forever) instead of hanging the test session."""
+    import time
+
+    context = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + HANG_LIMIT_S
+    while not context.join(timeout=5):  # raises ProcessRaisedException if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            pytest.fail(f"ranks still running after {HANG_LIMIT_S}s: hung in a collective")
+
+
+def _media(root: Path) -> dict[str, list[str]]:
+    """A few small images and a 3-frame video (odd: the last frame repeats into a pair)."""
+    from PIL import Image
+
+    def draw(name: str, colour: tuple[int, int, int], size: tuple[int, int]) -> str:
+        path = root / f"{name}.png"
+        Image.new("RGB", size, colour).save(path)
+        return str(path)
+
+    return {
+        "images": [draw(f"img{i}", (40 * i, 200 - 30 * i, 90), (56, 84)) for i in range(4)],
+        "video": [draw(f"frame{i}", (10, 60 * i, 250 - 60 * i), (84, 56)) for i in range(3)],
+    }
+
+
+def _rank_pairs(media: dict[str, list[str]], which: int):
+    """Data rank ``which`` gets: 0 has a video-only query among image sides, 1 only images (a
+    text-only side also runs the tower, on the blank image)."""
+    from umerl.data.formats import Pair, Side
+
+    img, video = media["images"], tuple(media["video"])
+    done = format_completion
+
+    def side(text: str, images: list[str] = (), vid: tuple[str, ...] = ()) -> Side:
+        return Side(text=text, images=tuple(images), video=vid,
+                    completion=done(f"about {text}", text))
+
+    if which == 0:
+        return [Pair("v", "toy", side("what happens", vid=video), side("a clip", img[:1])),
+                Pair("a", "toy", side("red one", img[1:2]), side("a red thing"))]
+    return [Pair("b", "toy", side("blue one", img[2:3]), side("a blue thing", img[3:])),
+            Pair("c", "toy", side("two", img[:2]), side("both", img[2:]))]
+
+
+def _save_full_weights(engine, path: Path) -> None:
+    """The engine's full weights (a collective under ZeRO-3: every rank calls it) to ``path``,
+    written by rank 0."""
+    from umerl.train.engine import full_state_dict
+
+    state = full_state_dict(engine, 3)
+    if state is not None:
+        torch.save(state, path)
+
+
+def _mixed_sft_main(rank: int, port: int, model: str, data: str, root: str,
+                    media: dict[str, list[str]]) -> None:
+    """Under ZeRO-3, with data 0 (the video) on rank 0 and data 1 (images) on rank 1: a no-grad
+    forward of the queries (each rank saves its embeddings), then two SFT steps (rank 0 saves
+    the weights); then the same two steps from the start with the ranks' data swapped."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    from umerl.train import dist as udist
+    from umerl.train.sft import SftRun, loss_parts, side_inputs
+
+    udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
+    root_path = Path(root)
+    for order, which in (("as_given", rank), ("swapped", 1 - rank)):
+        run = SftRun(_config(root_path / order, Path(data), 2), model)
+        pairs = _rank_pairs(media, which)
+        if order == "as_given":
+            with torch.no_grad():
+                out = run.engine(**side_inputs(run.bundle, [p.query for p in pairs]))
+            torch.save({"disc": out.disc, "gen": out.gen}, root_path / f"embed_data{which}.pt")
+        for _ in range(2):
+            parts, _ = loss_parts(run.engine, run.bundle, pairs, float(run.scfg.logit_scale))
+            run.engine.backward(sum(parts.values()))
+            run.engine.step()
+        _save_full_weights(run.engine, root_path / f"sft_{order}.pt")
+    udist.barrier()
+
+
+def _assert_trained_alike(given: dict, swapped: dict, start: dict) -> None:
+    """Both runs moved the weights, and alike: a few steps of Adam (lr 0.01) turn the float
+    rounding of a summation order into differences up to ~2e-4 on single elements, while a
+    wrong gradient moves elements by the learning rate."""
+    assert given.keys() == swapped.keys() and len(given) > 10
+    for key in given:
+        assert torch.allclose(given[key], swapped[key], atol=1e-3, rtol=0), key
+    moved = [k for k in given if not torch.allclose(given[k], start[k], atol=1e-3)]
+    assert len(moved) > 10
+
+
+def test_zero3_sft_trains_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir):
+    """Rank 0's micro-batch holds a video, rank 1's only images: both SFT runs train (neither
+    hangs nor aborts), alike whichever rank holds the video, and the live ZeRO-3 embeddings
+    equal a plain forward's."""
+    from umerl.model.loading import load_policy
+    from umerl.model.policy import PolicyModule
+    from umerl.train.dist import free_port
+    from umerl.train.sft import side_inputs
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({  # SftRun needs a data set; the test feeds its own
+        "id": str(i), "task": "toy",
+        "query": {"text": f"q {i}", "completion": format_completion("r", "s")},
+        "target": {"text": f"t {i}", "completion": format_completion("t", "u")},
+    }) + "\n" for i in range(4)))
+    media = _media(tmp_path)
+    _spawn_bounded(_mixed_sft_main,
+                   (free_port(), str(tiny_model_dir), str(data), str(tmp_path), media))
+    start = load_policy(tiny_model_dir)
+    _assert_trained_alike(torch.load(tmp_path / "sft_as_given.pt"),
+                          torch.load(tmp_path / "sft_swapped.pt"), start.model.state_dict())
+    plain = PolicyModule(start.model, start.disc_id, start.gen_id)
+    for which in (0, 1):
+        live = torch.load(tmp_path / f"embed_data{which}.pt")
+        with torch.no_grad():
+            out = plain(**side_inputs(start, [p.query for p in _rank_pairs(media, which)]))
+        assert torch.allclose(out.disc, live["disc"], atol=1e-5)
+        assert torch.allclose(out.gen, live["gen"], atol=1e-5)
+
+
+def _completions(tokenizer, prefix: str) -> list[list[int]]:
+    """One pair's group of two rollouts (token ids), as a learner's step receives them."""
+    texts = [format_completion(f"{prefix} {k}", str(k)) for k in range(2)]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _mixed_learner_main(rank: int, port: int, model: str, root: str,
+                        media: dict[str, list[str]]) -> None:
+    """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's), data
+    0 on rank 0 (its query micro-batch: a video and images), data 1 (images) on rank 1; then
+    the same step from the start with the ranks' data swapped."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    from umerl.config.recipe import load_recipe
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
+
+    udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
+    root_path = Path(root)
+    for order, which in (("as_given", rank), ("swapped", 1 - rank)):
+        cfg = load_recipe(None, [
+            f"output_dir={root_path / order}", "rl.pairs_per_step=4", "rl.group_size=2",
+            "rl.lr=0.01", "learner.num_workers=2", "learner.zero_stage=3",
+            "wandb.mode=disabled",
+        ])
+        learner = Learner(cfg, model, model)
+        pairs = _rank_pairs(media, which)
+        tokenizer = learner.bundle.tokenizer
+        rollouts = [[_completions(tokenizer, f"{side} {p.id}") for p in pairs] for side in "qt"]
+        metrics = learner.step(StepShard(1, pairs, 2 * rank, *rollouts))
+        _save_full_weights(learner.engine, root_path / f"rl_{order}.pt")
+        torch.save(metrics, root_path / f"rl_{order}_metrics_data{which}.pt")
+    udist.barrier()
+
+
+def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir):
+    """The learners' path: rank 0's query micro-batch holds a video and images, rank 1's only
+    images. The step runs (no hang, no abort) and updates the weights; the step's rewards and
+    each data's KL and ratio, computed from both ranks' forwards, are those of the run with
+    the ranks' data swapped. Not compared: the policy loss and the weights element by element.
+    A random tiny model gives a group's rollouts near-equal rewards, so (r - mean) / std
+    turns the rounding of the rewards' summation order (which the swap changes) into a policy
+    loss of +-4e-5 instead of 0, and one Adam step moves elements with ~1e-9 gradients by
+    +-lr (so too with images only, before this change)."""
+    from umerl.model.loading import load_policy
+    from umerl.train.dist import free_port
+
+    media = _media(tmp_path)
+    _spawn_bounded(_mixed_learner_main, (free_port(), str(tiny_model_dir), str(tmp_path), media))
+    start = load_policy(tiny_model_dir).model.state_dict()
+    weights = torch.load(tmp_path / "rl_as_given.pt")
+    assert weights.keys() == start.keys()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert sum(not torch.allclose(weights[k], start[k], atol=1e-3) for k in weights) > 10
+    for which in (0, 1):  # actor/ metrics are the rank's own data's; reward/ the step's
+        given = torch.load(tmp_path / f"rl_as_given_metrics_data{which}.pt")
+        swapped = torch.load(tmp_path / f"rl_swapped_metrics_data{which}.pt")
+        compared = [k for k in given if k.startswith(("actor/", "reward/"))
+                    and k not in ("actor/loss", "actor/policy_loss")]
+        assert "actor/kl" in compared and "reward/total" in compared
+        for key in compared:
+            assert given[key] == pytest.approx(swapped[key], abs=1e-6), key
+
+
+def test_blank_media_run_the_tower_for_both_modalities_and_change_nothing(tiny_bundle, tmp_path):
+    """On one rank: with the lockstep media every forward calls the vision tower twice (images,
+    then videos) whatever its batch holds, and outputs and gradients are bit for bit those of
+    the plain module (the blank media enter times 0)."""
+    from umerl.data.formats import Side
+    from umerl.model.policy import PolicyModule
+    from umerl.train.sft import side_inputs
+
+    bundle = tiny_bundle
+    media = _media(tmp_path)
+    video = Side("clip", video=tuple(media["video"]), completion=format_completion("a", "b"))
+    image = Side("pic", images=tuple(media["images"][:1]), completion=format_completion("c", "d"))
+    text = Side("words", completion=format_completion("e", "f"))
+    plain = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id)
+    lockstep = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id,
+                            lockstep_media=bundle.encoder.blank_media())
+    tower_calls: list[int] = []
+    hook = bundle.model.model.visual.register_forward_hook(lambda *_: tower_calls.append(1))
+    try:
+        for sides, plain_calls in (([image, text], 1), ([video], 1), ([video, image], 2)):
+            batch = side_inputs(bundle, sides)
+            results = []
+            for module in (plain, lockstep):
+                bundle.model.zero_grad(set_to_none=True)
+                tower_calls.clear()
+                out = module(**batch)
+                (out.disc.sum() + out.gen.sum() + out.logprobs.sum()).backward()
+                grads = {n: p.grad.clone() for n, p in bundle.model.named_parameters()
+                         if p.grad is not None}
+                results.append((out, grads, len(tower_calls)))
+            (base, base_grads, base_calls), (got, got_grads, got_calls) = results
+            assert (base_calls, got_calls) == (plain_calls, 2)
+            for field in ("disc", "gen", "logprobs"):
+                assert torch.equal(getattr(got, field), getattr(base, field)), field
+            assert got_grads.keys() == base_grads.keys() and len(got_grads) > 10
+            for name in base_grads:
+                assert torch.equal(got_grads[name], base_grads[name]), name
+    finally:
+        hook.remove()
+        bundle.model.zero_grad(set_to_none=True)

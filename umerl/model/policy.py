@@ -20,7 +20,7 @@ row's completion left-aligned.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +74,32 @@ def embedding_positions(
 
 
 class PolicyModule(nn.Module):
-    """The HF model plus the embedding-token ids: the unit DeepSpeed trains."""
+    """The HF model plus the embedding-token ids: the unit DeepSpeed trains.
 
-    def __init__(self, model: nn.Module, disc_id: int, gen_id: int):
+    ``lockstep_media`` (``InputEncoder.blank_media``; given under ZeRO-3) makes every forward
+    make the same vision-tower calls, whatever its batch holds. Qwen-VL calls the tower once
+    per modality present; under ZeRO-3 every call gathers parameters from all ranks, and
+    DeepSpeed checks that the ranks ran the same modules in the same order. So a micro-batch
+    with a video on one rank and none on another leaves collectives unmatched: a hang (NCCL),
+    an abort (gloo) or DeepSpeed's "Detected a disagreement". With ``lockstep_media`` the
+    tower runs here, before the model's token embedding, on the images and then the video of
+    the batch, or on the blank image / video where it has none; the model takes the features
+    (``mm_encoder_outputs``), and the blank calls' outputs enter the result times 0: the same
+    modules, in the same order, forward and backward (the projector trains), on every rank,
+    and no value changes. Chosen over keeping the tower out of ZeRO-3 partitioning: the
+    projector is part of the tower and trains by default, so its parameters would stay
+    partitioned and gathered anyway; the blank media cost the smallest image the processor
+    makes (4 patches in the tiny model, 16 in Qwen2-VL) per modality and forward.
+    (Not applied to the shared-prompt forward, which ZeRO-3 does not run.)
+    """
+
+    def __init__(self, model: nn.Module, disc_id: int, gen_id: int,
+                 lockstep_media: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.model = model
         self.disc_id = disc_id
         self.gen_id = gen_id
+        self.lockstep_media = lockstep_media  # a plain dict: no buffers in the state dict
 
     def forward(
         self,
@@ -100,9 +119,12 @@ class PolicyModule(nn.Module):
         disc_pos, gen_pos, found = embedding_positions(
             input_ids, completion_mask, self.disc_id, self.gen_id
         )
+        vision, blank_zero = self._lockstep_vision(vision, input_ids.device)
         hidden = self.model.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision
         ).last_hidden_state
+        if blank_zero is not None:
+            hidden = hidden + blank_zero.to(hidden.dtype)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         disc = F.normalize(hidden[rows, disc_pos].float(), dim=-1)
         has_completion = bool(completion_mask.any())
@@ -160,6 +182,30 @@ class PolicyModule(nn.Module):
         return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
                             completion_mask)
 
+    def _lockstep_vision(self, vision: dict[str, torch.Tensor], device: torch.device
+                         ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The model kwargs with the tower already run, images then videos, on this batch's
+        media or, for a modality it lacks, on the blank one (see the class docstring); and a
+        zero that carries the blank calls into the graph (None without lockstep media)."""
+        if self.lockstep_media is None:
+            return vision, None
+        text = self.model.model
+        kwargs: dict[str, Any] = dict(vision)
+        encoded: dict[str, Any] = {}
+        zero = torch.zeros((), device=device)
+        for modality, pixels_key, grid_key, features in (
+                ("image", "pixel_values", "image_grid_thw", text.get_image_features),
+                ("video", "pixel_values_videos", "video_grid_thw", text.get_video_features)):
+            if pixels_key in kwargs:
+                encoded[modality] = features(kwargs.pop(pixels_key), kwargs[grid_key],
+                                             return_dict=True)
+            else:
+                blank = features(self.lockstep_media[pixels_key].to(device),
+                                 self.lockstep_media[grid_key].to(device), return_dict=True)
+                # (t * 0).sum(), not t.sum() * 0: a large sum cannot overflow into inf * 0.
+                zero = zero + sum((t * 0).sum() for t in _float_tensors(blank))
+        return kwargs | {"mm_encoder_outputs": encoded}, zero
+
     def _completion_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
         temperature: float,
@@ -179,3 +225,15 @@ def _rope_kwargs(vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision kwargs ``get_rope_index`` reads (every Qwen-VL family names them so)."""
     keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     return {k: vision[k] for k in keys if k in vision}
+
+
+def _float_tensors(value: object) -> list[torch.Tensor]:
+    """Every floating-point tensor in a model output (tensors, tuples, lists, ModelOutputs):
+    the tower's features, pooled features and, in Qwen3-VL, its deepstack features."""
+    if isinstance(value, torch.Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _float_tensors(item)]
+    return []

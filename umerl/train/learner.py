@@ -57,6 +57,7 @@ from umerl.train.engine import (
     FiniteStepAdamW,
     build_engine,
     load_checkpoint,
+    policy_module,
     prepare_for_training,
     save_checkpoint,
     set_trainable,
@@ -101,7 +102,7 @@ class Learner:
             bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
         r = self.rcfg
         self.engine = build_engine(
-            PolicyModule(self.bundle.model, self.bundle.disc_id, self.bundle.gen_id),
+            policy_module(self.bundle, int(self.lcfg.zero_stage)),
             lr=float(r.lr), weight_decay=float(r.weight_decay), total_steps=int(r.max_steps),
             warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from umerl.data.formats import Pair, Side, read_sft_pairs
 from umerl.data.tokens import IM_END
 from umerl.model.loading import PolicyBundle, load_policy, prompt_limit
-from umerl.model.policy import PolicyModule, PolicyOutput
+from umerl.model.policy import PolicyOutput
 from umerl.runtime.console import Progress
 from umerl.runtime.devices import use_bf16
 from umerl.train import checkpoint as ckpt
@@ -28,6 +28,7 @@ from umerl.train import dist as udist
 from umerl.train.engine import (
     build_engine,
     load_checkpoint,
+    policy_module,
     prepare_for_training,
     save_checkpoint,
     set_trainable,
@@ -94,7 +95,7 @@ class SftRun:
         self.trainable = set_trainable(model, dict(self.scfg.train))
         s = self.scfg
         self.engine = build_engine(
-            PolicyModule(model, self.bundle.disc_id, self.bundle.gen_id),
+            policy_module(self.bundle, int(s.zero_stage)),
             lr=float(s.lr), weight_decay=float(s.weight_decay), total_steps=int(s.max_steps),
             warmup_ratio=float(s.warmup_ratio), min_lr_ratio=float(s.min_lr_ratio),
             micro_batch_size=int(s.micro_batch_size),

@@ -17,9 +17,9 @@ How each piece maps onto vLLM 0.32:
   exactly the policy's (vLLM would otherwise also stop at the tokenizer's and the generation
   config's EOS ids). vLLM keeps a stop token id in ``CompletionOutput.token_ids``
   (``include_stop_str_in_output`` only concerns stop *strings* in the text). Penalties stay
-  off (``repetition_penalty=1``): vLLM does not merge the checkpoint's generation_config into
-  explicit SamplingParams, whereas HF ``generate`` inherits any ``repetition_penalty`` in the
-  checkpoint's generation_config.json (Qwen instruct releases often set one).
+  off (``repetition_penalty=1``): every decoding setting comes from our ``SamplingParams``
+  (``vllm_sampling_kwargs``); vLLM merges nothing of the checkpoint's generation_config into
+  explicit SamplingParams, and ``TransformersEngine`` keeps it out of HF ``generate`` too.
 - Suppressed tokens (``InputEncoder.suppressed_token_ids``): vLLM's ``bad_words``. Each token's
   text tokenizes to that single id, and a one-token bad word sets its logit to -inf at every
   step, for greedy and sampled requests alike (``logit_bias`` is clamped to +-100 and
@@ -327,25 +327,8 @@ class VllmEngine:
         also the sampled tokens' log-probs (0 extra top tokens)."""
         import vllm
 
-        common = dict(
-            max_tokens=sampling.max_new_tokens,
-            stop_token_ids=list(self.stop_ids),
-            ignore_eos=True,  # stop exactly at stop_ids, not also at the config's EOS ids
-            bad_words=list(self.bad_words),
-            repetition_penalty=1.0,
-            detokenize=False,
-            logprobs=0 if logprobs else None,
-        )
-        if not sampling.do_sample:
-            return vllm.SamplingParams(n=1, temperature=0.0, **common)
-        return vllm.SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
-            top_p=sampling.top_p,
-            seed=seed,
-            **common,
-        )
+        return vllm.SamplingParams(**vllm_sampling_kwargs(
+            sampling, n, seed, self.stop_ids, self.bad_words, logprobs))
 
     def prompt(self, side: Side) -> dict[str, Any]:
         """The vLLM prompt of one side: text + multimodal data, or token ids (text model)."""
@@ -413,6 +396,37 @@ class VllmEngine:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, n: int, seed: int | None,
+                         stop_ids: Sequence[int], bad_words: Sequence[str],
+                         logprobs: bool = False) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments for one side: every setting that changes
+    decoding comes from ``sampling`` (the same settings
+    ``rollout.transformers_engine.decoding_config`` gives transformers); vLLM merges nothing
+    from the checkpoint's generation_config into explicit SamplingParams."""
+    kwargs: dict[str, Any] = dict(
+        max_tokens=sampling.max_new_tokens,
+        min_tokens=0,
+        stop_token_ids=list(stop_ids),
+        ignore_eos=True,  # stop exactly at stop_ids, not also at the config's EOS ids
+        bad_words=list(bad_words),
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        detokenize=False,
+        logprobs=0 if logprobs else None,
+    )
+    if not sampling.do_sample:
+        return dict(kwargs, n=1, temperature=0.0)
+    return dict(
+        kwargs,
+        n=n,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
+        top_p=sampling.top_p,
+        seed=seed,
+    )
 
 
 def _same(values: Sequence[str]) -> str:

@@ -183,6 +183,17 @@ def test_generate_shapes_stops_and_suppression(engine):
     assert len({tuple(c) for c in out[0]}) > 1
 
 
+def test_sampling_params_set_every_decoding_setting_from_ours(engine):
+    """vllm.SamplingParams as vLLM itself validated them: no penalty, our sampling settings
+    (the same ones tests/test_decoding.py checks transformers gets)."""
+    params = engine.sampling_params(_sampling(temperature=0.7, top_k=20, top_p=0.9), 2, 5)
+    assert (params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
+            params.min_tokens) == (1.0, 0.0, 0.0, 0)
+    assert (params.temperature, params.top_k, params.top_p, params.n, params.seed) == (
+        0.7, 20, 0.9, 2, 5)
+    assert params.stop_token_ids == list(engine.stop_ids) and params.ignore_eos
+
+
 def test_greedy_repeats_one_completion(engine):
     out = engine.generate(SIDES[:2], 3, _sampling(do_sample=False))
     gen = engine.gen_id

@@ -381,7 +381,7 @@ class VllmEngine:
     def receive_weights(self, digest: bool) -> dict[str, Any]:
         """One sync into every worker, then drop what was computed with the old weights."""
         results = self.llm.collective_rpc("umerl_receive_weights", args=(digest,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         # Vision-encoder outputs too; through the engine core, which clears the scheduler's
         # encoder-cache manager and the model runners' caches together (vLLM 0.32).
         self.llm.llm_engine.reset_encoder_cache()
@@ -389,6 +389,17 @@ class VllmEngine:
             _same([r["digest"] for r in results])
         return {"bytes": results[0]["bytes"], "seconds": max(r["seconds"] for r in results),
                 "digest": results[0]["digest"]}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached KV block. vLLM resets nothing, and answers False, while a
+        request still holds blocks; the second call preempts such requests (they recompute
+        their KV on resume) so the reset can happen."""
+        if self.llm.reset_prefix_cache():
+            return
+        if not self.llm.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError(f"vLLM serving {self.checkpoint} did not reset its prefix cache "
+                               "after a weight update, even with its running requests "
+                               "preempted: cached KV blocks would hold the old weights' keys")
 
     def close(self) -> None:
         """Stop vLLM's engine-core process (the engine is unusable afterwards)."""

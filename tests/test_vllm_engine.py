@@ -453,11 +453,64 @@ def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bun
             calls.append(f"workers.{method}")
             return [{"bytes": 0, "seconds": 0.0, "digest": None}]
 
-        def reset_prefix_cache(self):
+        def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
             calls.append("reset_prefix_cache")
+            return True
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
     engine = VllmEngine(tmp_path / "ckpt")
     engine.receive_weights(digest=False)
     assert calls == ["workers.umerl_receive_weights", "reset_prefix_cache",
                      "engine.reset_encoder_cache"]
+
+
+@pytest.mark.parametrize(("answers", "calls"), [
+    ((True,), [False]), ((False, True), [False, True]), ((False, False), [False, True])])
+def test_a_weight_update_retries_an_unreset_prefix_cache_then_fails(
+        answers, calls, tiny_bundle, tmp_path, monkeypatch):
+    """vLLM's reset_prefix_cache answers False while a request holds KV blocks. A recording
+    stand-in for vllm.LLM (what a GPU vLLM answers; the real one is checked below)."""
+    import sys
+    from types import SimpleNamespace
+
+    from rollout.vllm_engine import VllmEngine
+    from umerl.model.loading import save_policy
+
+    save_policy(tiny_bundle, tmp_path / "ckpt")
+    seen, replies = [], iter(answers)
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None)
+
+        def collective_rpc(self, method, args=()):
+            return [{"bytes": 0, "seconds": 0.0, "digest": None}]
+
+        def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+            seen.append(reset_running_requests)
+            return next(replies)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
+    engine = VllmEngine(tmp_path / "ckpt")
+    if answers[-1]:
+        engine.receive_weights(digest=False)
+    else:
+        with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+            engine.receive_weights(digest=False)
+    assert seen == calls
+
+
+def test_prefix_cache_reset_preempts_a_running_request(engine):
+    """The real vLLM: while a request holds KV blocks a plain reset fails; ours succeeds."""
+    import vllm
+
+    core = engine.llm.llm_engine
+    long = vllm.SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
+    request_id = core.add_request("umerl-test-running", engine.prompt(SIDES[0]), long)
+    core.step()  # scheduled: its KV blocks are in use
+    try:
+        assert engine.llm.reset_prefix_cache() is False
+        engine.reset_prefix_cache()
+    finally:
+        core.abort_request([request_id])
+    assert engine.llm.reset_prefix_cache() is True

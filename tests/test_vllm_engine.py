@@ -38,6 +38,23 @@ SUPPRESSED = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, DISC_EMB)
 # ---- helpers: no vLLM needed -------------------------------------------------------------------
 
 
+def test_only_the_warning_for_layers_sent_nothing_is_dropped_during_a_reload():
+    import logging
+
+    from rollout.vllm_engine import LAYER_SENT_NOTHING, RELOAD_LOGGER, quiet_layers_sent_nothing
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(RELOAD_LOGGER, logging.WARNING, __file__, 1, msg,
+                                 ("RMSNorm",), None)
+
+    with quiet_layers_sent_nothing():
+        assert not logger.filter(record(LAYER_SENT_NOTHING))
+        assert logger.filter(record("%s: Excessive loading"))
+    assert logger.filter(record(LAYER_SENT_NOTHING))  # vLLM's own logging afterwards
+
+
 def test_to_checkpoint_name_maps_transformers5_names_for_qwen2_vl():
     assert to_checkpoint_name("model.language_model.layers.0.mlp.up_proj.weight") == (
         "model.layers.0.mlp.up_proj.weight"
@@ -297,7 +314,7 @@ def test_weight_sync_changes_then_restores_exactly(engine, tiny_qwen2: Path, tra
     perturbed = dict(original)
     perturbed["lm_head.weight"] = torch.randn(original["lm_head.weight"].shape,
                                               generator=g).to(torch.bfloat16)
-    _sync(engine, list(perturbed.items()), transport=transport)
+    assert _sync(engine, list(perturbed.items()), transport=transport)["layers_kept"] == 0
     assert engine.generate(SIDES, 1, greedy) != greedy0
 
     _sync(engine, list(original.items()), bucket_bytes=40_000, transport=transport)
@@ -317,7 +334,9 @@ def test_weight_sync_reaches_fused_repacked_linears_across_buckets(engine, tiny_
     g = torch.Generator().manual_seed(2)
     perturbed = [(n, (2.0 * torch.randn(original[n].shape, generator=g)).to(torch.bfloat16))
                  for n in linear]
-    _sync(engine, perturbed, bucket_bytes=1)
+    stats = _sync(engine, perturbed, bucket_bytes=1)
+    # Sent nothing: embed_tokens, 2 norms per decoder layer, the final norm and lm_head.
+    assert stats["layers_kept"] == 1 + 2 * 2 + 1 + 1
     changed = engine.generate(SIDES, 4, sampling, seeds=seeds)
     _sync(engine, [(n, original[n]) for n in linear], bucket_bytes=1)
     assert changed != before
@@ -451,7 +470,7 @@ def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bun
 
         def collective_rpc(self, method, args=()):
             calls.append(f"workers.{method}")
-            return [{"bytes": 0, "seconds": 0.0, "digest": None}]
+            return [{"bytes": 0, "seconds": 0.0, "digest": None, "layers_kept": 0}]
 
         def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
             calls.append("reset_prefix_cache")
@@ -484,7 +503,7 @@ def test_a_weight_update_retries_an_unreset_prefix_cache_then_fails(
             self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None)
 
         def collective_rpc(self, method, args=()):
-            return [{"bytes": 0, "seconds": 0.0, "digest": None}]
+            return [{"bytes": 0, "seconds": 0.0, "digest": None, "layers_kept": 0}]
 
         def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
             seen.append(reset_running_requests)

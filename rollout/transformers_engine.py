@@ -1,10 +1,21 @@
-"""The CPU rollout engine: batched ``transformers`` generate with the KV cache on."""
+"""The CPU rollout engine: batched ``transformers`` generate with the KV cache on.
+
+Decoding depends on our ``SamplingParams`` only, as vLLM's does (``rollout.vllm_engine``):
+``generate`` merges the model's ``generation_config`` (the checkpoint's generation_config.json,
+e.g. a Qwen instruct release's ``repetition_penalty``, ``top_k`` or ``top_p``) into every unset
+field of a passed config (transformers 5 ``_prepare_generation_config``), so each call runs
+with the model's config swapped for an empty one: unset fields then take transformers' neutral
+global defaults (no penalties, no n-gram blocking, no forced tokens).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+from transformers import GenerationConfig
 
 from umerl.data.formats import Side
 from umerl.model.inputs import EncodedPrompt
@@ -22,6 +33,8 @@ class TransformersEngine:
     def __init__(self, bundle: PolicyBundle, batch_size: int = 16):
         self.bundle = bundle
         self.batch_size = batch_size
+        # generate() swaps the model's generation_config for its duration: one call at a time.
+        self._generate_lock = threading.Lock()
 
     def generate(
         self,
@@ -82,20 +95,10 @@ class TransformersEngine:
         batch = bundle.encoder.collate(prompts)
         batch.pop("prompt_lengths")
         batch = {k: v.to(bundle.model.device) for k, v in batch.items()}
-        generated = bundle.model.generate(
-            **batch,
-            do_sample=sampling.do_sample,
-            temperature=sampling.temperature if sampling.do_sample else None,
-            top_k=sampling.top_k if sampling.do_sample else None,
-            top_p=sampling.top_p if sampling.do_sample else None,
-            max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=n,
-            eos_token_id=list(bundle.stop_ids),
-            suppress_tokens=bundle.encoder.suppressed_token_ids(),
-            pad_token_id=bundle.tokenizer.pad_token_id,
-            # Raw logits (before temperature, top-k and suppression) of every decoding step.
-            output_logits=logprobs, return_dict_in_generate=True,
-        )
+        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids(), logprobs)
+        with self._generate_lock, _without_checkpoint_defaults(bundle.model):
+            generated = bundle.model.generate(**batch, generation_config=config)
         new = generated.sequences[:, batch["input_ids"].shape[1]:]
         completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]
         token_logprobs: list[list[float]] = [[] for _ in completions]
@@ -109,6 +112,46 @@ class TransformersEngine:
                               for row, ids in enumerate(completions)]
         return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
                 [token_logprobs[i * n:(i + 1) * n] for i in range(len(prompts))])
+
+
+def decoding_config(
+    sampling: SamplingParams, n: int, stop_ids: Sequence[int], pad_token_id: int | None,
+    suppressed_ids: Sequence[int], logprobs: bool = False,
+) -> GenerationConfig:
+    """Every setting that changes what ``generate`` decodes, from ``sampling`` alone (the same
+    settings ``rollout.vllm_engine.vllm_sampling_kwargs`` gives vLLM); transformers fills the
+    rest with its neutral global defaults while ``_without_checkpoint_defaults`` holds."""
+    sampled = sampling.do_sample
+    return GenerationConfig(
+        do_sample=sampled,
+        # Greedy decoding reads none of the three (set, transformers warns they are ignored).
+        temperature=sampling.temperature if sampled else None,
+        top_k=sampling.top_k if sampled else None,
+        top_p=sampling.top_p if sampled else None,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        min_new_tokens=0,
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=n,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_token_id,
+        suppress_tokens=list(suppressed_ids) or None,
+        # Raw logits (before temperature, top-k and suppression) of every decoding step.
+        output_logits=logprobs, return_dict_in_generate=True,
+    )
+
+
+@contextmanager
+def _without_checkpoint_defaults(model: torch.nn.Module) -> Iterator[None]:
+    """``model.generation_config`` empty for one ``generate`` call, restored afterwards (it
+    is still what ``save_pretrained`` writes)."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def _strip_after_stop(ids: list[int], stop_ids: Sequence[int]) -> list[int]:

@@ -17,9 +17,9 @@ How each piece maps onto vLLM 0.32:
   exactly the policy's (vLLM would otherwise also stop at the tokenizer's and the generation
   config's EOS ids). vLLM keeps a stop token id in ``CompletionOutput.token_ids``
   (``include_stop_str_in_output`` only concerns stop *strings* in the text). Penalties stay
-  off (``repetition_penalty=1``): vLLM does not merge the checkpoint's generation_config into
-  explicit SamplingParams, whereas HF ``generate`` inherits any ``repetition_penalty`` in the
-  checkpoint's generation_config.json (Qwen instruct releases often set one).
+  off (``repetition_penalty=1``): every decoding setting comes from our ``SamplingParams``
+  (``vllm_sampling_kwargs``); vLLM merges nothing of the checkpoint's generation_config into
+  explicit SamplingParams, and ``TransformersEngine`` keeps it out of HF ``generate`` too.
 - Suppressed tokens (``InputEncoder.suppressed_token_ids``): vLLM's ``bad_words``. Each token's
   text tokenizes to that single id, and a one-token bad word sets its logit to -inf at every
   step, for greedy and sampled requests alike (``logit_bias`` is clamped to +-100 and
@@ -50,14 +50,16 @@ learner name onto the checkpoint's convention, which is what vLLM's ``model.load
 written for (vLLM's Qwen2-VL loader happens to accept both; its Qwen3-VL loader only the new
 names). A DDP / DeepSpeed ``module.`` prefix is dropped. vLLM fuses q/k/v and gate/up
 projections; its loader does the fusing. Any subset of layers can be sent (layers not sent keep
-their weights; vLLM logs "Failed to load weights" for each), but every part of a fused layer
-must come in the same update session: a layer loaded in part is re-processed with its other
-parts undefined.
+their weights; vLLM's warning "Failed to load weights" for each is dropped, and their number is
+the sync's ``layers_kept``), but every part of a fused layer must come in the same update
+session: a layer loaded in part is re-processed with its other parts undefined.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,45 @@ def to_checkpoint_name(name: str, model_type: str = "qwen2_vl") -> str:
     return name
 
 
+# vLLM's layerwise reload logs this once per layer that got no weights in a session (vLLM
+# 0.32, model_loader/reload/layerwise.py): about 195 lines per worker per sync for a Qwen-VL
+# whose frozen vision blocks are not sent. Those layers keep their weights, as intended.
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+LAYER_SENT_NOTHING = "%s: Failed to load weights"
+
+
+class _DropLayerSentNothing(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != LAYER_SENT_NOTHING
+
+
+@contextmanager
+def quiet_layers_sent_nothing() -> Iterator[None]:
+    """Drop vLLM's per-layer "Failed to load weights" warnings (only those, only meanwhile):
+    ``layers_sent_nothing`` counts those layers into the sync's stats instead."""
+    logger, only = logging.getLogger(RELOAD_LOGGER), _DropLayerSentNothing()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
+
+
+def layers_sent_nothing(model: torch.nn.Module) -> list[str]:
+    """The layers of a layerwise-reload session that got no weights: exactly those for which
+    vLLM's ``finalize_layerwise_reload`` puts the old weights back with its warning."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    kept = []
+    for name, layer in model.named_modules():
+        info = get_layerwise_info(layer)
+        if (info.can_load() and not is_deferred_attention_layer(layer) and info.load_numel <= 0
+                and info.kernel_tensors is not None and info.load_numel_total):
+            kept.append(name)
+    return kept
+
+
 class WeightSyncExtension:
     """Mixed into each vLLM worker (``worker_extension_cls``); called via ``collective_rpc``.
 
@@ -144,9 +185,10 @@ class WeightSyncExtension:
         if not getattr(self, "_umerl_session", False):
             raise RuntimeError("finish_weight_sync without begin_weight_sync")
         self._umerl_session = False
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.model_runner.get_model(),
-                                      self.vllm_config.model_config)
+        model = self.model_runner.get_model()
+        self._umerl_layers_kept = len(layers_sent_nothing(model))
+        with set_current_vllm_config(self.vllm_config), quiet_layers_sent_nothing():
+            finalize_layerwise_reload(model, self.vllm_config.model_config)
         # Cached vision-encoder outputs are reset by the engine (VllmEngine.finish_weight_update):
         # the scheduler keeps its own record of them, which a worker-side reset would desync.
         reset = getattr(self.model_runner, "reset_lora_state", None)
@@ -187,7 +229,7 @@ class WeightSyncExtension:
             stats = receiver.receive(digest)
         finally:
             self.finish_weight_sync()
-        return stats.as_dict()
+        return {**stats.as_dict(), "layers_kept": self._umerl_layers_kept}
 
     def _umerl_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         from vllm.config import set_current_vllm_config
@@ -327,25 +369,8 @@ class VllmEngine:
         also the sampled tokens' log-probs (0 extra top tokens)."""
         import vllm
 
-        common = dict(
-            max_tokens=sampling.max_new_tokens,
-            stop_token_ids=list(self.stop_ids),
-            ignore_eos=True,  # stop exactly at stop_ids, not also at the config's EOS ids
-            bad_words=list(self.bad_words),
-            repetition_penalty=1.0,
-            detokenize=False,
-            logprobs=0 if logprobs else None,
-        )
-        if not sampling.do_sample:
-            return vllm.SamplingParams(n=1, temperature=0.0, **common)
-        return vllm.SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
-            top_p=sampling.top_p,
-            seed=seed,
-            **common,
-        )
+        return vllm.SamplingParams(**vllm_sampling_kwargs(
+            sampling, n, seed, self.stop_ids, self.bad_words, logprobs))
 
     def prompt(self, side: Side) -> dict[str, Any]:
         """The vLLM prompt of one side: text + multimodal data, or token ids (text model)."""
@@ -396,16 +421,30 @@ class VllmEngine:
             asdict(spec), plan.specs(), plan.bucket_bytes, first_rank, source_model_type))
 
     def receive_weights(self, digest: bool) -> dict[str, Any]:
-        """One sync into every worker, then drop what was computed with the old weights."""
+        """One sync into every worker, then drop what was computed with the old weights.
+        ``digest``: each worker's sha256 of the bytes it received (vLLM's fused, repacked
+        parameters cannot be hashed in the learners' form), the same on every worker."""
         results = self.llm.collective_rpc("umerl_receive_weights", args=(digest,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         # Vision-encoder outputs too; through the engine core, which clears the scheduler's
         # encoder-cache manager and the model runners' caches together (vLLM 0.32).
         self.llm.llm_engine.reset_encoder_cache()
         if digest:
             _same([r["digest"] for r in results])
+        # layers_kept: layers this sync sent nothing to (e.g. frozen vision blocks).
         return {"bytes": results[0]["bytes"], "seconds": max(r["seconds"] for r in results),
-                "digest": results[0]["digest"]}
+                "digest": results[0]["digest"], "layers_kept": results[0]["layers_kept"]}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached KV block. vLLM resets nothing, and answers False, while a
+        request still holds blocks; the second call preempts such requests (they recompute
+        their KV on resume) so the reset can happen."""
+        if self.llm.reset_prefix_cache():
+            return
+        if not self.llm.reset_prefix_cache(reset_running_requests=True):
+            raise RuntimeError(f"vLLM serving {self.checkpoint} did not reset its prefix cache "
+                               "after a weight update, even with its running requests "
+                               "preempted: cached KV blocks would hold the old weights' keys")
 
     def close(self) -> None:
         """Stop vLLM's engine-core process (the engine is unusable afterwards)."""
@@ -413,6 +452,37 @@ class VllmEngine:
         core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             core.shutdown()
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, n: int, seed: int | None,
+                         stop_ids: Sequence[int], bad_words: Sequence[str],
+                         logprobs: bool = False) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments for one side: every setting that changes
+    decoding comes from ``sampling`` (the same settings
+    ``rollout.transformers_engine.decoding_config`` gives transformers); vLLM merges nothing
+    from the checkpoint's generation_config into explicit SamplingParams."""
+    kwargs: dict[str, Any] = dict(
+        max_tokens=sampling.max_new_tokens,
+        min_tokens=0,
+        stop_token_ids=list(stop_ids),
+        ignore_eos=True,  # stop exactly at stop_ids, not also at the config's EOS ids
+        bad_words=list(bad_words),
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        detokenize=False,
+        logprobs=0 if logprobs else None,
+    )
+    if not sampling.do_sample:
+        return dict(kwargs, n=1, temperature=0.0)
+    return dict(
+        kwargs,
+        n=n,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k if sampling.top_k and sampling.top_k > 0 else 0,
+        top_p=sampling.top_p,
+        seed=seed,
+    )
 
 
 def _same(values: Sequence[str]) -> str:

@@ -162,3 +162,20 @@ def test_the_grpo_knobs_are_checked() -> None:
         load_recipe(recipe, ["rl.loss_agg_mode=token-sum"])
     with pytest.raises(ConfigError, match=r"'rl.norm_adv_by_std'"):
         load_recipe(recipe, ["rl.norm_adv_by_std=3"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["rollout.engine=vllm", "rollout.gpus_per_worker=0.5"],
+    ["rollout.engine=auto", "rollout.gpus_per_worker=0.25"],
+    ["rollout.engine=vllm", "rollout.gpus_per_worker=1.5"],
+])
+def test_vllm_rollouts_on_a_gpu_share_are_rejected(overrides: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"'rollout\.gpus_per_worker' .* is not a whole number "
+                                          r"of GPUs, but 'rollout\.engine' .* resolves to vllm"):
+        load_recipe(REPO / "recipes" / "cpu_tiny.yaml", overrides)
+
+
+def test_transformers_rollouts_may_share_a_gpu() -> None:
+    cfg = load_recipe(REPO / "recipes" / "cpu_tiny.yaml",
+                      ["rollout.engine=transformers", "rollout.gpus_per_worker=0.5"])
+    assert cfg.rollout.gpus_per_worker == 0.5

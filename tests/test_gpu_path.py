@@ -49,15 +49,21 @@ def test_each_worker_picks_its_own_accelerator(monkeypatch) -> None:
     monkeypatch.delenv("DS_ACCELERATOR")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert udist.configure_accelerator() == "cuda"
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # an explicit choice wins
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the Makefile's, inherited: not on a GPU
+    assert udist.configure_accelerator() == "cuda"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # an explicit choice of another kind wins
+    assert udist.configure_accelerator() == "xpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")  # a CPU-only worker cannot use CUDA
+    assert udist.configure_accelerator() == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     assert udist.configure_accelerator() == "cpu"
 
 
 def test_driver_forwards_nccl_settings_but_no_accelerator(monkeypatch) -> None:
     from umerl.runtime.ray_start import worker_env
 
-    monkeypatch.setenv("DS_ACCELERATOR", "x")
-    monkeypatch.delenv("DS_ACCELERATOR")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # the Makefile's
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
     monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")

@@ -38,6 +38,23 @@ SUPPRESSED = (IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END, DISC_EMB)
 # ---- helpers: no vLLM needed -------------------------------------------------------------------
 
 
+def test_only_the_warning_for_layers_sent_nothing_is_dropped_during_a_reload():
+    import logging
+
+    from rollout.vllm_engine import LAYER_SENT_NOTHING, RELOAD_LOGGER, quiet_layers_sent_nothing
+
+    logger = logging.getLogger(RELOAD_LOGGER)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(RELOAD_LOGGER, logging.WARNING, __file__, 1, msg,
+                                 ("RMSNorm",), None)
+
+    with quiet_layers_sent_nothing():
+        assert not logger.filter(record(LAYER_SENT_NOTHING))
+        assert logger.filter(record("%s: Excessive loading"))
+    assert logger.filter(record(LAYER_SENT_NOTHING))  # vLLM's own logging afterwards
+
+
 def test_to_checkpoint_name_maps_transformers5_names_for_qwen2_vl():
     assert to_checkpoint_name("model.language_model.layers.0.mlp.up_proj.weight") == (
         "model.layers.0.mlp.up_proj.weight"
@@ -183,6 +200,17 @@ def test_generate_shapes_stops_and_suppression(engine):
     assert len({tuple(c) for c in out[0]}) > 1
 
 
+def test_sampling_params_set_every_decoding_setting_from_ours(engine):
+    """vllm.SamplingParams as vLLM itself validated them: no penalty, our sampling settings
+    (the same ones tests/test_decoding.py checks transformers gets)."""
+    params = engine.sampling_params(_sampling(temperature=0.7, top_k=20, top_p=0.9), 2, 5)
+    assert (params.repetition_penalty, params.presence_penalty, params.frequency_penalty,
+            params.min_tokens) == (1.0, 0.0, 0.0, 0)
+    assert (params.temperature, params.top_k, params.top_p, params.n, params.seed) == (
+        0.7, 20, 0.9, 2, 5)
+    assert params.stop_token_ids == list(engine.stop_ids) and params.ignore_eos
+
+
 def test_greedy_repeats_one_completion(engine):
     out = engine.generate(SIDES[:2], 3, _sampling(do_sample=False))
     gen = engine.gen_id
@@ -286,7 +314,8 @@ def test_weight_sync_changes_then_restores_exactly(engine, tiny_qwen2: Path, tra
     perturbed = dict(original)
     perturbed["lm_head.weight"] = torch.randn(original["lm_head.weight"].shape,
                                               generator=g).to(torch.bfloat16)
-    _sync(engine, list(perturbed.items()), transport=transport)
+    # Kept by a full sync: the rotary embedding alone (its cos/sin cache is no checkpoint's).
+    assert _sync(engine, list(perturbed.items()), transport=transport)["layers_kept"] == 1
     assert engine.generate(SIDES, 1, greedy) != greedy0
 
     _sync(engine, list(original.items()), bucket_bytes=40_000, transport=transport)
@@ -306,7 +335,10 @@ def test_weight_sync_reaches_fused_repacked_linears_across_buckets(engine, tiny_
     g = torch.Generator().manual_seed(2)
     perturbed = [(n, (2.0 * torch.randn(original[n].shape, generator=g)).to(torch.bfloat16))
                  for n in linear]
-    _sync(engine, perturbed, bucket_bytes=1)
+    stats = _sync(engine, perturbed, bucket_bytes=1)
+    # Sent nothing: embed_tokens, 2 norms per decoder layer, the final norm, lm_head and the
+    # rotary embedding.
+    assert stats["layers_kept"] == 1 + 2 * 2 + 1 + 1 + 1
     changed = engine.generate(SIDES, 4, sampling, seeds=seeds)
     _sync(engine, [(n, original[n]) for n in linear], bucket_bytes=1)
     assert changed != before
@@ -440,13 +472,65 @@ def test_weight_update_resets_the_encoder_cache_through_the_engine_core(tiny_bun
 
         def collective_rpc(self, method, args=()):
             calls.append(f"workers.{method}")
-            return [{"bytes": 0, "seconds": 0.0, "digest": None}]
+            return [{"bytes": 0, "seconds": 0.0, "digest": None, "layers_kept": 0}]
 
-        def reset_prefix_cache(self):
+        def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
             calls.append("reset_prefix_cache")
+            return True
 
     monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
     engine = VllmEngine(tmp_path / "ckpt")
     engine.receive_weights(digest=False)
     assert calls == ["workers.umerl_receive_weights", "reset_prefix_cache",
                      "engine.reset_encoder_cache"]
+
+
+@pytest.mark.parametrize(("answers", "calls"), [
+    ((True,), [False]), ((False, True), [False, True]), ((False, False), [False, True])])
+def test_a_weight_update_retries_an_unreset_prefix_cache_then_fails(
+        answers, calls, tiny_bundle, tmp_path, monkeypatch):
+    """vLLM's reset_prefix_cache answers False while a request holds KV blocks. A recording
+    stand-in for vllm.LLM (what a GPU vLLM answers; the real one is checked below)."""
+    import sys
+    from types import SimpleNamespace
+
+    from rollout.vllm_engine import VllmEngine
+    from umerl.model.loading import save_policy
+
+    save_policy(tiny_bundle, tmp_path / "ckpt")
+    seen, replies = [], iter(answers)
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: None)
+
+        def collective_rpc(self, method, args=()):
+            return [{"bytes": 0, "seconds": 0.0, "digest": None, "layers_kept": 0}]
+
+        def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+            seen.append(reset_running_requests)
+            return next(replies)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=RecordingLLM))
+    engine = VllmEngine(tmp_path / "ckpt")
+    if answers[-1]:
+        engine.receive_weights(digest=False)
+    else:
+        with pytest.raises(RuntimeError, match="did not reset its prefix cache"):
+            engine.receive_weights(digest=False)
+    assert seen == calls
+
+
+def test_prefix_cache_reset_preempts_a_running_request(engine):
+    """The real vLLM: while a request holds KV blocks a plain reset fails; ours succeeds."""
+    import vllm
+
+    core = engine.llm.llm_engine
+    long = vllm.SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
+    request_id = core.add_request("umerl-test-running", engine.prompt(SIDES[0]), long)
+    core.step()  # scheduled: its KV blocks are in use
+    try:
+        assert engine.llm.reset_prefix_cache() is False
+        engine.reset_prefix_cache()  # raises unless vLLM answered True with it preempted
+    finally:
+        core.abort_request([request_id])

@@ -429,6 +429,20 @@ def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _vllm_whole_gpus(c: DictConfig, s: Sources) -> str | None:
+    """vLLM checks at start that the GPU's free memory covers gpu_memory_utilization x its
+    total memory, so an actor on a GPU share (Ray lets others onto the rest) fails to start."""
+    gpus = float(c.rollout.gpus_per_worker)
+    engine = engine_for(c.rollout.engine, gpus)
+    if engine != "vllm" or gpus == int(gpus):
+        return None
+    return (f"{s.describe('rollout.gpus_per_worker')} = {gpus:g} is not a whole number of GPUs, "
+            f"but {s.describe('rollout.engine')} resolves to vllm, whose start-up check needs "
+            f"the free memory of each GPU it uses ({s.describe('rollout.gpu_memory_utilization')}"
+            " of the total) to itself: use gpus_per_worker 1 (or tensor_parallel_size GPUs) "
+            "or the transformers engine")
+
+
 def _something_trains(c: DictConfig, s: Sources) -> str | None:
     for stage, parts in (("sft", c.sft.train), ("learner", c.learner.train)):
         enabled = c.sft.enabled if stage == "sft" else c.rl.enabled
@@ -466,6 +480,6 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
 LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
                         _shared_prompt)
 CROSS_RULES: Rules = (
-    _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _tensor_parallel,
-    _something_trains, _pass_k_distinct, _faults_can_fire,
+    _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _vllm_whole_gpus,
+    _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
 )

@@ -36,13 +36,12 @@ def init_ray(cfg: DictConfig) -> None:
 
 
 # The user's settings for NCCL, CUDA, gloo and DeepSpeed reach every worker. Not
-# CUDA_VISIBLE_DEVICES: Ray assigns each worker its own GPUs. Not a DeepSpeed accelerator
-# chosen here: each worker picks its own from its own devices
-# (umerl.train.dist.configure_accelerator)
-# unless the user set DS_ACCELERATOR.
+# CUDA_VISIBLE_DEVICES: Ray assigns each worker its own GPUs. Not DS_ACCELERATOR (the
+# Makefile's shell sets cpu): each worker picks its own from its own devices
+# (umerl.train.dist.configure_accelerator).
 FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_", "PYTORCH_CUDA_", "NVIDIA_", "GLOO_",
                       "TORCH_DISTRIBUTED_", "DS_")
-NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES",)
+NOT_FORWARDED = ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")
 
 
 def worker_env() -> dict[str, str]:

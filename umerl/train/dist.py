@@ -76,9 +76,13 @@ def on_every_rank(flag: bool) -> bool:
 
 def configure_accelerator() -> str:
     """DeepSpeed's accelerator for THIS worker, from its own devices (a CPU-only head node
-    must not give GPU learners the CPU accelerator); an explicit DS_ACCELERATOR wins.
+    must not give GPU learners the CPU accelerator). An explicit DS_ACCELERATOR wins where it
+    fits the worker: ``cpu`` on a worker with a GPU (e.g. inherited from the Makefile's shell
+    through a local Ray) becomes ``cuda``, ``cuda`` on one without becomes ``cpu``.
     Call before importing deepspeed."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    own = "cuda" if torch.cuda.is_available() else "cpu"
+    if os.environ.get("DS_ACCELERATOR") in (None, "", "cpu", "cuda"):
+        os.environ["DS_ACCELERATOR"] = own
     return os.environ["DS_ACCELERATOR"]
 
 

@@ -27,6 +27,12 @@ def umerl(tmp: Path, *args: str, timeout_s: float = 600) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def rl_args(tmp_path: Path, tiny_model_dir: Path, benchmark_manifest: Path) -> list[str]:
+    """`umerl rl` of the CPU recipe from the tiny model into tmp_path/run, no evaluation."""
+    return ["rl", RECIPE, "--checkpoint", str(tiny_model_dir), f"output_dir={tmp_path / 'run'}",
+            f"data.benchmark_dir={benchmark_manifest.parent}", "eval.enabled=false"]
+
+
 def error_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.startswith("umerl: error:")]
     assert len(lines) == 1, output[-4000:]
@@ -41,9 +47,8 @@ def test_reward_raising_mid_run(tmp_path, tiny_model_dir, benchmark_manifest):
         "        raise ZeroDivisionError('the reward divided by zero')\n"
         "    return [0.0] * ctx.num_rollouts\n")
     code, output = umerl(
-        tmp_path, "rl", RECIPE, "--checkpoint", str(tiny_model_dir),
-        f"output_dir={tmp_path / 'run'}", f"data.benchmark_dir={benchmark_manifest.parent}",
-        "eval.enabled=false", "rl.max_steps=3", "rl.save_every=1", "rl.pairs_per_step=2",
+        tmp_path, *rl_args(tmp_path, tiny_model_dir, benchmark_manifest),
+        "rl.max_steps=3", "rl.save_every=1", "rl.pairs_per_step=2",
         "rl.group_size=2", "rl.max_new_tokens=6", "rollout.num_workers=1", "ray.num_cpus=2",
         f"rewards=[{{name: format}}, {{name: '{plugin}:flaky'}}]")
     assert code == 1, output[-4000:]
@@ -72,9 +77,8 @@ def test_non_finite_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir, benchm
         "    scale = 3e38 if ctx.step >= 2 else 1.0\n"
         "    return torch.tensor([scale * (-1) ** i for i in range(ctx.num_rollouts)])\n")
     code, output = umerl(
-        tmp_path, "rl", RECIPE, "--checkpoint", str(tiny_model_dir),
-        f"output_dir={tmp_path / 'run'}", f"data.benchmark_dir={benchmark_manifest.parent}",
-        "eval.enabled=false", "rl.max_steps=4", "rl.save_every=1", "rl.pairs_per_step=2",
+        tmp_path, *rl_args(tmp_path, tiny_model_dir, benchmark_manifest),
+        "rl.max_steps=4", "rl.save_every=1", "rl.pairs_per_step=2",
         "rl.group_size=2", "rl.max_new_tokens=6", "rollout.num_workers=1", "ray.num_cpus=2",
         "rl.norm_adv_by_std=false", "learner.max_skipped_steps=2",
         f"rewards=[{{name: '{plugin}:runaway'}}]")
@@ -100,9 +104,8 @@ def test_reward_that_never_returns_mid_run(tmp_path, tiny_model_dir, benchmark_m
         "        time.sleep(3600)\n"
         "    return [0.0] * ctx.num_rollouts\n")
     code, output = umerl(
-        tmp_path, "rl", RECIPE, "--checkpoint", str(tiny_model_dir),
-        f"output_dir={tmp_path / 'run'}", f"data.benchmark_dir={benchmark_manifest.parent}",
-        "eval.enabled=false", "rl.max_steps=3", "rl.save_every=1", "rl.pairs_per_step=2",
+        tmp_path, *rl_args(tmp_path, tiny_model_dir, benchmark_manifest),
+        "rl.max_steps=3", "rl.save_every=1", "rl.pairs_per_step=2",
         "rl.group_size=2", "rl.max_new_tokens=6", "rollout.num_workers=1", "ray.num_cpus=2",
         "rl.reward_timeout_s=5", f"rewards=[{{name: format}}, {{name: '{plugin}:stuck'}}]",
         timeout_s=300)

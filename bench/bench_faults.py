@@ -13,9 +13,11 @@ once per fault, the fault at step ``--at``, and prints per fault:
     lost       steps run twice (a restart from the last checkpoint) or never run
     exact      whether every step's rewards equal the clean run's
 
-Times: the killed actor stamps its ``[faults]`` line with the wall-clock time of the kill (the
-driver kill is the bench's own); the run's reactions are timed by the arrival of the driver's
-console lines. Rewards come from ``output_dir/metrics/rl.jsonl``.
+Times: the faulty actor or reward plug-in (``bench/fault_rewards.py``) stamps its ``[faults]``
+line with the wall-clock time it fails (the driver kill is the bench's own); the run's reactions
+are timed by the arrival of the driver's console lines. Hangs run with short timeouts
+(``HANG_TIMEOUTS``), so their detection time is about the timeout that bounds them. Rewards
+come from ``output_dir/metrics/rl.jsonl``.
 """
 
 from __future__ import annotations
@@ -48,12 +50,31 @@ class Fault:
     rerun: bool = False  # the fault ends the job: run the same command again to recover
 
 
+# Short timeouts so a hang is bounded in seconds, not the defaults' minutes (kept in their
+# order: the driver's call timeouts above the weight sync's own).
+HANG_TIMEOUTS = ["rl.weight_sync_timeout_s=15", "rollout.call_timeout_s=20",
+                 "learner.step_timeout_s=45", "rl.reward_timeout_s=20", "faults.stall_s=3600"]
+
+
+def with_reward(plugin: str, at: int) -> str:
+    """The recipe's two rewards plus one of bench/fault_rewards.py's, misbehaving at ``at``."""
+    path = REPO / "bench" / "fault_rewards.py"
+    return (f"rewards=[{{name: format}}, {{name: embedding}}, "
+            f"{{name: '{path}:{plugin}', label: fault, kwargs: {{step: {at}}}}}]")
+
+
 def faults(at: int) -> list[Fault]:
     return [
         Fault("rollout killed mid-generate", [f"faults.kill=[rollout/1/{at}/generate]"]),
         Fault("rollout killed mid-weight-sync", [f"faults.kill=[rollout/0/{at}/weight_sync]"]),
         Fault("learner killed mid-update", [f"faults.kill=[learner/1/{at}/update]"]),
         Fault("learner killed mid-save", [f"faults.kill=[learner/0/{at}/save]"]),
+        Fault("rollout hung mid-generate",
+              [f"faults.stall=[rollout/1/{at}/generate]", *HANG_TIMEOUTS]),
+        Fault("learner hung mid-update",
+              [f"faults.stall=[learner/1/{at}/update]", *HANG_TIMEOUTS]),
+        Fault("reward plug-in hangs", [with_reward("hang_at", at), *HANG_TIMEOUTS]),
+        Fault("non-finite loss from then on", [with_reward("overflow_from", at)]),
         Fault("driver + local Ray SIGKILLed", inject=kill_session, rerun=True),
     ]
 
@@ -88,7 +109,8 @@ def run(argv: list[str], out: Path, inject: Callable | None = None, at: int = 0)
     for line in proc.stdout:
         now = time.time()
         lines.append((now, line.rstrip()))
-        if "[faults] killing" in line:  # stamped by the killed actor itself
+        if "[faults] " in line and "unix time " in line and injected is None:
+            # stamped by the faulty actor or reward itself, at the moment it fails
             injected = float(line.rsplit("unix time ", 1)[1].split(")")[0])
         if inject is not None and injected is None and line.startswith(f"[rl] step {at - 1}/"):
             injected = inject(proc, out, at)

@@ -47,6 +47,12 @@ def test_a_bad_fault_spec_is_a_config_error_naming_the_key(tmp_path):
     for key in ("learner.step_timeout_s", "rl.reward_timeout_s", "faults.stall_s"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_recipe(None, [f"output_dir={tmp_path}", f"{key}=0"])
+    # A driver-side timeout must outlast a failed sync's own (which names the stuck worker).
+    for key in ("learner.step_timeout_s", "rollout.call_timeout_s"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + r"=300'\) = 300 must "
+                           r"be above 'rl\.weight_sync_timeout_s' \(from defaults .*\) = 300"):
+            load_recipe(None, [f"output_dir={tmp_path}", f"{key}=300"])
+    load_recipe(None, [f"output_dir={tmp_path}", "rollout.call_timeout_s=301"])
 
 
 RUN = ("rl.max_steps=6", "rl.save_every=2", "rollout.num_workers=2", "learner.num_workers=2")
@@ -149,7 +155,8 @@ def test_a_hung_learner_is_killed_and_the_stage_restarts_from_its_checkpoint(
     from step 2's checkpoint, as for a learner that died; steps 3-6 repeat the uncrashed
     run's rewards exactly."""
     cfg = rl_config(tmp_path, benchmark_manifest.parent, *RUN, "rl.max_failures=1",
-                    "learner.step_timeout_s=30", "faults.stall=[learner/1/4/update]")
+                    "learner.step_timeout_s=30", "rl.weight_sync_timeout_s=20",
+                    "faults.stall=[learner/1/4/update]")
     start = time.monotonic()
     tracker, final = within(400, lambda: run_logged(cfg, tiny_model_dir))
     out = capsys.readouterr().out
@@ -171,7 +178,8 @@ def test_a_share_queued_behind_a_slow_actor_is_not_charged_for_the_wait(
     1 starts it, each call takes ~5 s: one restart, the run completes."""
     cfg = rl_config(tmp_path, benchmark_manifest.parent, "rl.max_steps=2",
                     "rollout.num_workers=2", "learner.num_workers=1",
-                    "rollout.call_timeout_s=8", "faults.kill=[rollout/0/2/generate]",
+                    "rollout.call_timeout_s=8", "rl.weight_sync_timeout_s=5",
+                    "faults.kill=[rollout/0/2/generate]",
                     "faults.stall=[rollout/1/2/generate]", "faults.stall_s=5")
     tracker, _ = within(300, lambda: run_logged(cfg, tiny_model_dir))
     assert [m["fault/rollout_restarts"] for _, m in tracker.logged] == [0, 1]

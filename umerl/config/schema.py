@@ -477,9 +477,23 @@ def _faults_can_fire(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _timeouts_ordered(c: DictConfig, s: Sources) -> str | None:
+    """A failed weight sync ends every rank's wait at rl.weight_sync_timeout_s; a driver-side
+    timeout at or below it would kill a learner or rollout actor that was about to report the
+    sync's named error (and, for learners, cost a restart from the last checkpoint)."""
+    sync = float(c.rl.weight_sync_timeout_s)
+    for key in ("learner.step_timeout_s", "rollout.call_timeout_s"):
+        if float(OmegaConf.select(c, key)) <= sync:
+            return (f"{s.describe(key)} = {OmegaConf.select(c, key):g} must be above "
+                    f"{s.describe('rl.weight_sync_timeout_s')} = {sync:g}: a call that waits "
+                    "behind a failed sync would time out before the sync reports its error")
+    return None
+
+
 LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
                         _shared_prompt)
 CROSS_RULES: Rules = (
     _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _vllm_whole_gpus,
     _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
+    _timeouts_ordered,
 )

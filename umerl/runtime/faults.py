@@ -90,5 +90,5 @@ def stall_if(faults: Sequence[Fault], step: int, phase: str) -> None:
     seconds = max((f.stall_s for f in faults if f.step == step and f.phase == phase), default=0)
     if seconds:
         print(f"[faults] stalling pid {os.getpid()} for {seconds:g} s at step {step} during "
-              f"{phase}", flush=True)
+              f"{phase} (at unix time {time.time():.3f})", flush=True)
         time.sleep(seconds)

@@ -7,7 +7,9 @@ a local Ray; ``--steps`` GRPO steps, a checkpoint every ``--steps // 2``) once w
 once per fault, the fault at step ``--at``, and prints per fault:
 
     detected   seconds from the fault to the run's first word about it (a replacement, a
-               restart, the error line); for a hang this is the timeout that bounds it
+               restart, a skipped update, the error line); for a hang this is the timeout
+               that bounds it; "-" for the driver kill (nothing is left running to notice it:
+               the same command, run again, resumes)
     outcome    recovered (the run finished) or failed, with the run's one-line error
     took       seconds from the fault to the next step logged (recovered) or to the exit
     lost       steps run twice (a restart from the last checkpoint) or never run
@@ -63,18 +65,22 @@ def with_reward(plugin: str, at: int) -> str:
             f"{{name: '{path}:{plugin}', label: fault, kwargs: {{step: {at}}}}}]")
 
 
-def faults(at: int) -> list[Fault]:
+def faults(at: int, save_every: int) -> list[Fault]:
+    save_at = max(save_every, at - at % save_every)  # the save step nearest before ``at``
     return [
         Fault("rollout killed mid-generate", [f"faults.kill=[rollout/1/{at}/generate]"]),
         Fault("rollout killed mid-weight-sync", [f"faults.kill=[rollout/0/{at}/weight_sync]"]),
         Fault("learner killed mid-update", [f"faults.kill=[learner/1/{at}/update]"]),
-        Fault("learner killed mid-save", [f"faults.kill=[learner/0/{at}/save]"]),
+        Fault("learner killed mid-save", [f"faults.kill=[learner/0/{save_at}/save]"]),
         Fault("rollout hung mid-generate",
               [f"faults.stall=[rollout/1/{at}/generate]", *HANG_TIMEOUTS]),
         Fault("learner hung mid-update",
               [f"faults.stall=[learner/1/{at}/update]", *HANG_TIMEOUTS]),
         Fault("reward plug-in hangs", [with_reward("hang_at", at), *HANG_TIMEOUTS]),
-        Fault("non-finite loss from then on", [with_reward("overflow_from", at)]),
+        # Without std normalisation: divided by their group's std, even 3e38 rewards give
+        # finite advantages.
+        Fault("non-finite loss from then on",
+              [with_reward("overflow_from", at), "rl.norm_adv_by_std=false"]),
         Fault("driver + local Ray SIGKILLed", inject=kill_session, rerun=True),
     ]
 
@@ -140,7 +146,8 @@ def report(fault: Fault, runs: list[Run], out: Path, clean: dict[int, tuple], st
     if t0 is None:
         return f"{fault.name:34s} the fault never fired"
     after = [(t, line) for r in runs for t, line in r.lines if t > t0]
-    noticed = next((t for t, line in after if line.startswith(NOTICED)), None)
+    noticed = next((t for t, line in after
+                    if line.startswith(NOTICED) or "update skipped" in line), None)
     order, got = rewards(out)
     final = runs[-1]
     if final.code == 0:
@@ -171,7 +178,7 @@ def main() -> None:
     checkpoint = OUT / "tiny"
     if not (checkpoint / "config.json").is_file():
         build_tiny_model(checkpoint, family="qwen2_vl")
-    chosen = [f for f in faults(args.at)
+    chosen = [f for f in faults(args.at, max(1, args.steps // 2))
               if not args.only or any(s in f.name for s in args.only.split(","))]
     base = command(OUT / "clean", str(checkpoint), args.steps, args.overrides)
     subprocess.run(["rm", "-rf", str(OUT / "clean")], check=True)

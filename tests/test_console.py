@@ -22,3 +22,15 @@ def test_the_rl_step_line_shows_every_console_metric_then_timings_and_idle():
 def test_a_metric_the_step_did_not_log_is_left_out():
     line = _console_line(1, 1, {"reward/total": 0.5, **TIMINGS})
     assert line == f"[rl] step 1/1 total 0.500 | {TIMED}"
+
+
+def test_a_skipped_update_is_said_on_its_step_line():
+    """A step whose loss or gradient was not finite applied no update: its line says so (the
+    reward columns alone would look like an ordinary step)."""
+    skipped = {"reward/total": 0.5, **TIMINGS, "actor/update_skipped": 1.0,
+               "actor/skipped_steps": 2.0}
+    assert _console_line(4, 9, skipped) == (
+        f"[rl] step 4/9 total 0.500 | {TIMED} | update skipped: loss or gradient not finite "
+        "(2 so far)")
+    applied = {**skipped, "actor/update_skipped": 0.0}
+    assert _console_line(4, 9, applied) == f"[rl] step 4/9 total 0.500 | {TIMED}"

@@ -185,6 +185,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(
         assert (after != before) != overflow  # a skipped step leaves every weight as it was
         before = after
     assert [m["actor/skipped_steps"] for m in steps] == [1.0, 1.0, 2.0]
+    assert [m["actor/update_skipped"] for m in steps] == [1.0, 0.0, 1.0]
     assert digest() == before  # step 4 was not applied either
     message = str(err.value)
     assert message.startswith("step 4:") and "2 steps in a row (3..4" in message

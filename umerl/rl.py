@@ -407,4 +407,8 @@ def _console_line(step: int, total: int, m: dict[str, float]) -> str:
                       ("timing/rollout", "timing/learner", "timing/weight_sync", "timing/step"))
     idle = " ".join(f"{pool}_idle {m[f'{pool}/idle_ratio']:.2f}" for pool in ("rollout", "learner")
                     if f"{pool}/idle_ratio" in m)
-    return f"[rl] step {step}/{total} {parts} | {timing} {idle}".rstrip()
+    line = f"[rl] step {step}/{total} {parts} | {timing} {idle}".rstrip()
+    if m.get("actor/update_skipped"):
+        line += (f" | update skipped: loss or gradient not finite "
+                 f"({m.get('actor/skipped_steps', 0):.0f} so far)")
+    return line

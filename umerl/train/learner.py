@@ -48,7 +48,7 @@ from umerl.model.policy import (
     completion_block_mask,
     completion_mask_for,
 )
-from umerl.runtime.devices import use_bf16
+from umerl.runtime.devices import use_bf16, use_reserved_cpus
 from umerl.runtime.faults import for_actor, kill_if, recipe_faults, stall_if
 from umerl.runtime.remote import WorkerError, gather
 from umerl.train import checkpoint as ckpt
@@ -158,7 +158,9 @@ class Learner:
         kill_if(self.faults, shard.step, "update")
         stall_if(self.faults, shard.step, "update")
         metrics.update(self._update(batches, scored, local, forwards))
-        self._count_skipped(shard.step, bool(metrics.pop("actor/skipped")))
+        skipped = bool(metrics.pop("actor/skipped"))
+        self._count_skipped(shard.step, skipped)
+        metrics["actor/update_skipped"] = float(skipped)  # this step's (the console says so)
         metrics["actor/skipped_steps"] = float(self.skipped_steps)
         return metrics
 
@@ -405,6 +407,7 @@ class LearnerActor:
     def __init__(self, cfg: dict[str, Any], rank: int, world_size: int):
         udist.configure_accelerator()
         self.cfg = OmegaConf.create(cfg)
+        self.threads = use_reserved_cpus(self.cfg.learner.cpus_per_worker)
         self.rank, self.world_size = rank, world_size
         self.learner: Learner | None = None
 
@@ -424,7 +427,7 @@ class LearnerActor:
                 # How it runs the policy per step: the RL stage's first console line says.
                 "passes": ("one forward" if self.learner.single_forward else "two passes")
                 + (", shared prompt" if self.learner.shared_prompt else ""),
-                "node": ray.util.get_node_ip_address()}
+                "node": ray.util.get_node_ip_address(), "threads": self.threads}
 
     def step(self, shard: StepShard) -> dict[str, float]:
         return self.learner.step(shard)

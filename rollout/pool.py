@@ -26,7 +26,7 @@ from typing import Any
 
 from umerl.data.formats import Side
 from umerl.model.sampling import SamplingParams
-from umerl.runtime.devices import engine_for, training_dtype
+from umerl.runtime.devices import engine_for, training_dtype, use_reserved_cpus
 from umerl.runtime.faults import Fault, for_actor, kill_if, stall_if
 from umerl.runtime.remote import WorkerError, gather, summarize
 
@@ -43,11 +43,10 @@ class RolloutActor:
     def __init__(self, checkpoint: str, engine_kind: str, bf16: str | bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
                  model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
-                 faults: Sequence[Fault] = ()):
-        import torch
-
+                 faults: Sequence[Fault] = (), cpus: float | None = None):
         self.faults = list(faults)
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+        if cpus is not None:  # a Ray actor (None: in this process, its threads as they are)
+            use_reserved_cpus(cpus)
         # The learners' training dtype; bf16: auto is asked on this actor's own device.
         self.dtype = training_dtype(bf16, model_dtype)
         if engine_kind == "vllm":
@@ -161,7 +160,8 @@ class RolloutPool:
         return ray.remote(RolloutActor).options(
             num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
-        ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", index, after_step))
+        ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", index, after_step),
+                 cpus=float(self.cfg.cpus_per_worker))
 
     def replace(self, index: int, cause: str, step: int, phase: str) -> None:
         """A dead (or hung) actor out, a stale replacement in, in the same bundle."""

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from umerl.data.tasks import resolve_tasks
 from umerl.eval.evaluate import EvalSettings, parse_modes
+from umerl.runtime.devices import use_reserved_cpus
 from umerl.runtime.ray_start import init_ray
 from umerl.runtime.remote import gather, reported_failures
 
@@ -51,10 +52,18 @@ def run_eval_work(cfg: DictConfig, label: str, work: Callable[..., dict], checkp
     import ray
 
     init_ray(cfg)
-    task = ray.remote(num_gpus=gpus, num_cpus=float(cfg.eval.cpus_per_worker))(work)
-    ref = task.remote(checkpoint, *args, **kwargs, device="auto")
+    cpus = float(cfg.eval.cpus_per_worker)
+    task = ray.remote(num_gpus=gpus, num_cpus=cpus)(_with_reserved_cpus)
+    ref = task.remote(cpus, work, checkpoint, *args, **kwargs, device="auto")
     with reported_failures(cfg.output_dir, f"evaluation ({label})"):
         return gather([ref], [f"evaluation task ({label})"])[0]
+
+
+def _with_reserved_cpus(cpus: float, work: Callable[..., dict], *args: Any, **kwargs: Any
+                        ) -> dict:
+    """``work`` in a Ray task, on the CPUs the task reserved (``eval.cpus_per_worker``)."""
+    use_reserved_cpus(cpus)
+    return work(*args, **kwargs)
 
 
 def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str | Path,

@@ -32,3 +32,17 @@ def training_dtype(bf16: str | bool, model_dtype: str) -> str:
     """The dtype the learners train in (bfloat16 under ``bf16``, else ``model.dtype``): the
     rollout engines generate in it too, so a weight sync gives them the learners' bits."""
     return "bfloat16" if use_bf16(bf16) else model_dtype
+
+
+def use_reserved_cpus(cpus: float) -> int:
+    """Give torch the CPUs a Ray worker reserved (the floor, at least 1) as intra-op threads;
+    returns the count. Every Ray worker starts with ``OMP_NUM_THREADS=1``
+    (``umerl.runtime.ray_start.worker_env``, so that processes reserving nothing do not
+    oversubscribe a node): without this, a learner reserving 8 CPUs computes on one."""
+    import math
+
+    import torch
+
+    threads = max(1, math.floor(float(cpus)))
+    torch.set_num_threads(threads)
+    return threads

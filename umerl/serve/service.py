@@ -43,7 +43,7 @@ from umerl.config.schema import DIRECT_PORT_SPAN
 from umerl.data.formats import Side
 from umerl.data.tokens import control_token_problem
 from umerl.eval.router import Router
-from umerl.runtime.devices import engine_for
+from umerl.runtime.devices import engine_for, use_reserved_cpus
 
 MODES = ("disc", "gen", "auto")
 ENCODING_FORMATS = ("float", "base64")  # base64: float32 little-endian bytes, as OpenAI's
@@ -494,10 +494,7 @@ class EmbeddingService:
     """One replica: a model, a disc batcher, a gen batcher and the HTTP routes."""
 
     def __init__(self, checkpoint: str, options: ServeOptions, router: Router | None):
-        import torch
-
-        # Ray gives workers one thread (OMP_NUM_THREADS=1); a replica uses what it reserved.
-        torch.set_num_threads(max(1, int(options.cpus_per_replica)))
+        use_reserved_cpus(options.cpus_per_replica)
         self.options = options
         self.embedder = Embedder(checkpoint, options)
         self.model_name = options.model_name or Path(checkpoint).name

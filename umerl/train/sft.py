@@ -22,7 +22,7 @@ from umerl.data.tokens import IM_END
 from umerl.model.loading import PolicyBundle, load_policy, prompt_limit
 from umerl.model.policy import PolicyOutput
 from umerl.runtime.console import Progress
-from umerl.runtime.devices import use_bf16
+from umerl.runtime.devices import use_bf16, use_reserved_cpus
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 from umerl.train.engine import (
@@ -194,6 +194,7 @@ def sft_worker(config: dict[str, Any]) -> None:
 
     udist.configure_accelerator()
     cfg = OmegaConf.create(config["cfg"])
+    use_reserved_cpus(cfg.sft.cpus_per_worker)
     run = SftRun(cfg, config["init_checkpoint"])
     if udist.rank() == 0 and config.get("credentials") is not None:
         adopt_credentials(config["credentials"])  # for wandb, which runs here

@@ -283,6 +283,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.micro_batch_size": Int(0),
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
+    "learner.logprob_chunk_tokens": Int(1),
     "learner.single_forward": OneOf("auto", True, False),
     "learner.shared_prompt": OneOf("auto", True, False),
     "learner.max_skipped_steps": Int(1),

@@ -102,7 +102,8 @@ class Learner:
             bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
         r = self.rcfg
         self.engine = build_engine(
-            policy_module(self.bundle, int(self.lcfg.zero_stage)),
+            policy_module(self.bundle, int(self.lcfg.zero_stage),
+                          int(self.lcfg.logprob_chunk_tokens)),
             lr=float(r.lr), weight_decay=float(r.weight_decay), total_steps=int(r.max_steps),
             warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
@@ -115,7 +116,8 @@ class Learner:
         # The frozen reference lives where DeepSpeed put the policy: batches go there.
         reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
                                 device=str(self.engine.device))
-        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
+        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id,
+                                      logprob_chunk_tokens=int(self.lcfg.logprob_chunk_tokens))
         self.reference.requires_grad_(False).eval()
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd(),
                                            timeout_s=float(self.rcfg.reward_timeout_s))

@@ -90,7 +90,8 @@ class Learner:
         self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
-        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
+        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype,
+                                  max_pixels=cfg.model.max_pixels)
         prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
         self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
         rows = int(self.rcfg.pairs_per_step) // self.world * int(self.rcfg.group_size)
@@ -115,7 +116,7 @@ class Learner:
         self.skipped_in_a_row = 0
         # The frozen reference lives where DeepSpeed put the policy: batches go there.
         reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
-                                device=str(self.engine.device))
+                                device=str(self.engine.device), max_pixels=cfg.model.max_pixels)
         self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id,
                                       logprob_chunk_tokens=int(self.lcfg.logprob_chunk_tokens))
         self.reference.requires_grad_(False).eval()

@@ -34,7 +34,8 @@ def test_a_large_image_gets_at_most_max_pixels_over_patch_area_patches(
         tiny_model_dir, large_image, max_pixels):
     """The tiny processor's own bound is 112 x 112 px (at most 64 patches; 48 for this
     image's aspect); under a smaller bound the 300 x 200 image gets at most max_pixels / 14^2
-    patches, a quarter of that in tokens, and the encoder's header-only count (prompt_length) agrees with the encoded prompt."""
+    patches, a quarter of that in tokens, and the encoder's header-only count (prompt_length)
+    agrees with the encoded prompt."""
     default, _ = patches_and_tokens(load_encoder(tiny_model_dir), large_image)
     encoder = load_encoder(tiny_model_dir, max_pixels)
     patches, tokens = patches_and_tokens(encoder, large_image)

@@ -43,7 +43,8 @@ class RolloutActor:
     def __init__(self, checkpoint: str, engine_kind: str, bf16: str | bool = False,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
                  model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
-                 faults: Sequence[Fault] = (), cpus: float | None = None):
+                 faults: Sequence[Fault] = (), max_pixels: int | None = None,
+                 cpus: float | None = None):
         self.faults = list(faults)
         if cpus is not None:  # a Ray actor (None: in this process, its threads as they are)
             use_reserved_cpus(cpus)
@@ -52,15 +53,17 @@ class RolloutActor:
         if engine_kind == "vllm":
             from rollout.vllm_engine import VllmEngine
 
+            # vLLM resizes images with its own processor: the same bound as the learners'.
+            extra = {"mm_processor_kwargs": {"max_pixels": int(max_pixels)}} if max_pixels else {}
             self.engine = VllmEngine(checkpoint, tensor_parallel_size=tensor_parallel_size,
                                      gpu_memory_utilization=gpu_memory_utilization,
-                                     dtype=self.dtype, **(vllm_options or {}))
+                                     dtype=self.dtype, **(vllm_options or {}), **extra)
             self.model = None
         else:
             from rollout.transformers_engine import TransformersEngine
             from umerl.model.loading import load_policy
 
-            bundle = load_policy(checkpoint, dtype=self.dtype)
+            bundle = load_policy(checkpoint, dtype=self.dtype, max_pixels=max_pixels)
             self.engine = TransformersEngine(bundle)
             self.model = bundle.model
 
@@ -131,7 +134,8 @@ class RolloutPool:
     """``num_workers`` rollout actors in one placement group (their own GPUs on a cluster)."""
 
     def __init__(self, cfg: Any, checkpoint: str, bf16: str | bool = False,
-                 model_dtype: str = "float32", faults: Sequence[Fault] = ()):
+                 model_dtype: str = "float32", faults: Sequence[Fault] = (),
+                 max_pixels: int | None = None):
         import ray
         from ray.util.placement_group import placement_group
 
@@ -146,6 +150,7 @@ class RolloutPool:
                             {"enforce_eager": bool(cfg.enforce_eager),
                              "max_model_len": cfg.max_model_len})
         self.faults = list(faults)
+        self.max_pixels = max_pixels
         self.actors = [self._spawn(i, 0) for i in range(int(cfg.num_workers))]
         self.names = [f"rollout actor {i}" for i in range(len(self.actors))]
         self.stale: set[int] = set()  # replacements not yet holding the learners' weights
@@ -161,7 +166,7 @@ class RolloutPool:
             num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
         ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", index, after_step),
-                 cpus=float(self.cfg.cpus_per_worker))
+                 max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker))
 
     def replace(self, index: int, cause: str, step: int, phase: str) -> None:
         """A dead (or hung) actor out, a stale replacement in, in the same bundle."""

@@ -141,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
     _options(ann, ANNOTATE_OPTIONS)
     ann.set_defaults(handler=_cmd_annotate)
 
+    pl = sub.add_parser("plan", help="per-GPU memory estimate of a recipe's learners and "
+                        "rollout engines (exit 3 when a GPU does not fit)")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    pl.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pl.add_argument("--model-config", default=None, help="the model's config.json (or its "
+                    "folder) when model.path is not on this machine")
+    pl.add_argument("--model", default=None, help="built-in shapes: qwen2-vl-2b, qwen2-vl-7b")
+    pl.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt "
+                    "(default: one model.max_pixels image + 256 text tokens)")
+    pl.set_defaults(handler=_cmd_plan)
+
     tiny = sub.add_parser("build-tiny", help="build the tiny offline model")
     tiny.add_argument("out")
     tiny.add_argument("--family", default="qwen2_vl")
@@ -361,6 +373,13 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         setattr(args, flag.lstrip("-").replace("-", "_"), OmegaConf.select(cfg, key))
     run_annotate(args)
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from umerl.plan import run_plan
+
+    return run_plan(args.recipe, list(args.overrides), args.gpu_memory, args.model_config,
+                    args.model, args.prompt_tokens)
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:

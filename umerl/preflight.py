@@ -39,7 +39,7 @@ def preflight(cfg: DictConfig, model: str, sources: Sources | None = None
             check_resume(cfg, stage, sources)
     if cfg.rl.enabled:
         check_rewards(cfg.rewards, sources)
-    encoder = _encoder(model)
+    encoder = _encoder(model, cfg.model.max_pixels)
     limit = int(cfg.data.max_prompt_tokens)
     skip = bool(cfg.data.skip_invalid)
     loaded: dict[str, dict[str, list]] = {}
@@ -137,7 +137,7 @@ def _check_batches(datasets: dict[str, list], batch: int, keys: str, sources: So
                           "drawn from one sub-dataset") from None
 
 
-def _encoder(model: str) -> Any:
+def _encoder(model: str, max_pixels: int | None) -> Any:
     from umerl.model.loading import load_encoder
 
-    return load_encoder(ckpt.verify(model))
+    return load_encoder(ckpt.verify(model), max_pixels)

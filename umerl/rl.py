@@ -57,7 +57,7 @@ def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
     from umerl.model.loading import load_encoder, prompt_limit
 
     return load_pair_datasets(list(cfg.rl.data), read_rl_pairs, bool(cfg.data.skip_invalid),
-                              load_encoder(policy),
+                              load_encoder(policy, cfg.model.max_pixels),
                               prompt_limit(cfg.data.max_prompt_tokens, policy), key="rl.data")
 
 
@@ -103,7 +103,7 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     if resumed:
         sampler.load_state_dict(client["data"])
     rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.learner.bf16, cfg.model.dtype,
-                          recipe_faults(cfg.faults))
+                          recipe_faults(cfg.faults), max_pixels=cfg.model.max_pixels)
     link = WeightSync.connect(cfg, learners, rollout)
     # Every engine starts from the learners' (bf16-rounded) weights.
     link.sync(digest=True, step=first - 1)

@@ -207,6 +207,8 @@ SCHEMA: dict[str, Rule] = {
     "output_dir": Str(),
     "model.path": Str(nullable=True),
     "model.dtype": OneOf(*MODEL_DTYPES),
+    # One merged vision token at least (28 x 28 px in Qwen2-VL).
+    "model.max_pixels": Int(28 * 28, nullable=True),
     "model.tiny.family": OneOf(*FAMILIES),
     "model.tiny.size": OneOf("tiny", "small"),
     "model.tiny.seed": Int(0),
@@ -283,6 +285,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.micro_batch_size": Int(0),
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
+    "learner.logprob_chunk_tokens": Int(1),
     "learner.single_forward": OneOf("auto", True, False),
     "learner.shared_prompt": OneOf("auto", True, False),
     "learner.max_skipped_steps": Int(1),

@@ -66,23 +66,25 @@ def _init_source_id(tokenizer: Any, preferred: str) -> int:
 
 
 def load_policy(
-    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False
+    path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+    max_pixels: int | None = None,
 ) -> PolicyBundle:
-    """Load model, tokenizer and image processor from a Hugging Face folder, offline."""
+    """Load model, tokenizer and image processor from a Hugging Face folder, offline.
+    ``max_pixels`` (``model.max_pixels``): see ``limit_pixels``."""
     from transformers import AutoModelForImageTextToText
 
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {sorted(MODEL_DTYPES)}")
-    _, tokenizer, image_processor = _load_processors(Path(path), trust_remote_code)
+    _, tokenizer, image_processor = _load_processors(Path(path), trust_remote_code, max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
     add_embedding_tokens(model, tokenizer)
     model.eval()
     return bundle_for(model, tokenizer, image_processor)
 
 
-def load_encoder(path: str | Path) -> InputEncoder:
+def load_encoder(path: str | Path, max_pixels: int | None = None) -> InputEncoder:
     """The tokenizer and image processor alone, no weights: prompts are measured cheaply."""
-    config, tokenizer, image_processor = _load_processors(Path(path))
+    config, tokenizer, image_processor = _load_processors(Path(path), max_pixels=max_pixels)
     missing = [t for t in EMBEDDING_TOKENS if t not in tokenizer.get_vocab()]
     tokenizer.add_tokens(missing, special_tokens=False)
     return InputEncoder(tokenizer, image_processor, config.model_type)
@@ -101,7 +103,29 @@ def prompt_limit(setting: int | str, path: str | Path) -> int:
     return context_length(path) if setting == "auto" else int(setting)
 
 
-def _load_processors(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
+def limit_pixels(image_processor: Any, max_pixels: int | None) -> Any:
+    """The processor with ``max_pixels`` as its largest image (and video frame) area in
+    pixels; None leaves its own (Qwen2-VL's is 12.8M px: 16k vision tokens per image). An
+    image above it is resized down, keeping its aspect ratio, to at most ``max_pixels``: at
+    most ``max_pixels / patch_size**2`` patches and a ``merge_size**2``-th of that in tokens."""
+    if max_pixels is None:
+        return image_processor
+    size = image_processor.size
+    least = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
+    if least is not None and int(max_pixels) < int(least):
+        raise ValueError(f"model.max_pixels = {max_pixels} is below the image processor's "
+                         f"smallest image area ({least} px)")
+    if isinstance(size, dict):
+        size["longest_edge"] = int(max_pixels)
+    else:
+        size.longest_edge = int(max_pixels)
+    if getattr(image_processor, "max_pixels", None) is not None:  # older processors' copy
+        image_processor.max_pixels = int(max_pixels)
+    return image_processor
+
+
+def _load_processors(path: Path, trust_remote_code: bool = False,
+                     max_pixels: int | None = None) -> tuple[Any, Any, Any]:
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -114,7 +138,7 @@ def _load_processors(path: Path, trust_remote_code: bool = False) -> tuple[Any, 
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    image_processor = AutoImageProcessor.from_pretrained(path)
+    image_processor = limit_pixels(AutoImageProcessor.from_pretrained(path), max_pixels)
     return config, tokenizer, image_processor
 
 

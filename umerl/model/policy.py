@@ -8,7 +8,9 @@ returns, per row of a left-padded batch (see ``InputEncoder.collate``):
 - ``logprobs``: log p(token) of every completion token (0 elsewhere) and ``completion_mask``.
 
 Vocabulary logits are computed only at completion positions: on a 150k-token vocabulary the
-full ``[B, T, V]`` tensor would dominate memory for nothing.
+full ``[B, T, V]`` tensor would dominate memory for nothing. Even those are computed in chunks
+of ``logprob_chunk_tokens`` completion tokens (``chunked_token_logprobs``): 4 x 2048 tokens of
+fp32 logits over 152k entries are 5 GB per copy, and the log-softmax makes several.
 
 Given ``completion_ids`` (``InputEncoder.shared_prompt_inputs``), the batch holds each prompt
 once and its G completions apart: the prompts run once, their keys and values are repeated G
@@ -20,11 +22,17 @@ row's completion left-aligned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# learner.logprob_chunk_tokens' default (umerl/config/defaults.yaml): completion tokens whose
+# fp32 vocabulary logits exist at once.
+LOGPROB_CHUNK_TOKENS = 1024
 
 
 class PolicyOutput(NamedTuple):
@@ -57,6 +65,41 @@ def completion_block_mask(completion_ids: torch.Tensor,
     width = completion_ids.shape[1]
     positions = torch.arange(width, device=completion_ids.device)[None, :]
     return positions < completion_lengths.to(completion_ids.device)[:, None]
+
+
+def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                    targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(target) of each row: logit[target] - logsumexp(logits), one fp32 ``[n, V]``."""
+    logits = head(hidden).float() / temperature
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                           targets: torch.Tensor, temperature: float = 1.0,
+                           chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
+    """log p(``targets[i]``) under ``head(hidden[i])`` / ``temperature`` for ``hidden [N, d]``,
+    ``chunk_tokens`` rows at a time, fp32 ``[N]``.
+
+    At most one chunk's ``[chunk, V]`` fp32 logits exist at a time, forward and backward: with
+    gradients on, each chunk runs under activation checkpointing, so autograd keeps only its
+    ``[chunk, d]`` input and recomputes the logits when the backward reaches it (without it,
+    the backward would hold every chunk's logits and softmax, as the unchunked form does).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows, wanted = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if recompute:
+            parts.append(checkpoint(_chunk_logprobs, head, rows, wanted, temperature,
+                                    use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, rows, wanted, temperature))
+    if not parts:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
 
 
 def embedding_positions(
@@ -94,12 +137,14 @@ class PolicyModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, disc_id: int, gen_id: int,
-                 lockstep_media: dict[str, torch.Tensor] | None = None):
+                 lockstep_media: dict[str, torch.Tensor] | None = None,
+                 logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
         super().__init__()
         self.model = model
         self.disc_id = disc_id
         self.gen_id = gen_id
         self.lockstep_media = lockstep_media  # a plain dict: no buffers in the state dict
+        self.logprob_chunk_tokens = int(logprob_chunk_tokens)
 
     def forward(
         self,
@@ -174,9 +219,9 @@ class PolicyModule(nn.Module):
         gen = F.normalize(before[rows, last + 1].float(), dim=-1)
         logprobs = None
         if with_logprobs:
-            logits = self.model.lm_head(before[:, :-1][completion_mask]).float() / temperature
-            picked = torch.log_softmax(logits, dim=-1).gather(
-                -1, completion_ids[completion_mask].unsqueeze(-1)).squeeze(-1)
+            picked = chunked_token_logprobs(
+                self.model.lm_head, before[:, :-1][completion_mask],
+                completion_ids[completion_mask], temperature, self.logprob_chunk_tokens)
             logprobs = torch.zeros(completion_ids.shape, dtype=picked.dtype, device=picked.device)
             logprobs[completion_mask] = picked
         return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
@@ -212,10 +257,9 @@ class PolicyModule(nn.Module):
     ) -> torch.Tensor:
         # The state at t-1 predicts the token at t.
         predicts = completion_mask[:, 1:]
-        logits = self.model.lm_head(hidden[:, :-1][predicts]).float() / temperature
-        token_logprobs = torch.log_softmax(logits, dim=-1).gather(
-            -1, input_ids[:, 1:][predicts].unsqueeze(-1)
-        ).squeeze(-1)
+        token_logprobs = chunked_token_logprobs(
+            self.model.lm_head, hidden[:, :-1][predicts], input_ids[:, 1:][predicts],
+            temperature, self.logprob_chunk_tokens)
         out = torch.zeros(input_ids.shape, dtype=token_logprobs.dtype, device=hidden.device)
         out[:, 1:][predicts] = token_logprobs
         return out

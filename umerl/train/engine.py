@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from umerl.model.loading import PolicyBundle, save_policy
-from umerl.model.policy import PolicyModule
+from umerl.model.policy import LOGPROB_CHUNK_TOKENS, PolicyModule
 from umerl.train import checkpoint as ckpt
 from umerl.train import dist as udist
 
@@ -96,12 +96,14 @@ class FiniteStepAdamW(torch.optim.AdamW):
         return None
 
 
-def policy_module(bundle: PolicyBundle, zero_stage: int) -> PolicyModule:
+def policy_module(bundle: PolicyBundle, zero_stage: int,
+                  logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> PolicyModule:
     """The module a DeepSpeed engine trains. Under ZeRO-3 every forward calls the vision tower
     for both modalities (blank media for one the micro-batch lacks), so ranks whose batches
     differ in images or videos still make the same collectives (``PolicyModule``)."""
     lockstep = bundle.encoder.blank_media() if int(zero_stage) == 3 else None
-    return PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id, lockstep_media=lockstep)
+    return PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id, lockstep_media=lockstep,
+                        logprob_chunk_tokens=logprob_chunk_tokens)
 
 
 def build_engine(

@@ -90,7 +90,8 @@ class Learner:
         self.cfg, self.lcfg, self.rcfg = cfg, cfg.learner, cfg.rl
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + 1000 + self.rank)
-        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype)
+        self.bundle = load_policy(policy_checkpoint, dtype=cfg.model.dtype,
+                                  max_pixels=cfg.model.max_pixels)
         prepare_for_training(self.bundle.model, bool(self.lcfg.gradient_checkpointing))
         self.trainable = set_trainable(self.bundle.model, dict(self.lcfg.train))
         rows = int(self.rcfg.pairs_per_step) // self.world * int(self.rcfg.group_size)
@@ -102,7 +103,8 @@ class Learner:
             bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
         r = self.rcfg
         self.engine = build_engine(
-            policy_module(self.bundle, int(self.lcfg.zero_stage)),
+            policy_module(self.bundle, int(self.lcfg.zero_stage),
+                          int(self.lcfg.logprob_chunk_tokens)),
             lr=float(r.lr), weight_decay=float(r.weight_decay), total_steps=int(r.max_steps),
             warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
@@ -114,8 +116,9 @@ class Learner:
         self.skipped_in_a_row = 0
         # The frozen reference lives where DeepSpeed put the policy: batches go there.
         reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
-                                device=str(self.engine.device))
-        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id)
+                                device=str(self.engine.device), max_pixels=cfg.model.max_pixels)
+        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id,
+                                      logprob_chunk_tokens=int(self.lcfg.logprob_chunk_tokens))
         self.reference.requires_grad_(False).eval()
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd(),
                                            timeout_s=float(self.rcfg.reward_timeout_s))

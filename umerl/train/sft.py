@@ -89,7 +89,8 @@ class SftRun:
         self.rank, self.world = udist.rank(), udist.world_size()
         udist.seed_everything(int(cfg.seed) + self.rank)
         self.root = Path(cfg.output_dir) / self.scfg.output_subdir
-        self.bundle = load_policy(init_checkpoint, dtype=cfg.model.dtype)
+        self.bundle = load_policy(init_checkpoint, dtype=cfg.model.dtype,
+                                  max_pixels=cfg.model.max_pixels)
         model = self.bundle.model
         prepare_for_training(model, bool(self.scfg.gradient_checkpointing))
         self.trainable = set_trainable(model, dict(self.scfg.train))

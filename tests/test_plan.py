@@ -1,0 +1,84 @@
+"""``umerl plan``: parameter counts against the real models, the state bytes against a real
+torch AdamW on the tiny model, and the GPU recipes' estimates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from umerl.cli import main
+from umerl.config.recipe import load_recipe
+from umerl.plan import GIB, KNOWN_MODELS, learner_column, resolve_shape, shape_from_config
+
+
+def tiny_model(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path)
+
+
+def test_counts_by_part_equal_the_loaded_tiny_model(tiny_model_dir):
+    from umerl.train.engine import parameter_group
+
+    shape = resolve_shape(None, model_config=str(tiny_model_dir))
+    counts = {"llm": 0, "projector": 0, "vision": 0}
+    for name, p in tiny_model(tiny_model_dir).named_parameters():
+        counts[parameter_group(name)] += p.numel()
+    assert shape.params == counts and all(counts.values())
+
+
+def test_state_bytes_equal_a_real_adamw_step_on_the_tiny_model(tiny_model_dir):
+    """fp32, one rank, no ZeRO: weights + gradients + Adam moments, as the estimate says."""
+    from umerl.train.engine import set_trainable
+
+    cfg = load_recipe(None, ["learner.num_workers=1", "learner.zero_stage=0",
+                             "rl.pairs_per_step=1", "learner.bf16=false"])
+    held = {item: b for item, b, _ in learner_column(
+        cfg, resolve_shape(None, model_config=str(tiny_model_dir)), 80 * GIB).held}
+    model = tiny_model(tiny_model_dir)
+    set_trainable(model, dict(cfg.learner.train))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained)
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    moments = [v for state in optimizer.state.values() for k, v in state.items() if k != "step"]
+    assert held["policy weights"] == nbytes(model.parameters())
+    assert held["gradients"] == nbytes(p.grad for p in trained)
+    assert held["optimizer states"] == nbytes(moments)
+    assert held["reference policy"] == nbytes(model.parameters())
+
+
+@pytest.mark.parametrize("name,public", [("qwen2-vl-2b", 2.21e9), ("qwen2-vl-7b", 8.29e9)])
+def test_built_in_shapes_give_the_published_sizes(name, public):
+    """The model cards' sizes (2.21B, 8.29B parameters)."""
+    shape = shape_from_config(KNOWN_MODELS[name], name)
+    assert shape.total == pytest.approx(public, abs=0.005e9)
+    assert shape.vocab == KNOWN_MODELS[name]["vocab_size"]
+
+
+@pytest.mark.parametrize("size", ["2b", "7b"])
+def test_gpu_recipes_fit_80_gib(size, capsys):
+    assert main(["plan", f"recipes/qwen2vl_{size}_grpo.yaml", "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert f"built-in qwen2-vl-{size}" in out and "DOES NOT FIT" not in out
+    learner = out.split("learner GPU")[1].split("rollout GPU")[0]
+    margin = float(learner.split("margin ")[1].split(" GiB")[0])
+    assert margin >= 10, out  # the 7B learner: 21 GiB of 80 at the time of writing
+
+
+def test_a_gpu_too_small_is_exit_3_and_named(capsys):
+    assert main(["plan", "recipes/qwen2vl_7b_grpo.yaml", "--gpu-memory", "40"]) == 3
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "does not fit 40 GiB" in out
+
+
+def test_images_bound_by_max_pixels_shrink_the_activations():
+    shape = shape_from_config(KNOWN_MODELS["qwen2-vl-7b"], "7b")
+    figures = {}
+    for pixels in ("null", "1003520"):
+        cfg = load_recipe("recipes/qwen2vl_7b_grpo.yaml", [f"model.max_pixels={pixels}"])
+        step = learner_column(cfg, shape, 80 * GIB).transient["step"]
+        figures[pixels] = dict((item, b) for item, b, _ in step)["activations"]
+    assert figures["null"] > 3 * figures["1003520"]

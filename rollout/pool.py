@@ -116,8 +116,9 @@ class RolloutActor:
         self.plan = plan
 
     def receive_weights(self, digest: bool, step: int = 0) -> dict[str, Any]:
-        """One sync (the one after ``step``). With ``digest``: the fingerprint of the weights
-        the engine now holds."""
+        """One sync (the one after ``step``). With ``digest``: the transformers engine's is of
+        the parameters its model now holds; vLLM's of the bytes its workers received (its fused,
+        repacked parameters are not the learners' tensors: see ``VllmEngine.receive_weights``)."""
         if self.model is None:
             kill_if(self.faults, step, "weight_sync")  # (vLLM: before its workers receive)
             return self.engine.receive_weights(digest)

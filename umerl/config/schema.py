@@ -288,6 +288,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.logprob_chunk_tokens": Int(1),
     "learner.single_forward": OneOf("auto", True, False),
     "learner.shared_prompt": OneOf("auto", True, False),
+    "learner.shared_media": Bool(),
     "learner.max_skipped_steps": Int(1),
     **{f"learner.train.{k}": rule for k, rule in TRAIN_PARTS.items()},
     "annotate.max_new_tokens": Int(1),

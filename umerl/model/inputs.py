@@ -197,6 +197,33 @@ class InputEncoder:
         batch["completion_lengths"] = torch.tensor(lengths)
         return batch
 
+    def shared_media_inputs(
+        self, prompts: Sequence[EncodedPrompt], rows: Sequence[int],
+        completions: Sequence[Sequence[int]],
+    ) -> dict[str, torch.Tensor]:
+        """``policy_inputs`` of the rows ``prompts[rows[i]]`` + ``completions[i]``, each
+        prompt's media once: the vision keys hold the media of ``prompts`` in order (what the
+        tower runs on), and ``image_index`` / ``video_index`` name, for each image / video of
+        the rows in row order, which of those it is (``PolicyModule`` runs the tower once per
+        medium and indexes its outputs out to the rows). GRPO's G rows of a prompt hold the
+        same images: the tower then runs once where the whole rows run it G times."""
+        texts = [EncodedPrompt(input_ids=prompts[r].input_ids) for r in rows]
+        batch = self.policy_inputs(texts, completions)
+        for pixels_key, grid_key, index_key in (
+                ("pixel_values", "image_grid_thw", "image_index"),
+                ("pixel_values_videos", "video_grid_thw", "video_index")):
+            grids = [getattr(p, grid_key) for p in prompts]
+            counts = [0 if g is None else g.shape[0] for g in grids]
+            if not any(counts[r] for r in rows):
+                continue
+            starts = np.cumsum([0, *counts]).tolist()
+            batch[pixels_key] = torch.cat([getattr(p, pixels_key) for p in prompts
+                                           if getattr(p, pixels_key) is not None])
+            batch[grid_key] = torch.cat([g for g in grids if g is not None])
+            batch[index_key] = torch.tensor(
+                [starts[r] + k for r in rows for k in range(counts[r])], dtype=torch.long)
+        return batch
+
     def shared_prompt_inputs(
         self, prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[int]]
     ) -> dict[str, torch.Tensor]:

@@ -134,6 +134,11 @@ class PolicyModule(nn.Module):
     partitioned and gathered anyway; the blank media cost the smallest image the processor
     makes (4 patches in the tiny model, 16 in Qwen2-VL) per modality and forward.
     (Not applied to the shared-prompt forward, which ZeRO-3 does not run.)
+
+    ``image_index`` / ``video_index`` (``InputEncoder.shared_media_inputs``) mean the batch's
+    media are each given once for the rows that share them (GRPO's G rows of one prompt): the
+    tower runs here, once per medium, and its per-medium outputs are indexed out to the rows,
+    in the same calls (one per modality) as without them, so the lockstep above holds.
     """
 
     def __init__(self, model: nn.Module, disc_id: int, gen_id: int,
@@ -164,7 +169,7 @@ class PolicyModule(nn.Module):
         disc_pos, gen_pos, found = embedding_positions(
             input_ids, completion_mask, self.disc_id, self.gen_id
         )
-        vision, blank_zero = self._lockstep_vision(vision, input_ids.device)
+        vision, blank_zero = self._run_vision(vision, input_ids.device)
         hidden = self.model.model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **vision
         ).last_hidden_state
@@ -227,12 +232,18 @@ class PolicyModule(nn.Module):
         return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
                             completion_mask)
 
-    def _lockstep_vision(self, vision: dict[str, torch.Tensor], device: torch.device
-                         ) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """The model kwargs with the tower already run, images then videos, on this batch's
-        media or, for a modality it lacks, on the blank one (see the class docstring); and a
-        zero that carries the blank calls into the graph (None without lockstep media)."""
-        if self.lockstep_media is None:
+    def _run_vision(self, vision: dict[str, torch.Tensor], device: torch.device
+                    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The model kwargs with the tower already run here, images then videos, when the
+        batch shares media (``image_index`` / ``video_index``: each medium once, its outputs
+        indexed out to the rows that hold it) or under lockstep media (a modality the batch
+        lacks runs on the blank one; see the class docstring); and a zero that carries the
+        blank calls into the graph (None without lockstep media). Else the model runs the
+        tower itself. The calls are the same either way: one per modality present (under
+        lockstep, one per modality), whatever the number of rows sharing each medium."""
+        index = {m: vision.pop(f"{m}_index") for m in ("image", "video")
+                 if f"{m}_index" in vision}
+        if self.lockstep_media is None and not index:
             return vision, None
         text = self.model.model
         kwargs: dict[str, Any] = dict(vision)
@@ -242,14 +253,18 @@ class PolicyModule(nn.Module):
                 ("image", "pixel_values", "image_grid_thw", text.get_image_features),
                 ("video", "pixel_values_videos", "video_grid_thw", text.get_video_features)):
             if pixels_key in kwargs:
-                encoded[modality] = features(kwargs.pop(pixels_key), kwargs[grid_key],
-                                             return_dict=True)
-            else:
+                out = features(kwargs.pop(pixels_key), kwargs[grid_key], return_dict=True)
+                if modality in index:  # the rows' grids too: M-RoPE positions read them
+                    out = _index_media(out, index[modality])
+                    kwargs[grid_key] = kwargs[grid_key][index[modality].to(device)]
+                encoded[modality] = out
+            elif self.lockstep_media is not None:
                 blank = features(self.lockstep_media[pixels_key].to(device),
                                  self.lockstep_media[grid_key].to(device), return_dict=True)
                 # (t * 0).sum(), not t.sum() * 0: a large sum cannot overflow into inf * 0.
                 zero = zero + sum((t * 0).sum() for t in _float_tensors(blank))
-        return kwargs | {"mm_encoder_outputs": encoded}, zero
+        return (kwargs | {"mm_encoder_outputs": encoded},
+                zero if self.lockstep_media is not None else None)
 
     def _completion_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -269,6 +284,19 @@ def _rope_kwargs(vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision kwargs ``get_rope_index`` reads (every Qwen-VL family names them so)."""
     keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     return {k: vision[k] for k in keys if k in vision}
+
+
+def _index_media(out: Any, index: torch.Tensor) -> Any:
+    """The tower's output for media ``index`` (with repeats): every Qwen-VL family splits its
+    merged features per medium (``pooler_output``; Qwen3-VL's ``deepstack_features`` per
+    layer), which is all the model reads. Indexing a tuple reuses the medium's tensor, so
+    each row's gradient flows back into it and sums there, as over separate copies."""
+    picks = index.tolist()
+    out.pooler_output = tuple(out.pooler_output[i] for i in picks)
+    if getattr(out, "deepstack_features", None) is not None:
+        out.deepstack_features = [tuple(layer[i] for i in picks)
+                                  for layer in out.deepstack_features]
+    return out
 
 
 def _float_tensors(value: object) -> list[torch.Tensor]:

@@ -17,6 +17,9 @@ target completions, and:
 
 With ``learner.shared_prompt`` every forward above runs each prompt once per micro-batch and
 its G completions on the prompt's keys and values (``PolicyModule``), not G copies of it.
+Where rows run whole (ZeRO-3, gradient checkpointing), ``learner.shared_media`` still encodes
+each distinct side of a micro-batch once and runs each of its images and videos through the
+vision tower once, for all the rows that hold it.
 
 The embedding reward of a stale rollout still uses the current policy's embeddings: the
 reward compares the step's rollouts with one another (rank among the step's targets, margin
@@ -101,6 +104,7 @@ class Learner:
         self.shared_prompt = shared_prompt_mode(
             self.lcfg.shared_prompt, micro % int(self.rcfg.group_size) == 0,
             bool(self.lcfg.gradient_checkpointing), int(self.lcfg.zero_stage))
+        self.shared_media = bool(self.lcfg.shared_media)
         r = self.rcfg
         self.engine = build_engine(
             policy_module(self.bundle, int(self.lcfg.zero_stage),
@@ -184,7 +188,9 @@ class Learner:
                        logprobs: list[list[float]] | None) -> list[dict[str, Any]]:
         """Model inputs per micro-batch and, for off-policy rollouts, their old log-probs laid
         out like the policy's (the completion tokens' positions of each row). With
-        ``shared_prompt`` a micro-batch holds whole groups, each prompt encoded once."""
+        ``shared_prompt`` a micro-batch holds whole groups, each prompt encoded once; else,
+        with ``shared_media``, each distinct side is encoded once and its images and video run
+        through the vision tower once (``PolicyModule``), however many rows hold it."""
         encoder = self.bundle.encoder
         G = int(self.rcfg.group_size)
         out = []
@@ -193,6 +199,10 @@ class Learner:
             if self.shared_prompt:  # rows a + i * G .. a + i * G + G - 1 share one prompt
                 inputs = encoder.shared_prompt_inputs(
                     [encoder.encode(side) for side in sides[a:a + self.micro:G]], chunk)
+            elif self.shared_media:  # each distinct side encoded once, its media run once
+                distinct, rows = distinct_sides(sides[a:a + self.micro])
+                inputs = encoder.shared_media_inputs(
+                    [encoder.encode(side) for side in distinct], rows, chunk)
             else:
                 inputs = encoder.policy_inputs(
                     [encoder.encode(side) for side in sides[a:a + self.micro]], chunk)
@@ -368,6 +378,14 @@ def shared_prompt_mode(setting: str | bool, whole_groups: bool, gradient_checkpo
     return setting is True
 
 
+def distinct_sides(sides: list[Side]) -> tuple[list[Side], list[int]]:
+    """The distinct sides in first-seen order, and each row's index among them (a group's
+    G rows repeat one side; equal sides of different pairs share too)."""
+    first: dict[Side, int] = {}
+    rows = [first.setdefault(side, len(first)) for side in sides]
+    return list(first), rows
+
+
 def _completion_mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Where the policy's ``logprobs`` of these inputs hold completion tokens."""
     if "completion_ids" in inputs:  # shared prompt: completions left-aligned in their block
@@ -429,7 +447,8 @@ class LearnerActor:
                 "model_type": str(self.learner.bundle.model.config.model_type),
                 # How it runs the policy per step: the RL stage's first console line says.
                 "passes": ("one forward" if self.learner.single_forward else "two passes")
-                + (", shared prompt" if self.learner.shared_prompt else ""),
+                + (", shared prompt" if self.learner.shared_prompt
+                   else ", shared media" if self.learner.shared_media else ""),
                 "node": ray.util.get_node_ip_address(), "threads": self.threads}
 
     def step(self, shard: StepShard) -> dict[str, float]:

@@ -265,6 +265,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_bucket_mb": POSITIVE,
     "rl.weight_sync_timeout_s": POSITIVE,
     "rl.reward_timeout_s": POSITIVE,
+    "rl.mask_shared_targets": Bool(),
     "rl.weight_sync_verify_every": Int(0),
     "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),

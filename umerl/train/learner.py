@@ -247,6 +247,7 @@ class Learner:
             query_embeddings=query_emb, target_embeddings=target_emb,
             disc_query_embeddings=disc_query, disc_target_embeddings=disc_target,
             group_size=int(self.rcfg.group_size), step=shard.step,
+            mask_shared_targets=bool(self.rcfg.mask_shared_targets),
         )
         total, parts, timings = self.rewards(ctx)
         metrics = reward_metrics(ctx, total, parts, timings)

@@ -102,7 +102,12 @@ def prompt_limit(setting: int | str, path: str | Path) -> int:
 
 
 def _load_processors(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    # From its module, not the package root: without torchvision, transformers 5.17 exports a
+    # torchvision-only placeholder as `transformers.AutoImageProcessor`, while this class picks
+    # the PIL image processor (5.16-5.19 alike).
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")

@@ -1,11 +1,12 @@
 """The model layer loads Qwen-VL processors without torchvision, on every supported transformers.
 
 CPU venvs never hold torchvision (it breaks beside the CPU torch), and the GPU device check runs
-where it may be missing. transformers 5.17 (supported, and on the device machine) then exports
-`transformers.AutoImageProcessor` as a placeholder that raises "requires the Torchvision
-library" on first use; 5.19 exports the real class. The subprocess below hides torchvision and
-puts that same placeholder at the package root whatever version is installed, so the test means
-the same on every version: it fails if umerl/model reaches for anything torchvision-bound.
+where it may be missing. transformers 5.16 and 5.17 (supported; 5.17 is on the device machine)
+then export `transformers.AutoImageProcessor` as a placeholder that raises "requires the
+Torchvision library" on first use; 5.18 and 5.19 export the real class. The subprocess below
+hides torchvision and puts that same placeholder at the package root whatever version is
+installed, so the test means the same on every version: it fails if umerl/model reaches for
+anything torchvision-bound.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ except ImportError:
 
 
 class AutoImageProcessor(metaclass=import_utils.DummyObject):
-    _backends = ["torchvision"]  # transformers 5.17's root export without torchvision
+    _backends = ["torchvision"]  # transformers 5.16/5.17's root export without it
 
 
-def as_in_transformers_5_17():
+def as_in_transformers_5_17():  # and 5.16
     # on the root module of the moment: importing the model classes may put a new one in place
     sys.modules["transformers"].AutoImageProcessor = AutoImageProcessor
 

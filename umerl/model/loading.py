@@ -104,9 +104,9 @@ def prompt_limit(setting: int | str, path: str | Path) -> int:
 def _load_processors(path: Path, trust_remote_code: bool = False) -> tuple[Any, Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
-    # From its module, not the package root: without torchvision, transformers 5.17 exports a
-    # torchvision-only placeholder as `transformers.AutoImageProcessor`, while this class picks
-    # the PIL image processor (5.16-5.19 alike).
+    # From its module, not the package root: without torchvision, transformers 5.16 and 5.17
+    # export a torchvision-only placeholder as `transformers.AutoImageProcessor`, while this
+    # class picks the PIL image processor (5.16-5.19 alike).
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     if not (path / "config.json").is_file():

@@ -29,7 +29,9 @@ def fake_venv(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def make(target: str, *overrides: str) -> str:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # as a shell that sourced the CPU settings
+    # as a shell that sourced the CPU settings; not an outer make's flags (`make test ARGS=...`)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env["DS_ACCELERATOR"] = "cpu"
     done = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), target, *overrides],
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -5,9 +5,12 @@
     python scripts/gpu_check.py --device cpu     # the same checks on CPU (what CI runs)
 
 Runs from the source tree (no install). Needs Python >= 3.10, torch >= 2.4 with CUDA,
-transformers >= 5.16, deepspeed >= 0.17, omegaconf >= 2.3, pillow, numpy, pyyaml. It builds the
-tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world size 1, bf16 where the
-GPU has it, gradient checkpointing on):
+transformers >= 5.16 (torchvision not needed), deepspeed >= 0.17, omegaconf >= 2.3, pillow,
+numpy, pyyaml; Ray and vLLM are not used. A machine with only torch, transformers, numpy, pillow
+and pyyaml and no network gets the rest from the wheel folder `scripts/device_bundle.sh` builds
+elsewhere (README, "Checking the GPU path"); without them this script says which are missing and
+exits 1. It builds the tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world
+size 1, bf16 where the GPU has it, gradient checkpointing on):
 
 - a few SFT steps on one fixed contrastive batch: the loss is finite and falls;
 - the model trains in train mode and gradient checkpointing really recomputes its layers;
@@ -18,16 +21,20 @@ GPU has it, gradient checkpointing on):
 - the same learner under ZeRO-2 without gradient checkpointing, where it runs each prompt once
   (``learner.shared_prompt``): its forward equals whole rows' on the device.
 
-One line per check, then a summary; exit status 1 if any check failed. Without CUDA (and no
---device cpu) it says so and exits 0 having checked nothing. Under 5 minutes on a modern GPU.
+One line per check as it runs, then a one-screen report (every check, PASS or FAIL, its figure;
+the versions, the device and the process's peak memory) and a summary line last; exit status 1
+if any check failed. Without CUDA (and no --device cpu) it says so and exits 0 having checked
+nothing. Under 5 minutes on a modern GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,6 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULTS: list[tuple[str, bool, str]] = []
+# What the checks import beyond torch, transformers, numpy, pillow and pyyaml (the device bundle).
+BUNDLED = ("deepspeed", "omegaconf")
+REPORT_NAME, REPORT_FIGURE = 56, 56  # columns of the report: one screen of 120
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -211,6 +221,37 @@ def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> No
           f"(tolerance {tolerance:g})")
 
 
+def missing_modules() -> list[str]:
+    """The bundled modules this interpreter cannot import (find_spec: nothing is imported)."""
+    return [name for name in BUNDLED if importlib.util.find_spec(name) is None]
+
+
+def peak_memory(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"
+    # ru_maxrss is in KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"
+
+
+def first_line(text: str, width: int) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def report(header: list[str]) -> None:
+    """Every check on one screen: name, PASS/FAIL, its figure (the detail's first line)."""
+    print("=" * (REPORT_NAME + REPORT_FIGURE + 8))
+    for line in header:
+        print(line)
+    print(f"{'check':<{REPORT_NAME}}  {'':4}  figure")
+    for name, ok, detail in RESULTS:
+        print(f"{first_line(name, REPORT_NAME):<{REPORT_NAME}}  {'PASS' if ok else 'FAIL'}  "
+              f"{first_line(detail, REPORT_FIGURE)}")
+    print("=" * (REPORT_NAME + REPORT_FIGURE + 8), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -221,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
+    missing = missing_modules()
+    if missing:
+        print(f"gpu_check: {', '.join(missing)} not installed here; on a machine without network, "
+              "build the wheel folder elsewhere with `bash scripts/device_bundle.sh` and install "
+              "it with `pip install --no-index --find-links build/device-bundle "
+              "-r build/device-bundle/requirements.txt`")
+        return 1
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -255,9 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"ZeRO-2{' bf16' if bf16 else ''} shared prompt"
     cfg = config(root / "shared", data, 2, bf16, 5, "learner.gradient_checkpointing=false")
     guarded(f"{tag} learner", lambda: learner_checks(tag, cfg, model_dir))
+    # LEAD: the memory checks (chunked log-probs against full ones in bf16, a learner step's
+    # peak memory) go here, each as guarded(name, body) so the report lists them.
     failed = [name for name, ok, _ in RESULTS if not ok]
+    seconds = time.perf_counter() - start
+    report([f"gpu_check report: {where}, Python {sys.version.split()[0]}, torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, deepspeed "
+            f"{deepspeed.__version__}",
+            f"{len(RESULTS)} checks in {seconds:.0f} s, peak memory {peak_memory(args.device)}"])
     print(f"gpu_check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed in "
-          f"{time.perf_counter() - start:.0f} s ({root})", flush=True)
+          f"{seconds:.0f} s ({root})", flush=True)
     return 1 if failed else 0
 
 

@@ -23,13 +23,14 @@ def test_gpu_check_passes_every_check_on_cpu(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     checks = [line for line in lines if line.startswith(("[ok]", "[FAIL]"))]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert len(checks) == 20 and all(line.startswith("[ok]") for line in checks), checks
+    assert len(checks) == 21 and all(line.startswith("[ok]") for line in checks), checks
     for part in ("ZeRO-2 SFT loss finite and falling", "ZeRO-3 SFT export equals the live",
                  "checkpointing recomputes layers", "learner reference on the policy's device",
                  "ZeRO-3 learner weights for rollouts",
+                 "ZeRO-3 reference log-probs equal the full copy",
                  "ZeRO-2 shared prompt shared-prompt forward equals whole rows"):
         assert any(part in line for line in checks), part
-    assert "20 passed, 0 failed" in lines[-1]
+    assert "21 passed, 0 failed" in lines[-1]
 
 
 def test_gpu_check_without_cuda_checks_nothing_and_says_so() -> None:

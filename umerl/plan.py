@@ -324,7 +324,8 @@ def run_plan(recipe: str, overrides: list[str], gpu_memory_gb: float,
         return 0
     print(f"umerl plan: does not fit {gpu_memory_gb:g} GiB: lower learner.micro_batch_size, "
           "model.max_pixels or rl.max_new_tokens, raise learner.zero_stage or "
-          "learner.num_workers, or enable learner.gradient_checkpointing")
+          "learner.num_workers, enable learner.gradient_checkpointing, or (under ZeRO-3) set "
+          "learner.reference_placement to zero3 or zero3_offload")
     return 3
 
 

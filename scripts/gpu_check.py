@@ -18,6 +18,9 @@ size 1, bf16 where the GPU has it, gradient checkpointing on):
   (under ZeRO-3: gathered) weights bit for bit, and it resumes at the saved step;
 - a few GRPO learner steps: the frozen reference sits on the policy's device, the loss is
   finite, and the gathered weights a rollout engine would receive equal the saved ones;
+- the frozen reference as a ZeRO-3 engine (``learner.reference_placement`` zero3 and
+  zero3_offload): its log-probs equal the full copy's; on CUDA the offloaded one is never
+  whole on the GPU;
 - the same learner under ZeRO-2 without gradient checkpointing, where it runs each prompt once
   (``learner.shared_prompt``): its forward equals whole rows' on the device.
 
@@ -198,6 +201,57 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
           f"{digest[:12]}")
 
 
+def reference_checks(tag: str, cfg, model_dir: str, data: Path) -> None:
+    """``learner.reference_placement`` zero3 and zero3_offload (world size 1) against the full
+    copy: the same log-probs on a batch of prompts and completions; on CUDA, the offloaded
+    reference is never whole on the GPU (partitioned before DeepSpeed would move it there) and
+    keeps only its small persistent parameters there after a forward."""
+    import torch
+
+    from umerl.data.formats import read_sft_pairs
+    from umerl.model.loading import load_encoder
+    from umerl.train.reference import build_reference, resident_elements
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    pairs = read_sft_pairs(data)[0][:3]
+    encoder = load_encoder(model_dir, max_pixels=cfg.model.max_pixels)
+    logprobs, held, peaks = {}, {}, {}
+    for placement in ("device", "zero3", "zero3_offload"):
+        cfg.learner.reference_placement = placement
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        reference = build_reference(cfg, model_dir, device)
+        if device.type == "cuda":
+            peaks[placement] = torch.cuda.max_memory_allocated() - base
+        inputs = encoder.policy_inputs([encoder.encode(p.query) for p in pairs],
+                                       [encoder.tokenizer(p.query.completion,
+                                                          add_special_tokens=False)["input_ids"]
+                                        for p in pairs])
+        with torch.no_grad():
+            out = reference(**{k: v.to(device) for k, v in inputs.items()})
+        logprobs[placement] = out.logprobs[out.completion_mask].float().cpu()
+        held[placement] = resident_elements(reference)
+        del reference, out
+    full = sum(held["device"].values())
+    tolerance = 1e-2 if str(cfg.model.dtype) == "bfloat16" else 1e-5
+    worst = max(float((logprobs[p] - logprobs["device"]).abs().max())
+                for p in ("zero3", "zero3_offload"))
+    check(f"{tag} reference log-probs equal the full copy's", worst <= tolerance,
+          f"max |d logp| {worst:.2e} over {logprobs['device'].numel()} tokens "
+          f"(tolerance {tolerance:g})")
+    if device.type == "cuda":
+        on_gpu = held["zero3_offload"].get("cuda", 0)
+        full_bytes = peaks["device"]
+        check(f"{tag} offloaded reference stays off the GPU",
+              on_gpu < 0.1 * full and peaks["zero3_offload"] < 0.5 * full_bytes,
+              f"{on_gpu} of {full} elements on the GPU after a forward; peak "
+              f"{peaks['zero3_offload'] / 2**20:.1f} MiB while building (full copy "
+              f"{full_bytes / 2**20:.1f} MiB)")
+
+
 def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> None:
     """The learner's shared-prompt forward against whole rows, on its device and dtype:
     image and text prompts of different lengths, completions cut to different lengths, so both
@@ -299,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(root / f"zero{zero}", data, zero, bf16, steps=5)
         guarded(f"{tag} SFT", lambda tag=tag, cfg=cfg: sft_checks(tag, cfg, model_dir))
         guarded(f"{tag} learner", lambda tag=tag, cfg=cfg: learner_checks(tag, cfg, model_dir))
+    tag = f"ZeRO-3{' bf16' if bf16 else ''}"
+    cfg = config(root / "reference", data, 3, bf16, 5)
+    guarded(f"{tag} reference", lambda: reference_checks(tag, cfg, model_dir, data))
     # Without gradient checkpointing the learner runs each prompt once (learner.shared_prompt).
     tag = f"ZeRO-2{' bf16' if bf16 else ''} shared prompt"
     cfg = config(root / "shared", data, 2, bf16, 5, "learner.gradient_checkpointing=false")

@@ -275,6 +275,91 @@ def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> No
           f"(tolerance {tolerance:g})")
 
 
+# Chunked log-probs against the full log_softmax. In bf16 the head's logits are rounded to 8
+# bits of mantissa in both, but the chunked GEMMs may round differently (other tile shapes):
+# about 2^-8 of a logit's magnitude (~10 here), so 0.05 nats; fp32 agrees to 1e-4.
+LOGPROB_TOLERANCE = {True: 5e-2, False: 1e-4}
+
+
+def logprob_chunk_check(device: str, bf16: bool) -> None:
+    """``chunked_token_logprobs`` (the learner's, 1024-token chunks) equals the full
+    log_softmax on this device, values and the hidden states' gradients, at a Qwen2-VL vocab
+    on CUDA (smaller on CPU); on CUDA also the peak memory of each, forward and backward."""
+    import torch
+
+    from umerl.model.policy import chunked_token_logprobs
+
+    tokens, width, vocab = (4096, 1536, 151_936) if device == "cuda" else (512, 64, 4096)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=False).to(device, dtype)
+    with torch.no_grad():  # logits spread like a trained head's: a few nats
+        head.weight.copy_(torch.randn(vocab, width, generator=gen) * 3 / width ** 0.5)
+    hidden0 = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+
+    def run(chunked: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        hidden = hidden0.clone().requires_grad_()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        if chunked:
+            values = chunked_token_logprobs(head, hidden, targets, chunk_tokens=1024)
+        else:
+            values = torch.log_softmax(head(hidden).float(), dim=-1).gather(
+                -1, targets.unsqueeze(-1)).squeeze(-1)
+        values.sum().backward()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else 0.0
+        return values.detach().float(), hidden.grad.float(), peak
+
+    full, full_grad, full_peak = run(chunked=False)
+    part, part_grad, part_peak = run(chunked=True)
+    worst = float((part - full).abs().max())
+    worst_grad = float((part_grad - full_grad).abs().max() / full_grad.abs().max())
+    tolerance = LOGPROB_TOLERANCE[bf16]
+    peaks = (f"; peak {part_peak:.2f} GiB chunked vs {full_peak:.2f} GiB full"
+             if device == "cuda" else "")
+    check(f"chunked log-probs {'bf16' if bf16 else 'fp32'} equal the full log_softmax",
+          worst <= tolerance and worst_grad <= tolerance and (device != "cuda"
+                                                             or part_peak < full_peak),
+          f"{tokens} tokens x vocab {vocab}: max |diff| {worst:.2e} (tolerance {tolerance:g}), "
+          f"gradient {worst_grad:.2e} of its largest{peaks}")
+
+
+def learner_peak_check(tag: str, cfg, model_dir: str, device: str) -> None:
+    """One GRPO learner step's peak memory on the device, next to ``umerl plan``'s estimate of
+    the same learner (the tiny model's config; rows and tokens of this step)."""
+    import torch
+
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.data.formats import read_rl_pairs
+    from umerl.model.sampling import SamplingParams
+    from umerl.plan import learner_column, resolve_shape
+    from umerl.train.learner import Learner, StepShard
+
+    learner = Learner(cfg, model_dir, model_dir)
+    pairs, _ = read_rl_pairs(cfg.rl.data[0])
+    batch = pairs[:2]
+    engine = TransformersEngine(learner.bundle)
+    sampling = SamplingParams(max_new_tokens=8, seed=1)
+    learner.bundle.model.eval()
+    q = engine.generate([p.query for p in batch], 2, sampling, seeds=[1, 2])
+    t = engine.generate([p.target for p in batch], 2, sampling, seeds=[3, 4])
+    learner.bundle.model.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    loss = learner.step(StepShard(1, batch, 0, q, t))["actor/loss"]
+    estimate = learner_column(cfg, resolve_shape(model_dir), 80 << 30)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        figure = f"peak {peak:.3f} GiB allocated; umerl plan: {estimate.total / 2**30:.3f} GiB"
+    else:
+        figure = f"umerl plan: {estimate.total / 2**30:.3f} GiB (no device peak on CPU)"
+    check(f"{tag} learner step peak memory", math.isfinite(loss), figure)
+
+
 def missing_modules() -> list[str]:
     """The bundled modules this interpreter cannot import (find_spec: nothing is imported)."""
     return [name for name in BUNDLED if importlib.util.find_spec(name) is None]
@@ -360,8 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"ZeRO-2{' bf16' if bf16 else ''} shared prompt"
     cfg = config(root / "shared", data, 2, bf16, 5, "learner.gradient_checkpointing=false")
     guarded(f"{tag} learner", lambda: learner_checks(tag, cfg, model_dir))
-    # LEAD: the memory checks (chunked log-probs against full ones in bf16, a learner step's
-    # peak memory) go here, each as guarded(name, body) so the report lists them.
+    tag = "bf16" if bf16 else "fp32"
+    guarded(f"chunked log-probs {tag}", lambda: logprob_chunk_check(args.device, bf16))
+    tag = f"ZeRO-2{' bf16' if bf16 else ''}"
+    cfg = config(root / "peak", data, 2, bf16, 5)
+    guarded(f"{tag} learner step peak memory",
+            lambda: learner_peak_check(tag, cfg, model_dir, args.device))
     failed = [name for name, ok, _ in RESULTS if not ok]
     seconds = time.perf_counter() - start
     report([f"gpu_check report: {where}, Python {sys.version.split()[0]}, torch "

@@ -35,11 +35,15 @@ class TransformersEngine:
 
     ``bundle`` is a ``PolicyBundle`` or anything with its ``model``, ``tokenizer``, ``encoder``
     (``collate``, ``suppressed_token_ids``) and ``stop_ids`` (e.g. a text-only teacher).
+    ``share_prefill=False`` prefills each of a prompt's n copies (``generate``'s own
+    expansion): the path before the shared prefill, kept as ``bench/bench_rollout_prefill.py``'s
+    baseline.
     """
 
-    def __init__(self, bundle: PolicyBundle, batch_size: int = 16):
+    def __init__(self, bundle: PolicyBundle, batch_size: int = 16, share_prefill: bool = True):
         self.bundle = bundle
         self.batch_size = batch_size
+        self.share_prefill = share_prefill
         # generate() swaps the model's generation_config for its duration: one call at a time.
         self._generate_lock = threading.Lock()
 
@@ -105,9 +109,9 @@ class TransformersEngine:
         config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
                                  bundle.encoder.suppressed_token_ids(), logprobs)
         with self._generate_lock, _without_checkpoint_defaults(bundle.model):
-            if n > 1:
+            if n > 1 and self.share_prefill:
                 generated = generate_prefilled_once(bundle.model, batch, config)
-            else:  # greedy evaluation and single samples: nothing to share
+            else:  # greedy evaluation and single samples share nothing
                 generated = bundle.model.generate(**batch, generation_config=config)
         new = generated.sequences[:, batch["input_ids"].shape[1]:]
         completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]

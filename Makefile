@@ -1,20 +1,31 @@
 # Two commands do everything, each setting itself up on first use:
 #   make run    build the venv if needed, then run the default recipe (recipes/cpu_tiny.yaml)
 #   make test   build the venv if needed, then run the test suite
+# On a CUDA node (README, "GPU cluster install"):
+#   make install-gpu   the GPU environment .venv-gpu (CUDA torch, vLLM, DeepSpeed, Ray)
+#   make gpu-check     scripts/gpu_check.py in it, on the first GPU
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.umerl-installed
-# Offline by design: no model hub, wandb offline, DeepSpeed on its CPU accelerator.
+GPU_VENV := .venv-gpu
+GPU_BIN := $(GPU_VENV)/bin
+GPU_STAMP := $(GPU_VENV)/.umerl-gpu-installed
+# The interpreter the GPU venv is made from: Python 3.11 or 3.12 (pyproject's requires-python).
+GPU_PYTHON ?= python3
+# Offline by design: no model hub, wandb offline.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
-export DS_ACCELERATOR := cpu
 export DS_BUILD_OPS := 0
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export RAY_AUTH_MODE := disabled
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed on its CPU accelerator for the CPU targets only (and what they build on the way):
+# the GPU targets below neither inherit it nor pass on one from the calling shell.
+run test test-vllm install $(STAMP): export DS_ACCELERATOR := cpu
+install-gpu gpu-check $(GPU_STAMP): export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(GPU_VENV)/torch_extensions
 
-.PHONY: run test test-vllm lint install clean-venv
+.PHONY: run test test-vllm lint install clean-venv install-gpu gpu-check
 
 run: $(STAMP)
 	$(BIN)/umerl train recipes/cpu_tiny.yaml $(ARGS)
@@ -29,7 +40,7 @@ test-vllm:
 	UMERL_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -q tests/test_vllm_engine.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check umerl rollout rewards tests bench
+	$(BIN)/ruff check umerl rollout rewards tests bench scripts
 
 install: $(STAMP)
 
@@ -45,3 +56,18 @@ $(STAMP): pyproject.toml
 
 clean-venv:
 	rm -rf $(VENV)
+
+install-gpu: $(GPU_STAMP)
+
+# Left to the resolver on purpose: PyPI's torch 2.13.0 for Linux is the CUDA 13.0 build that
+# vllm 0.32.0 pins (with its CUDA libraries as wheels), and the [gpu] extra adds vLLM and the
+# benchmark's data packages. The check refuses a CPU torch (a local +cpu wheel folder in pip's
+# configuration would win: `pip config list` shows one) before anything runs on it.
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_BIN)/python || $(GPU_PYTHON) -m venv $(GPU_VENV)
+	env -u DS_ACCELERATOR $(GPU_BIN)/pip install -q -e ".[gpu]"
+	env -u DS_ACCELERATOR $(GPU_BIN)/python scripts/gpu_env.py
+	touch $(GPU_STAMP)
+
+gpu-check: $(GPU_STAMP)
+	env -u DS_ACCELERATOR $(GPU_BIN)/python scripts/gpu_check.py $(ARGS)

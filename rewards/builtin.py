@@ -19,6 +19,11 @@ Definitions where the formula alone is not enough:
   margin = mean(Pos). topG is then the G positives, rank = 1 and R_emb = mean(Pos).
 - G = 1: rank is 1 when the pair's one positive is the most similar column (ties: lower column
   first), else 0; margin = S[i, pos] - mean(Neg). (GRPO advantages are zero for G = 1 anyway.)
+- Shared targets (``shared``, ``rl.mask_shared_targets``; not in the paper): two pairs of a
+  step may share a target (two images of a seven, one label "seven"). The formula counts the
+  other pair's rollouts as negatives, so a right answer loses rank and margin to rollouts that
+  are as right as itself. With ``shared`` those columns are left out: they are neither in topG
+  nor in Neg (mean over the remaining negatives; none left: taken as 0, as for P = 1).
 """
 
 from __future__ import annotations
@@ -45,21 +50,49 @@ class RankMargin(NamedTuple):
         return self.query_rank * self.query_margin, self.target_rank * self.target_margin
 
 
-def rank_and_margin(query_embs: Tensor, target_embs: Tensor, group_size: int) -> RankMargin:
+def rank_and_margin(query_embs: Tensor, target_embs: Tensor, group_size: int,
+                    shared: Tensor | None = None) -> RankMargin:
     """The two factors of the embedding reward for both sides (see the module docstring).
 
     ``query_embs`` and ``target_embs`` are ``[P*G, d]``, L2-normalised, pair-major. The
-    similarity matrix is computed once, in float32, on the inputs' device.
+    similarity matrix is computed once, in float32, on the inputs' device. ``shared``: an
+    optional symmetric ``bool [P, P]``, True where two different pairs share a target; those
+    pairs' rollouts are left out of each other's negatives and topG.
     """
     _check_pair_major(query_embs, target_embs, group_size)
     query, target = query_embs.detach().float(), target_embs.detach().float()
     sim = query @ target.T  # [P*G queries, P*G targets]
+    if shared is not None and bool(shared.any()):
+        left_out = shared.to(sim.device).repeat_interleave(group_size, 0).repeat_interleave(
+            group_size, 1)
+        query_rank, query_margin = _rank_margin_without(sim, group_size, left_out)
+        target_rank, target_margin = _rank_margin_without(
+            sim.T.contiguous(), group_size, left_out.T.contiguous())
+        return RankMargin(query_rank, query_margin, target_rank, target_margin)
     # Row sums of sim and of sim.T as matrix-vector products (cheaper than summing sim).
     query_rank, query_margin = _rank_margin(sim, group_size, query @ target.sum(dim=0))
     target_rank, target_margin = _rank_margin(
         sim.T.contiguous(), group_size, target @ query.sum(dim=0)
     )
     return RankMargin(query_rank, query_margin, target_rank, target_margin)
+
+
+def _rank_margin_without(sim: Tensor, group_size: int, left_out: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+    """``_rank_margin`` with the ``left_out`` columns of each row in neither topG nor Neg."""
+    rows, cols = sim.shape
+    own = torch.arange(rows, device=sim.device) // group_size
+    own_block = sim.view(rows, cols // group_size, group_size)[torch.arange(rows), own]
+    pos_sum = own_block.sum(dim=1)
+    neg_count = cols - group_size - left_out.sum(dim=1)
+    neg_sum = sim.masked_fill(left_out, 0).sum(dim=1) - pos_sum
+    margin = pos_sum / group_size - torch.where(
+        neg_count > 0, neg_sum / neg_count.clamp(min=1), torch.zeros_like(neg_sum))
+    # -inf ranks a left-out column below every other: the own block (never left out) and the
+    # remaining negatives compete for topG as before, ties included.
+    rank, _ = _rank_margin(sim.masked_fill(left_out, float("-inf")), group_size,
+                           torch.zeros(rows, device=sim.device))
+    return rank, margin
 
 
 def embedding_reward(
@@ -85,8 +118,9 @@ def step_rank_and_margin(ctx: RewardContext) -> RankMargin:
     """``rank_and_margin`` of a step's rollouts, computed once per context: the embedding, rank
     and margin rewards and the learners' ``reward/rank_score`` all read the same one."""
     if "rank_and_margin" not in ctx._derived:
+        shared = ctx.shared_targets() if ctx.mask_shared_targets else None
         ctx._derived["rank_and_margin"] = rank_and_margin(
-            ctx.query_embeddings, ctx.target_embeddings, ctx.group_size)
+            ctx.query_embeddings, ctx.target_embeddings, ctx.group_size, shared)
     return ctx._derived["rank_and_margin"]
 
 

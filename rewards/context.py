@@ -63,6 +63,9 @@ class RewardContext:
     step: int = 0
     disc_query_embeddings: Tensor | None = None
     disc_target_embeddings: Tensor | None = None
+    # ``rl.mask_shared_targets``: the embedding reward leaves out of the negatives (and of
+    # topG) the rollouts of other pairs with the same target as the anchor's pair.
+    mask_shared_targets: bool = False
     # What the built-in rewards derive from the step once and share (``rewards.builtin``).
     _derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False,
                                      compare=False)
@@ -73,6 +76,13 @@ class RewardContext:
     def num_pairs(self) -> int:
         """P, the number of (query, target) pairs in the step."""
         return self.query_embeddings.shape[0] // self.group_size
+
+    def shared_targets(self) -> Tensor:
+        """``bool [P, P]``: pairs p != q whose targets are the same (text, images, video)."""
+        keys = [repr(sorted(m.get("target", {}).items())) if isinstance(m.get("target"), dict)
+                else repr(m.get("target")) for m in self.meta]
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.bool)
+        return same & ~torch.eye(len(keys), dtype=torch.bool)
 
     @property
     def num_rollouts(self) -> int:
@@ -148,6 +158,7 @@ class RewardContext:
         step: int = 0,
         disc_query_embeddings: Tensor | None = None,
         disc_target_embeddings: Tensor | None = None,
+        mask_shared_targets: bool = False,
         norm_tolerance: float | None = 1e-2,
     ) -> RewardContext:
         """Check shapes and build the context; index tensors are derived from the layout.
@@ -220,6 +231,7 @@ class RewardContext:
                 "disc_target_embeddings", disc_target_embeddings, num_pairs, group_size,
                 norm_tolerance,
             ),
+            mask_shared_targets=bool(mask_shared_targets),
         )
 
     @classmethod

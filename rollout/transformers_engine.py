@@ -1,5 +1,10 @@
 """The CPU rollout engine: batched ``transformers`` generate with the KV cache on.
 
+n samples of a prompt share its prefill (``generate_prefilled_once``): each distinct prompt, its
+images and video through the vision tower, runs once, and its key/value cache is repeated n
+times before sampling. ``generate(..., num_return_sequences=n)`` would instead expand the prompt
+n times and prefill every copy.
+
 Decoding depends on our ``SamplingParams`` only, as vLLM's does (``rollout.vllm_engine``):
 ``generate`` merges the model's ``generation_config`` (the checkpoint's generation_config.json,
 e.g. a Qwen instruct release's ``repetition_penalty``, ``top_k`` or ``top_p``) into every unset
@@ -10,12 +15,14 @@ global defaults (no penalties, no n-gram blocking, no forced tokens).
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from umerl.data.formats import Side
 from umerl.model.inputs import EncodedPrompt
@@ -28,11 +35,15 @@ class TransformersEngine:
 
     ``bundle`` is a ``PolicyBundle`` or anything with its ``model``, ``tokenizer``, ``encoder``
     (``collate``, ``suppressed_token_ids``) and ``stop_ids`` (e.g. a text-only teacher).
+    ``share_prefill=False`` prefills each of a prompt's n copies (``generate``'s own
+    expansion): the path before the shared prefill, kept as ``bench/bench_rollout_prefill.py``'s
+    baseline.
     """
 
-    def __init__(self, bundle: PolicyBundle, batch_size: int = 16):
+    def __init__(self, bundle: PolicyBundle, batch_size: int = 16, share_prefill: bool = True):
         self.bundle = bundle
         self.batch_size = batch_size
+        self.share_prefill = share_prefill
         # generate() swaps the model's generation_config for its duration: one call at a time.
         self._generate_lock = threading.Lock()
 
@@ -98,7 +109,10 @@ class TransformersEngine:
         config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
                                  bundle.encoder.suppressed_token_ids(), logprobs)
         with self._generate_lock, _without_checkpoint_defaults(bundle.model):
-            generated = bundle.model.generate(**batch, generation_config=config)
+            if n > 1 and self.share_prefill:
+                generated = generate_prefilled_once(bundle.model, batch, config)
+            else:  # greedy evaluation and single samples share nothing
+                generated = bundle.model.generate(**batch, generation_config=config)
         new = generated.sequences[:, batch["input_ids"].shape[1]:]
         completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]
         token_logprobs: list[list[float]] = [[] for _ in completions]
@@ -112,6 +126,47 @@ class TransformersEngine:
                               for row, ids in enumerate(completions)]
         return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
                 [token_logprobs[i * n:(i + 1) * n] for i in range(len(prompts))])
+
+
+def generate_prefilled_once(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: GenerationConfig
+) -> GenerateDecoderOnlyOutput:
+    """``model.generate(**batch, generation_config=config)``, each prompt prefilled once for
+    its ``config.num_return_sequences`` samples.
+
+    Every prompt but its last token (all of its image and video tokens) runs through the model
+    once; the cache is repeated n times, and ``generate`` continues the n copies from the last
+    prompt token, sampling as it would have (the same rows in the same order, so the same
+    random draws). The positions are the ones ``generate`` gives the whole prompts (Qwen-VL's
+    M-RoPE positions come from the image and video grids): the prefix and its continuation
+    must share them, and a continuation cannot recompute them without the grids.
+    """
+    n = config.num_return_sequences or 1
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    if input_ids.shape[1] < 2:
+        raise ValueError("a prompt needs at least two tokens to share its prefill")
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    positions = model._prepare_position_ids_for_generation(input_ids, dict(batch))
+    prefix_mask = mask[:, :-1]
+    if "mm_token_type_ids" in media:
+        media["mm_token_type_ids"] = media["mm_token_type_ids"][:, :-1]
+    prefix = model(
+        input_ids=input_ids[:, :-1], position_ids=positions[..., :-1], use_cache=True,
+        # generate drops an all-ones mask too: the same attention kernel as its prefill.
+        attention_mask=None if bool((prefix_mask == 1).all()) else prefix_mask,
+        logits_to_keep=1, **media,
+    )
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(n)
+    batch_dim = 1 if positions.ndim == 3 else 0  # M-RoPE positions are [4, batch, length]
+    continued = copy.deepcopy(config)
+    continued.num_return_sequences = 1
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(n, dim=0),
+        attention_mask=mask.repeat_interleave(n, dim=0),
+        position_ids=positions.repeat_interleave(n, dim=batch_dim),
+        past_key_values=cache, generation_config=continued,
+    )
 
 
 def decoding_config(

@@ -5,9 +5,12 @@
     python scripts/gpu_check.py --device cpu     # the same checks on CPU (what CI runs)
 
 Runs from the source tree (no install). Needs Python >= 3.10, torch >= 2.4 with CUDA,
-transformers >= 5.16, deepspeed >= 0.17, omegaconf >= 2.3, pillow, numpy, pyyaml. It builds the
-tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world size 1, bf16 where the
-GPU has it, gradient checkpointing on):
+transformers >= 5.16 (torchvision not needed), deepspeed >= 0.17, omegaconf >= 2.3, pillow,
+numpy, pyyaml; Ray and vLLM are not used. A machine with only torch, transformers, numpy, pillow
+and pyyaml and no network gets the rest from the wheel folder `scripts/device_bundle.sh` builds
+elsewhere (README, "Checking the GPU path"); without them this script says which are missing and
+exits 1. It builds the tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world
+size 1, bf16 where the GPU has it, gradient checkpointing on):
 
 - a few SFT steps on one fixed contrastive batch: the loss is finite and falls;
 - the model trains in train mode and gradient checkpointing really recomputes its layers;
@@ -15,19 +18,26 @@ GPU has it, gradient checkpointing on):
   (under ZeRO-3: gathered) weights bit for bit, and it resumes at the saved step;
 - a few GRPO learner steps: the frozen reference sits on the policy's device, the loss is
   finite, and the gathered weights a rollout engine would receive equal the saved ones;
+- the frozen reference as a ZeRO-3 engine (``learner.reference_placement`` zero3 and
+  zero3_offload): its log-probs equal the full copy's; on CUDA the offloaded one is never
+  whole on the GPU;
 - the same learner under ZeRO-2 without gradient checkpointing, where it runs each prompt once
   (``learner.shared_prompt``): its forward equals whole rows' on the device.
 
-One line per check, then a summary; exit status 1 if any check failed. Without CUDA (and no
---device cpu) it says so and exits 0 having checked nothing. Under 5 minutes on a modern GPU.
+One line per check as it runs, then a one-screen report (every check, PASS or FAIL, its figure;
+the versions, the device and the process's peak memory) and a summary line last; exit status 1
+if any check failed. Without CUDA (and no --device cpu) it says so and exits 0 having checked
+nothing. Under 5 minutes on a modern GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -39,6 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULTS: list[tuple[str, bool, str]] = []
+# What the checks import beyond torch, transformers, numpy, pillow and pyyaml (the device bundle).
+BUNDLED = ("deepspeed", "omegaconf")
+REPORT_NAME, REPORT_FIGURE = 56, 56  # columns of the report: one screen of 120
 
 
 def check(name: str, ok: bool, detail: str = "") -> None:
@@ -188,6 +201,57 @@ def learner_checks(tag: str, cfg, model_dir: str) -> None:
           f"{digest[:12]}")
 
 
+def reference_checks(tag: str, cfg, model_dir: str, data: Path) -> None:
+    """``learner.reference_placement`` zero3 and zero3_offload (world size 1) against the full
+    copy: the same log-probs on a batch of prompts and completions; on CUDA, the offloaded
+    reference is never whole on the GPU (partitioned before DeepSpeed would move it there) and
+    keeps only its small persistent parameters there after a forward."""
+    import torch
+
+    from umerl.data.formats import read_sft_pairs
+    from umerl.model.loading import load_encoder
+    from umerl.train.reference import build_reference, resident_elements
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    pairs = read_sft_pairs(data)[0][:3]
+    encoder = load_encoder(model_dir, max_pixels=cfg.model.max_pixels)
+    logprobs, held, peaks = {}, {}, {}
+    for placement in ("device", "zero3", "zero3_offload"):
+        cfg.learner.reference_placement = placement
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        reference = build_reference(cfg, model_dir, device)
+        if device.type == "cuda":
+            peaks[placement] = torch.cuda.max_memory_allocated() - base
+        inputs = encoder.policy_inputs([encoder.encode(p.query) for p in pairs],
+                                       [encoder.tokenizer(p.query.completion,
+                                                          add_special_tokens=False)["input_ids"]
+                                        for p in pairs])
+        with torch.no_grad():
+            out = reference(**{k: v.to(device) for k, v in inputs.items()})
+        logprobs[placement] = out.logprobs[out.completion_mask].float().cpu()
+        held[placement] = resident_elements(reference)
+        del reference, out
+    full = sum(held["device"].values())
+    tolerance = 1e-2 if str(cfg.model.dtype) == "bfloat16" else 1e-5
+    worst = max(float((logprobs[p] - logprobs["device"]).abs().max())
+                for p in ("zero3", "zero3_offload"))
+    check(f"{tag} reference log-probs equal the full copy's", worst <= tolerance,
+          f"max |d logp| {worst:.2e} over {logprobs['device'].numel()} tokens "
+          f"(tolerance {tolerance:g})")
+    if device.type == "cuda":
+        on_gpu = held["zero3_offload"].get("cuda", 0)
+        full_bytes = peaks["device"]
+        check(f"{tag} offloaded reference stays off the GPU",
+              on_gpu < 0.1 * full and peaks["zero3_offload"] < 0.5 * full_bytes,
+              f"{on_gpu} of {full} elements on the GPU after a forward; peak "
+              f"{peaks['zero3_offload'] / 2**20:.1f} MiB while building (full copy "
+              f"{full_bytes / 2**20:.1f} MiB)")
+
+
 def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> None:
     """The learner's shared-prompt forward against whole rows, on its device and dtype:
     image and text prompts of different lengths, completions cut to different lengths, so both
@@ -211,6 +275,123 @@ def shared_prompt_check(tag: str, learner, sides: list, completions: list) -> No
           f"(tolerance {tolerance:g})")
 
 
+# Chunked log-probs against the full log_softmax. In bf16 the head's logits are rounded to 8
+# bits of mantissa in both, but the chunked GEMMs may round differently (other tile shapes):
+# up to a spacing of bf16 at the logit's magnitude (2^-6 below 4), so 0.05 nats; fp32: 1e-4.
+LOGPROB_TOLERANCE = {True: 5e-2, False: 1e-4}
+
+
+def logprob_chunk_check(device: str, bf16: bool) -> None:
+    """``chunked_token_logprobs`` (the learner's, 1024-token chunks) equals the full
+    log_softmax on this device, values and the hidden states' gradients, at a Qwen2-VL vocab
+    on CUDA (smaller on CPU); on CUDA also the peak memory of each, forward and backward."""
+    import torch
+
+    from umerl.model.policy import chunked_token_logprobs
+
+    tokens, width, vocab = (4096, 1536, 151_936) if device == "cuda" else (512, 64, 4096)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(width, vocab, bias=False).to(device, dtype)
+    with torch.no_grad():  # unit-variance logits: the targets' stay below ~4, where bf16's
+        # spacing is 2^-6, well inside the tolerance
+        head.weight.copy_(torch.randn(vocab, width, generator=gen) / width ** 0.5)
+    hidden0 = torch.randn(tokens, width, generator=gen).to(device, dtype)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+
+    def run(chunked: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        hidden = hidden0.clone().requires_grad_()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        if chunked:
+            values = chunked_token_logprobs(head, hidden, targets, chunk_tokens=1024)
+        else:
+            values = torch.log_softmax(head(hidden).float(), dim=-1).gather(
+                -1, targets.unsqueeze(-1)).squeeze(-1)
+        values.sum().backward()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else 0.0
+        return values.detach().float(), hidden.grad.float(), peak
+
+    full, full_grad, full_peak = run(chunked=False)
+    part, part_grad, part_peak = run(chunked=True)
+    worst = float((part - full).abs().max())
+    worst_grad = float((part_grad - full_grad).abs().max() / full_grad.abs().max())
+    tolerance = LOGPROB_TOLERANCE[bf16]
+    peaks = (f"; peak {part_peak:.2f} GiB chunked vs {full_peak:.2f} GiB full"
+             if device == "cuda" else "")
+    check(f"chunked log-probs {'bf16' if bf16 else 'fp32'} equal the full log_softmax",
+          worst <= tolerance and worst_grad <= tolerance and (device != "cuda"
+                                                             or part_peak < full_peak),
+          f"{tokens} tokens x vocab {vocab}: max |diff| {worst:.2e} (tolerance {tolerance:g}), "
+          f"gradient {worst_grad:.2e} of its largest{peaks}")
+
+
+def learner_peak_check(tag: str, cfg, model_dir: str, device: str) -> None:
+    """One GRPO learner step's peak memory on the device, next to ``umerl plan``'s estimate of
+    the same learner (the tiny model's config; rows and tokens of this step)."""
+    import torch
+
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.data.formats import read_rl_pairs
+    from umerl.model.sampling import SamplingParams
+    from umerl.plan import learner_column, resolve_shape
+    from umerl.train.learner import Learner, StepShard
+
+    learner = Learner(cfg, model_dir, model_dir)
+    pairs, _ = read_rl_pairs(cfg.rl.data[0])
+    batch = pairs[:2]
+    engine = TransformersEngine(learner.bundle)
+    sampling = SamplingParams(max_new_tokens=8, seed=1)
+    learner.bundle.model.eval()
+    q = engine.generate([p.query for p in batch], 2, sampling, seeds=[1, 2])
+    t = engine.generate([p.target for p in batch], 2, sampling, seeds=[3, 4])
+    learner.bundle.model.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    loss = learner.step(StepShard(1, batch, 0, q, t))["actor/loss"]
+    estimate = learner_column(cfg, resolve_shape(model_dir), 80 << 30)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        figure = f"peak {peak:.3f} GiB allocated; umerl plan: {estimate.total / 2**30:.3f} GiB"
+    else:
+        figure = f"umerl plan: {estimate.total / 2**30:.3f} GiB (no device peak on CPU)"
+    check(f"{tag} learner step peak memory", math.isfinite(loss), figure)
+
+
+def missing_modules() -> list[str]:
+    """The bundled modules this interpreter cannot import (find_spec: nothing is imported)."""
+    return [name for name in BUNDLED if importlib.util.find_spec(name) is None]
+
+
+def peak_memory(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated on the GPU"
+    # ru_maxrss is in KiB on Linux
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"
+
+
+def first_line(text: str, width: int) -> str:
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def report(header: list[str]) -> None:
+    """Every check on one screen: name, PASS/FAIL, its figure (the detail's first line)."""
+    print("=" * (REPORT_NAME + REPORT_FIGURE + 8))
+    for line in header:
+        print(line)
+    print(f"{'check':<{REPORT_NAME}}  {'':4}  figure")
+    for name, ok, detail in RESULTS:
+        print(f"{first_line(name, REPORT_NAME):<{REPORT_NAME}}  {'PASS' if ok else 'FAIL'}  "
+              f"{first_line(detail, REPORT_FIGURE)}")
+    print("=" * (REPORT_NAME + REPORT_FIGURE + 8), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -221,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
+    missing = missing_modules()
+    if missing:
+        print(f"gpu_check: {', '.join(missing)} not installed here; on a machine without network, "
+              "build the wheel folder elsewhere with `bash scripts/device_bundle.sh` and install "
+              "it with `pip install --no-index --find-links build/device-bundle "
+              "-r build/device-bundle/requirements.txt`")
+        return 1
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -251,13 +439,27 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(root / f"zero{zero}", data, zero, bf16, steps=5)
         guarded(f"{tag} SFT", lambda tag=tag, cfg=cfg: sft_checks(tag, cfg, model_dir))
         guarded(f"{tag} learner", lambda tag=tag, cfg=cfg: learner_checks(tag, cfg, model_dir))
+    tag = f"ZeRO-3{' bf16' if bf16 else ''}"
+    cfg = config(root / "reference", data, 3, bf16, 5)
+    guarded(f"{tag} reference", lambda: reference_checks(tag, cfg, model_dir, data))
     # Without gradient checkpointing the learner runs each prompt once (learner.shared_prompt).
     tag = f"ZeRO-2{' bf16' if bf16 else ''} shared prompt"
     cfg = config(root / "shared", data, 2, bf16, 5, "learner.gradient_checkpointing=false")
     guarded(f"{tag} learner", lambda: learner_checks(tag, cfg, model_dir))
+    tag = "bf16" if bf16 else "fp32"
+    guarded(f"chunked log-probs {tag}", lambda: logprob_chunk_check(args.device, bf16))
+    tag = f"ZeRO-2{' bf16' if bf16 else ''}"
+    cfg = config(root / "peak", data, 2, bf16, 5)
+    guarded(f"{tag} learner step peak memory",
+            lambda: learner_peak_check(tag, cfg, model_dir, args.device))
     failed = [name for name, ok, _ in RESULTS if not ok]
+    seconds = time.perf_counter() - start
+    report([f"gpu_check report: {where}, Python {sys.version.split()[0]}, torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, deepspeed "
+            f"{deepspeed.__version__}",
+            f"{len(RESULTS)} checks in {seconds:.0f} s, peak memory {peak_memory(args.device)}"])
     print(f"gpu_check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed in "
-          f"{time.perf_counter() - start:.0f} s ({root})", flush=True)
+          f"{seconds:.0f} s ({root})", flush=True)
     return 1 if failed else 0
 
 

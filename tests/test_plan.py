@@ -65,7 +65,7 @@ def test_gpu_recipes_fit_80_gib(size, capsys):
     assert f"built-in qwen2-vl-{size}" in out and "DOES NOT FIT" not in out
     learner = out.split("learner GPU")[1].split("rollout GPU")[0]
     margin = float(learner.split("margin ")[1].split(" GiB")[0])
-    assert margin >= 10, out  # the 7B learner: 21 GiB of 80 at the time of writing
+    assert margin >= 10, out  # the 7B learner (ZeRO-3 reference): 32.6 GiB at the time of writing
 
 
 def test_a_gpu_too_small_is_exit_3_and_named(capsys):
@@ -82,3 +82,36 @@ def test_images_bound_by_max_pixels_shrink_the_activations():
         step = learner_column(cfg, shape, 80 * GIB).transient["step"]
         figures[pixels] = dict((item, b) for item, b, _ in step)["activations"]
     assert figures["null"] > 3 * figures["1003520"]
+
+
+@pytest.mark.parametrize("placement,kl_beta,gpu_elements", [
+    ("device", 0.04, 8_291_375_616), ("zero3", 0.04, 8_291_375_616 // 4),
+    ("zero3_offload", 0.04, 0), ("device", 0.0, 0), ("zero3", 0.0, 0)])
+def test_reference_line_follows_its_placement(placement, kl_beta, gpu_elements):
+    """learner.reference_placement: a full bf16 copy per GPU, a quarter of it over 4 ZeRO-3
+    learners, none on the GPU offloaded (its partition in CPU memory, said in a note), none
+    at all without a KL term; the ZeRO-3 ones add a reference forward's gathered layers.
+    8,291,375,616: Qwen2-VL-7B's published parameter count (8.29B)."""
+    shape = shape_from_config(KNOWN_MODELS["qwen2-vl-7b"], "7b")
+    assert shape.total == 8_291_375_616
+    cfg = load_recipe("recipes/qwen2vl_7b_grpo.yaml", [
+        f"learner.reference_placement={placement}", f"rl.kl_beta={kl_beta}"])
+    col = learner_column(cfg, shape, 80 * GIB)
+    held = {item: b for item, b, _ in col.held}
+    assert held["reference policy"] == gpu_elements * 2
+    sharded = placement != "device" and kl_beta > 0
+    assert ("reference forward" in col.transient) == sharded
+    offloaded = [n for n in col.notes if "CPU memory" in n]
+    assert len(offloaded) == (placement == "zero3_offload" and kl_beta > 0)
+    if offloaded:
+        assert f"{8_291_375_616 * 2 / 4 / GIB:.1f} GiB per learner process" in offloaded[0]
+
+
+def test_the_7b_recipe_fits_better_with_its_reference_sharded():
+    """The recipe's zero3 reference leaves 3/4 of the 15.4 GiB copy free on every learner."""
+    shape = shape_from_config(KNOWN_MODELS["qwen2-vl-7b"], "7b")
+    margins = {placement: learner_column(load_recipe("recipes/qwen2vl_7b_grpo.yaml", [
+        f"learner.reference_placement={placement}"]), shape, 80 * GIB).margin
+        for placement in ("device", "zero3")}
+    assert load_recipe("recipes/qwen2vl_7b_grpo.yaml", []).learner.reference_placement == "zero3"
+    assert margins["zero3"] - margins["device"] == 8_291_375_616 * 2 * 3 // 4

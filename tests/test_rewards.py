@@ -31,23 +31,26 @@ GOOD = "<think>a</think><answer>b</answer><gen_emb>"
 # --- the paper's formula, written out with Python loops --------------------------------------
 
 
-def reference_side(anchors: list[list[float]], others: list[list[float]], group: int) -> list:
+def reference_side(anchors: list[list[float]], others: list[list[float]], group: int,
+                   shared: set[tuple[int, int]] = frozenset()) -> list:
     """R_emb for each anchor rollout against all rollouts of the other side.
 
     The definition: docs/method.md, 'The embedding reward'.
 
     topG: columns sorted by similarity, descending, ties by lower column index first.
-    A single pair has no negatives: mean(N) is taken as 0.
+    A single pair has no negatives: mean(N) is taken as 0. ``shared``: (p, q) pairs of pairs
+    with one target; q's rollouts are dropped from p's candidates (rl.mask_shared_targets).
     """
     n = len(anchors)
     out = []
     for i in range(n):
         pair = i // group
         sims = [sum(a * b for a, b in zip(anchors[i], others[k])) for k in range(n)]
-        order = sorted(range(n), key=lambda k: (-sims[k], k))
+        kept = [k for k in range(n) if (pair, k // group) not in shared]
+        order = sorted(kept, key=lambda k: (-sims[k], k))
         top = order[:group]
-        positives = [k for k in range(n) if k // group == pair]
-        negatives = [k for k in range(n) if k // group != pair]
+        positives = [k for k in kept if k // group == pair]
+        negatives = [k for k in kept if k // group != pair]
         rank = len([k for k in top if k in positives]) / group
         mean_pos = sum(sims[k] for k in positives) / len(positives)
         mean_neg = sum(sims[k] for k in negatives) / len(negatives) if negatives else 0.0
@@ -55,9 +58,10 @@ def reference_side(anchors: list[list[float]], others: list[list[float]], group:
     return out
 
 
-def reference(query: torch.Tensor, target: torch.Tensor, group: int) -> tuple[list, list]:
+def reference(query: torch.Tensor, target: torch.Tensor, group: int,
+              shared: set[tuple[int, int]] = frozenset()) -> tuple[list, list]:
     q, t = query.double().tolist(), target.double().tolist()
-    return reference_side(q, t, group), reference_side(t, q, group)
+    return reference_side(q, t, group, shared), reference_side(t, q, group, shared)
 
 
 def random_embeddings(pairs: int, group: int, dim: int, seed: int, noise: float = 1.0):
@@ -96,6 +100,65 @@ def test_embedding_reward_ties_follow_column_order(pairs: int, group: int, seed:
     want_q, want_t = reference(query, target, group)
     assert torch.allclose(got_q.double(), torch.tensor(want_q, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(got_t.double(), torch.tensor(want_t, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("pairs,group", [(2, 2), (3, 4), (4, 8), (6, 3), (7, 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tied", [False, True])
+def test_shared_targets_left_out_match_loop_reference(pairs: int, group: int, seed: int,
+                                                      tied: bool) -> None:
+    """rl.mask_shared_targets: pairs sharing a target drop out of each other's topG and Neg;
+    random target labels (a few classes, so some pairs share one, some whole steps all)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (pairs,), generator=gen).tolist()
+    shared = {(p, q) for p in range(pairs) for q in range(pairs)
+              if p != q and labels[p] == labels[q]}
+    if tied:  # exact float32 dot products, many ties at the G-th place
+        choices = torch.tensor([[0.5, 0.5, 0.5, 0.5], [1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+        query = choices[torch.randint(0, 3, (pairs * group,), generator=gen)]
+        target = choices[torch.randint(0, 3, (pairs * group,), generator=gen)]
+    else:
+        query, target = random_embeddings(pairs, group, dim=16, seed=seed)
+    matrix = torch.tensor([[(p, q) in shared for q in range(pairs)] for p in range(pairs)])
+    got_q, got_t = rewards.rank_and_margin(query, target, group, matrix).reward()
+    want_q, want_t = reference(query, target, group, shared)
+    assert torch.allclose(got_q.double(), torch.tensor(want_q, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(got_t.double(), torch.tensor(want_t, dtype=torch.float64), atol=1e-5)
+
+
+def test_a_right_answer_is_not_marked_down_for_its_twin_pair() -> None:
+    """Two pairs with one target (two images of a seven), G = 2, answers all "seven" (one
+    embedding): the paper's formula gives the right answers rank 1/2 and margin 0 against
+    their twin; with the twin left out, rank 1 and margin = the similarity, 0.8."""
+    seven = torch.tensor([[1.0, 0.0]])
+    query = torch.tensor([[0.8, 0.6]]).repeat(4, 1)
+    target = seven.repeat(4, 1)
+    plain = rewards.rank_and_margin(query, target, 2)
+    assert plain.query_rank.tolist() == [1.0, 1.0, 0.0, 0.0]  # pair 1 loses topG to pair 0
+    assert plain.query_margin.tolist() == pytest.approx([0.0] * 4)
+    masked = rewards.rank_and_margin(query, target, 2, torch.tensor([[False, True],
+                                                                     [True, False]]))
+    assert masked.query_rank.tolist() == [1.0] * 4
+    assert masked.query_margin.tolist() == pytest.approx([0.8] * 4)
+    assert masked.reward()[1].tolist() == pytest.approx([0.8] * 4)
+
+
+def test_the_context_finds_shared_targets_and_the_flag_reaches_the_reward() -> None:
+    query, target = random_embeddings(3, 2, dim=8, seed=5)
+    meta = [{"id": str(p), "target": {"text": text, "images": [], "video": []}}
+            for p, text in enumerate(["seven", "two", "seven"])]
+    common = dict(completions=[GOOD] * 12, completion_ids=[[1]] * 12, query_embeddings=query,
+                  target_embeddings=target, group_size=2, meta=meta)
+    ctx = RewardContext.build(**common, mask_shared_targets=True)
+    assert ctx.shared_targets().tolist() == [[False, False, True], [False, False, False],
+                                             [True, False, False]]
+    want_q, want_t = reference(query, target, 2, {(0, 2), (2, 0)})
+    got = rewards.load_reward("embedding")(ctx)
+    assert torch.allclose(got.double(), torch.tensor(want_q + want_t, dtype=torch.float64),
+                          atol=1e-5)
+    plain = rewards.load_reward("embedding")(RewardContext.build(**common))
+    assert torch.allclose(plain.double(), torch.tensor(sum(reference(query, target, 2), []),
+                                                       dtype=torch.float64), atol=1e-5)
 
 
 def test_embedding_reward_tie_rule_by_hand() -> None:

@@ -88,3 +88,46 @@ def test_the_heartbeat_keeps_a_long_run_live(tmp_path: Path, monkeypatch) -> Non
         holder = json.loads(lock.read_text())
         assert holder["heartbeat"] > first and holder["pid"] == os.getpid()
         assert not rl.is_stale({**holder, "host": "another-host"})
+
+
+def _race_to_take_over(folder: str, barrier, late: bool, results) -> None:
+    """One of two runs that judge the same dead holder's lock stale at the same moment; the
+    ``late`` one reaches the removal 0.5 s after the other has put its own lock in place."""
+    judge = rl.is_stale
+    judged = []
+
+    def is_stale(holder, now=None):
+        stale = judge(holder, now)
+        if stale and not judged:  # the first judgement only: both runs have judged it
+            judged.append(True)
+            barrier.wait(timeout=30)
+            if late:
+                time.sleep(0.5)
+        return stale
+
+    rl.is_stale = is_stale
+    try:
+        with run_lock(folder):
+            results.put("held")
+            time.sleep(1.5)  # hold it while the other run decides
+    except FolderLocked:
+        results.put("refused")
+
+
+def test_two_runs_taking_over_one_stale_lock_at_once_leave_one_holder(tmp_path: Path) -> None:
+    """Without the guarded takeover the late run removed the early one's fresh lock (which it
+    had judged stale as the dead holder's) and both held the folder."""
+    import multiprocessing
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_lock(tmp_path, dead.pid, started=time.time() - 5)
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(2), context.Queue()
+    runs = [context.Process(target=_race_to_take_over, args=(str(tmp_path), barrier, late,
+                                                             results)) for late in (False, True)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert sorted(results.get(timeout=5) for _ in runs) == ["held", "refused"]

@@ -9,14 +9,18 @@ learner GPU, held for the run:
     weights (bf16, or the model dtype without bf16), sharded under ZeRO-3 over the learners;
     gradients of the trained parameters in fp32, sharded under ZeRO-2/3; Adam's two moments
     plus an fp32 master copy when training in bf16 (fp32 weights are their own master),
-    sharded under ZeRO-1/2/3; the frozen reference policy, a full copy in the model dtype;
+    sharded under ZeRO-1/2/3; the frozen reference policy in the model dtype as
+    ``learner.reference_placement`` puts it (a full copy, a ZeRO-3 partition over the
+    learners, or none on the GPU when offloaded to CPU; nothing without a KL term);
     ZeRO-3's gathered parameters (DeepSpeed's default stage3_max_live_parameters, 1e9);
     CUDA context and communication buffers.
-learner GPU, per micro-batch (the step) or per weight sync, whichever is larger:
+learner GPU, per micro-batch (the step), per reference forward (ZeRO-3 reference) or per
+weight sync, whichever is larger:
     step: activations of ``micro_batch_size`` rows of prompt + completion tokens (with
     gradient checkpointing: every layer's input plus one layer's working set; without: every
     layer's working set), and 4 chunks of fp32 vocabulary logits (the peak measured in
-    tests/test_logprob_chunks.py); sync (rank 0): two bucket buffers plus one gathered bucket.
+    tests/test_logprob_chunks.py); reference forward: its gathered parameters (as the
+    policy's) and the same logits; sync (rank 0): two bucket buffers plus one gathered bucket.
 rollout GPU (vLLM): gpu_memory_utilization x the GPU is vLLM's; the weights' share over
     tensor-parallel ranks and a fixed activation reserve come off it, the rest is KV cache.
 
@@ -189,8 +193,8 @@ def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
         ("optimizer states", T * (12 if weight_bytes < 4 else 8) // (world if stage >= 1 else 1),
          ("Adam m, v + fp32 master" if weight_bytes < 4 else "Adam m, v")
          + (f" {over}" if stage >= 1 else "")),
-        ("reference policy", P * model_bytes, f"full copy, {model_bytes} B/param"),
     ]
+    col.held.append(_reference_line(cfg, P, model_bytes, world))
     if stage == 3:
         live = min(P, ZERO3_MAX_LIVE_PARAMETERS)
         col.held.append(("ZeRO-3 gathered params", live * weight_bytes,
@@ -215,10 +219,36 @@ def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
         ("log-prob logits", LOGIT_CHUNK_COPIES * chunk * shape.vocab * 4,
          f"{LOGIT_CHUNK_COPIES} x {chunk} tokens x {shape.vocab} vocab x fp32"),
     ]
+    if _reference_sharded(cfg):
+        col.transient["reference forward"] = [
+            ("reference gathered", min(P, ZERO3_MAX_LIVE_PARAMETERS) * model_bytes,
+             "stage3_max_live_parameters (DeepSpeed default 1e9)"),
+            col.transient["step"][1]]
+    if str(lcfg.reference_placement) == "zero3_offload" and float(rcfg.kl_beta) > 0:
+        col.notes.append(f"reference partitions in CPU memory: {P * model_bytes / world / GIB:.1f}"
+                         f" GiB per learner process ({P / 1e9:.2f}B x {model_bytes} B / {world})")
     bucket = max(int(float(rcfg.weight_sync_bucket_mb) * 2**20), shape.largest_tensor * 2)
     col.transient["weight sync (rank 0)"] = [
         ("sync buffers", 3 * bucket, "2 bucket buffers + 1 gathered bucket (freed after)")]
     return col
+
+
+def _reference_sharded(cfg: Any) -> bool:
+    return float(cfg.rl.kl_beta) > 0 and str(cfg.learner.reference_placement) != "device"
+
+
+def _reference_line(cfg: Any, params: int, model_bytes: int, world: int
+                    ) -> tuple[str, int, str]:
+    """The frozen reference on a learner GPU (``umerl.train.reference``)."""
+    placement = str(cfg.learner.reference_placement)
+    if float(cfg.rl.kl_beta) == 0:
+        return ("reference policy", 0, "not built (rl.kl_beta 0)")
+    if placement == "device":
+        return ("reference policy", params * model_bytes, f"full copy, {model_bytes} B/param")
+    if placement == "zero3":
+        return ("reference policy", -(-params // world) * model_bytes,
+                f"ZeRO-3 partition: {params / 1e9:.2f}B x {model_bytes} B / {world} ranks")
+    return ("reference policy", 0, "ZeRO-3 partitions offloaded to CPU memory")
 
 
 def rollout_column(cfg: Any, shape: ModelShape, gpu_bytes: int, prompt_len: int) -> Column:
@@ -294,7 +324,8 @@ def run_plan(recipe: str, overrides: list[str], gpu_memory_gb: float,
         return 0
     print(f"umerl plan: does not fit {gpu_memory_gb:g} GiB: lower learner.micro_batch_size, "
           "model.max_pixels or rl.max_new_tokens, raise learner.zero_stage or "
-          "learner.num_workers, or enable learner.gradient_checkpointing")
+          "learner.num_workers, enable learner.gradient_checkpointing, or (under ZeRO-3) set "
+          "learner.reference_placement to zero3 or zero3_offload")
     return 3
 
 

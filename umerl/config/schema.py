@@ -265,6 +265,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.weight_sync_bucket_mb": POSITIVE,
     "rl.weight_sync_timeout_s": POSITIVE,
     "rl.reward_timeout_s": POSITIVE,
+    "rl.mask_shared_targets": Bool(),
     "rl.weight_sync_verify_every": Int(0),
     "rl.max_staleness": OneOf(0, 1),
     **_pool("rollout"),
@@ -286,6 +287,7 @@ SCHEMA: dict[str, Rule] = {
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
     "learner.logprob_chunk_tokens": Int(1),
+    "learner.reference_placement": OneOf("device", "zero3", "zero3_offload"),
     "learner.single_forward": OneOf("auto", True, False),
     "learner.shared_prompt": OneOf("auto", True, False),
     "learner.shared_media": Bool(),
@@ -408,6 +410,18 @@ def _shared_prompt(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _reference_placement(c: DictConfig, s: Sources) -> str | None:
+    """A ZeRO-3 reference runs the policy's micro-batches, and each of its forwards is a
+    collective whose vision-tower calls must match across ranks: the policy's ZeRO-3 inputs
+    guarantee it, the shared-prompt ones (below ZeRO-3) do not."""
+    placement = str(c.learner.reference_placement)
+    if placement != "device" and int(c.learner.zero_stage) != 3:
+        return (f"{s.describe('learner.reference_placement')} = {placement} needs "
+                f"{s.describe('learner.zero_stage')} = 3, got {c.learner.zero_stage}; use "
+                "device below ZeRO-3")
+    return None
+
+
 def _direct_ports_apart(c: DictConfig, s: Sources) -> str | None:
     first = c.serve.direct_port
     if first is not None and first <= int(c.serve.port) < first + DIRECT_PORT_SPAN:
@@ -495,9 +509,9 @@ def _timeouts_ordered(c: DictConfig, s: Sources) -> str | None:
 
 
 LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
-                        _shared_prompt)
+                        _shared_prompt, _reference_placement)
 CROSS_RULES: Rules = (
-    _learner_sizes, _single_forward, _shared_prompt, _direct_ports_apart, _vllm_whole_gpus,
-    _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
+    _learner_sizes, _single_forward, _shared_prompt, _reference_placement, _direct_ports_apart,
+    _vllm_whole_gpus, _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
     _timeouts_ordered,
 )

@@ -126,7 +126,12 @@ def limit_pixels(image_processor: Any, max_pixels: int | None) -> Any:
 
 def _load_processors(path: Path, trust_remote_code: bool = False,
                      max_pixels: int | None = None) -> tuple[Any, Any, Any]:
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    # From its module, not the package root: without torchvision, transformers 5.16 and 5.17
+    # export a torchvision-only placeholder as `transformers.AutoImageProcessor`, while this
+    # class picks the PIL image processor (5.16-5.19 alike).
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint (no config.json)")

@@ -76,7 +76,8 @@ def _worker_error(failures: list[tuple[str, BaseException]], stuck: list[str]) -
     dead = [n for n, e in failures if isinstance(e, RayActorError)]
     details = "\n\n".join(f"=== {n} ===\n{traceback_text(e)}" for n, e in failures)
     if stuck:
-        details += f"\n\nstill running after the failure (stopped): {', '.join(stuck)}"
+        details += ("\n\nno answer within the grace period after the failure (still running "
+                    f"when it was reported; the stage ends them): {', '.join(stuck)}")
     return WorkerError(name, summarize(err), details, dead)
 
 

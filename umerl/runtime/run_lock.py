@@ -8,12 +8,14 @@ filesystem), its heartbeat is older than ``STALE_AFTER_S``. A stale lock is take
 message; a live one raises ``FolderLocked``. The lock is released when the job ends, also on an
 exception; a SIGKILLed job leaves it behind, stale, for the next run to take over.
 
-Not guarded: two runs taking over the same stale lock in the same instant (each removes it and
-one of them creates the new one; the other may remove that again).
+Two runs taking over one stale lock at once: each removes it only under an exclusive
+``flock`` on ``.umerl.lock.takeover`` and only after reading it again and finding the same dead
+holder; so the second finds the first's new lock (live) or none (then ``O_EXCL`` decides).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -83,15 +85,29 @@ def _acquire(path: Path) -> dict[str, Any]:
                 raise FolderLocked(f"{path.parent} is in use by another umerl run "
                                    f"({holder_text(holder)}; lock file {path}): wait for it to "
                                    "end, or give this run another output_dir") from None
-            print(f"[lock] taking over {path}: its holder ({holder_text(holder)}) is gone",
-                  flush=True)
-            path.unlink(missing_ok=True)
+            _take_over(path, holder)
             continue
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(mine, handle)
         return mine
     raise FolderLocked(f"{path.parent}: could not take its lock file {path} (other runs keep "
                        "taking it); try again")
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Remove ``path`` if it still names the dead holder ``stale``. Under an exclusive flock:
+    another run judging the same lock stale at the same moment reads it again after this one
+    has replaced it, so it cannot remove the new holder's lock."""
+    guard = path.with_name(path.name + ".takeover")
+    with open(guard, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            if _same(_read(path), stale):
+                print(f"[lock] taking over {path}: its holder ({holder_text(stale)}) is gone",
+                      flush=True)
+                path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _heartbeat(path: Path, mine: dict[str, Any], stop: threading.Event) -> None:

@@ -5,8 +5,10 @@ target completions, and:
 
 1. scores its rollouts: a forward of the policy over prompt + completion gives the gen
    embedding at <gen_emb> (and the disc one at <disc_emb>); the frozen reference gives
-   reference log-probs. With ``learner.single_forward`` that forward is the update's own, with
-   gradients (its embeddings detached); else a separate pass without gradients;
+   reference log-probs (``umerl.train.reference``: placed by ``learner.reference_placement``,
+   not built when ``rl.kl_beta`` is 0). With ``learner.single_forward`` that forward is the
+   update's own, with gradients (its embeddings detached); else a separate pass without
+   gradients;
 2. all-gathers the embeddings and completions of every rank, so each reward sees the whole
    step, and computes the rewards (identically on every rank);
 3. turns rewards into group advantages, (r - mean) / (std + eps) over each pair-side group;
@@ -46,7 +48,6 @@ from umerl.config.schema import check_learner
 from umerl.data.formats import Pair, Side
 from umerl.model.loading import load_policy
 from umerl.model.policy import (
-    PolicyModule,
     PolicyOutput,
     completion_block_mask,
     completion_mask_for,
@@ -66,6 +67,7 @@ from umerl.train.engine import (
     set_trainable,
 )
 from umerl.train.grpo import group_advantages, grpo_side_loss
+from umerl.train.reference import build_reference
 
 
 @dataclass
@@ -118,12 +120,9 @@ class Learner:
         self.optimizer: FiniteStepAdamW = self.engine.client_optimizer
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient
         self.skipped_in_a_row = 0
-        # The frozen reference lives where DeepSpeed put the policy: batches go there.
-        reference = load_policy(reference_checkpoint, dtype=cfg.model.dtype,
-                                device=str(self.engine.device), max_pixels=cfg.model.max_pixels)
-        self.reference = PolicyModule(reference.model, reference.disc_id, reference.gen_id,
-                                      logprob_chunk_tokens=int(self.lcfg.logprob_chunk_tokens))
-        self.reference.requires_grad_(False).eval()
+        # The frozen reference (learner.reference_placement; None without a KL term), where
+        # DeepSpeed put the policy or sharded over the ranks: batches go to the policy's device.
+        self.reference = build_reference(cfg, reference_checkpoint, self.engine.device)
         self.rewards = rewards_from_config(cfg.rewards, base_dir=os.getcwd(),
                                            timeout_s=float(self.rcfg.reward_timeout_s))
         self.root = Path(cfg.output_dir) / r.output_subdir
@@ -233,7 +232,8 @@ class Learner:
             gen.append(out.gen.detach())
             disc.append(out.disc.detach())  # at the prompt's <disc_emb>: same for a pair's G
             found.append(out.gen_found)
-            ref.append(self.reference(**batch["inputs"]).logprobs)
+            ref.append(None if self.reference is None  # rl.kl_beta 0: no KL term
+                       else self.reference(**batch["inputs"]).logprobs)
         return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
                 "ref": ref}
 
@@ -257,6 +257,7 @@ class Learner:
             query_embeddings=query_emb, target_embeddings=target_emb,
             disc_query_embeddings=disc_query, disc_target_embeddings=disc_target,
             group_size=int(self.rcfg.group_size), step=shard.step,
+            mask_shared_targets=bool(self.rcfg.mask_shared_targets),
         )
         total, parts, timings = self.rewards(ctx)
         metrics = reward_metrics(ctx, total, parts, timings)

@@ -1,0 +1,154 @@
+"""n samples of a prompt share its prefill (rollout.transformers_engine.generate_prefilled_once).
+
+The reference is what the engine ran before: ``generate(..., num_return_sequences=n)``, which
+expands every prompt n times before its prefill. With the same seeds both sample the same
+completions; their log-probs agree to LOGPROB_TOL, not bit for bit: the shared path runs the
+last prompt token as a one-token decoding step over the cached prefix, and a one-row matmul
+and attention over a cache sum in another order than the whole-prompt prefill does (about one
+float32 rounding in the logits; the prefix itself is bit-identical at batch 1 and batch n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from rollout.transformers_engine import (
+    TransformersEngine,
+    _strip_after_stop,
+    _without_checkpoint_defaults,
+    decoding_config,
+)
+from umerl.data.formats import Side
+from umerl.model.sampling import SamplingParams
+
+N = 3
+LOGPROB_TOL = 1e-5  # measured: at most ~1e-6 on the tiny models (float32)
+SAMPLING = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=50)
+
+
+def mixed_sides(benchmark_manifest: Path) -> list[Side]:
+    """An image, a two-frame video and a text prompt, each of a different length."""
+    images = sorted((benchmark_manifest.parent / "digits_cls" / "images").rglob("*.png"))[:2]
+    return [Side(text="which digit is this", images=(str(images[0]),)),
+            Side(text="two frames", video=tuple(str(p) for p in images)),
+            Side(text="a plain text query that is longer than the others by some words")]
+
+
+@contextmanager
+def stops_likely(bundle) -> Iterator[None]:
+    """Raise the stop tokens' logits so that completions end at different lengths (a tiny
+    random model almost never writes one of two stop tokens among 2,000)."""
+    bias = torch.zeros(bundle.model.lm_head.out_features)
+    bias[list(bundle.stop_ids)] = 2.0 * bundle.model.lm_head.weight.norm(dim=1).mean()
+    handle = bundle.model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def expanded_prefill_reference(bundle, sides, n, sampling, seeds):
+    """The engine's old path: one ``generate`` per side under its seed, the prompt expanded
+    n times before the prefill; completions and their tokens' log-probs."""
+    ids, lps = [], []
+    for side, seed in zip(sides, seeds):
+        batch = bundle.encoder.collate([bundle.encoder.encode(side)])
+        batch.pop("prompt_lengths")
+        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids(), logprobs=True)
+        torch.manual_seed(seed)
+        with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
+            out = bundle.model.generate(**batch, generation_config=config)
+        new = out.sequences[:, batch["input_ids"].shape[1]:]
+        rows = [_strip_after_stop(row, bundle.stop_ids) for row in new.tolist()]
+        logits = torch.stack(out.logits, dim=1).float()  # [n, T, vocab]
+        chosen = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+        ids.append(rows)
+        lps.append([chosen[i, :len(row)].tolist() for i, row in enumerate(rows)])
+    return ids, lps
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def family_bundle(request, tmp_path_factory):
+    from umerl.model.loading import load_policy
+    from umerl.model.tiny import build_tiny_model
+
+    family = request.param
+    return load_policy(str(build_tiny_model(tmp_path_factory.mktemp(family) / family,
+                                            family=family)))
+
+
+def test_shared_prefill_samples_what_the_expanded_prefill_samples(family_bundle,
+                                                                  benchmark_manifest):
+    bundle, sides, seeds = family_bundle, mixed_sides(benchmark_manifest), [11, 12, 13]
+    lengths = {len(bundle.encoder.encode(s).input_ids) for s in sides}
+    assert len(lengths) == 3  # prompts of three different lengths
+    engine = TransformersEngine(bundle)
+    with stops_likely(bundle):
+        ids, lps = engine.generate_with_logprobs(sides, N, SAMPLING, seeds)
+        ref_ids, ref_lps = expanded_prefill_reference(bundle, sides, N, SAMPLING, seeds)
+    assert ids == ref_ids
+    # Stop handling exercised: some completions stop early, some run to the budget.
+    ends = {len(c) for side in ids for c in side}
+    assert min(ends) < SAMPLING.max_new_tokens == max(ends)
+    for got, want in zip((lp for side in lps for lp in side),
+                         (lp for side in ref_lps for lp in side)):
+        assert len(got) == len(want)
+        assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=LOGPROB_TOL, rtol=0)
+
+
+def test_unseeded_batches_share_prefill_and_match_the_expanded_batch(tiny_bundle,
+                                                                      benchmark_manifest):
+    """generate_encoded (evaluation's pass@k, serving's samples) batches several left-padded
+    prompts: the shared prefill draws the same samples as the expanded batch."""
+    bundle, sides = tiny_bundle, mixed_sides(benchmark_manifest)
+    prompts = [bundle.encoder.encode(s) for s in sides]
+    engine = TransformersEngine(bundle, batch_size=N * len(sides))  # one call, three prompts
+    sampling = SamplingParams(max_new_tokens=8, seed=5)
+    with stops_likely(bundle):
+        got = engine.generate_encoded(prompts, N, sampling)
+        batch = bundle.encoder.collate(prompts)
+        batch.pop("prompt_lengths")
+        config = decoding_config(sampling, N, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids())
+        torch.manual_seed(5)
+        with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
+            out = bundle.model.generate(**batch, generation_config=config)
+    rows = [_strip_after_stop(r, bundle.stop_ids)
+            for r in out.sequences[:, batch["input_ids"].shape[1]:].tolist()]
+    assert got == [rows[i * N:(i + 1) * N] for i in range(len(sides))]
+
+
+def test_each_prompt_is_prefilled_and_seen_by_the_vision_tower_once(tiny_bundle,
+                                                                    benchmark_manifest):
+    """Spies on the real modules: the vision tower sees each prompt's patches once, and the
+    language model runs each prompt's tokens in one row, not N."""
+    bundle, sides = tiny_bundle, mixed_sides(benchmark_manifest)
+    prompts = [bundle.encoder.encode(s) for s in sides]
+    patches, token_rows = [], []
+    base = bundle.model.model
+    hooks = [
+        base.visual.register_forward_pre_hook(
+            lambda _m, args, kwargs: patches.append((args or (kwargs["hidden_states"],))[0]
+                                                    .shape[0]), with_kwargs=True),
+        base.language_model.register_forward_pre_hook(
+            lambda _m, _a, kwargs: token_rows.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+            with_kwargs=True),
+    ]
+    try:
+        TransformersEngine(bundle).generate(sides, N, SAMPLING, seeds=[1, 2, 3])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    media_rows = sum(p.shape[0] for prompt in prompts
+                     for p in (prompt.pixel_values, prompt.pixel_values_videos) if p is not None)
+    assert sum(patches) == media_rows
+    prefills = [shape for shape in token_rows if shape[1] > 1]
+    assert prefills == [(1, len(p.input_ids) - 1) for p in prompts]  # once, in one row
+    # Every other forward is one decoding step of the N samples.
+    assert {shape for shape in token_rows if shape[1] == 1} == {(N, 1)}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -219,18 +218,11 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
     """ZeRO ranks hold different partitions and see different losses: the skip is agreed, so
     no rank applies an update another refused (the weights would part ways)."""
     import torch
-    import torch.multiprocessing as mp
+    from test_zero3 import _spawn_bounded
 
     from umerl.train.dist import free_port
 
-    context = mp.start_processes(_guard_rank, args=(free_port(), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the 2-rank gloo workers did not finish in 120 s")
+    _spawn_bounded(_guard_rank, (free_port(), str(tmp_path)))
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["skipped"] is True

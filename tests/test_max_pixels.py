@@ -65,3 +65,17 @@ def test_gpu_recipes_bound_images():
     for recipe in sorted(Path("recipes").glob("qwen2vl_*.yaml")):
         assert load_recipe(recipe, []).model.max_pixels == 1280 * 28 * 28, recipe
     assert load_recipe(None, []).model.max_pixels is None
+
+
+def test_evaluation_loads_the_policy_with_the_recipes_bound(tiny_model_dir, large_image,
+                                                            tmp_path: Path):
+    """`umerl eval` and the run's evaluations of a checkpoint the run did not write (the base
+    model's "before") see the images the run trains on, not the checkpoint's own bound."""
+    from umerl.eval.runner import eval_settings, policy_and_engine
+
+    settings = eval_settings(load_recipe(None, [f"output_dir={tmp_path}",
+                                                "model.max_pixels=784"]))
+    assert settings.max_pixels == 784
+    bundle, _, _ = policy_and_engine(tiny_model_dir, "float32", "cpu", 4, settings.max_pixels)
+    assert patches_and_tokens(bundle.encoder, large_image) == (4, 1)
+    assert eval_settings(load_recipe(None, [f"output_dir={tmp_path}"])).max_pixels is None

@@ -50,6 +50,9 @@ class EvalSettings:
     max_prompt_tokens: int | None = None
     # The router file (`umerl route fit`) mode auto routes with.
     router: str | None = None
+    # model.max_pixels: the largest image area the evaluated policy's processor takes (None:
+    # the checkpoint's own), so a base checkpoint is evaluated on the images its run trains on.
+    max_pixels: int | None = None
 
 
 def parse_modes(items: Sequence[str]) -> tuple[tuple[str, str], ...]:

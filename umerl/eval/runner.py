@@ -27,6 +27,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
         skip_invalid=bool(cfg.data.skip_invalid),
         max_prompt_tokens=None if cfg.data.max_prompt_tokens == "auto"
         else int(cfg.data.max_prompt_tokens),
+        max_pixels=None if cfg.model.max_pixels is None else int(cfg.model.max_pixels),
     )
 
 
@@ -73,7 +74,8 @@ def run_eval(checkpoint: str | Path, specs, settings: EvalSettings, out_dir: str
     has a GPU."""
     from umerl.eval.evaluate import evaluate, summary_table
 
-    bundle, engine, device = policy_and_engine(checkpoint, dtype, device, settings.batch_size)
+    bundle, engine, device = policy_and_engine(checkpoint, dtype, device, settings.batch_size,
+                                               settings.max_pixels)
     summary = evaluate(bundle, engine, specs, settings, out_dir)
     print(f"\n{checkpoint} on {len(specs)} task(s), {summary['seconds']:.0f} s")
     print(summary_table(summary))
@@ -93,7 +95,8 @@ def run_mmeb_v2_eval(checkpoint: str, root: str, tasks: list, settings: EvalSett
 
     def load() -> Evaluator:
         torch.manual_seed(settings.seed)
-        bundle, engine, _ = policy_and_engine(checkpoint, dtype, device, settings.batch_size)
+        bundle, engine, _ = policy_and_engine(checkpoint, dtype, device, settings.batch_size,
+                                              settings.max_pixels)
         return Evaluator(bundle, engine, settings)
 
     return run_mmeb_v2(checkpoint, root, tasks, settings, out_dir, load, chunk_size)
@@ -104,16 +107,18 @@ def fit_router_on(checkpoint: str | Path, specs, settings: EvalSettings, folds: 
     """``umerl route fit``: evaluate ``specs`` with the checkpoint (CPU) and fit a router."""
     from umerl.eval.evaluate import fit_on_tasks
 
-    bundle, engine, _ = policy_and_engine(checkpoint, dtype, "cpu", settings.batch_size)
+    bundle, engine, _ = policy_and_engine(checkpoint, dtype, "cpu", settings.batch_size,
+                                          settings.max_pixels)
     router = fit_on_tasks(bundle, engine, specs, settings, folds)
     router.meta["checkpoint"] = str(checkpoint)
     return router
 
 
-def policy_and_engine(checkpoint: str | Path, dtype: str, device: str, batch_size: int
-                      ) -> tuple[Any, Any, str]:
+def policy_and_engine(checkpoint: str | Path, dtype: str, device: str, batch_size: int,
+                      max_pixels: int | None = None) -> tuple[Any, Any, str]:
     """An evaluation's policy on ``device`` (``auto``: CUDA if this process has a GPU) and the
-    transformers engine over it, with the device it resolved to."""
+    transformers engine over it, with the device it resolved to; ``max_pixels``: the
+    processor's largest image area (None: the checkpoint's own)."""
     import torch
 
     from rollout.transformers_engine import TransformersEngine
@@ -121,5 +126,5 @@ def policy_and_engine(checkpoint: str | Path, dtype: str, device: str, batch_siz
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    bundle = load_policy(checkpoint, dtype=dtype, device=device)
+    bundle = load_policy(checkpoint, dtype=dtype, device=device, max_pixels=max_pixels)
     return bundle, TransformersEngine(bundle, batch_size), device

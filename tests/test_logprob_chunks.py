@@ -161,3 +161,70 @@ def test_chunk_key_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="learner.logprob_chunk_tokens"):
         load_recipe(None, ["learner.logprob_chunk_tokens=0"])
     assert load_recipe(None, []).learner.logprob_chunk_tokens == 1024
+
+
+def test_agreed_chunks_add_empty_ones_and_change_no_value():
+    """Under ZeRO-3 a rank runs as many chunks as the rank with the most tokens: the extra
+    chunks call the head on no rows (its collectives happen) and every value and gradient
+    stays that of the rank's own chunks."""
+    head, hidden, targets = head_and_inputs(10)
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    agreed = chunked_token_logprobs(head, hidden, targets, 1.0, 4, agree_chunks=lambda n: n + 2)
+    agreed.sum().backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+    # 3 chunks of its own (4 + 4 + 2 rows), 2 empty ones; the backward recomputes all 5,
+    # last first
+    assert calls == [4, 4, 2, 0, 0] + [0, 0, 2, 4, 4]
+    want = full_reference(head.weight.detach(), hidden.detach(), targets, 1.0)
+    assert torch.allclose(agreed, want, atol=1e-6)
+    full_reference(head.weight, hidden, targets, 1.0).sum().backward()
+    assert torch.allclose(grad, hidden.grad, atol=1e-6)
+
+
+def _unequal_lengths_main(rank: int, port: int, model: str, root: str,
+                          media: dict[str, list[str]]) -> None:
+    """A ZeRO-3 learner step where rank 1's completions are longer than rank 0's, with chunks
+    of 1 token (so rank 1 runs more chunks), then the same step with one chunk per forward."""
+    import os
+    from pathlib import Path
+
+    from test_zero3 import _completions, _rank_pairs
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
+
+    udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
+    for chunk in (1, 4096):
+        cfg = load_recipe(None, [
+            f"output_dir={Path(root) / str(chunk)}", "rl.pairs_per_step=4", "rl.group_size=2",
+            "rl.lr=0.01", "learner.num_workers=2", "learner.zero_stage=3",
+            f"learner.logprob_chunk_tokens={chunk}", "wandb.mode=disabled"])
+        learner = Learner(cfg, model, model)
+        pairs = _rank_pairs(media, 1)
+        longer = " longer" * (5 * rank)
+        rollouts = [[_completions(learner.bundle.tokenizer, f"{side} {p.id}{longer}")
+                     for p in pairs] for side in "qt"]
+        metrics = learner.step(StepShard(1, pairs, 2 * rank, *rollouts))
+        torch.save(metrics, Path(root) / f"rank{rank}_chunk{chunk}.pt")
+    udist.barrier()
+
+
+def test_zero3_ranks_with_unequal_completion_tokens_run_the_same_chunks(tmp_path,
+                                                                        tiny_model_dir):
+    """Without agreeing on the number of chunks, the rank with more completion tokens gathers
+    the head's weights more often than the other: gloo aborted ("Received data size doesn't
+    match expected size"), NCCL would hang. The step's metrics equal one chunk per forward."""
+    from test_zero3 import _media, _spawn_bounded
+
+    from umerl.train.dist import free_port
+
+    _spawn_bounded(_unequal_lengths_main,
+                   (free_port(), str(tiny_model_dir), str(tmp_path), _media(tmp_path)))
+    for rank in (0, 1):
+        small = torch.load(tmp_path / f"rank{rank}_chunk1.pt")
+        whole = torch.load(tmp_path / f"rank{rank}_chunk4096.pt")
+        for key in [k for k in whole if k.startswith(("actor/", "reward/"))]:
+            assert small[key] == pytest.approx(whole[key], abs=1e-5), key

@@ -77,7 +77,8 @@ def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
 
 def chunked_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                            targets: torch.Tensor, temperature: float = 1.0,
-                           chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
+                           chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+                           agree_chunks: Callable[[int], int] | None = None) -> torch.Tensor:
     """log p(``targets[i]``) under ``head(hidden[i])`` / ``temperature`` for ``hidden [N, d]``,
     ``chunk_tokens`` rows at a time, fp32 ``[N]``.
 
@@ -85,12 +86,20 @@ def chunked_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden:
     gradients on, each chunk runs under activation checkpointing, so autograd keeps only its
     ``[chunk, d]`` input and recomputes the logits when the backward reaches it (without it,
     the backward would hold every chunk's logits and softmax, as the unchunked form does).
+
+    ``agree_chunks`` (ZeRO-3): maps this rank's number of chunks to the number every rank
+    runs (the largest); the missing ones run on no rows. Each chunk calls ``head``, which under
+    ZeRO-3 gathers its weights from all ranks, forward and in the backward's recompute: ranks
+    with more completion tokens than others would otherwise make more collectives.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     recompute = torch.is_grad_enabled() and hidden.requires_grad
+    chunks = -(-hidden.shape[0] // chunk_tokens)
+    if agree_chunks is not None:
+        chunks = agree_chunks(chunks)
     parts = []
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    for start in range(0, chunks * chunk_tokens, chunk_tokens):
         rows, wanted = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if recompute:
             parts.append(checkpoint(_chunk_logprobs, head, rows, wanted, temperature,
@@ -143,13 +152,16 @@ class PolicyModule(nn.Module):
 
     def __init__(self, model: nn.Module, disc_id: int, gen_id: int,
                  lockstep_media: dict[str, torch.Tensor] | None = None,
-                 logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+                 logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+                 agree_chunks: Callable[[int], int] | None = None):
         super().__init__()
         self.model = model
         self.disc_id = disc_id
         self.gen_id = gen_id
         self.lockstep_media = lockstep_media  # a plain dict: no buffers in the state dict
         self.logprob_chunk_tokens = int(logprob_chunk_tokens)
+        # ZeRO-3: every rank runs as many log-prob chunks (see chunked_token_logprobs).
+        self.agree_chunks = agree_chunks
 
     def forward(
         self,
@@ -180,8 +192,11 @@ class PolicyModule(nn.Module):
         has_completion = bool(completion_mask.any())
         gen = F.normalize(hidden[rows, gen_pos].float(), dim=-1) if has_completion else None
         logprobs = None
-        if with_logprobs and has_completion:
+        # Under agree_chunks even a batch without completion tokens runs the (empty) chunks:
+        # the other ranks' forwards make their collectives whatever this batch holds.
+        if with_logprobs and (has_completion or self.agree_chunks is not None):
             logprobs = self._completion_logprobs(hidden, input_ids, completion_mask, temperature)
+            logprobs = logprobs if has_completion else None
         return PolicyOutput(disc, gen, found if has_completion else None, logprobs,
                             completion_mask)
 
@@ -226,7 +241,8 @@ class PolicyModule(nn.Module):
         if with_logprobs:
             picked = chunked_token_logprobs(
                 self.model.lm_head, before[:, :-1][completion_mask],
-                completion_ids[completion_mask], temperature, self.logprob_chunk_tokens)
+                completion_ids[completion_mask], temperature, self.logprob_chunk_tokens,
+                self.agree_chunks)
             logprobs = torch.zeros(completion_ids.shape, dtype=picked.dtype, device=picked.device)
             logprobs[completion_mask] = picked
         return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
@@ -274,7 +290,7 @@ class PolicyModule(nn.Module):
         predicts = completion_mask[:, 1:]
         token_logprobs = chunked_token_logprobs(
             self.model.lm_head, hidden[:, :-1][predicts], input_ids[:, 1:][predicts],
-            temperature, self.logprob_chunk_tokens)
+            temperature, self.logprob_chunk_tokens, self.agree_chunks)
         out = torch.zeros(input_ids.shape, dtype=token_logprobs.dtype, device=hidden.device)
         out[:, 1:][predicts] = token_logprobs
         return out

@@ -65,6 +65,15 @@ def all_reduce_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def largest_on_any_rank(value: int) -> int:
+    """The largest ``value`` over the ranks (a collective: every rank must call it)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def on_every_rank(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (a collective: every rank must call it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

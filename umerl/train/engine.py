@@ -99,11 +99,14 @@ class FiniteStepAdamW(torch.optim.AdamW):
 def policy_module(bundle: PolicyBundle, zero_stage: int,
                   logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> PolicyModule:
     """The module a DeepSpeed engine trains. Under ZeRO-3 every forward calls the vision tower
-    for both modalities (blank media for one the micro-batch lacks), so ranks whose batches
-    differ in images or videos still make the same collectives (``PolicyModule``)."""
-    lockstep = bundle.encoder.blank_media() if int(zero_stage) == 3 else None
-    return PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id, lockstep_media=lockstep,
-                        logprob_chunk_tokens=logprob_chunk_tokens)
+    for both modalities (blank media for one the micro-batch lacks) and runs as many log-prob
+    chunks as the rank with the most completion tokens, so ranks whose batches differ in
+    images, videos or lengths still make the same collectives (``PolicyModule``)."""
+    zero3 = int(zero_stage) == 3
+    return PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id,
+                        lockstep_media=bundle.encoder.blank_media() if zero3 else None,
+                        logprob_chunk_tokens=logprob_chunk_tokens,
+                        agree_chunks=udist.largest_on_any_rank if zero3 else None)
 
 
 def build_engine(

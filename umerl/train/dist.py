@@ -57,30 +57,27 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_sum(value: float) -> float:
+def _reduced(value: float, op: dist.ReduceOp, dtype: torch.dtype) -> float:
+    """``value`` all-reduced over the ranks with ``op`` (a collective: every rank calls it)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device())
-    dist.all_reduce(tensor)
-    return float(tensor.item())
+    tensor = torch.tensor([value], dtype=dtype, device=collective_device())
+    dist.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
+def all_reduce_sum(value: float) -> float:
+    return float(_reduced(float(value), dist.ReduceOp.SUM, torch.float64))
 
 
 def largest_on_any_rank(value: int) -> int:
     """The largest ``value`` over the ranks (a collective: every rank must call it)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
+    return int(_reduced(int(value), dist.ReduceOp.MAX, torch.int64))
 
 
 def on_every_rank(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (a collective: every rank must call it)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([int(flag)], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return bool(tensor.item())
+    return bool(_reduced(int(flag), dist.ReduceOp.MIN, torch.int32))
 
 
 def configure_accelerator() -> str:

@@ -26,8 +26,11 @@ def init_ray(cfg: DictConfig) -> None:
         ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING")
         print(f"[driver] joined the Ray cluster at {address}", flush=True)
         return
+    # address="local": Ray's default (None) joins any Ray it finds on this machine (a `ray
+    # start` cluster, another job's local Ray, a stale ray_current_cluster file) instead of
+    # starting the job's own.
     ray.init(
-        _node_ip_address="127.0.0.1", num_cpus=cfg.ray.num_cpus,
+        address="local", _node_ip_address="127.0.0.1", num_cpus=cfg.ray.num_cpus,
         object_store_memory=int(cfg.ray.object_store_memory), include_dashboard=False,
         runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING",
     )

@@ -1,0 +1,27 @@
+"""Without ``ray.address`` a job starts its own local Ray, whatever other Ray runs on the
+machine (a `ray start` cluster, another job's local Ray, a stale ray_current_cluster file)."""
+
+from __future__ import annotations
+
+import ray
+import ray._private.services as services
+
+from umerl.config.recipe import load_recipe
+from umerl.runtime.ray_start import init_ray
+
+ELSEWHERE = "127.0.0.1:1"  # where Ray's discovery "finds" another cluster; nothing listens
+
+
+def test_a_job_without_an_address_starts_its_own_ray_beside_another(monkeypatch, tmp_path):
+    # What Ray's discovery returns when another Ray runs on this machine, or a stale
+    # ray_current_cluster file names one.
+    monkeypatch.setattr(services, "get_ray_address_from_environment",
+                        lambda addr, temp_dir: ELSEWHERE)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(load_recipe(None, [f"output_dir={tmp_path}", "ray.num_cpus=1",
+                                "ray.object_store_memory=268435456"]))
+    try:
+        assert ray.get_runtime_context().gcs_address != ELSEWHERE
+        assert ray.cluster_resources()["CPU"] == 1
+    finally:
+        ray.shutdown()

@@ -129,25 +129,36 @@ class PolicyModule(nn.Module):
     """The HF model plus the embedding-token ids: the unit DeepSpeed trains.
 
     ``lockstep_media`` (``InputEncoder.blank_media``; given under ZeRO-3) makes every forward
-    make the same vision-tower calls, whatever its batch holds. Qwen-VL calls the tower once
-    per modality present; under ZeRO-3 every call gathers parameters from all ranks, and
-    DeepSpeed checks that the ranks ran the same modules in the same order. So a micro-batch
-    with a video on one rank and none on another leaves collectives unmatched: a hang (NCCL),
-    an abort (gloo) or DeepSpeed's "Detected a disagreement". With ``lockstep_media`` the
-    tower runs here, before the model's token embedding, on the images and then the video of
-    the batch, or on the blank image / video where it has none; the model takes the features
-    (``mm_encoder_outputs``), and the blank calls' outputs enter the result times 0: the same
-    modules, in the same order, forward and backward (the projector trains), on every rank,
-    and no value changes. Chosen over keeping the tower out of ZeRO-3 partitioning: the
-    projector is part of the tower and trains by default, so its parameters would stay
-    partitioned and gathered anyway; the blank media cost the smallest image the processor
-    makes (4 patches in the tiny model, 16 in Qwen2-VL) per modality and forward.
+    make the same vision-tower call, whatever its batch holds. Qwen-VL calls the tower once
+    per modality present; under ZeRO-3 every call gathers parameters from all ranks, so a
+    micro-batch with a video on one rank and none on another leaves collectives unmatched: a
+    hang (NCCL), an abort (gloo) or DeepSpeed's "Detected a disagreement". With
+    ``lockstep_media`` the tower runs here, before the model's token embedding, once, on all
+    the batch's images and video together (the tower treats a video's temporal patches as an
+    image's, each medium on its own), and its per-medium outputs are split back into the two
+    modalities the model takes (``mm_encoder_outputs``). Every batch holds a medium (a
+    text-only side carries the blank image in its prompt), so every rank makes one call per
+    forward, its output reaching the result the same way, and its backward runs the same
+    modules in the same order. Only a batch with no media at all runs the blank image, its
+    output times 0. Chosen over keeping the tower out of ZeRO-3 partitioning: the projector is
+    part of the tower and trains by default, so its parameters would stay partitioned and
+    gathered anyway.
+
+    Why one call and not one per modality with a blank one for the missing modality (the
+    previous design): the two calls' backwards then ran in an order that depends on which
+    call was blank (the blank output entered the result as a zero term, the real one through
+    the placeholder tokens). DeepSpeed records the module order of the first micro-batch and
+    keeps or releases gathered parameters by it; a rank whose order departed from the record
+    dropped it and released the projector after its first backward, then all-gathered it for
+    the second, while the rank that still matched kept it: with gradient checkpointing (which
+    recomputes the tower's blocks between the two), one rank waited in that all-gather while
+    the other reduce-scattered its gradients (issue 24; ``scripts/zero3_trace.py`` shows it).
     (Not applied to the shared-prompt forward, which ZeRO-3 does not run.)
 
     ``image_index`` / ``video_index`` (``InputEncoder.shared_media_inputs``) mean the batch's
     media are each given once for the rows that share them (GRPO's G rows of one prompt): the
     tower runs here, once per medium, and its per-medium outputs are indexed out to the rows,
-    in the same calls (one per modality) as without them, so the lockstep above holds.
+    in the same calls as without them (one per modality present; one under lockstep).
     """
 
     def __init__(self, model: nn.Module, disc_id: int, gen_id: int,
@@ -250,37 +261,60 @@ class PolicyModule(nn.Module):
 
     def _run_vision(self, vision: dict[str, torch.Tensor], device: torch.device
                     ) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """The model kwargs with the tower already run here, images then videos, when the
-        batch shares media (``image_index`` / ``video_index``: each medium once, its outputs
-        indexed out to the rows that hold it) or under lockstep media (a modality the batch
-        lacks runs on the blank one; see the class docstring); and a zero that carries the
-        blank calls into the graph (None without lockstep media). Else the model runs the
-        tower itself. The calls are the same either way: one per modality present (under
-        lockstep, one per modality), whatever the number of rows sharing each medium."""
+        """The model kwargs with the tower already run here when the batch shares media
+        (``image_index`` / ``video_index``: each medium once, its outputs indexed out to the
+        rows that hold it) or under lockstep media (one call for all the batch's media; see
+        the class docstring); and a zero that carries a blank call into the graph (None
+        without lockstep media). Else the model runs the tower itself, once per modality
+        present, as does the shared-media path without lockstep."""
         index = {m: vision.pop(f"{m}_index") for m in ("image", "video")
                  if f"{m}_index" in vision}
         if self.lockstep_media is None and not index:
             return vision, None
-        text = self.model.model
         kwargs: dict[str, Any] = dict(vision)
+        if self.lockstep_media is not None:
+            encoded, zero = self._one_tower_call(kwargs, device)
+        else:
+            encoded, zero = self._tower_call_per_modality(kwargs), None
+        for modality, picks in index.items():  # the rows' grids too: M-RoPE reads them
+            encoded[modality] = _pick_media(encoded[modality], picks.tolist())
+            grid_key = f"{modality}_grid_thw"
+            kwargs[grid_key] = kwargs[grid_key][picks.to(device)]
+        return kwargs | {"mm_encoder_outputs": encoded}, zero
+
+    def _tower_call_per_modality(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The tower on the images, then on the video, of the batch (as the model would)."""
+        text = self.model.model
+        features = {"image": text.get_image_features, "video": text.get_video_features}
         encoded: dict[str, Any] = {}
-        zero = torch.zeros((), device=device)
-        for modality, pixels_key, grid_key, features in (
-                ("image", "pixel_values", "image_grid_thw", text.get_image_features),
-                ("video", "pixel_values_videos", "video_grid_thw", text.get_video_features)):
+        for modality, pixels_key, grid_key in _MODALITIES:
             if pixels_key in kwargs:
-                out = features(kwargs.pop(pixels_key), kwargs[grid_key], return_dict=True)
-                if modality in index:  # the rows' grids too: M-RoPE positions read them
-                    out = _index_media(out, index[modality])
-                    kwargs[grid_key] = kwargs[grid_key][index[modality].to(device)]
-                encoded[modality] = out
-            elif self.lockstep_media is not None:
-                blank = features(self.lockstep_media[pixels_key].to(device),
-                                 self.lockstep_media[grid_key].to(device), return_dict=True)
-                # (t * 0).sum(), not t.sum() * 0: a large sum cannot overflow into inf * 0.
-                zero = zero + sum((t * 0).sum() for t in _float_tensors(blank))
-        return (kwargs | {"mm_encoder_outputs": encoded},
-                zero if self.lockstep_media is not None else None)
+                encoded[modality] = features[modality](
+                    kwargs.pop(pixels_key), kwargs[grid_key], return_dict=True)
+        return encoded
+
+    def _one_tower_call(self, kwargs: dict[str, Any], device: torch.device
+                        ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Lockstep (ZeRO-3): the batch's images and video through the tower in one call,
+        its per-medium outputs split back into the two modalities; the blank image when the
+        batch has no media, its output times 0 (the returned zero)."""
+        text = self.model.model
+        present = [(m, p, g) for m, p, g in _MODALITIES if p in kwargs]
+        zero = torch.zeros((), device=device)
+        if not present:
+            blank = text.get_image_features(self.lockstep_media["pixel_values"].to(device),
+                                            self.lockstep_media["image_grid_thw"].to(device),
+                                            return_dict=True)
+            # (t * 0).sum(), not t.sum() * 0: a large sum cannot overflow into inf * 0.
+            return {}, zero + sum((t * 0).sum() for t in _float_tensors(blank))
+        pixels = torch.cat([kwargs.pop(p) for _, p, _ in present])
+        grids = [kwargs[g] for _, _, g in present]
+        out = text.get_image_features(pixels, torch.cat(grids), return_dict=True)
+        encoded, start = {}, 0
+        for (modality, _, _), grid in zip(present, grids):
+            encoded[modality] = _pick_media(out, list(range(start, start + len(grid))))
+            start += len(grid)
+        return encoded, zero
 
     def _completion_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -296,23 +330,31 @@ class PolicyModule(nn.Module):
         return out
 
 
+# (modality, pixels key, grid key). Every Qwen-VL family's tower treats a video's temporal
+# patches as it does an image's (its ``get_video_features`` is ``get_image_features``'s code
+# or a call of it), so one call can run both.
+_MODALITIES = (("image", "pixel_values", "image_grid_thw"),
+               ("video", "pixel_values_videos", "video_grid_thw"))
+
+
 def _rope_kwargs(vision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The vision kwargs ``get_rope_index`` reads (every Qwen-VL family names them so)."""
     keys = ("mm_token_type_ids", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     return {k: vision[k] for k in keys if k in vision}
 
 
-def _index_media(out: Any, index: torch.Tensor) -> Any:
-    """The tower's output for media ``index`` (with repeats): every Qwen-VL family splits its
-    merged features per medium (``pooler_output``; Qwen3-VL's ``deepstack_features`` per
-    layer), which is all the model reads. Indexing a tuple reuses the medium's tensor, so
-    each row's gradient flows back into it and sums there, as over separate copies."""
-    picks = index.tolist()
-    out.pooler_output = tuple(out.pooler_output[i] for i in picks)
-    if getattr(out, "deepstack_features", None) is not None:
-        out.deepstack_features = [tuple(layer[i] for i in picks)
-                                  for layer in out.deepstack_features]
-    return out
+def _pick_media(out: Any, picks: list[int]) -> Any:
+    """The tower's output for media ``picks`` (indices, with repeats), a new output object:
+    every Qwen-VL family splits its merged features per medium (``pooler_output``; Qwen3-VL's
+    ``deepstack_features`` per layer), which is all the model reads. Picking from a tuple
+    reuses the medium's tensor, so each row's gradient flows back into it and sums there, as
+    over separate copies."""
+    fields = dict(out.items())
+    fields["pooler_output"] = tuple(out.pooler_output[i] for i in picks)
+    if fields.get("deepstack_features") is not None:
+        fields["deepstack_features"] = [tuple(layer[i] for i in picks)
+                                        for layer in out.deepstack_features]
+    return type(out)(**fields)
 
 
 def _float_tensors(value: object) -> list[torch.Tensor]:

@@ -224,7 +224,8 @@ def _record_gradients(optimizer) -> list[list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("data, checkpointing", [
-    ((0, 1), False),  # a video on rank 0 only: the lockstep's blank media in play
+    ((0, 1), False),  # a video on rank 0 only
+    ((0, 1), True),  # the same with gradient checkpointing (hung with a tower call per modality)
     ((0, 2), True),  # gradient checkpointing; both ranks' micro-batches of one modality
 ])
 def test_zero3_learner_step_with_shared_media_equals_whole_rows(data, checkpointing, tmp_path,
@@ -232,8 +233,7 @@ def test_zero3_learner_step_with_shared_media_equals_whole_rows(data, checkpoint
     """Metrics (timings aside) equal; the reduced gradient partitions each rank hands the
     optimizer equal to fp32 summation order (1e-6 of the largest); the updated weights (lr
     1e-3) to 1e-6, and moved. Encodes and tower media fewer, tower calls as many, as the
-    other rank's too (lockstep). Gradient checkpointing with a video on one rank only hangs
-    under ZeRO-3 with or without shared media (a separate bug), hence the second layout."""
+    other rank's too (lockstep: one call per forward)."""
     from umerl.model.loading import load_policy
     from umerl.train.dist import free_port
 
@@ -246,9 +246,10 @@ def test_zero3_learner_step_with_shared_media_equals_whole_rows(data, checkpoint
         got, base = runs[rank, True], runs[rank, False]
         # 2 sides x 4 micro-batches of 2 rows, each of one side: 8 encodes, not 16
         assert (got["encodes"], base["encodes"]) == (8, 16)
-        # Lockstep: every forward calls the tower for images and for videos, on every rank,
-        # with or without sharing; shared, it sees fewer media per call.
-        assert len(got["tower"]) == len(base["tower"]) == len(runs[1 - rank, True]["tower"])
+        # Lockstep: every forward calls the tower once (8 micro-batches, a scoring and an
+        # update forward each), on every rank, with or without sharing; shared, it sees fewer
+        # media per call.
+        assert len(got["tower"]) == len(base["tower"]) == len(runs[1 - rank, True]["tower"]) == 16
         assert sum(got["tower"]) < sum(base["tower"])
         assert got["metrics"].keys() == base["metrics"].keys()
         for key, value in base["metrics"].items():

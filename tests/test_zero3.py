@@ -247,7 +247,7 @@ def _completions(tokenizer, prefix: str) -> list[list[int]]:
 
 
 def _mixed_learner_main(rank: int, port: int, model: str, root: str,
-                        media: dict[str, list[str]]) -> None:
+                        media: dict[str, list[str]], checkpointing: bool) -> None:
     """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's), data
     0 on rank 0 (its query micro-batch: a video and images), data 1 (images) on rank 1; then
     the same step from the start with the ranks' data swapped."""
@@ -263,7 +263,7 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
         cfg = load_recipe(None, [
             f"output_dir={root_path / order}", "rl.pairs_per_step=4", "rl.group_size=2",
             "rl.lr=0.01", "learner.num_workers=2", "learner.zero_stage=3",
-            "wandb.mode=disabled",
+            f"learner.gradient_checkpointing={checkpointing}", "wandb.mode=disabled",
         ])
         learner = Learner(cfg, model, model)
         pairs = _rank_pairs(media, which)
@@ -275,7 +275,9 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
     udist.barrier()
 
 
-def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])  # True: every GPU recipe's setting
+def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(checkpointing, tmp_path,
+                                                                tiny_model_dir):
     """The learners' path: rank 0's query micro-batch holds a video and images, rank 1's only
     images. The step runs (no hang, no abort) and updates the weights; the step's rewards and
     each data's KL and ratio, computed from both ranks' forwards, are those of the run with
@@ -283,12 +285,15 @@ def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(tmp_path, tiny_m
     A random tiny model gives a group's rollouts near-equal rewards, so (r - mean) / std
     turns the rounding of the rewards' summation order (which the swap changes) into a policy
     loss of +-4e-5 instead of 0, and one Adam step moves elements with ~1e-9 gradients by
-    +-lr (so too with images only, before this change)."""
+    +-lr (so too with images only, before this change). With gradient checkpointing this hung
+    when the tower ran once per modality (a blank one for the missing modality): see
+    ``PolicyModule``."""
     from umerl.model.loading import load_policy
     from umerl.train.dist import free_port
 
     media = _media(tmp_path)
-    _spawn_bounded(_mixed_learner_main, (free_port(), str(tiny_model_dir), str(tmp_path), media))
+    _spawn_bounded(_mixed_learner_main,
+                   (free_port(), str(tiny_model_dir), str(tmp_path), media, checkpointing))
     start = load_policy(tiny_model_dir).model.state_dict()
     weights = torch.load(tmp_path / "rl_as_given.pt")
     assert weights.keys() == start.keys()

@@ -247,10 +247,13 @@ def _completions(tokenizer, prefix: str) -> list[list[int]]:
 
 
 def _mixed_learner_main(rank: int, port: int, model: str, root: str,
-                        media: dict[str, list[str]], checkpointing: bool) -> None:
+                        media: dict[str, list[str]], checkpointing: bool,
+                        micro_batch: int) -> None:
     """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's), data
-    0 on rank 0 (its query micro-batch: a video and images), data 1 (images) on rank 1; then
-    the same step from the start with the ranks' data swapped."""
+    0 on rank 0 (its query side: a video and images), data 1 (images) on rank 1; then the
+    same step from the start with the ranks' data swapped. Each rank's query side has 4
+    rows, 2 per pair: micro-batch size 0 runs all of them at once, 2 one pair's (on rank 0 the
+    first holds the video alone)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from umerl.config.recipe import load_recipe
@@ -263,7 +266,8 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
         cfg = load_recipe(None, [
             f"output_dir={root_path / order}", "rl.pairs_per_step=4", "rl.group_size=2",
             "rl.lr=0.01", "learner.num_workers=2", "learner.zero_stage=3",
-            f"learner.gradient_checkpointing={checkpointing}", "wandb.mode=disabled",
+            f"learner.gradient_checkpointing={checkpointing}",
+            f"learner.micro_batch_size={micro_batch}", "wandb.mode=disabled",
         ])
         learner = Learner(cfg, model, model)
         pairs = _rank_pairs(media, which)
@@ -275,25 +279,28 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
     udist.barrier()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])  # True: every GPU recipe's setting
-def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(checkpointing, tmp_path,
-                                                                tiny_model_dir):
-    """The learners' path: rank 0's query micro-batch holds a video and images, rank 1's only
+@pytest.mark.parametrize("checkpointing, micro_batch", [
+    (False, 0),  # one micro-batch per side: a video and images on rank 0, images on rank 1
+    (True, 2),  # every GPU recipe's setting; a micro-batch with the video alone on rank 0
+])
+def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(checkpointing, micro_batch,
+                                                                tmp_path, tiny_model_dir):
+    """The learners' path: rank 0's query side holds a video and images, rank 1's only
     images. The step runs (no hang, no abort) and updates the weights; the step's rewards and
     each data's KL and ratio, computed from both ranks' forwards, are those of the run with
     the ranks' data swapped. Not compared: the policy loss and the weights element by element.
     A random tiny model gives a group's rollouts near-equal rewards, so (r - mean) / std
     turns the rounding of the rewards' summation order (which the swap changes) into a policy
     loss of +-4e-5 instead of 0, and one Adam step moves elements with ~1e-9 gradients by
-    +-lr (so too with images only, before this change). With gradient checkpointing this hung
-    when the tower ran once per modality (a blank one for the missing modality): see
-    ``PolicyModule``."""
+    +-lr (so too with images only, before this change). The second layout hung when the tower
+    ran once per modality, on blank media for the missing one (see ``PolicyModule``)."""
     from umerl.model.loading import load_policy
     from umerl.train.dist import free_port
 
     media = _media(tmp_path)
     _spawn_bounded(_mixed_learner_main,
-                   (free_port(), str(tiny_model_dir), str(tmp_path), media, checkpointing))
+                   (free_port(), str(tiny_model_dir), str(tmp_path), media, checkpointing,
+                    micro_batch))
     start = load_policy(tiny_model_dir).model.state_dict()
     weights = torch.load(tmp_path / "rl_as_given.pt")
     assert weights.keys() == start.keys()

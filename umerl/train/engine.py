@@ -99,9 +99,10 @@ class FiniteStepAdamW(torch.optim.AdamW):
 def policy_module(bundle: PolicyBundle, zero_stage: int,
                   logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> PolicyModule:
     """The module a DeepSpeed engine trains. Under ZeRO-3 every forward calls the vision tower
-    for both modalities (blank media for one the micro-batch lacks) and runs as many log-prob
-    chunks as the rank with the most completion tokens, so ranks whose batches differ in
-    images, videos or lengths still make the same collectives (``PolicyModule``)."""
+    once, on all its micro-batch's images and video together (the blank image where it has
+    no media), and runs as many log-prob chunks as the rank with the most completion tokens,
+    so ranks whose batches differ in images, videos or lengths still make the same
+    collectives, forward and backward (``PolicyModule``)."""
     zero3 = int(zero_stage) == 3
     return PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id,
                         lockstep_media=bundle.encoder.blank_media() if zero3 else None,

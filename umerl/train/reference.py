@@ -14,8 +14,8 @@ KL term (``rl.kl_beta: 0``) it is not built at all. Otherwise ``learner.referenc
 Under ZeRO-3 each reference forward is a collective: every rank must run as many as the
 others, and each with the same vision-tower calls. The learners run the reference once per
 micro-batch of the scoring pass (equal counts: ranks take equal shares of a step), and the
-module is the policy's ZeRO-3 one (``policy_module``: blank media for a modality a
-micro-batch lacks).
+module is the policy's ZeRO-3 one (``policy_module``: one vision-tower call per forward,
+whatever modalities the micro-batch holds).
 """
 
 from __future__ import annotations

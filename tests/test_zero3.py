@@ -252,8 +252,9 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
     """One GRPO learner step under ZeRO-3 (a no-grad scoring forward, then the update's), data
     0 on rank 0 (its query side: a video and images), data 1 (images) on rank 1; then the
     same step from the start with the ranks' data swapped. Each rank's query side has 4
-    rows, 2 per pair: micro-batch size 0 runs all of them at once, 2 one pair's (on rank 0 the
-    first holds the video alone)."""
+    rows, 2 per pair: micro-batch size 0 runs all of them at once, 2 one pair's; the pairs
+    go in reverse, so that in micro-batches of 2 both ranks' first holds images and rank 0's
+    second the video alone (the layout that failed: see the test)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from umerl.config.recipe import load_recipe
@@ -270,7 +271,7 @@ def _mixed_learner_main(rank: int, port: int, model: str, root: str,
             f"learner.micro_batch_size={micro_batch}", "wandb.mode=disabled",
         ])
         learner = Learner(cfg, model, model)
-        pairs = _rank_pairs(media, which)
+        pairs = _rank_pairs(media, which)[::-1]
         tokenizer = learner.bundle.tokenizer
         rollouts = [[_completions(tokenizer, f"{side} {p.id}") for p in pairs] for side in "qt"]
         metrics = learner.step(StepShard(1, pairs, 2 * rank, *rollouts))
@@ -292,8 +293,10 @@ def test_zero3_grpo_learner_steps_with_a_video_on_one_rank_only(checkpointing, m
     A random tiny model gives a group's rollouts near-equal rewards, so (r - mean) / std
     turns the rounding of the rewards' summation order (which the swap changes) into a policy
     loss of +-4e-5 instead of 0, and one Adam step moves elements with ~1e-9 gradients by
-    +-lr (so too with images only, before this change). The second layout hung when the tower
-    ran once per modality, on blank media for the missing one (see ``PolicyModule``)."""
+    +-lr (so too with images only, before this change). The second layout failed when the
+    tower ran once per modality, on blank media for the missing one: the two calls' backwards
+    ran in another order on each rank, which DeepSpeed's first trace reports as "Detected a
+    disagreement" (the shared-media test's layout hung instead; see ``PolicyModule``)."""
     from umerl.model.loading import load_policy
     from umerl.train.dist import free_port
 

@@ -369,3 +369,47 @@ def test_lockstep_runs_the_tower_once_per_forward_and_changes_nothing(tiny_bundl
     finally:
         hook.remove()
         bundle.model.zero_grad(set_to_none=True)
+
+
+def test_lockstep_runs_the_blank_image_for_a_batch_without_media(tiny_bundle):
+    """A batch with no media at all (no vision tokens): under lockstep the tower still runs
+    once, on the blank image, and changes nothing: outputs and the language model's gradients
+    bit for bit the plain module's, the projector's gradients zero."""
+    from umerl.model.inputs import EncodedPrompt
+    from umerl.model.policy import PolicyModule
+
+    bundle = tiny_bundle
+    tokenizer = bundle.tokenizer
+    prompts = [EncodedPrompt(input_ids=tokenizer(text, add_special_tokens=False)["input_ids"]
+                             + [bundle.disc_id]) for text in ("a query", "another query here")]
+    completions = [tokenizer(format_completion(a, b), add_special_tokens=False)["input_ids"]
+                   for a, b in (("x", "y"), ("some more", "z"))]
+    batch = bundle.encoder.policy_inputs(prompts, completions)
+    assert not any("pixel" in key or "grid" in key for key in batch)
+    blank = bundle.encoder.blank_media()
+    tower_calls: list[list[list[int]]] = []
+    hook = bundle.model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: tower_calls.append(kwargs["grid_thw"].tolist()),
+        with_kwargs=True)
+    results = []
+    try:
+        for lockstep in (None, blank):
+            module = PolicyModule(bundle.model, bundle.disc_id, bundle.gen_id,
+                                  lockstep_media=lockstep)
+            bundle.model.zero_grad(set_to_none=True)
+            out = module(**batch)
+            (out.disc.sum() + out.gen.sum() + out.logprobs.sum()).backward()
+            results.append((out, {n: p.grad.clone() for n, p in bundle.model.named_parameters()
+                                  if p.grad is not None}))
+    finally:
+        hook.remove()
+        bundle.model.zero_grad(set_to_none=True)
+    assert tower_calls == [blank["image_grid_thw"].tolist()]
+    (base, base_grads), (got, got_grads) = results
+    for field in ("disc", "gen", "logprobs"):
+        assert torch.equal(getattr(got, field), getattr(base, field)), field
+    tower = {n for n in got_grads if ".visual." in f".{n}"}
+    assert tower and got_grads.keys() - tower == base_grads.keys()
+    assert all(not got_grads[n].any() for n in tower)
+    for name, grad in base_grads.items():
+        assert torch.equal(got_grads[name], grad), name

@@ -112,14 +112,11 @@ class InputEncoder:
         return prompt
 
     def blank_media(self) -> dict[str, torch.Tensor]:
-        """The blank image and a blank two-frame video (the smallest video: one temporal
-        patch), as vision-tower inputs without prompt tokens: what ``PolicyModule`` runs the
-        tower on for a modality a micro-batch lacks, so that every ZeRO-3 rank makes the same
-        tower calls."""
+        """The blank image as vision-tower inputs without prompt tokens: what ``PolicyModule``
+        runs the tower on under ZeRO-3 for a batch with no media, so that every rank makes
+        the same tower call."""
         image = self.image_processor(images=[blank_image()], return_tensors="pt")
-        pixels, grid = video_patches([blank_image(), blank_image()], self.image_processor)
-        return {"pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"],
-                "pixel_values_videos": pixels, "video_grid_thw": grid}
+        return {"pixel_values": image["pixel_values"], "image_grid_thw": image["image_grid_thw"]}
 
     def prompt_length(self, side: Side) -> int:
         """``len(self.encode(side).input_ids)`` without decoding or normalising any pixels: the

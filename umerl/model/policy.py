@@ -147,12 +147,14 @@ class PolicyModule(nn.Module):
     Why one call and not one per modality with a blank one for the missing modality (the
     previous design): the two calls' backwards then ran in an order that depends on which
     call was blank (the blank output entered the result as a zero term, the real one through
-    the placeholder tokens). DeepSpeed records the module order of the first micro-batch and
-    keeps or releases gathered parameters by it; a rank whose order departed from the record
-    dropped it and released the projector after its first backward, then all-gathered it for
-    the second, while the rank that still matched kept it: with gradient checkpointing (which
-    recomputes the tower's blocks between the two), one rank waited in that all-gather while
-    the other reduce-scattered its gradients (issue 24; ``scripts/zero3_trace.py`` shows it).
+    the placeholder tokens), so a rank running a blank image and one running a blank video
+    ran the tower's modules in different orders. DeepSpeed records the module order once and
+    keeps or releases gathered parameters by it: with gradient checkpointing, the rank whose
+    order left the record dropped it, released the projector after the first call's backward
+    and all-gathered it again for the second, while the other rank, still on the record, kept
+    it and went on to reduce-scatter its gradients: a hang (issue 24;
+    ``scripts/zero3_trace.py`` logs both ranks' gathers). Where the orders differed while the
+    record was being taken, DeepSpeed aborted with "Detected a disagreement".
     (Not applied to the shared-prompt forward, which ZeRO-3 does not run.)
 
     ``image_index`` / ``video_index`` (``InputEncoder.shared_media_inputs``) mean the batch's

@@ -317,6 +317,29 @@ def test_documented_plan_commands_run() -> None:
         assert run.returncode == 0, f"umerl {' '.join(rest)}:\n{run.stdout}\n{run.stderr}"
 
 
+# Inline code that looks like a recipe key but names something else: Ray's `ray.put`, Ray
+# Serve's `@serve.batch` decorator.
+NOT_KEYS = {"ray.put", "serve.batch"}
+
+
+def test_every_recipe_key_named_in_the_prose_exists() -> None:
+    """`section.key` in inline code, where section is a defaults.yaml section, is a real key
+    (a renamed or removed key leaves no stale name in the docs)."""
+    base = defaults()
+    sections = {k for k in base if OmegaConf.is_dict(base[k])}
+    problems = []
+    for page in DOCS:
+        for code in re.findall(r"`([^`\n]+)`", page.read_text()):
+            for match in re.finditer(r"(?<![\w/.-])([a-z_]+(?:\.[a-z0-9_]+)+)", code):
+                key = match.group(1)
+                if (key.split(".")[0] in sections and key not in NOT_KEYS
+                        and "._" not in key  # a private name of a module: code, not a key
+                        and not re.search(r"\.(png|py|yaml|jsonl?|md)$", key)
+                        and not defaults_has(key, base)):
+                    problems.append(f"{page.relative_to(REPO)}: `{code}` names no key {key}")
+    assert not problems, "\n".join(problems)
+
+
 def test_every_page_is_linked_and_every_link_resolves() -> None:
     linked, problems = set(), []
     for page in DOCS:

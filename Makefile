@@ -1,7 +1,7 @@
 # Two commands do everything, each setting itself up on first use:
 #   make run    build the venv if needed, then run the default recipe (recipes/cpu_tiny.yaml)
 #   make test   build the venv if needed, then run the test suite
-# On a CUDA node (README, "GPU cluster install"):
+# On a CUDA node (docs/gpu.md, "GPU cluster install"):
 #   make install-gpu   the GPU environment .venv-gpu (CUDA torch, vLLM, DeepSpeed, Ray)
 #   make gpu-check     scripts/gpu_check.py in it, on the first GPU
 VENV := .venv

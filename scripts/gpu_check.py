@@ -8,8 +8,8 @@ Runs from the source tree (no install). Needs Python >= 3.10, torch >= 2.4 with 
 transformers >= 5.16 (torchvision not needed), deepspeed >= 0.17, omegaconf >= 2.3, pillow,
 numpy, pyyaml; Ray and vLLM are not used. A machine with only torch, transformers, numpy, pillow
 and pyyaml and no network gets the rest from the wheel folder `scripts/device_bundle.sh` builds
-elsewhere (README, "Checking the GPU path"); without them this script says which are missing and
-exits 1. It builds the tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world
+elsewhere (docs/gpu.md, "Checking the GPU path"); without them this script says which are missing
+and exits 1. It builds the tiny offline Qwen2-VL model, then for DeepSpeed ZeRO-2 and ZeRO-3 (world
 size 1, bf16 where the GPU has it, gradient checkpointing on):
 
 - a few SFT steps on one fixed contrastive batch: the loss is finite and falls;

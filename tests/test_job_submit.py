@@ -1,5 +1,5 @@
 """`ray job submit` of the CPU recipe to a cluster started with `ray start --head` on loopback,
-exactly as the README shows (shortened: a few SFT and GRPO steps, two tasks evaluated); and a
+exactly as docs/cluster.md shows (shortened: a few SFT and GRPO steps, two tasks evaluated); and a
 job whose driver is SIGKILLed mid-RL, submitted again, continuing exactly."""
 
 from __future__ import annotations

@@ -227,3 +227,14 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["skipped"] is True
         assert torch.equal(result["weight"], torch.ones(3))
+
+
+def test_the_share_of_completions_cut_at_the_budget_is_logged(tiny_model_dir, benchmark_manifest,
+                                                               tmp_path, plugin_module):
+    rewards = [{"name": f"{plugin_module}:record_disc", "label": "zero"}]
+    learner, shard = learner_and_shard(tiny_model_dir, benchmark_manifest, tmp_path, rewards)
+    ids = [c for side in (shard.query_completions, shard.target_completions)
+           for group in side for c in group]
+    cut = sum(len(c) == 6 for c in ids) / len(ids)  # rl.max_new_tokens=6
+    assert cut > 0  # the untrained tiny model seldom stops within 6 tokens
+    assert learner.step(shard)["rollout/truncated"] == pytest.approx(cut)

@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--router", default=None,
                     help="router file (umerl route fit) for mode auto; implies --modes auto")
     ev.add_argument("--mmeb-v2", default=None, metavar="DIR",
-                    help="evaluate on MMEB-V2 from a local copy in DIR (README: MMEB-V2)")
+                    help="evaluate on MMEB-V2 from a local copy in DIR (docs/mmeb-v2.md)")
     ev.add_argument("--modalities", nargs="+", default=None,
                     help="with --mmeb-v2: image, video and/or visdoc (default: all three)")
     ev.add_argument("--tasks", dest="mmeb_tasks", nargs="+", default=None,
@@ -197,7 +197,9 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
 EVAL_OPTIONS = [
     ("--split", "eval.split", {}),
     ("--modes", "eval.modes", {"nargs": "+", "help": "query:target mode pairs (disc or gen)"}),
-    ("--pass-k", "eval.pass_k", {"nargs": "*", "type": int}),
+    ("--pass-k", "eval.pass_k", {"nargs": "*", "type": int,
+                                 "help": "the k of pass@k (max(k) samples per query); a bare "
+                                 "--pass-k, with no values, turns pass@k off"}),
     ("--save-embeddings", "eval.save_embeddings", {"action": "store_const", "const": True}),
     ("--batch-size", "eval.batch_size", {"type": int}),
     ("--max-new-tokens", "eval.max_new_tokens", {"type": int}),

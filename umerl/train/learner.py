@@ -267,6 +267,10 @@ class Learner:
         lengths = torch.tensor([len(c) for c in ids], dtype=torch.float32)
         metrics.update({"rollout/completion_len_mean": float(lengths.mean()),
                         "rollout/completion_len_max": float(lengths.max()),
+                        # Cut at the budget: no stop token, so no format reward (what the
+                        # recipe's max_new_tokens costs the policy).
+                        "rollout/truncated": float(
+                            (lengths >= int(self.rcfg.max_new_tokens)).float().mean()),
                         "rollout/gen_emb_found": float(torch.cat(
                             [scored["query"]["found"], scored["target"]["found"]]).float().mean())})
         return total, metrics

@@ -1,5 +1,5 @@
 """MMEB-V2 from a local copy: its 78 tasks, read as VLM2Vec's loaders read them, scored by
-umerl, written where VLM2Vec's ``report_score_v2.py`` looks (see README, "MMEB-V2")."""
+umerl, written where VLM2Vec's ``report_score_v2.py`` looks (see docs/mmeb-v2.md)."""
 
 from umerl.eval.mmeb_v2.catalog import MODALITIES, TASKS, TaskInfo, select_tasks
 from umerl.eval.mmeb_v2.loaders import LoadedTask, load_task, task_pools

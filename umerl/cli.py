@@ -11,6 +11,9 @@
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark
     umerl serve CHECKPOINT [--router R]     the embedding service (Ray Serve, HTTP)
     umerl route fit CHECKPOINT TASK ... --out R  fit the disc/gen router for mode auto
+    umerl check RECIPE [key=value ...]      schema, preflight and each reward called once; no Ray
+    umerl config show RECIPE [key=value ...]  the merged config, each key with its source
+    umerl recipes                           the bundled recipes and what each is for
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umerl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"umerl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a recipe: evaluate, SFT, GRPO, evaluate again")
@@ -165,7 +169,40 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(handler=_cmd_build_benchmark)
     _serve_parsers(sub)
+    _recipe_parsers(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("umerl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _recipe_parsers(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser("check", help="check a recipe without running it: schema, preflight "
+                           "(checkpoint, data, tasks) and each reward called once on a small "
+                           "synthetic step; with --address also the cluster (exit 2 on a problem)")
+    check.add_argument("recipe")
+    check.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    check.add_argument("--address", default=None,
+                       help="also check this Ray cluster's resources and output_dir (joins it; "
+                       "without it Ray is not started)")
+    check.set_defaults(handler=_cmd_check)
+
+    config = sub.add_parser("config", help="recipe configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the merged config (defaults, includes, "
+                                 "recipe, overrides), each key with its source file:line")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    show.set_defaults(handler=_cmd_config_show)
+
+    recipes = sub.add_parser("recipes", help="list the bundled recipes with their purpose")
+    recipes.set_defaults(handler=_cmd_recipes)
 
 
 def _serve_parsers(sub: argparse._SubParsersAction) -> None:
@@ -445,6 +482,34 @@ def _cmd_route_fit(args: argparse.Namespace) -> int:
                            cfg.model.dtype)
     print(f"[route] {describe(router)}")
     print(f"[route] router written to {router.save(args.out)}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from umerl.check import check_recipe
+
+    overrides, named = list(args.overrides), {}
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+        named["ray.address"] = "option --address"
+    check_recipe(*load_recipe_with_sources(args.recipe, overrides, named),
+                 cluster=bool(args.address))
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from umerl.config.show import config_lines
+
+    print("\n".join(config_lines(*load_recipe_with_sources(args.recipe, args.overrides))))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from umerl.config.show import bundled_recipes
+
+    found = bundled_recipes()
+    width = max(len(name) for name, _ in found)
+    print("\n".join(f"{name:<{width}}  {purpose}" for name, purpose in found))
     return 0
 
 

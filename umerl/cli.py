@@ -45,8 +45,17 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _cwd_importable() -> None:
+    # `python -m umerl.cli` puts the working directory on sys.path, the `umerl` console script
+    # does not: a `package.module:attr` reward imports from there under both (Ray's workers
+    # get the driver's working directory on their path too).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_env()
+    _cwd_importable()
     parser = _parser()
     # key=value overrides may come before or after options (argparse alone would refuse
     # "train RECIPE --address A key=value").
@@ -104,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files "
                     "(none with --mmeb-v2)")
     _options(ev, EVAL_OPTIONS)
+    ev.add_argument("--recipe", default=None, help=RECIPE_HELP)
     ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     ev.add_argument("--pool", default="local", choices=["local", "global"],
                     help="pool type for plain .jsonl task files")
@@ -212,6 +222,7 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=8001")
     srv.add_argument("--router", default=None, help="router file (umerl route fit): enables "
                      "mode auto")
+    srv.add_argument("--recipe", default=None, help=RECIPE_HELP.replace("eval.", "serve."))
     srv.set_defaults(handler=_cmd_serve)
 
     route = sub.add_parser("route", help="the router of mode auto")
@@ -228,6 +239,10 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     _options(fit, ROUTE_OPTIONS)
     fit.set_defaults(handler=_cmd_route_fit)
 
+
+RECIPE_HELP = ("take the decoding settings (eval.max_new_tokens, temperature, top_k, "
+               "model.dtype) from this recipe; default: those stored in the checkpoint by its "
+               "run (options and key=value still override)")
 
 # CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
 # umerl/config/defaults.yaml and their values go through the recipe schema, like any recipe key.
@@ -285,9 +300,11 @@ def _options(parser: argparse.ArgumentParser, options: list) -> None:
                             f"{key})".lstrip(), **kwargs)
 
 
-def _options_config(args: argparse.Namespace, options: list) -> DictConfig:
-    """The defaults with the given options applied, checked by the recipe schema."""
-    overrides, named = [], {}
+def _options_config(args: argparse.Namespace, options: list,
+                    base: tuple[list[str], dict[str, str]] = ([], {})) -> DictConfig:
+    """The defaults with ``base`` (overrides and their sources: a checkpoint's decoding
+    settings) and then the given options applied, checked by the recipe schema."""
+    overrides, named = list(base[0]), dict(base[1])
     for flag, key, _ in options:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -305,6 +322,7 @@ def _dotlist_value(value: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from umerl.config.stored import DECODING, decoding_from
     from umerl.data.tasks import resolve_tasks
     from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
@@ -313,8 +331,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     quiet()
     auto = _take_auto(args)
-    cfg = _options_config(args, EVAL_OPTIONS)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    cfg = _options_config(args, EVAL_OPTIONS,
+                          decoding_from(str(checkpoint), args.recipe, DECODING))
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
     # Absolute: with --gpus the work runs in a Ray worker, which may start in another folder.
     out = str(Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
@@ -453,13 +472,16 @@ def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from umerl.config.stored import SERVE_DECODING, decoding_from
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
     from umerl.serve.service import run_service
 
     quiet()
-    cfg = load_recipe(None, args.overrides)
-    run_service(str(check_checkpoint(args.checkpoint, "CHECKPOINT")), cfg, args.router)
+    checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
+    stored, named = decoding_from(checkpoint, args.recipe, SERVE_DECODING)
+    cfg = load_recipe(None, [*stored, *args.overrides], option_sources=named)
+    run_service(checkpoint, cfg, args.router)
     return 0
 
 

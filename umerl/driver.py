@@ -124,7 +124,7 @@ def absolute_paths(cfg: DictConfig, sources: Sources | None = None) -> DictConfi
     sources = sources or Sources()
     cfg = OmegaConf.create(to_container(cfg))
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    if cfg.model.path:
+    if cfg.model.path and Path(cfg.model.path).exists():  # else its check names it as given
         cfg.model.path = str(Path(cfg.model.path).resolve())
     cfg.model.tiny.dir = str(Path(cfg.model.tiny.dir).resolve())
     for stage, kind in (("sft", "sft"), ("rl", "rl_pairs")):

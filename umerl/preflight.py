@@ -142,7 +142,13 @@ def finished_stages(cfg: DictConfig, sources: Sources) -> list[str] | None:
     for stage in ("sft", "rl"):
         if not cfg[stage].enabled:
             continue
-        step = check_resume(cfg, stage, sources)
+        resume = cfg[stage].resume
+        if ckpt.is_fresh(resume) or ckpt.is_latest(resume):
+            step = check_resume(cfg, stage, sources)  # cheap: reads the manifest only
+        else:  # an explicit checkpoint: its hashes are compared by the preflight, if it runs
+            step = ckpt.stored_step(resume)
+            if step is not None:
+                check_same_recipe(cfg, stage, Path(resume), sources)
         if step is None or step < int(cfg[stage].max_steps):
             return None
         lines.append(f"{stage}: its checkpoint is at step {step}, {stage}.max_steps is "

@@ -328,12 +328,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.runtime.console import quiet
+    from umerl.train.checkpoint import stored_recipe
 
     quiet()
     auto = _take_auto(args)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
-    cfg = _options_config(args, EVAL_OPTIONS,
-                          decoding_from(str(checkpoint), args.recipe, DECODING))
+    cfg = _options_config(args, EVAL_OPTIONS, decoding_from(
+        stored_recipe(checkpoint), str(checkpoint), args.recipe, DECODING))
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
     # Absolute: with --gpus the work runs in a Ray worker, which may start in another folder.
     out = str(Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
@@ -476,10 +477,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
     from umerl.serve.service import run_service
+    from umerl.train.checkpoint import stored_recipe
 
     quiet()
     checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
-    stored, named = decoding_from(checkpoint, args.recipe, SERVE_DECODING)
+    stored, named = decoding_from(stored_recipe(checkpoint), checkpoint, args.recipe,
+                                  SERVE_DECODING)
     cfg = load_recipe(None, [*stored, *args.overrides], option_sources=named)
     run_service(checkpoint, cfg, args.router)
     return 0

@@ -68,20 +68,18 @@ def decoding_overrides(recipe: dict[str, Any], pairs: list[tuple[str, str]]) -> 
     return out
 
 
-def decoding_from(checkpoint: str, recipe: str | None, pairs: list[tuple[str, str]]
-                  ) -> tuple[list[str], dict[str, str]]:
+def decoding_from(stored: dict[str, Any] | None, checkpoint: str, recipe: str | None,
+                  pairs: list[tuple[str, str]]) -> tuple[list[str], dict[str, str]]:
     """Overrides setting the decoding keys (``pairs``: ``DECODING`` for eval, ``SERVE_DECODING``
-    for serve) as ``recipe`` has them (``--recipe``), else as the checkpoint's stored recipe
-    has them (none for a checkpoint from before recipes were stored); and their sources."""
+    for serve) as ``recipe`` has them (``--recipe``), else as ``stored``, the recipe stored in
+    ``checkpoint``, has them (None for a checkpoint from before recipes were stored: no
+    overrides); and their sources."""
     if recipe is not None:
         from umerl.config.recipe import load_recipe, to_container
 
-        source: dict[str, Any] | None = to_container(load_recipe(recipe))
-        where = f"--recipe {recipe}"
+        source, where = to_container(load_recipe(recipe)), f"--recipe {recipe}"
     else:
-        from umerl.train.checkpoint import stored_recipe
-
-        source, where = stored_recipe(checkpoint), f"the recipe stored in {checkpoint}"
+        source, where = stored, f"the recipe stored in {checkpoint}"
     if source is None:
         return [], {}
     overrides = decoding_overrides(source, pairs)

@@ -141,7 +141,8 @@ def _find_file(spec_name: str, where: str, base_dir: str | Path | None) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    tried = ", ".join(str(c.resolve()) for c in candidates)
+    # base_dir is often the working directory itself: name each place tried once.
+    tried = ", ".join(dict.fromkeys(str(c.resolve()) for c in candidates))
     raise RewardError(spec_name, f"file {where}", f"file not found (tried {tried})")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("umerl", "rollout", "rewards")
 WINGS = ("config", "runtime", "model", "data", "train", "eval", "serve")
-SPINE = "umerl"  # cli, driver, rl, preflight, annotate, plan: they may use every wing
+SPINE = "umerl"  # cli, driver, rl, preflight, check, annotate, plan: they may use every wing
 # What each wing may import besides itself, lowest layer first. The data formats and the model
 # layer know nothing of Ray; rollout engines use the model layer; the learners use both and the
 # rewards; evaluation and serving are applications over the model layer and its engines. Only
@@ -143,8 +143,8 @@ def test_every_module_sits_in_a_wing_or_the_spine():
     strays = sorted(m for m in import_graph() if wing(m) not in MAY_IMPORT and wing(m) != SPINE)
     assert not strays, strays
     spine = sorted(m for m in import_graph() if wing(m) == SPINE)
-    assert spine == ["umerl", "umerl.annotate", "umerl.cli", "umerl.driver", "umerl.plan",
-                     "umerl.preflight", "umerl.rl"]
+    assert spine == ["umerl", "umerl.annotate", "umerl.check", "umerl.cli", "umerl.driver",
+                     "umerl.plan", "umerl.preflight", "umerl.rl"]
 
 
 def test_no_arrow_runs_back_up_a_layer():

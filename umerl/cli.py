@@ -11,6 +11,9 @@
     umerl build-benchmark [--out DIR]       build the bundled mini benchmark
     umerl serve CHECKPOINT [--router R]     the embedding service (Ray Serve, HTTP)
     umerl route fit CHECKPOINT TASK ... --out R  fit the disc/gen router for mode auto
+    umerl check RECIPE [key=value ...]      schema, preflight and each reward called once; no Ray
+    umerl config show RECIPE [key=value ...]  the merged config, each key with its source
+    umerl recipes                           the bundled recipes and what each is for
 """
 
 from __future__ import annotations
@@ -42,8 +45,17 @@ def _offline_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _cwd_importable() -> None:
+    # `python -m umerl.cli` puts the working directory on sys.path, the `umerl` console script
+    # does not: a `package.module:attr` reward imports from there under both (Ray's workers
+    # get the driver's working directory on their path too).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _offline_env()
+    _cwd_importable()
     parser = _parser()
     # key=value overrides may come before or after options (argparse alone would refuse
     # "train RECIPE --address A key=value").
@@ -75,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umerl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"umerl {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="run a recipe: evaluate, SFT, GRPO, evaluate again")
@@ -100,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files "
                     "(none with --mmeb-v2)")
     _options(ev, EVAL_OPTIONS)
+    ev.add_argument("--recipe", default=None, help=RECIPE_HELP)
     ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     ev.add_argument("--pool", default="local", choices=["local", "global"],
                     help="pool type for plain .jsonl task files")
@@ -165,7 +179,40 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.set_defaults(handler=_cmd_build_benchmark)
     _serve_parsers(sub)
+    _recipe_parsers(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("umerl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _recipe_parsers(sub: argparse._SubParsersAction) -> None:
+    check = sub.add_parser("check", help="check a recipe without running it: schema, preflight "
+                           "(checkpoint, data, tasks) and each reward called once on a small "
+                           "synthetic step; with --address also the cluster (exit 2 on a problem)")
+    check.add_argument("recipe")
+    check.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    check.add_argument("--address", default=None,
+                       help="also check this Ray cluster's resources and output_dir (joins it; "
+                       "without it Ray is not started)")
+    check.set_defaults(handler=_cmd_check)
+
+    config = sub.add_parser("config", help="recipe configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the merged config (defaults, includes, "
+                                 "recipe, overrides), each key with its source file:line")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*", help="key=value overrides of recipe keys")
+    show.set_defaults(handler=_cmd_config_show)
+
+    recipes = sub.add_parser("recipes", help="list the bundled recipes with their purpose")
+    recipes.set_defaults(handler=_cmd_recipes)
 
 
 def _serve_parsers(sub: argparse._SubParsersAction) -> None:
@@ -175,6 +222,7 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=8001")
     srv.add_argument("--router", default=None, help="router file (umerl route fit): enables "
                      "mode auto")
+    srv.add_argument("--recipe", default=None, help=RECIPE_HELP.replace("eval.", "serve."))
     srv.set_defaults(handler=_cmd_serve)
 
     route = sub.add_parser("route", help="the router of mode auto")
@@ -191,6 +239,10 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     _options(fit, ROUTE_OPTIONS)
     fit.set_defaults(handler=_cmd_route_fit)
 
+
+RECIPE_HELP = ("take the decoding settings (eval.max_new_tokens, temperature, top_k, "
+               "model.dtype) from this recipe; default: those stored in the checkpoint by its "
+               "run (options and key=value still override)")
 
 # CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
 # umerl/config/defaults.yaml and their values go through the recipe schema, like any recipe key.
@@ -250,9 +302,11 @@ def _options(parser: argparse.ArgumentParser, options: list) -> None:
                             f"{key})".lstrip(), **kwargs)
 
 
-def _options_config(args: argparse.Namespace, options: list) -> DictConfig:
-    """The defaults with the given options applied, checked by the recipe schema."""
-    overrides, named = [], {}
+def _options_config(args: argparse.Namespace, options: list,
+                    base: tuple[list[str], dict[str, str]] = ([], {})) -> DictConfig:
+    """The defaults with ``base`` (overrides and their sources: a checkpoint's decoding
+    settings) and then the given options applied, checked by the recipe schema."""
+    overrides, named = list(base[0]), dict(base[1])
     for flag, key, _ in options:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
@@ -270,16 +324,19 @@ def _dotlist_value(value: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from umerl.config.stored import DECODING, decoding_from
     from umerl.data.tasks import resolve_tasks
     from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.runtime.console import quiet
+    from umerl.train.checkpoint import stored_recipe
 
     quiet()
     auto = _take_auto(args)
-    cfg = _options_config(args, EVAL_OPTIONS)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    cfg = _options_config(args, EVAL_OPTIONS, decoding_from(
+        stored_recipe(checkpoint), str(checkpoint), args.recipe, DECODING))
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
     # Absolute: with --gpus the work runs in a Ray worker, which may start in another folder.
     out = str(Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
@@ -418,13 +475,18 @@ def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from umerl.config.stored import SERVE_DECODING, decoding_from
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
     from umerl.serve.service import run_service
+    from umerl.train.checkpoint import stored_recipe
 
     quiet()
-    cfg = load_recipe(None, args.overrides)
-    run_service(str(check_checkpoint(args.checkpoint, "CHECKPOINT")), cfg, args.router)
+    checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
+    stored, named = decoding_from(stored_recipe(checkpoint), checkpoint, args.recipe,
+                                  SERVE_DECODING)
+    cfg = load_recipe(None, [*stored, *args.overrides], option_sources=named)
+    run_service(checkpoint, cfg, args.router)
     return 0
 
 
@@ -447,6 +509,34 @@ def _cmd_route_fit(args: argparse.Namespace) -> int:
                            cfg.model.dtype)
     print(f"[route] {describe(router)}")
     print(f"[route] router written to {router.save(args.out)}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from umerl.check import check_recipe
+
+    overrides, named = list(args.overrides), {}
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+        named["ray.address"] = "option --address"
+    check_recipe(*load_recipe_with_sources(args.recipe, overrides, named),
+                 cluster=bool(args.address))
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from umerl.config.show import config_lines
+
+    print("\n".join(config_lines(*load_recipe_with_sources(args.recipe, args.overrides))))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from umerl.config.show import bundled_recipes
+
+    found = bundled_recipes()
+    width = max(len(name) for name, _ in found)
+    print("\n".join(f"{name:<{width}}  {purpose}" for name, purpose in found))
     return 0
 
 

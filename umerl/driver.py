@@ -19,13 +19,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from umerl.config.cluster import check_cluster, check_shared_output_dir, nodes_from_ray
-from umerl.config.origins import Sources
+from umerl.config.origins import ConfigError, Sources
 from umerl.config.recipe import to_container
-from umerl.data.tasks import ensure_benchmark
+from umerl.data.tasks import BUNDLED, ensure_benchmark
 from umerl.eval.evaluate import comparison_table
 from umerl.eval.runner import evaluate_checkpoint
 from umerl.model.loading import prompt_limit
-from umerl.preflight import check_checkpoint, check_output_dir, preflight
+from umerl.preflight import (
+    check_checkpoint,
+    check_output_dir,
+    finished_stages,
+    preflight,
+    rewards_notice,
+)
 from umerl.runtime.console import quiet
 from umerl.runtime.ray_start import init_ray
 from umerl.runtime.remote import reported_failures
@@ -45,18 +51,32 @@ def train(cfg: DictConfig, sources: Sources | None = None) -> dict[str, Any]:
     """
     quiet()
     sources = sources or Sources()
+    if (notice := rewards_notice(cfg)) is not None:
+        print(notice, flush=True)  # the run's first line: a list that drops the defaults
     check_output_dir(cfg.output_dir, sources.describe("output_dir"))  # the lock goes there
     with run_lock(cfg.output_dir):
         return _train(cfg, sources)
 
 
-def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:
-    cfg = absolute_paths(cfg)
+def prepare(cfg: DictConfig, sources: Sources) -> tuple[DictConfig, str]:
+    """The config as the workers get it (absolute paths, data lists resolved, the prompt limit)
+    and the starting checkpoint (the tiny model built once when ``model.path`` is null)."""
+    cfg = absolute_paths(cfg, sources)
     if cfg.model.path:
         model = str(check_checkpoint(cfg.model.path, sources.describe("model.path")))
     else:
         model = ensure_tiny_model(cfg.model.tiny)
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, model)
+    return cfg, model
+
+
+def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:
+    cfg, model = prepare(cfg, sources)
+    finished = finished_stages(cfg, sources)
+    if finished is not None:  # e.g. a finished run re-run with a lower max_steps
+        print("[driver] nothing to do: " + "; ".join(finished) + ". Raise max_steps to train "
+              "further, or set output_dir to another folder to start over.", flush=True)
+        return {"nothing_to_do": finished}
     checked = preflight(cfg, model, sources)
     init_ray(cfg)
     # What only the live cluster can say: enough GPUs/CPUs for each stage, bundles that fit
@@ -98,27 +118,55 @@ def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:
     return results
 
 
-def absolute_paths(cfg: DictConfig) -> DictConfig:
-    """Workers may start in another folder: every path they read is made absolute here."""
+def absolute_paths(cfg: DictConfig, sources: Sources | None = None) -> DictConfig:
+    """Workers may start in another folder: every path they read is made absolute here (a
+    relative plug-in reward file: from the working directory, else from the recipe's folder)."""
+    sources = sources or Sources()
     cfg = OmegaConf.create(to_container(cfg))
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
-    if cfg.model.path:
+    if cfg.model.path and Path(cfg.model.path).exists():  # else its check names it as given
         cfg.model.path = str(Path(cfg.model.path).resolve())
     cfg.model.tiny.dir = str(Path(cfg.model.tiny.dir).resolve())
-    if not cfg.sft.data:
-        manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
-        cfg.sft.data = [str(manifest.parent / entry["sft"]) for entry in _manifest(manifest)]
-    cfg.sft.data = [str(Path(p).resolve()) for p in cfg.sft.data]
-    if not cfg.rl.data:
-        manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
-        cfg.rl.data = [str(manifest.parent / entry["rl_pairs"]) for entry in _manifest(manifest)]
-    cfg.rl.data = [str(Path(p).resolve()) for p in cfg.rl.data]
-    for entry in cfg.rewards:  # a plug-in file named relative to where the user ran umerl
+    for stage, kind in (("sft", "sft"), ("rl", "rl_pairs")):
+        cfg[stage].data = stage_data(cfg, stage, kind, sources)
+    for entry in cfg.rewards:
         name = entry.get("name") if isinstance(entry, DictConfig) else None
         where, _, attr = str(name).rpartition(":")
-        if where.endswith(".py") and Path(where).is_file():
-            entry.name = f"{Path(where).resolve()}:{attr}"
+        if not where.endswith(".py"):
+            continue
+        for base in (Path.cwd(), sources.recipe_dir):
+            if base is not None and (base / where).is_file():
+                entry.name = f"{(base / where).resolve()}:{attr}"
+                break
     return cfg
+
+
+def on_gpus(cfg: DictConfig, stage: str) -> bool:
+    if stage == "sft":
+        return float(cfg.sft.gpus_per_worker) > 0
+    return float(cfg.learner.gpus_per_worker) > 0 or float(cfg.rollout.gpus_per_worker) > 0
+
+
+def stage_data(cfg: DictConfig, stage: str, kind: str, sources: Sources) -> list[str]:
+    """A stage's data files, absolute. ``umerl-mini`` names the bundled benchmark's files (its
+    train split for SFT, rl split for RL); an empty list means them too on CPU, but a stage on
+    GPUs with no data is an error: a real model is never trained on the toy benchmark unasked."""
+    entries, key = [str(p) for p in cfg[stage].data], f"{stage}.data"
+    if not entries:
+        if cfg[stage].enabled and on_gpus(cfg, stage):
+            raise ConfigError(
+                f"{sources.describe(key)}: no data given for a stage on GPUs: set {key}=[/path/"
+                f"a.jsonl,...] (one JSONL per sub-dataset, docs/data-formats.md), or "
+                f"{key}=[{BUNDLED}] to train on the bundled toy benchmark")
+        entries = [BUNDLED]
+    files: list[str] = []
+    for entry in entries:
+        if entry == BUNDLED:
+            manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
+            files += [str(manifest.parent / task[kind]) for task in _manifest(manifest)]
+        else:
+            files.append(str(Path(entry).resolve()))
+    return files
 
 
 def _manifest(path: Path) -> list[dict]:

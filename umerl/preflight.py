@@ -59,6 +59,24 @@ def preflight(cfg: DictConfig, model: str, sources: Sources | None = None
     return loaded
 
 
+def rewards_notice(cfg: DictConfig) -> str | None:
+    """A line naming the rewards an RL run uses when its list leaves out a default reward (a
+    ``rewards=[...]`` override replaces the whole list); None otherwise."""
+    from rewards import DEFAULT_REWARDS
+
+    if not cfg.rl.enabled:
+        return None
+    entries = [e if isinstance(e, str) else dict(e) for e in cfg.rewards]
+    names = [e if isinstance(e, str) else str(e.get("name")) for e in entries]
+    missing = [d["name"] for d in DEFAULT_REWARDS if d["name"] not in names]
+    if not missing:
+        return None
+    used = ", ".join(name if isinstance(e, str) else f"{name} (weight {e.get('weight', 1.0):g})"
+                     for name, e in zip(names, entries))
+    return (f"[rewards] this run uses: {used}; not the default {' + '.join(missing)} (a rewards "
+            "list replaces the defaults: list them too to keep them)")
+
+
 def check_output_dir(path: str, described: str) -> None:
     """``path`` can be created and written to (a probe file is written and removed)."""
     try:
@@ -76,30 +94,75 @@ def check_checkpoint(path: str, described: str, resumable: bool = False) -> Path
         raise ckpt.CheckpointError(f"{described}: {err}") from None
 
 
-def check_resume(cfg: DictConfig, stage: str, sources: Sources) -> None:
+def check_resume(cfg: DictConfig, stage: str, sources: Sources) -> int | None:
     """An explicit ``<stage>.resume`` checkpoint is loadable and its files match their hashes;
     ``auto`` finds a checkpoint that records hashes, or none; a fresh start (null) finds no
-    other run's checkpoints in the stage's checkpoint root."""
+    other run's checkpoints in the stage's checkpoint root. The checkpoint resumed from must
+    have been written with this recipe's values of the keys that matter
+    (``umerl.config.stored.MATTERS``) unless the key is ``force``. Returns its step (None:
+    the stage starts fresh)."""
     resume, key = cfg[stage].resume, f"{stage}.resume"
-    if not ckpt.is_fresh(resume) and str(resume).lower() != "auto":
-        check_checkpoint(resume, sources.describe(key), resumable=True)
-        return
-    root = Path(cfg.output_dir) / cfg[stage].output_subdir
-    try:
-        if ckpt.is_fresh(resume):
-            ckpt.check_fresh_start(root, key)
-        elif (found := ckpt.latest(root)) is not None:
-            ckpt.check_resumable(found)  # its hashes are compared when the workers resume
-    except ckpt.CheckpointError as err:
-        raise ConfigError(f"{sources.describe(key)}: {err}") from None
+    if not ckpt.is_fresh(resume) and not ckpt.is_latest(resume):
+        found: Path | None = check_checkpoint(resume, sources.describe(key), resumable=True)
+    else:
+        root = Path(cfg.output_dir) / cfg[stage].output_subdir
+        try:
+            if ckpt.is_fresh(resume):
+                ckpt.check_fresh_start(root, key)
+            elif (found := ckpt.latest(root)) is not None:
+                ckpt.check_resumable(found)  # its hashes are compared when the workers resume
+        except ckpt.CheckpointError as err:
+            raise ConfigError(f"{sources.describe(key)}: {err}") from None
+        if ckpt.is_fresh(resume) or found is None:
+            return None
+    if str(resume).lower() != "force":
+        check_same_recipe(cfg, stage, found, sources)
+    return ckpt.stored_step(found)
 
 
-def check_rewards(entries: Any, sources: Sources) -> None:
-    """Import every reward as the learners will (the same loader, relative to the cwd)."""
+def check_same_recipe(cfg: DictConfig, stage: str, found: Path, sources: Sources) -> None:
+    from umerl.config.recipe import to_container
+    from umerl.config.stored import differences
+
+    stored = ckpt.stored_recipe(found)
+    changed = differences(stored, to_container(cfg), stage) if stored else []
+    if changed:
+        key = f"{stage}.resume"
+        raise ConfigError(
+            f"{sources.describe(key)}: {found} was written by a run with another recipe; "
+            f"it differs in: {'; '.join(changed)}. To train with the new values from scratch, "
+            f"use another output_dir (or {key}=null in an empty one); to continue this "
+            f"checkpoint with them anyway, {key}=force")
+
+
+def finished_stages(cfg: DictConfig, sources: Sources) -> list[str] | None:
+    """When every enabled training stage's checkpoint is at or past its ``max_steps``: one line
+    per stage saying so (the run has nothing to do). Else None."""
+    lines = []
+    for stage in ("sft", "rl"):
+        if not cfg[stage].enabled:
+            continue
+        resume = cfg[stage].resume
+        if ckpt.is_fresh(resume) or ckpt.is_latest(resume):
+            step = check_resume(cfg, stage, sources)  # cheap: reads the manifest only
+        else:  # an explicit checkpoint: its hashes are compared by the preflight, if it runs
+            step = ckpt.stored_step(resume)
+            if step is not None:
+                check_same_recipe(cfg, stage, Path(resume), sources)
+        if step is None or step < int(cfg[stage].max_steps):
+            return None
+        lines.append(f"{stage}: its checkpoint is at step {step}, {stage}.max_steps is "
+                     f"{cfg[stage].max_steps} (from {sources.of(f'{stage}.max_steps')})")
+    return lines or None
+
+
+def check_rewards(entries: Any, sources: Sources) -> Any:
+    """Import every reward as the learners will (the same loader; a relative file path from the
+    working directory, then from the recipe's folder); returns the ``RewardSet``."""
     from rewards import RewardError, rewards_from_config
 
     try:
-        rewards_from_config(entries, base_dir=os.getcwd())
+        return rewards_from_config(entries, base_dir=sources.recipe_dir or os.getcwd())
     except RewardError as err:
         where = sources.of(err.entry or "rewards")
         raise ConfigError(f"{err} (from {where})") from None

@@ -8,6 +8,7 @@ imports another for it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -19,6 +20,12 @@ class Sources:
 
     def __init__(self) -> None:
         self._where: dict[str, str] = {}
+        # The recipe file, when there is one: plug-in reward files are also looked for beside it.
+        self.recipe: Path | None = None
+
+    @property
+    def recipe_dir(self) -> Path | None:
+        return self.recipe.resolve().parent if self.recipe is not None else None
 
     def record(self, mapping: Mapping[str, str]) -> None:
         """A later source replaces a value and everything under it (a list replaces a list);

@@ -5,6 +5,10 @@
 an override naming an unknown key, or giving a value of the wrong type or out of range, is a
 ``ConfigError`` that names the key, where its value came from (``file:line`` or the command line)
 and what is allowed. An empty mapping in the defaults is free-form: it accepts any keys.
+
+A recipe may start from others: ``include: [base/a.yaml, ...]`` (paths relative to the including
+file's folder) merges those files first, in order, then the recipe's own keys over them; an
+included file may include others. Every key keeps the ``file:line`` it came from.
 """
 
 from __future__ import annotations
@@ -42,12 +46,8 @@ def load_recipe_with_sources(
     config = _load_yaml(DEFAULTS_FILE)
     sources.record(yaml_lines(DEFAULTS_FILE, "defaults "))
     if path is not None:
-        recipe = _load_yaml(Path(path))
-        lines = yaml_lines(Path(path))
-        _check_known(config, recipe,
-                     lambda key: lines.get(key) or lines.get(f"{key}.", str(path)))
-        config = OmegaConf.merge(config, recipe)
-        sources.record(lines)
+        sources.recipe = Path(path)
+        config = _merge_recipe(config, Path(path), sources, ())
     if overrides:
         parsed = _parse_overrides(overrides)
         named = dict(option_sources or {})
@@ -59,6 +59,41 @@ def load_recipe_with_sources(
     OmegaConf.set_readonly(config, False)
     validate(config, sources)
     return config, sources
+
+
+INCLUDE = "include"
+
+
+def _merge_recipe(config: DictConfig, path: Path, sources: Sources,
+                  chain: tuple[Path, ...]) -> DictConfig:
+    """``config`` with the recipe at ``path`` merged over it, its includes first."""
+    recipe = _load_yaml(path)
+    lines = {k: v for k, v in yaml_lines(path).items() if not k.startswith(INCLUDE)}
+    for included in _includes(recipe, path, chain):
+        config = _merge_recipe(config, included, sources, (*chain, path.resolve()))
+    recipe.pop(INCLUDE, None)
+    _check_known(config, recipe, lambda key: lines.get(key) or lines.get(f"{key}.", str(path)))
+    sources.record(lines)
+    return OmegaConf.merge(config, recipe)
+
+
+def _includes(recipe: DictConfig, path: Path, chain: tuple[Path, ...]) -> list[Path]:
+    """The files ``include`` names (one path or a list), relative to ``path``'s folder."""
+    if INCLUDE not in recipe:
+        return []
+    value = recipe[INCLUDE]
+    names = [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: '{INCLUDE}' must be a file name or a list of file names")
+    found = []
+    for name in names:
+        target = path.parent / name  # shown as written (relative stays relative)
+        if target.resolve() in (*chain, path.resolve()):
+            raise ConfigError(f"{path}: '{INCLUDE}: {name}' includes itself (a cycle)")
+        if not target.is_file():
+            raise ConfigError(f"{path}: '{INCLUDE}: {name}': no such file ({target})")
+        found.append(target)
+    return found
 
 
 def yaml_lines(path: Path, prefix: str = "") -> dict[str, str]:

@@ -179,7 +179,8 @@ def FaultSpec() -> Rule:
 
 MODES = ("disc:disc", "gen:gen", "disc:gen", "gen:disc")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-RESUME = Either(OneOf("auto"), Str(nullable=True))
+# force: as auto, also when the recipe differs from the checkpoint's in keys that matter.
+RESUME = Either(OneOf("auto", "force"), Str(nullable=True))
 BF16 = OneOf("auto", True, False)
 ZERO = OneOf(0, 1, 2, 3)
 PROBABILITY = Float(0.0, 1.0)

@@ -7,7 +7,8 @@ Layout under a run's checkpoint root::
         train_state/          what resume needs: DeepSpeed engine state (optimizer,
                               scheduler), data cursor, step, RNG state per rank
         umerl_checkpoint.json the manifest, written last: step, stage, every file's size and
-                              SHA-256
+                              SHA-256, and the recipe the run had (resume compares it; eval
+                              and serve take its decoding settings)
     latest                    the name of the newest complete checkpoint
     .step_00000050.partial/   a save in progress (or one that crashed): never loaded
     .step_00000040.replaced/  the previous copy of a step being saved again (loaded only if
@@ -147,7 +148,7 @@ def verify(path: str | Path, resumable: bool = False) -> Path:
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint folder")
+        raise CheckpointError(f"{path}: no such checkpoint folder{hub_hint(str(path))}")
     if not (path / "config.json").is_file() and _is_root(path):
         found = latest(path)
         if found is None:
@@ -165,6 +166,20 @@ def verify(path: str | Path, resumable: bool = False) -> Path:
         if problem:
             raise CheckpointError(f"{file}: {problem}")
     return path
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_hint(name: str) -> str:
+    """For a name like ``Qwen/Qwen2-VL-2B-Instruct`` that is no local folder (its first part
+    is no folder here either): how to download it. umerl reads local folders only."""
+    if not _HUB_ID.match(name) or Path(name.split("/")[0]).exists():
+        return ""
+    local = f"models/{name.split('/')[1]}"
+    return (f". It looks like a Hugging Face Hub id: umerl never downloads at run time, so "
+            f"download it first (pip install -U huggingface_hub): hf download {name} "
+            f"--local-dir {local} and pass {local}")
 
 
 def _is_root(path: Path) -> bool:
@@ -245,6 +260,29 @@ def is_fresh(resume: str | None) -> bool:
     return resume is None or str(resume).lower() in ("none", "null", "false", "")
 
 
+def is_latest(resume: str | None) -> bool:
+    """``auto`` and ``force`` both continue from the latest checkpoint (``force`` also when the
+    recipe differs from the one the checkpoint recorded)."""
+    return str(resume).lower() in ("auto", "force")
+
+
+def stored_recipe(path: str | Path) -> dict[str, Any] | None:
+    """The recipe a checkpoint's run had (its manifest's ``recipe``); None for a checkpoint
+    from before recipes were recorded, or a folder that is no umerl checkpoint."""
+    try:
+        recipe = read_manifest(path).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
+def stored_step(path: str | Path) -> int | None:
+    try:
+        return int(read_manifest(path)["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_fresh_start(root: str | Path, key: str) -> None:
     """A fresh start (``key`` null) must not write into a root holding another run's
     checkpoints: its saves and retention would interleave with them."""
@@ -263,7 +301,7 @@ def resolve_resume(resume: str | None, root: str | Path, key: str = "resume") ->
     if is_fresh(resume):
         check_fresh_start(root, key)
         return None
-    path = latest(root) if str(resume).lower() == "auto" else Path(resume)
+    path = latest(root) if is_latest(resume) else Path(resume)
     if path is None:
         return None
     if not is_complete(path):

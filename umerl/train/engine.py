@@ -161,11 +161,12 @@ def full_state_dict(engine: Any, zero_stage: int) -> dict[str, torch.Tensor] | N
 def save_checkpoint(
     engine: Any, bundle: PolicyBundle, root: Path, step: int, stage: str,
     client_state: dict[str, Any], zero_stage: int, keep_last: int,
-    midway: Callable[[], None] | None = None,
+    midway: Callable[[], None] | None = None, recipe: dict[str, Any] | None = None,
 ) -> Path:
     """Collective save: every rank writes its DeepSpeed state into the staging folder, rank 0
     writes the Hugging Face weights and commits (see ``umerl.train.checkpoint``). ``midway`` runs
-    between the two (fault injection: a death there must leave the last checkpoint intact)."""
+    between the two (fault injection: a death there must leave the last checkpoint intact).
+    ``recipe`` (the run's config) goes into the manifest: a resume compares it with its own."""
     rank = udist.rank()
     if rank == 0:
         ckpt.begin(root, step)
@@ -186,7 +187,8 @@ def save_checkpoint(
     udist.barrier()
     final = ckpt.step_dir(root, step)
     if rank == 0:
-        final = ckpt.commit(root, step, stage, {"world_size": udist.world_size()})
+        final = ckpt.commit(root, step, stage, {"world_size": udist.world_size(),
+                                                "recipe": recipe})
         ckpt.prune(root, keep_last, written=step)
         print(f"[{stage}] checkpoint {final}", flush=True)
     udist.barrier()

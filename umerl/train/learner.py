@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rewards import RewardContext, reward_metrics, rewards_from_config
 from rewards.builtin import step_rank_and_margin
+from umerl.config.recipe import to_container
 from umerl.config.schema import check_learner
 from umerl.data.formats import Pair, Side
 from umerl.model.loading import load_policy
@@ -350,7 +351,8 @@ class Learner:
     def save(self, step: int, client_state: dict[str, Any]) -> Path:
         return save_checkpoint(self.engine, self.bundle, self.root, step, "rl", client_state,
                                int(self.lcfg.zero_stage), int(self.rcfg.keep_last),
-                               midway=lambda: kill_if(self.faults, step, "save"))
+                               midway=lambda: kill_if(self.faults, step, "save"),
+                               recipe=to_container(self.cfg))
 
     def resume(self) -> tuple[Path | None, dict[str, Any]]:
         path = ckpt.resolve_resume(self.rcfg.resume, self.root, "rl.resume")

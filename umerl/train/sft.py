@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from umerl.config.recipe import to_container
 from umerl.data.formats import Pair, Side, read_sft_pairs
 from umerl.data.tokens import IM_END
 from umerl.model.loading import PolicyBundle, load_policy, prompt_limit
@@ -179,7 +180,7 @@ class SftRun:
         return save_checkpoint(
             self.engine, self.bundle, self.root, self.state.step, "sft",
             {"data": self.batcher.state_dict()}, int(self.scfg.zero_stage),
-            int(self.scfg.keep_last),
+            int(self.scfg.keep_last), recipe=to_container(self.cfg),
         )
 
 

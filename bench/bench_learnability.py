@@ -151,6 +151,31 @@ def eval_rows(before: dict, runs: dict[tuple[str, int], Path], resamples: int) -
     return rows
 
 
+def greedy_answer_rows(args: argparse.Namespace, before_dir: Path,
+                       runs: dict[tuple[str, int], Path]) -> list[dict]:
+    """Greedy query answers on the test split: the share naming the gold label, and the share
+    of the most frequent answer (a greedy mode collapsing onto a few labels shows there while
+    sampled answers improve). The gold label is the test line's positive candidate text."""
+    from collections import Counter
+
+    from umerl.data.answers import answer_text, normalise
+
+    test = Path(args.benchmark) / args.task / "test.jsonl"
+    lines = [json.loads(line) for line in test.read_text(encoding="utf-8").splitlines()]
+    gold = [normalise(t["tgt_text"][t["rel_scores"].index(max(t["rel_scores"]))]) for t in lines]
+    rows = []
+    for label, folder in [("before", before_dir)] + [
+            (f"{v} seed {s}", out / "eval" / "rl") for (v, s), out in runs.items()]:
+        completions = json.loads((folder / "completions" / f"{args.task}.json").read_text())
+        answers = [normalise(answer_text(c) or "") for c in completions["query_gen"]]
+        right = sum(a == g for a, g in zip(answers, gold))
+        top, count = Counter(answers).most_common(1)[0]
+        rows.append({"run": label, "answer right": f"{100 * right / len(gold):.1f}",
+                     "most frequent answer": f"{top} ({100 * count / len(gold):.1f}%)",
+                     "distinct answers": str(len(set(answers)))})
+    return rows
+
+
 def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -218,6 +243,9 @@ def main() -> None:
     columns = ["variant", "seed"] + [f"{m} {c}" for m in ("gen", "pass@1")
                                      for c in ("before", "after", "change")]
     print(format_table(eval_rows(before, runs, args.resamples), columns))
+    print(f"\n{args.task} test split, greedy query answers (gold share %, collapse):")
+    print(format_table(greedy_answer_rows(args, Path(args.out) / "before", runs),
+                       ["run", "answer right", "most frequent answer", "distinct answers"]))
     plot(runs, Path(args.out) / "learnability.png")
     print(f"\ncurves: {Path(args.out) / 'learnability.png'}")
 

@@ -175,6 +175,8 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("overrides", nargs="*", help="key=value overrides, e.g. serve.port=8001")
     srv.add_argument("--router", default=None, help="router file (umerl route fit): enables "
                      "mode auto")
+    srv.add_argument("--print-config", action="store_true", help="print a Ray Serve config "
+                     "for `serve deploy` (on a running Ray cluster) instead of serving")
     srv.set_defaults(handler=_cmd_serve)
 
     route = sub.add_parser("route", help="the router of mode auto")
@@ -418,11 +420,18 @@ def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
-    from umerl.serve.service import run_service
+    from umerl.serve.service import run_service, serve_config
 
     quiet()
     cfg = load_recipe(None, args.overrides)
-    run_service(str(check_checkpoint(args.checkpoint, "CHECKPOINT")), cfg, args.router)
+    checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config(checkpoint, cfg, args.router, args.overrides),
+                             sort_keys=False), end="")
+        return 0
+    run_service(checkpoint, cfg, args.router)
     return 0
 
 

@@ -396,3 +396,378 @@ def test_batcher_runs_what_arrived_during_a_batch_together() -> None:
     # Not [1], [2], ... as each arrived: what waited ran as full batches once the model was free.
     assert batches[:3] == [[0], [1, 2, 3, 4], [5, 6]]
     assert isinstance(failure, RuntimeError) and after == 10  # a failed batch fails its callers
+
+
+# ---------------------------------------------------------------------------------------------
+# One replica in this process, called as Ray Serve calls it (a Starlette request), so that
+# failures can be injected into its model and the body can arrive as a test wants.
+
+ONE_MIB = 1 << 20
+
+
+def _scope(method: str, path: str, headers: dict[str, str]) -> dict:
+    return {"type": "http", "method": method, "path": path, "root_path": "",
+            "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000),
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+
+def _request(body: bytes | None = None, *, chunks=None, method: str = "POST",
+             path: str = "/v1/embeddings", headers: dict[str, str] | None = None):
+    """A Starlette request whose body is ``body`` or arrives as the async iterator
+    ``chunks`` yields (more_body until it ends)."""
+    from starlette.requests import Request
+
+    headers = {"content-type": "application/json", **(headers or {})}
+    if body is not None:
+        chunks_iter = iter([body])
+
+        async def source():
+            for part in chunks_iter:
+                yield part
+        chunks = source()
+    iterator = chunks.__aiter__() if chunks is not None else None
+
+    async def receive() -> dict:
+        if iterator is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        try:
+            return {"type": "http.request", "body": await anext(iterator), "more_body": True}
+        except StopAsyncIteration:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+    return Request(_scope(method, path, headers), receive)
+
+
+def _answer(response) -> tuple[int, dict]:
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.fixture(scope="module")
+def local_service(tiny_model_dir, router_file):
+    from umerl.serve.service import EmbeddingService
+
+    options = ServeOptions(model_name="tiny", disc_batch_size=8, disc_batch_wait_s=0.2,
+                           gen_batch_size=8, gen_batch_wait_s=0.2,
+                           max_new_tokens=MAX_NEW_TOKENS, limits=LIMITS)
+    service = EmbeddingService(str(tiny_model_dir), options, Router.load(router_file))
+    yield service
+    import shutil
+
+    shutil.rmtree(service.media_root, ignore_errors=True)
+
+
+@pytest.fixture
+def replica(local_service, monkeypatch):
+    """The in-process replica with its options restorable per test."""
+    monkeypatch.setattr(local_service, "options", local_service.options)
+    monkeypatch.setattr(local_service.embedder, "disc", local_service.embedder.disc)
+    monkeypatch.setattr(local_service.embedder, "gen", local_service.embedder.gen)
+    return local_service
+
+
+def _embed_body(inputs, **fields) -> bytes:
+    return json.dumps({"input": inputs, **fields}).encode()
+
+
+def test_a_failed_batch_is_retried_per_input() -> None:
+    """Only the input that fails alone gets an error; the server's fault (every input fails
+    alone) still reaches every caller."""
+    from umerl.serve.service import InputFailed
+
+    async def run(items: list[int]) -> list[int]:
+        if -1 in items or 99 in items and len(items) == 1:
+            raise RuntimeError("bad batch")
+        return [2 * i for i in items]
+
+    async def scenario(values: list[int]) -> list:
+        batcher = Batcher(run, max_size=8, wait_s=0.05)
+        return await asyncio.gather(*(batcher(v) for v in values), return_exceptions=True)
+
+    out = asyncio.run(scenario([1, -1, 2, 3]))
+    assert out[0] == 2 and out[2:] == [4, 6]
+    assert isinstance(out[1], InputFailed)
+
+    async def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("engine down")
+
+    async def all_fail() -> list:
+        batcher = Batcher(broken, max_size=8, wait_s=0.05)
+        return await asyncio.gather(*(batcher(v) for v in (1, 2)), return_exceptions=True)
+
+    assert all(isinstance(e, RuntimeError) and not isinstance(e, InputFailed)
+               for e in asyncio.run(all_fail()))
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen", "auto"])
+def test_a_poisoned_input_fails_alone_in_process(replica, mode: str) -> None:
+    """Seven clean requests and one poisoned one share a batch: 7 x 200, one 400 naming the
+    field. A lone surrogate passed the old checks and failed the tokenizer for all eight."""
+    async def scenario():
+        clean = [_request(_embed_body([f"clean text {i}"], mode=mode)) for i in range(7)]
+        poisoned = _request(_embed_body(["a \ud800 b"], mode=mode))
+        return await asyncio.gather(*(replica(r) for r in [*clean, poisoned]))
+
+    answers = [_answer(r) for r in asyncio.run(scenario())]
+    assert [s for s, _ in answers[:7]] == [200] * 7
+    assert answers[7][0] == 400 and answers[7][1]["error"]["param"] == "input[0].text"
+
+
+def test_model_failure_on_one_input_is_a_422_for_it_alone(replica, monkeypatch) -> None:
+    real = replica.embedder.disc
+
+    def disc(sides):
+        if any("poison" in s.text for s in sides):
+            raise RuntimeError("a model failure this input alone causes")
+        return real(sides)
+
+    monkeypatch.setattr(replica.embedder, "disc", disc)
+
+    async def scenario():
+        requests = [_request(_embed_body([f"clean {i}"])) for i in range(3)]
+        requests.append(_request(_embed_body(["fine", "poison"])))
+        return await asyncio.gather(*(replica(r) for r in requests))
+
+    answers = [_answer(r) for r in asyncio.run(scenario())]
+    assert [s for s, _ in answers[:3]] == [200] * 3
+    assert answers[3][0] == 422 and answers[3][1]["error"]["param"] == "input[1]"
+
+
+def test_a_5xx_body_names_a_request_id_not_server_details(replica, monkeypatch) -> None:
+    def disc(sides):
+        raise RuntimeError("cannot read /tmp/umerl-serve-secret/0-image.png")
+
+    monkeypatch.setattr(replica.embedder, "disc", disc)
+    status, body = _answer(asyncio.run(replica(_request(_embed_body(["x"])))))
+    assert status == 500
+    assert "/tmp" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+    assert body["error"]["request_id"] in body["error"]["message"]
+
+
+def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_bundle,
+                                                           monkeypatch) -> None:
+    """One caller of a shared gen batch goes away 1 s in, while the batch (slowed down here)
+    still has to read its images: the others get the in-process embeddings, and its media
+    folder goes once the batch ends."""
+    real = replica.embedder.gen
+
+    def slow_gen(sides, samples):
+        time.sleep(1.5)  # the batch is running when the caller leaves
+        return real(sides, samples)
+
+    monkeypatch.setattr(replica.embedder, "gen", slow_gen)
+    names = ["red", "blue", "small"]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(replica(_request(_embed_body(
+            [image_input(media[n], f"what is {n}?")], mode="gen")))) for n in names]
+        await asyncio.sleep(1.0)
+        tasks[1].cancel()  # what Serve does when the client disconnects
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)  # the delayed removal of the folder
+        return done
+
+    done = asyncio.run(scenario())
+    assert isinstance(done[1], asyncio.CancelledError)
+    kept = [0, 2]
+    vectors = []
+    for i in kept:
+        status, body = _answer(done[i])
+        assert status == 200, body
+        vectors.append(decode_embedding(body["data"][0]["embedding"]))
+    greedy = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    sides = [Side(text=f"what is {names[i]}?", images=(str(media[names[i]]),)) for i in kept]
+    expected = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle), sides, 1, greedy)
+    np.testing.assert_allclose(np.stack(vectors), expected.embeddings[:, 0].numpy(), atol=1e-5)
+    assert list(replica.media_root.iterdir()) == []
+
+
+def test_a_chunked_body_stops_at_the_byte_limit(replica, monkeypatch) -> None:
+    """200 MiB sent chunked (no Content-Length): a 413 after reading at most the limit and
+    one chunk, with memory growth well under the body's size."""
+    import dataclasses
+    import tracemalloc
+
+    limit = 8 * ONE_MIB
+    replica.options = dataclasses.replace(
+        replica.options, limits=dataclasses.replace(LIMITS, max_request_bytes=limit))
+    chunk = b" " * ONE_MIB
+    sent = 0
+
+    async def chunks():
+        nonlocal sent
+        for _ in range(200):
+            sent += len(chunk)
+            yield chunk
+
+    tracemalloc.start()
+    try:
+        status, body = _answer(asyncio.run(replica(_request(chunks=chunks()))))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (status, body["error"]["param"]) == (413, "body")
+    assert sent <= limit + ONE_MIB
+    assert peak < 100 * ONE_MIB
+
+
+def _many_frames_body(frames_per_input: int = 16, inputs: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.zeros((2048, 2048, 3), dtype=np.uint8)  # mostly flat: a small PNG
+    pixels[:40, :40] = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    item = {"text": "frames", "video": [url] * frames_per_input}
+    return json.dumps({"input": [item] * inputs}).encode()
+
+
+MANY_FRAMES_LIMITS = Limits(max_inputs=32, max_request_bytes=32 * ONE_MIB,
+                            max_image_bytes=4 * ONE_MIB, max_image_pixels=2048 * 2048,
+                            max_video_frames=16, max_request_pixels=64 * ONE_MIB)
+
+
+def test_the_request_pixel_budget_is_checked_before_decoding(monkeypatch) -> None:
+    """32 inputs x 16 frames of 2048x2048 (each frame within the per-image limits) is a 413
+    from the image headers: no frame is decoded."""
+    from PIL import ImageFile
+
+    body = _many_frames_body()
+    assert 8 * ONE_MIB < len(body) < 16 * ONE_MIB
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(RequestError) as err:
+        parse_request(body, MANY_FRAMES_LIMITS, "tiny")
+    assert err.value.status == 413 and err.value.field.startswith("input[")
+    assert "max_request_pixels" in err.value.message
+
+
+def test_a_many_frame_request_is_refused_fast_while_a_small_one_succeeds(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, limits=MANY_FRAMES_LIMITS)
+    body = _many_frames_body()
+
+    async def scenario():
+        start = time.monotonic()
+        big = asyncio.ensure_future(replica(_request(body)))
+        small = asyncio.ensure_future(replica(_request(_embed_body(["a small one"]))))
+        big_answer = await big
+        return time.monotonic() - start, big_answer, await small
+
+    elapsed, big, small = asyncio.run(scenario())
+    assert _answer(big)[0] == 413 and elapsed < 2.0
+    assert _answer(small)[0] == 200
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "TIFF"])
+def test_other_formats_sent_as_png_are_415_without_their_decoder(fmt: str,
+                                                                 monkeypatch) -> None:
+    from PIL import EpsImagePlugin, TiffImagePlugin
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(buffer, format=fmt)
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError(f"the {fmt} decoder ran")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", forbidden)
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_open", forbidden)
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(RequestError) as err:
+        parse_request(_embed_body([{"image": url}]), LIMITS, "tiny")
+    assert (err.value.status, err.value.field) == (415, "input[0].image")
+    assert fmt in err.value.message
+
+
+def test_deep_json_is_a_400() -> None:
+    with pytest.raises(RequestError) as err:
+        parse_request(b"[" * 200_000 + b"]" * 200_000, LIMITS, "tiny")
+    assert (err.value.status, err.value.field) == (400, "body")
+
+
+def test_a_slow_body_is_a_408(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, body_timeout_s=0.5)
+
+    async def trickle():
+        yield b'{"input": '
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        return await asyncio.wait_for(replica(_request(chunks=trickle())), 5)
+
+    start = time.monotonic()
+    status, body = _answer(asyncio.run(scenario()))
+    assert (status, body["error"]["param"]) == (408, "body")
+    assert time.monotonic() - start < 2
+
+
+def test_a_slow_request_is_a_504(replica, monkeypatch) -> None:
+    import dataclasses
+
+    real = replica.embedder.disc
+    replica.options = dataclasses.replace(replica.options, request_timeout_s=0.5)
+
+    def slow(sides):
+        time.sleep(1.5)
+        return real(sides)
+
+    monkeypatch.setattr(replica.embedder, "disc", slow)
+
+    async def scenario():
+        return await asyncio.wait_for(replica(_request(_embed_body(["slow"]))), 10)
+
+    assert _answer(asyncio.run(scenario()))[0] == 504
+
+
+def test_past_max_queued_requests_is_a_503_with_retry_after(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, max_queued_requests=2)
+
+    async def scenario():
+        return await asyncio.gather(*(replica(_request(_embed_body([f"q {i}"])))
+                                      for i in range(4)))
+
+    responses = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 503, 503]
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+
+
+def test_api_key_and_content_type(replica) -> None:
+    import dataclasses
+    import hashlib
+
+    replica.options = dataclasses.replace(
+        replica.options, api_key_sha256=hashlib.sha256(b"s3cret").hexdigest())
+
+    def status(**kwargs) -> int:
+        return asyncio.run(replica(_request(**kwargs))).status_code
+
+    good = {"authorization": "Bearer s3cret"}
+    assert status(body=_embed_body(["x"])) == 401
+    assert status(body=_embed_body(["x"]), headers={"authorization": "Bearer wrong"}) == 401
+    assert status(body=_embed_body(["x"]), headers=good) == 200
+    assert status(method="GET", path="/v1/models") == 401
+    assert status(method="GET", path="/health") == 200  # probes carry no key
+    assert status(body=_embed_body(["x"]), headers={**good, "content-type": "text/plain"}) == 415
+
+
+def test_check_health_fails_when_the_model_does(replica, monkeypatch) -> None:
+    asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 200 and body["health"]["state"] == "healthy"
+
+    def broken(sides):
+        raise RuntimeError("engine gone")
+
+    monkeypatch.setattr(replica.embedder, "disc", broken)
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 503 and body["status"] == "unhealthy"
+    assert body["health"]["state"] == "unhealthy"

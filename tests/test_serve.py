@@ -85,29 +85,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+API_KEY = "test-key-0123456789"
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), made here with ``cryptography``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="module")
 def service_urls(tiny_model_dir, router_file, tmp_path_factory):
     """The real command, `umerl serve`, in its own process; Ctrl-C (SIGINT) stops it. Its two
-    ways in: Serve's proxy, and the one replica's own server (direct ingress)."""
+    ways in: Serve's proxy, and the one replica's own server (direct ingress); both over TLS
+    and with an API key (the clients here take both from the environment)."""
+    import os
+
     port, direct_port = _free_port(), _free_port()
     while direct_port <= port < direct_port + DIRECT_PORT_SPAN:  # the recipe refuses overlap
         port = _free_port()
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
     limits = [f"serve.{k}={getattr(LIMITS, k)}" for k in Limits.__dataclass_fields__]
     command = [sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir), "--router",
                str(router_file), f"serve.port={port}", f"serve.direct_port={direct_port}",
                "serve.model_name=tiny",
                "serve.disc_batch_size=8", "serve.disc_batch_wait_s=0.2",
-               "serve.gen_batch_size=4", "serve.gen_batch_wait_s=0.2",
+               "serve.gen_batch_size=8", "serve.gen_batch_wait_s=0.2",
                f"serve.max_new_tokens={MAX_NEW_TOKENS}", "ray.object_store_memory=268435456",
-               *limits]
+               "serve.body_timeout_s=2", f"serve.ssl_certfile={cert}",
+               f"serve.ssl_keyfile={key}", *limits]
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    saved = {k: os.environ.get(k) for k in ("UMERL_API_KEY", "SSL_CERT_FILE")}
+    os.environ.update(UMERL_API_KEY=API_KEY, SSL_CERT_FILE=str(cert))
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    urls = {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct_port}"}
+    urls = {"proxy": f"https://127.0.0.1:{port}", "direct": f"https://127.0.0.1:{direct_port}"}
     try:
         _wait_until_healthy(urls["proxy"], process, log)
         _wait_until_healthy(urls["direct"], process, log)
-        yield urls | {"log": log}
+        yield urls | {"log": log, "cert": cert}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -115,6 +153,11 @@ def service_urls(tiny_model_dir, router_file, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(params=["direct", "proxy"])
@@ -288,6 +331,9 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
 
     frames = [data_url(media["frame0"]), data_url(media["small"])]
     garbage = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="EPS")
+    eps = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     return [
         ("malformed JSON", b'{"input": [', 400, "body"),
         ("not an object", b'["x"]', 400, "body"),
@@ -314,6 +360,12 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
         ("reasoning not a bool", body(return_reasoning="yes"), 400, "return_reasoning"),
         ("unknown encoding", body(encoding_format="binary"), 400, "encoding_format"),
         ("encoding not a string", body(encoding_format=["base64"]), 400, "encoding_format"),
+        ("a lone surrogate", body(input=["a \ud800 b"]), 400, "input[0].text"),
+        ("an image placeholder", body(input=["a <|image_pad|>"]), 400, "input[0].text"),
+        ("a video placeholder", body(input=["a <|video_pad|>"]), 400, "input[0].text"),
+        ("deep JSON", b"[" * 200_000 + b"]" * 200_000, 400, "body"),
+        ("EPS sent as PNG", body(input=[{"image": eps}]), 415, "input[0].image"),
+        ("invalid UTF-8", b'{"input": ["\xff\xfe"]}', 400, "body"),
     ]
 
 
@@ -771,3 +823,186 @@ def test_check_health_fails_when_the_model_does(replica, monkeypatch) -> None:
     status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
     assert status == 503 and body["status"] == "unhealthy"
     assert body["health"]["state"] == "unhealthy"
+
+
+# ---------------------------------------------------------------------------------------------
+# The same guarantees over HTTP, through both ways in (TLS and the API key on both).
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen", "auto"])
+def test_a_poisoned_request_fails_alone_over_http(service, mode: str) -> None:
+    """Seven clean requests and a poisoned one at once (one batch): 7 x 200 and one 400."""
+    poisons = ["a \ud800 b", "a <|image_pad|> b", "a <|video_pad|> b"]
+
+    def one(text: str):
+        return _post(service, json.dumps({"input": [text], "mode": mode}).encode())
+
+    for poison in poisons:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, [f"clean text {i}" for i in range(7)] + [poison]))
+        assert [s for s, _ in answers[:7]] == [200] * 7, poison
+        assert answers[7] == (400, "input[0].text"), poison
+
+
+def _connect(url: str, cert: Path, timeout_s: float = 30.0):
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+    return ssl.create_default_context(cafile=str(cert)).wrap_socket(
+        raw, server_hostname=parts.hostname)
+
+
+def _status_of(sock) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        part = sock.recv(4096)
+        if not part:
+            break
+        head += part
+    return int(head.split(b" ", 2)[1])
+
+
+def test_a_chunked_upload_is_a_413_before_it_is_all_sent(service, service_urls) -> None:
+    import select
+
+    sock = _connect(service, service_urls["cert"])
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (64 << 10)
+    sent, total = 0, 200 * ONE_MIB
+    try:
+        while sent < total:
+            if sock.pending() or select.select([sock], [], [], 0)[0]:
+                break  # the answer came before the body ended
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server closed on us: the answer may still be readable
+    try:
+        assert _status_of(sock) == 413
+    finally:
+        sock.close()
+    assert sent < 64 * ONE_MIB  # the limit is 1 MiB; the rest is what buffers held
+
+
+def test_a_trickling_body_is_a_408(service, service_urls) -> None:
+    sock = _connect(service, service_urls["cert"])
+    start = time.monotonic()
+    try:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"input": ')
+        assert _status_of(sock) == 408
+    finally:
+        sock.close()
+    assert time.monotonic() - start < 15  # serve.body_timeout_s=2 here
+
+
+def test_keys_and_content_type_over_http(service) -> None:
+    body = json.dumps({"input": ["x"]}).encode()
+    assert _post(service, body) == (200, pytest.approx(_post(service, body)[1]))
+    keyless = EmbeddingClient(service, api_key="")
+    with pytest.raises(ServiceError) as err:
+        keyless.embed(["x"])
+    assert err.value.status == 401
+    with pytest.raises(ServiceError) as err:
+        EmbeddingClient(service, api_key="wrong").models()
+    assert err.value.status == 401
+    assert keyless.health()["status"] == "ok"  # /health stays open for probes
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(service)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30,
+                                       context=ssl.create_default_context())
+    conn.request("POST", "/v1/embeddings", body=body,
+                 headers={"Content-Type": "text/plain", "Authorization": f"Bearer {API_KEY}"})
+    assert conn.getresponse().status == 415
+    conn.close()
+
+
+def test_plain_http_to_a_tls_port_gets_no_answer(service) -> None:
+    with pytest.raises((OSError, ServiceError)):
+        EmbeddingClient(service.replace("https://", "http://"), timeout_s=10).health()
+
+
+def test_the_client_retries_503_after_retry_after() -> None:
+    """A stub server sheds twice, then answers: the client waits out Retry-After and gets it."""
+    import http.server
+    import threading
+
+    answers = [(503, {"Retry-After": "0.2"}), (503, {"Retry-After": "0.2"}), (200, {})]
+    seen: list[float] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            seen.append(time.monotonic())
+            status, headers = answers[min(len(seen) - 1, 2)]
+            payload = json.dumps({"status": "ok"} if status == 200 else
+                                 {"error": {"message": "busy", "param": "server"}}).encode()
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(payload))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert EmbeddingClient(url, api_key="").health() == {"status": "ok"}
+        assert len(seen) == 3 and seen[1] - seen[0] >= 0.2 and seen[2] - seen[1] >= 0.2
+        seen.clear()
+        answers[2] = (503, {})
+        with pytest.raises(ServiceError) as err:
+            EmbeddingClient(url, api_key="", retries=1, backoff_s=0.01).health()
+        assert err.value.status == 503 and len(seen) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_print_config_is_a_serve_deploy_config(tiny_model_dir, router_file, monkeypatch) -> None:
+    """`umerl serve CKPT --print-config`: a config Ray Serve's own schema accepts, whose
+    application builder rebuilds the same deployment (autoscaling, limits, key digest)."""
+    import hashlib
+    import os
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from umerl.serve.service import app
+
+    overrides = ["serve.autoscaling.enabled=true", "serve.autoscaling.max_replicas=3",
+                 "serve.max_queued_requests=7", "serve.port=8223"]
+    env = {**os.environ, "UMERL_API_KEY": "k3y"}
+    out = subprocess.run([sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir),
+                          "--router", str(router_file), "--print-config", *overrides],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    config = yaml.safe_load(out.stdout)
+    ServeDeploySchema.model_validate(config)
+    application = config["applications"][0]
+    assert application["import_path"] == "umerl.serve.service:app"
+    assert config["http_options"]["port"] == 8223
+    deployment = application["deployments"][0]
+    assert deployment["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in deployment and deployment["max_queued_requests"] == 7
+    assert application["args"]["api_key_sha256"] == hashlib.sha256(b"k3y").hexdigest()
+    assert "k3y" not in out.stdout
+    monkeypatch.delenv("UMERL_API_KEY", raising=False)
+    built = app(application["args"])
+    options = built._bound_deployment._deployment_config
+    assert options.autoscaling_config.max_replicas == 3
+    assert options.max_queued_requests == 7
+    service_options = built._bound_deployment.init_args[1]
+    assert service_options.api_key_sha256 == hashlib.sha256(b"k3y").hexdigest()

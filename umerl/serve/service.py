@@ -132,7 +132,7 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
     unknown = sorted(set(payload) - {"model", "input", "mode", "samples", "return_reasoning",
                                      "encoding_format", "user"})
     if unknown:
-        raise RequestError(400, _printable(unknown[0]), "unknown field")
+        raise RequestError(400, _utf8(unknown[0]), "unknown field")
     _check_model(payload.get("model"), model_name)
     encoding = payload.get("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:
@@ -148,6 +148,11 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
                            f"{_kind(reasoning)}")
     inputs = _inputs(payload.get("input"), limits)
     return EmbeddingRequest(inputs, mode, samples, reasoning, encoding)
+
+
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates escaped (the error JSON must encode as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _printable(value: Any) -> str:
@@ -223,7 +228,7 @@ def _item(value: Any, where: str, limits: Limits, budget: PixelBudget) -> InputI
         raise RequestError(400, where, f"expected a string or an object, got {_kind(value)}")
     unknown = sorted(set(value) - {"text", "image", "video"})
     if unknown:
-        raise RequestError(400, f"{where}.{_printable(unknown[0])}", "unknown field (an input "
+        raise RequestError(400, f"{where}.{_utf8(unknown[0])}", "unknown field (an input "
                            "has text, image and/or video)")
     text = value.get("text", "")
     if not isinstance(text, str):

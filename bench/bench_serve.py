@@ -138,7 +138,7 @@ def start(args: argparse.Namespace) -> dict[str, str]:
     from umerl.serve.service import ServeOptions, start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
     options = ServeOptions(port=port, direct_port=direct_port, cpus_per_replica=args.cpus,

@@ -32,6 +32,7 @@ import base64
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import socket
 import sys
@@ -347,6 +348,7 @@ class HostileMix:
                 self._count("slow", answer.split(b" ")[1].decode() if answer else "closed")
             except OSError as err:
                 self._count("slow", type(err).__name__)
+                self.stop_event.wait(0.5)  # no spinning on a refused connection
 
     def _disconnect(self) -> None:
         from urllib.parse import urlsplit
@@ -364,6 +366,14 @@ class HostileMix:
                 self._count("disconnect", type(err).__name__)
 
 
+def _hostile_process(url: str, bad_count: int, duration_s: float, slow_bodies: int,
+                     stop: Any, results: Any) -> None:
+    mix = HostileMix(url, bad_count, duration_s, slow_bodies)
+    mix.start()
+    stop.wait()
+    results.put(dict(mix.stop()))
+
+
 def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     """Clean disc load alone and beside the hostile mix, alternating; the better run of each."""
     sides = benchmark_inputs(args.requests * args.inputs_per_request, args.benchmark_dir)
@@ -373,15 +383,21 @@ def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
     load(url, requests[:args.concurrency * 2], "disc", args.concurrency)  # warm-up
     bad_count = max(1, len(requests) // 9)  # 10% of everything sent
     alone, hostile, outcomes = [], [], Counter()
+    context = multiprocessing.get_context("spawn")
     for _ in range(args.repeats):
         alone.append(load(url, requests, "disc", args.concurrency))
-        mix = HostileMix(url, bad_count, alone[-1]["requests"] / alone[-1]["request_rate"],
-                         args.slow_bodies)
+        # Its own process: the mix's threads would otherwise share the clean clients' GIL.
+        duration = alone[-1]["requests"] / alone[-1]["request_rate"]
+        stop, results = context.Event(), context.Queue()
+        mix = context.Process(target=_hostile_process,
+                              args=(url, bad_count, duration, args.slow_bodies, stop, results))
         mix.start()
         try:
             hostile.append(load(url, requests, "disc", args.concurrency))
         finally:
-            outcomes += mix.stop()
+            stop.set()
+            outcomes += Counter(results.get(timeout=60))
+            mix.join(timeout=30)
     best_alone = max(alone, key=lambda r: r["throughput"])
     best_hostile = max(hostile, key=lambda r: r["throughput"])
     row = {"way": way, "errors": sum(r["errors"] for r in alone + hostile),

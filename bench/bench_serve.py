@@ -15,16 +15,30 @@ in this process in batches (``umerl.model.embed``, the replica's largest batch s
 number of torch threads as the replica; after a warm-up batch, the better of two timings, so
 the baseline is not understated).
 Batch sizes default to concurrency x inputs per request.
+
+``--hostile``: instead, per way in, disc load alone and disc load beside a hostile mix, side by
+side in one run (alternating, ``--repeats`` times each, the better timing of each kept): bad
+requests (10% of all requests sent: lone surrogates, control tokens, an EPS file sent as PNG,
+JSON 10^5 deep, malformed JSON, a wrong content type) spread over the run, ``--slow-bodies``
+connections that trickle a body until their 408, and one client that sends a request and
+disconnects before the answer, every 0.25 s. Prints the clean requests' errors and their
+throughput as a ratio to the clean load alone, and what the hostile requests got.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import itertools
+import json
+import multiprocessing
 import os
 import socket
 import sys
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -125,13 +139,14 @@ def start(args: argparse.Namespace) -> dict[str, str]:
     from umerl.serve.service import ServeOptions, start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
     options = ServeOptions(port=port, direct_port=direct_port, cpus_per_replica=args.cpus,
                            disc_batch_size=args.disc_batch_size,
                            gen_batch_size=args.gen_batch_size,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens,
+                           body_timeout_s=args.body_timeout_s)
     router = Router.load(args.router) if args.router else None
     urls = start_service(args.checkpoint, options, router)
     return {"direct": urls.direct[0], "proxy": urls.proxy}
@@ -180,6 +195,13 @@ def main() -> int:
                         help="ways in, comma-separated: direct (the replica's own server), "
                         "proxy (Serve's HTTP proxy)")
     parser.add_argument("--benchmark-dir", default=None)
+    parser.add_argument("--hostile", action="store_true", help="disc load alone vs beside a "
+                        "hostile mix (see above), per way in")
+    parser.add_argument("--repeats", type=int, default=2, help="--hostile: runs of each")
+    parser.add_argument("--slow-bodies", type=int, default=3, help="--hostile: connections "
+                        "trickling a body")
+    parser.add_argument("--body-timeout-s", type=float, default=5.0,
+                        help="serve.body_timeout_s (the slow bodies' 408 comes after it)")
     args = parser.parse_args()
     encodings = args.encodings.split(",")
     # One-input requests at a fixed concurrency never fill a larger batch: each would wait
@@ -199,8 +221,11 @@ def main() -> int:
     ways = {way: urls[way] for way in args.via.split(",")}
     rows = []
     try:
-        for mode, count in plan:
-            rows += run_mode(ways, args, mode, count, encodings)
+        if args.hostile:
+            rows = [run_hostile(way, url, args) for way, url in ways.items()]
+        else:
+            for mode, count in plan:
+                rows += run_mode(ways, args, mode, count, encodings)
     finally:
         serve.shutdown()
     return 1 if any(r["errors"] for r in rows) else 0
@@ -233,6 +258,160 @@ def run_mode(ways: dict[str, str], args: argparse.Namespace, mode: str, count: i
     for row in rows:
         print(_line(row), flush=True)
     return rows
+
+
+def bad_bodies() -> list[tuple[bytes, str]]:
+    """Requests a careless or hostile client sends: (body, content type)."""
+    eps = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(eps, format="EPS")
+    eps_url = "data:image/png;base64," + base64.b64encode(eps.getvalue()).decode()
+
+    def body(inputs: list) -> bytes:
+        return json.dumps({"input": inputs}).encode()
+
+    return [(body(["a \ud800 b"]), "application/json"),
+            (body(["a <|image_pad|> b"]), "application/json"),
+            (body([{"image": eps_url}]), "application/json"),
+            (b"[" * 100_000 + b"]" * 100_000, "application/json"),
+            (b'{"input": [', "application/json"),
+            (body(["fine text"]), "text/plain")]
+
+
+def _raw_post(url: str, body: bytes, content_type: str, timeout_s: float = 60.0) -> int:
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout_s)
+    try:
+        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": content_type})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+class HostileMix:
+    """Bad requests paced over ``duration_s``, slow bodies and a disconnecting client, in
+    threads, until ``stop``; ``outcomes`` counts what each kind got."""
+
+    def __init__(self, url: str, bad_count: int, duration_s: float, slow_bodies: int):
+        self.url, self.bad_count, self.duration_s = url, bad_count, duration_s
+        self.slow_bodies = slow_bodies
+        self.stop_event = threading.Event()
+        self.outcomes: Counter = Counter()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def _count(self, kind: str, status: Any) -> None:
+        with self.lock:
+            self.outcomes[f"{kind}:{status}"] += 1
+
+    def start(self) -> None:
+        targets = [self._bad] + [self._slow] * self.slow_bodies + [self._disconnect]
+        self.threads = [threading.Thread(target=t, daemon=True) for t in targets]
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> Counter:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        return self.outcomes
+
+    def _bad(self) -> None:
+        bodies = bad_bodies()
+        gap = self.duration_s / max(1, self.bad_count)
+        for i in range(self.bad_count):
+            if self.stop_event.wait(gap if i else 0):
+                break
+            body, content_type = bodies[i % len(bodies)]
+            try:
+                self._count("bad", _raw_post(self.url, body, content_type))
+            except OSError as err:
+                self._count("bad", type(err).__name__)
+
+    def _slow(self) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        while not self.stop_event.is_set():
+            try:
+                with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+                    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: 1000"
+                                 b"\r\n\r\n" + b'{"input": ')
+                    answer = sock.recv(64)
+                self._count("slow", answer.split(b" ")[1].decode() if answer else "closed")
+            except OSError as err:
+                self._count("slow", type(err).__name__)
+                self.stop_event.wait(0.5)  # no spinning on a refused connection
+
+    def _disconnect(self) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        body = json.dumps({"input": ["a request whose client leaves"]}).encode()
+        while not self.stop_event.wait(0.25):
+            try:
+                with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+                    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+                self._count("disconnect", "sent")
+            except OSError as err:
+                self._count("disconnect", type(err).__name__)
+
+
+def _hostile_process(url: str, bad_count: int, duration_s: float, slow_bodies: int,
+                     stop: Any, results: Any) -> None:
+    mix = HostileMix(url, bad_count, duration_s, slow_bodies)
+    mix.start()
+    stop.wait()
+    results.put(dict(mix.stop()))
+
+
+def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Clean disc load alone and beside the hostile mix, alternating; the better run of each."""
+    sides = benchmark_inputs(args.requests * args.inputs_per_request, args.benchmark_dir)
+    items = [as_request_item(s) for s in sides]
+    k = args.inputs_per_request
+    requests = [items[i:i + k] for i in range(0, len(items), k)]
+    load(url, requests[:args.concurrency * 2], "disc", args.concurrency)  # warm-up
+    bad_count = max(1, len(requests) // 9)  # 10% of everything sent
+    alone, hostile, outcomes = [], [], Counter()
+    context = multiprocessing.get_context("spawn")
+    for _ in range(args.repeats):
+        alone.append(load(url, requests, "disc", args.concurrency))
+        # Its own process: the mix's threads would otherwise share the clean clients' GIL.
+        duration = alone[-1]["requests"] / alone[-1]["request_rate"]
+        stop, results = context.Event(), context.Queue()
+        mix = context.Process(target=_hostile_process,
+                              args=(url, bad_count, duration, args.slow_bodies, stop, results))
+        mix.start()
+        try:
+            hostile.append(load(url, requests, "disc", args.concurrency))
+        finally:
+            stop.set()
+            outcomes += Counter(results.get(timeout=60))
+            mix.join(timeout=30)
+    best_alone = max(alone, key=lambda r: r["throughput"])
+    best_hostile = max(hostile, key=lambda r: r["throughput"])
+    row = {"way": way, "errors": sum(r["errors"] for r in alone + hostile),
+           "alone": best_alone, "hostile": best_hostile,
+           "ratio": best_hostile["throughput"] / best_alone["throughput"],
+           "all_ratios": [h["throughput"] / a["throughput"] for a, h in zip(alone, hostile)],
+           "outcomes": dict(sorted(outcomes.items()))}
+    print(f"hostile {way:>6}: {len(requests)} clean disc requests x {args.repeats} runs each; "
+          f"alone {best_alone['throughput']:.1f} inputs/s (p99 {best_alone['p99_ms']:.0f} ms), "
+          f"beside the hostile mix {best_hostile['throughput']:.1f} inputs/s "
+          f"(p99 {best_hostile['p99_ms']:.0f} ms); ratio {row['ratio']:.2f} (per run "
+          f"{', '.join(f'{r:.2f}' for r in row['all_ratios'])}); clean errors "
+          f"{row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
+    return row
 
 
 def _line(row: dict[str, Any]) -> str:

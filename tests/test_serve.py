@@ -85,29 +85,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+API_KEY = "test-key-0123456789"
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), made here with ``cryptography``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 @pytest.fixture(scope="module")
 def service_urls(tiny_model_dir, router_file, tmp_path_factory):
     """The real command, `umerl serve`, in its own process; Ctrl-C (SIGINT) stops it. Its two
-    ways in: Serve's proxy, and the one replica's own server (direct ingress)."""
+    ways in: Serve's proxy, and the one replica's own server (direct ingress); both over TLS
+    and with an API key (the clients here take both from the environment)."""
+    import os
+
     port, direct_port = _free_port(), _free_port()
     while direct_port <= port < direct_port + DIRECT_PORT_SPAN:  # the recipe refuses overlap
         port = _free_port()
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
     limits = [f"serve.{k}={getattr(LIMITS, k)}" for k in Limits.__dataclass_fields__]
     command = [sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir), "--router",
                str(router_file), f"serve.port={port}", f"serve.direct_port={direct_port}",
                "serve.model_name=tiny",
                "serve.disc_batch_size=8", "serve.disc_batch_wait_s=0.2",
-               "serve.gen_batch_size=4", "serve.gen_batch_wait_s=0.2",
+               "serve.gen_batch_size=8", "serve.gen_batch_wait_s=0.2",
                f"serve.max_new_tokens={MAX_NEW_TOKENS}", "ray.object_store_memory=268435456",
-               *limits]
+               "serve.body_timeout_s=2", f"serve.ssl_certfile={cert}",
+               f"serve.ssl_keyfile={key}", *limits]
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    saved = {k: os.environ.get(k) for k in ("UMERL_API_KEY", "SSL_CERT_FILE")}
+    os.environ.update(UMERL_API_KEY=API_KEY, SSL_CERT_FILE=str(cert))
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    urls = {"proxy": f"http://127.0.0.1:{port}", "direct": f"http://127.0.0.1:{direct_port}"}
+    urls = {"proxy": f"https://127.0.0.1:{port}", "direct": f"https://127.0.0.1:{direct_port}"}
     try:
         _wait_until_healthy(urls["proxy"], process, log)
         _wait_until_healthy(urls["direct"], process, log)
-        yield urls | {"log": log}
+        yield urls | {"log": log, "cert": cert}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -115,6 +153,11 @@ def service_urls(tiny_model_dir, router_file, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(params=["direct", "proxy"])
@@ -288,6 +331,9 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
 
     frames = [data_url(media["frame0"]), data_url(media["small"])]
     garbage = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buffer, format="EPS")
+    eps = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     return [
         ("malformed JSON", b'{"input": [', 400, "body"),
         ("not an object", b'["x"]', 400, "body"),
@@ -314,6 +360,12 @@ def _bad_cases(media: dict[str, Path]) -> list[tuple[str, bytes, int, str]]:
         ("reasoning not a bool", body(return_reasoning="yes"), 400, "return_reasoning"),
         ("unknown encoding", body(encoding_format="binary"), 400, "encoding_format"),
         ("encoding not a string", body(encoding_format=["base64"]), 400, "encoding_format"),
+        ("a lone surrogate", body(input=["a \ud800 b"]), 400, "input[0].text"),
+        ("an image placeholder", body(input=["a <|image_pad|>"]), 400, "input[0].text"),
+        ("a video placeholder", body(input=["a <|video_pad|>"]), 400, "input[0].text"),
+        ("deep JSON", b"[" * 200_000 + b"]" * 200_000, 400, "body"),
+        ("EPS sent as PNG", body(input=[{"image": eps}]), 415, "input[0].image"),
+        ("invalid UTF-8", b'{"input": ["\xff\xfe"]}', 400, "body"),
     ]
 
 
@@ -396,3 +448,665 @@ def test_batcher_runs_what_arrived_during_a_batch_together() -> None:
     # Not [1], [2], ... as each arrived: what waited ran as full batches once the model was free.
     assert batches[:3] == [[0], [1, 2, 3, 4], [5, 6]]
     assert isinstance(failure, RuntimeError) and after == 10  # a failed batch fails its callers
+
+
+# ---------------------------------------------------------------------------------------------
+# One replica in this process, called as Ray Serve calls it (a Starlette request), so that
+# failures can be injected into its model and the body can arrive as a test wants.
+
+ONE_MIB = 1 << 20
+
+
+def _scope(method: str, path: str, headers: dict[str, str]) -> dict:
+    return {"type": "http", "method": method, "path": path, "root_path": "",
+            "query_string": b"", "scheme": "http", "server": ("127.0.0.1", 8000),
+            "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+
+
+def _request(body: bytes | None = None, *, chunks=None, method: str = "POST",
+             path: str = "/v1/embeddings", headers: dict[str, str] | None = None):
+    """A Starlette request whose body is ``body`` or arrives as the async iterator
+    ``chunks`` yields (more_body until it ends)."""
+    from starlette.requests import Request
+
+    headers = {"content-type": "application/json", **(headers or {})}
+    if body is not None:
+        chunks_iter = iter([body])
+
+        async def source():
+            for part in chunks_iter:
+                yield part
+        chunks = source()
+    iterator = chunks.__aiter__() if chunks is not None else None
+
+    async def receive() -> dict:
+        if iterator is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        try:
+            return {"type": "http.request", "body": await anext(iterator), "more_body": True}
+        except StopAsyncIteration:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+    return Request(_scope(method, path, headers), receive)
+
+
+def _answer(response) -> tuple[int, dict]:
+    return response.status_code, json.loads(response.body)
+
+
+@pytest.fixture(scope="module")
+def local_service(tiny_model_dir, router_file):
+    from umerl.serve.service import EmbeddingService
+
+    options = ServeOptions(model_name="tiny", disc_batch_size=8, disc_batch_wait_s=0.2,
+                           gen_batch_size=8, gen_batch_wait_s=0.2,
+                           max_new_tokens=MAX_NEW_TOKENS, limits=LIMITS)
+    service = EmbeddingService(str(tiny_model_dir), options, Router.load(router_file))
+    yield service
+    import shutil
+
+    shutil.rmtree(service.media_root, ignore_errors=True)
+
+
+@pytest.fixture
+def replica(local_service, monkeypatch):
+    """The in-process replica with its options restorable per test."""
+    monkeypatch.setattr(local_service, "options", local_service.options)
+    monkeypatch.setattr(local_service.embedder, "disc", local_service.embedder.disc)
+    monkeypatch.setattr(local_service.embedder, "gen", local_service.embedder.gen)
+    return local_service
+
+
+def _embed_body(inputs, **fields) -> bytes:
+    return json.dumps({"input": inputs, **fields}).encode()
+
+
+def test_a_failed_batch_is_retried_per_input() -> None:
+    """Only the input that fails alone gets an error; the server's fault (every input fails
+    alone) still reaches every caller."""
+    from umerl.serve.service import InputFailed
+
+    async def run(items: list[int]) -> list[int]:
+        if -1 in items or 99 in items and len(items) == 1:
+            raise RuntimeError("bad batch")
+        return [2 * i for i in items]
+
+    async def scenario(values: list[int]) -> list:
+        batcher = Batcher(run, max_size=8, wait_s=0.05)
+        return await asyncio.gather(*(batcher(v) for v in values), return_exceptions=True)
+
+    out = asyncio.run(scenario([1, -1, 2, 3]))
+    assert out[0] == 2 and out[2:] == [4, 6]
+    assert isinstance(out[1], InputFailed)
+
+    async def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("engine down")
+
+    async def all_fail() -> list:
+        batcher = Batcher(broken, max_size=8, wait_s=0.05)
+        return await asyncio.gather(*(batcher(v) for v in (1, 2)), return_exceptions=True)
+
+    assert all(isinstance(e, RuntimeError) and not isinstance(e, InputFailed)
+               for e in asyncio.run(all_fail()))
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen", "auto"])
+def test_a_poisoned_input_fails_alone_in_process(replica, mode: str) -> None:
+    """Seven clean requests and one poisoned one share a batch: 7 x 200, one 400 naming the
+    field. A lone surrogate passed the old checks and failed the tokenizer for all eight."""
+    async def scenario():
+        clean = [_request(_embed_body([f"clean text {i}"], mode=mode)) for i in range(7)]
+        poisoned = _request(_embed_body(["a \ud800 b"], mode=mode))
+        return await asyncio.gather(*(replica(r) for r in [*clean, poisoned]))
+
+    answers = [_answer(r) for r in asyncio.run(scenario())]
+    assert [s for s, _ in answers[:7]] == [200] * 7
+    assert answers[7][0] == 400 and answers[7][1]["error"]["param"] == "input[0].text"
+
+
+def test_model_failure_on_one_input_is_a_422_for_it_alone(replica, monkeypatch) -> None:
+    real = replica.embedder.disc
+
+    def disc(sides):
+        if any("poison" in s.text for s in sides):
+            raise RuntimeError("a model failure this input alone causes")
+        return real(sides)
+
+    monkeypatch.setattr(replica.embedder, "disc", disc)
+
+    async def scenario():
+        requests = [_request(_embed_body([f"clean {i}"])) for i in range(3)]
+        requests.append(_request(_embed_body(["fine", "poison"])))
+        return await asyncio.gather(*(replica(r) for r in requests))
+
+    answers = [_answer(r) for r in asyncio.run(scenario())]
+    assert [s for s, _ in answers[:3]] == [200] * 3
+    assert answers[3][0] == 422 and answers[3][1]["error"]["param"] == "input[1]"
+
+
+def test_a_5xx_body_names_a_request_id_not_server_details(replica, monkeypatch) -> None:
+    def disc(sides):
+        raise RuntimeError("cannot read /tmp/umerl-serve-secret/0-image.png")
+
+    monkeypatch.setattr(replica.embedder, "disc", disc)
+    status, body = _answer(asyncio.run(replica(_request(_embed_body(["x"])))))
+    assert status == 500
+    assert "/tmp" not in json.dumps(body) and "RuntimeError" not in json.dumps(body)
+    assert body["error"]["request_id"] in body["error"]["message"]
+
+
+def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_bundle,
+                                                           monkeypatch) -> None:
+    """One caller of a shared gen batch goes away 1 s in, while the batch (slowed down here)
+    still has to read its images: the others get the in-process embeddings, and its media
+    folder goes once the batch ends."""
+    real = replica.embedder.gen
+
+    def slow_gen(sides, samples):
+        time.sleep(1.5)  # the batch is running when the caller leaves
+        return real(sides, samples)
+
+    monkeypatch.setattr(replica.embedder, "gen", slow_gen)
+    names = ["red", "blue", "small"]
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(replica(_request(_embed_body(
+            [image_input(media[n], f"what is {n}?")], mode="gen")))) for n in names]
+        await asyncio.sleep(1.0)
+        tasks[1].cancel()  # what Serve does when the client disconnects
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.1)  # the delayed removal of the folder
+        return done
+
+    done = asyncio.run(scenario())
+    assert isinstance(done[1], asyncio.CancelledError)
+    kept = [0, 2]
+    vectors = []
+    for i in kept:
+        status, body = _answer(done[i])
+        assert status == 200, body
+        vectors.append(decode_embedding(body["data"][0]["embedding"]))
+    greedy = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    sides = [Side(text=f"what is {names[i]}?", images=(str(media[names[i]]),)) for i in kept]
+    expected = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle), sides, 1, greedy)
+    np.testing.assert_allclose(np.stack(vectors), expected.embeddings[:, 0].numpy(), atol=1e-5)
+    assert list(replica.media_root.iterdir()) == []
+
+
+def test_a_chunked_body_stops_at_the_byte_limit(replica, monkeypatch) -> None:
+    """200 MiB sent chunked (no Content-Length): a 413 after reading at most the limit and
+    one chunk, with memory growth well under the body's size."""
+    import dataclasses
+    import tracemalloc
+
+    limit = 8 * ONE_MIB
+    replica.options = dataclasses.replace(
+        replica.options, limits=dataclasses.replace(LIMITS, max_request_bytes=limit))
+    chunk = b" " * ONE_MIB
+    sent = 0
+
+    async def chunks():
+        nonlocal sent
+        for _ in range(200):
+            sent += len(chunk)
+            yield chunk
+
+    tracemalloc.start()
+    try:
+        status, body = _answer(asyncio.run(replica(_request(chunks=chunks()))))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (status, body["error"]["param"]) == (413, "body")
+    assert sent <= limit + ONE_MIB
+    assert peak < 100 * ONE_MIB
+
+
+def _many_frames_body(frames_per_input: int = 16, inputs: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.zeros((2048, 2048, 3), dtype=np.uint8)  # mostly flat: a small PNG
+    pixels[:40, :40] = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    item = {"text": "frames", "video": [url] * frames_per_input}
+    return json.dumps({"input": [item] * inputs}).encode()
+
+
+MANY_FRAMES_LIMITS = Limits(max_inputs=32, max_request_bytes=32 * ONE_MIB,
+                            max_image_bytes=4 * ONE_MIB, max_image_pixels=2048 * 2048,
+                            max_video_frames=16, max_request_pixels=64 * ONE_MIB)
+
+
+def test_the_request_pixel_budget_is_checked_before_decoding(monkeypatch) -> None:
+    """32 inputs x 16 frames of 2048x2048 (each frame within the per-image limits) is a 413
+    from the image headers: no frame is decoded."""
+    from PIL import ImageFile
+
+    body = _many_frames_body()
+    assert 8 * ONE_MIB < len(body) < 16 * ONE_MIB
+
+    def no_decode(self, *args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(RequestError) as err:
+        parse_request(body, MANY_FRAMES_LIMITS, "tiny")
+    assert err.value.status == 413 and err.value.field.startswith("input[")
+    assert "max_request_pixels" in err.value.message
+
+
+def test_a_many_frame_request_is_refused_fast_while_a_small_one_succeeds(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, limits=MANY_FRAMES_LIMITS)
+    body = _many_frames_body()
+
+    async def scenario():
+        start = time.monotonic()
+        big = asyncio.ensure_future(replica(_request(body)))
+        small = asyncio.ensure_future(replica(_request(_embed_body(["a small one"]))))
+        big_answer = await big
+        return time.monotonic() - start, big_answer, await small
+
+    elapsed, big, small = asyncio.run(scenario())
+    assert _answer(big)[0] == 413 and elapsed < 2.0
+    assert _answer(small)[0] == 200
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "TIFF"])
+def test_other_formats_sent_as_png_are_415_without_their_decoder(fmt: str,
+                                                                 monkeypatch) -> None:
+    from PIL import EpsImagePlugin, TiffImagePlugin
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(buffer, format=fmt)
+
+    def forbidden(self, *args, **kwargs):
+        raise AssertionError(f"the {fmt} decoder ran")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", forbidden)
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "_open", forbidden)
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(RequestError) as err:
+        parse_request(_embed_body([{"image": url}]), LIMITS, "tiny")
+    assert (err.value.status, err.value.field) == (415, "input[0].image")
+    assert fmt in err.value.message
+
+
+def test_deep_json_is_a_400() -> None:
+    with pytest.raises(RequestError) as err:
+        parse_request(b"[" * 200_000 + b"]" * 200_000, LIMITS, "tiny")
+    assert (err.value.status, err.value.field) == (400, "body")
+
+
+def test_a_slow_body_is_a_408(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, body_timeout_s=0.5)
+
+    async def trickle():
+        yield b'{"input": '
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        return await asyncio.wait_for(replica(_request(chunks=trickle())), 5)
+
+    start = time.monotonic()
+    status, body = _answer(asyncio.run(scenario()))
+    assert (status, body["error"]["param"]) == (408, "body")
+    assert time.monotonic() - start < 2
+
+
+def test_a_slow_request_is_a_504(replica, monkeypatch) -> None:
+    import dataclasses
+
+    real = replica.embedder.disc
+    replica.options = dataclasses.replace(replica.options, request_timeout_s=0.5)
+
+    def slow(sides):
+        time.sleep(1.5)
+        return real(sides)
+
+    monkeypatch.setattr(replica.embedder, "disc", slow)
+
+    async def scenario():
+        return await asyncio.wait_for(replica(_request(_embed_body(["slow"]))), 10)
+
+    assert _answer(asyncio.run(scenario()))[0] == 504
+
+
+def test_past_max_queued_requests_is_a_503_with_retry_after(replica) -> None:
+    import dataclasses
+
+    replica.options = dataclasses.replace(replica.options, max_queued_requests=2)
+
+    async def scenario():
+        return await asyncio.gather(*(replica(_request(_embed_body([f"q {i}"])))
+                                      for i in range(4)))
+
+    responses = asyncio.run(scenario())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200, 200, 503, 503]
+    assert all(r.headers["retry-after"] == "1" for r in responses if r.status_code == 503)
+
+
+def test_api_key_and_content_type(replica) -> None:
+    import dataclasses
+    import hashlib
+
+    replica.options = dataclasses.replace(
+        replica.options, api_key_sha256=hashlib.sha256(b"s3cret").hexdigest())
+
+    def status(**kwargs) -> int:
+        return asyncio.run(replica(_request(**kwargs))).status_code
+
+    good = {"authorization": "Bearer s3cret"}
+    assert status(body=_embed_body(["x"])) == 401
+    assert status(body=_embed_body(["x"]), headers={"authorization": "Bearer wrong"}) == 401
+    assert status(body=_embed_body(["x"]), headers=good) == 200
+    assert status(method="GET", path="/v1/models") == 401
+    assert status(method="GET", path="/health") == 200  # probes carry no key
+    assert status(body=_embed_body(["x"]), headers={**good, "content-type": "text/plain"}) == 415
+
+
+def test_check_health_fails_when_the_model_does(replica, monkeypatch) -> None:
+    asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 200 and body["health"]["state"] == "healthy"
+
+    def broken(sides):
+        raise RuntimeError("engine gone")
+
+    monkeypatch.setattr(replica.embedder, "disc", broken)
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 503 and body["status"] == "unhealthy"
+    assert body["health"]["state"] == "unhealthy"
+
+
+# ---------------------------------------------------------------------------------------------
+# The same guarantees over HTTP, through both ways in (TLS and the API key on both).
+
+
+@pytest.mark.parametrize("mode", ["disc", "gen", "auto"])
+def test_a_poisoned_request_fails_alone_over_http(service, mode: str) -> None:
+    """Seven clean requests and a poisoned one at once (one batch): 7 x 200 and one 400."""
+    poisons = ["a \ud800 b", "a <|image_pad|> b", "a <|video_pad|> b"]
+
+    def one(text: str):
+        return _post(service, json.dumps({"input": [text], "mode": mode}).encode())
+
+    for poison in poisons:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, [f"clean text {i}" for i in range(7)] + [poison]))
+        assert [s for s, _ in answers[:7]] == [200] * 7, poison
+        assert answers[7] == (400, "input[0].text"), poison
+
+
+def _connect(url: str, cert: Path, timeout_s: float = 30.0):
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+    return ssl.create_default_context(cafile=str(cert)).wrap_socket(
+        raw, server_hostname=parts.hostname)
+
+
+def _status_of(sock) -> int:
+    head = b""
+    while b"\r\n" not in head:
+        part = sock.recv(4096)
+        if not part:
+            break
+        head += part
+    return int(head.split(b" ", 2)[1])
+
+
+def _answered(sock) -> int | None:
+    """The status line's code if the server has answered already, else None (a non-blocking
+    read: TLS session tickets make the raw socket readable with no answer in it)."""
+    import ssl
+
+    sock.setblocking(False)
+    try:
+        head = sock.recv(4096)
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None
+    finally:
+        sock.setblocking(True)
+    return int(head.split(b" ", 2)[1]) if head else None
+
+
+def test_a_chunked_upload_is_a_413_before_it_is_all_sent(service, service_urls) -> None:
+    sock = _connect(service, service_urls["cert"])
+    sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (64 << 10)
+    sent, total, status = 0, 200 * ONE_MIB, None
+    try:
+        while sent < total and status is None:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+            status = _answered(sock)  # the answer may come before the body ends
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server closed on us: the answer is still readable
+    try:
+        assert (status or _status_of(sock)) == 413
+    finally:
+        sock.close()
+    assert sent < 64 * ONE_MIB  # the limit is 1 MiB; the rest is what buffers held
+
+
+def test_a_trickling_body_is_a_408(service, service_urls) -> None:
+    sock = _connect(service, service_urls["cert"])
+    start = time.monotonic()
+    try:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\n"
+                     b"Authorization: Bearer " + API_KEY.encode() + b"\r\n"
+                     b"Content-Length: 100\r\n\r\n" + b'{"input": ')
+        assert _status_of(sock) == 408
+    finally:
+        sock.close()
+    assert time.monotonic() - start < 15  # serve.body_timeout_s=2 here
+
+
+def test_keys_and_content_type_over_http(service) -> None:
+    body = json.dumps({"input": ["x"]}).encode()
+    assert _post(service, body)[0] == 200  # the key from $UMERL_API_KEY
+    keyless = EmbeddingClient(service, api_key="")
+    with pytest.raises(ServiceError) as err:
+        keyless.embed(["x"])
+    assert err.value.status == 401
+    with pytest.raises(ServiceError) as err:
+        EmbeddingClient(service, api_key="wrong").models()
+    assert err.value.status == 401
+    assert keyless.health()["status"] == "ok"  # /health stays open for probes
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(service)
+    conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30,
+                                       context=ssl.create_default_context())
+    conn.request("POST", "/v1/embeddings", body=body,
+                 headers={"Content-Type": "text/plain", "Authorization": f"Bearer {API_KEY}"})
+    assert conn.getresponse().status == 415
+    conn.close()
+
+
+def test_plain_http_to_a_tls_port_gets_no_answer(service) -> None:
+    with pytest.raises((OSError, ServiceError)):
+        EmbeddingClient(service.replace("https://", "http://"), timeout_s=10).health()
+
+
+def test_the_client_retries_503_after_retry_after() -> None:
+    """A stub server sheds twice, then answers: the client waits out Retry-After and gets it."""
+    import http.server
+    import threading
+
+    answers = [(503, {"Retry-After": "0.2"}), (503, {"Retry-After": "0.2"}), (200, {})]
+    seen: list[float] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            seen.append(time.monotonic())
+            status, headers = answers[min(len(seen) - 1, 2)]
+            payload = json.dumps({"status": "ok"} if status == 200 else
+                                 {"error": {"message": "busy", "param": "server"}}).encode()
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(payload))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert EmbeddingClient(url, api_key="").health() == {"status": "ok"}
+        assert len(seen) == 3 and seen[1] - seen[0] >= 0.2 and seen[2] - seen[1] >= 0.2
+        seen.clear()
+        answers[2] = (503, {})
+        with pytest.raises(ServiceError) as err:
+            EmbeddingClient(url, api_key="", retries=1, backoff_s=0.01).health()
+        assert err.value.status == 503 and len(seen) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_print_config_is_a_serve_deploy_config(tiny_model_dir, router_file, monkeypatch) -> None:
+    """`umerl serve CKPT --print-config`: a config Ray Serve's own schema accepts, whose
+    application builder rebuilds the same deployment (autoscaling, limits, key digest)."""
+    import hashlib
+    import os
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from umerl.serve.service import app
+
+    overrides = ["serve.autoscaling.enabled=true", "serve.autoscaling.max_replicas=3",
+                 "serve.max_queued_requests=7", "serve.port=8223"]
+    env = {**os.environ, "UMERL_API_KEY": "k3y"}
+    out = subprocess.run([sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir),
+                          "--router", str(router_file), "--print-config", *overrides],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    config = yaml.safe_load(out.stdout)
+    ServeDeploySchema.model_validate(config)
+    application = config["applications"][0]
+    assert application["import_path"] == "umerl.serve.service:app"
+    assert config["http_options"]["port"] == 8223
+    deployment = application["deployments"][0]
+    assert deployment["autoscaling_config"]["max_replicas"] == 3
+    assert "num_replicas" not in deployment and deployment["max_queued_requests"] == 7
+    assert application["args"]["api_key_sha256"] == hashlib.sha256(b"k3y").hexdigest()
+    assert "k3y" not in out.stdout
+    monkeypatch.delenv("UMERL_API_KEY", raising=False)
+    built = app(application["args"])
+    options = built._bound_deployment._deployment_config
+    assert options.autoscaling_config.max_replicas == 3
+    assert options.max_queued_requests == 7
+    service_options = built._bound_deployment.init_args[1]
+    assert service_options.api_key_sha256 == hashlib.sha256(b"k3y").hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Ray of this process: the printed config deployed as `serve deploy` deploys it (the
+# controller's deploy_apps, which the dashboard's REST endpoint behind `serve deploy` calls),
+# then a replica whose model breaks is replaced.
+
+
+def _broken_service_class(marker: Path):
+    import cloudpickle
+
+    from umerl.serve.service import EmbeddingService
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    class BrokenFirstReplica(EmbeddingService):
+        """The first replica's model raises on every call; the marker file (holding its
+        replica id) says one broke already, so its replacement is sound."""
+
+        def __init__(self, *args, **kwargs):
+            from ray import serve
+
+            super().__init__(*args, **kwargs)
+            if not marker.exists():
+                marker.write_text(serve.get_replica_context().replica_id.unique_id)
+
+                def broken(*_args, **_kwargs):
+                    raise RuntimeError("the engine is gone")
+
+                self.embedder.disc = broken
+                self.embedder.gen = broken
+
+    return BrokenFirstReplica
+
+
+def test_a_deployed_config_serves_and_a_broken_replica_is_replaced(
+        tiny_model_dir, tiny_bundle, inputs, tmp_path, monkeypatch) -> None:
+    import ray
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from umerl.serve import service as svc
+
+    port = _free_port()
+    overrides = [f"serve.port={port}", "serve.direct_port=null", "serve.model_name=tiny",
+                 f"serve.max_new_tokens={MAX_NEW_TOKENS}", "serve.health_check_period_s=1"]
+    printed = subprocess.run([sys.executable, "-m", "umerl.cli", "serve", str(tiny_model_dir),
+                              "--print-config", *overrides], capture_output=True, text=True,
+                             timeout=120, check=True, env={**__import__("os").environ,
+                                                            "UMERL_API_KEY": ""})
+    config = yaml.safe_load(printed.stdout)
+    # No key here: the application builder would read one from the cluster's environment.
+    monkeypatch.delenv("UMERL_API_KEY", raising=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False,
+             object_store_memory=256 << 20, logging_level="ERROR")
+    try:
+        serve.start(http_options=config["http_options"])
+        _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config),
+                                         _blocking=True)
+        url = f"http://127.0.0.1:{port}"
+        client = EmbeddingClient(url, api_key="")
+        got = client.embed([x for x, _ in inputs], mode="disc").vectors
+        expected = disc_embeddings(tiny_bundle, [s for _, s in inputs]).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+        marker = tmp_path / "broke"
+        options = svc.ServeOptions(port=port, direct_port=None, model_name="tiny",
+                                   max_new_tokens=MAX_NEW_TOKENS, health_check_period_s=1)
+        deployment = serve.deployment(_broken_service_class(marker), name="EmbeddingService")
+        serve.run(deployment.options(**svc.deployment_options(options)).bind(
+            str(tiny_model_dir), options, None), name=svc.APP_NAME, route_prefix="/")
+        broken_id = marker.read_text()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                health = client.health()
+                if health["replica"] != broken_id and health["health"]["state"] == "healthy":
+                    break
+            except (ServiceError, OSError):
+                pass  # the broken replica's /health is a 503 until Ray replaces it
+            time.sleep(0.3)
+        else:
+            pytest.fail("the broken replica was not replaced within 90 s")
+        replicas = serve.status().applications[svc.APP_NAME].deployments["EmbeddingService"]
+        assert replicas.status == "HEALTHY"
+        np.testing.assert_allclose(client.embed([x for x, _ in inputs]).vectors, expected,
+                                   atol=1e-5)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -223,6 +223,8 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--router", default=None, help="router file (umerl route fit): enables "
                      "mode auto")
     srv.add_argument("--recipe", default=None, help=RECIPE_HELP.replace("eval.", "serve."))
+    srv.add_argument("--print-config", action="store_true", help="print a Ray Serve config "
+                     "for `serve deploy` (on a running Ray cluster) instead of serving")
     srv.set_defaults(handler=_cmd_serve)
 
     route = sub.add_parser("route", help="the router of mode auto")
@@ -478,14 +480,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from umerl.config.stored import SERVE_DECODING, decoding_from
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
-    from umerl.serve.service import run_service
+    from umerl.serve.service import run_service, serve_config
     from umerl.train.checkpoint import stored_recipe
 
     quiet()
     checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
     stored, named = decoding_from(stored_recipe(checkpoint), checkpoint, args.recipe,
                                   SERVE_DECODING)
-    cfg = load_recipe(None, [*stored, *args.overrides], option_sources=named)
+    overrides = [*stored, *args.overrides]
+    cfg = load_recipe(None, overrides, option_sources=named)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(serve_config(checkpoint, cfg, args.router, overrides),
+                             sort_keys=False), end="")
+        return 0
     run_service(checkpoint, cfg, args.router)
     return 0
 

@@ -313,6 +313,17 @@ SCHEMA: dict[str, Rule] = {
     "serve.gen_batch_size": Int(1),
     "serve.gen_batch_wait_s": NONNEG,
     "serve.max_ongoing_requests": Int(1),
+    "serve.max_queued_requests": Int(1),
+    "serve.request_timeout_s": POSITIVE,
+    "serve.body_timeout_s": POSITIVE,
+    "serve.health_check_period_s": POSITIVE,
+    "serve.autoscaling.enabled": Bool(),
+    "serve.autoscaling.min_replicas": Int(0),
+    "serve.autoscaling.max_replicas": Int(1),
+    "serve.autoscaling.target_ongoing_requests": POSITIVE,
+    "serve.api_key_env": Str(),
+    "serve.ssl_certfile": Str(nullable=True),
+    "serve.ssl_keyfile": Str(nullable=True),
     "serve.max_new_tokens": Int(1),
     "serve.temperature": POSITIVE,
     "serve.top_k": Int(0),
@@ -321,6 +332,7 @@ SCHEMA: dict[str, Rule] = {
     "serve.max_request_bytes": Int(1024),
     "serve.max_image_bytes": Int(1),
     "serve.max_image_pixels": Int(1),
+    "serve.max_request_pixels": Int(1),
     "serve.max_video_frames": Int(1),
     "serve.max_text_chars": Int(1),
     "serve.route.split": Str(),
@@ -432,6 +444,18 @@ def _direct_ports_apart(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _serve_tls_and_scaling(c: DictConfig, s: Sources) -> str | None:
+    cert, key = c.serve.ssl_certfile, c.serve.ssl_keyfile
+    if (cert is None) != (key is None):
+        return (f"{s.describe('serve.ssl_certfile')} and {s.describe('serve.ssl_keyfile')} go "
+                "together: set both for TLS, or neither")
+    scaling = c.serve.autoscaling
+    if scaling.enabled and int(scaling.min_replicas) > int(scaling.max_replicas):
+        return (f"{s.describe('serve.autoscaling.min_replicas')} = {scaling.min_replicas} is "
+                f"over {s.describe('serve.autoscaling.max_replicas')} = {scaling.max_replicas}")
+    return None
+
+
 def _tensor_parallel(c: DictConfig, s: Sources) -> str | None:
     tp, gpus = int(c.rollout.tensor_parallel_size), float(c.rollout.gpus_per_worker)
     engine = engine_for(c.rollout.engine, gpus)
@@ -513,6 +537,7 @@ LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_fo
                         _shared_prompt, _reference_placement)
 CROSS_RULES: Rules = (
     _learner_sizes, _single_forward, _shared_prompt, _reference_placement, _direct_ports_apart,
+    _serve_tls_and_scaling,
     _vllm_whole_gpus, _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
     _timeouts_ordered,
 )

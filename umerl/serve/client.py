@@ -4,9 +4,13 @@
     client = EmbeddingClient("http://127.0.0.1:8000")
     vectors = client.embed(["a red square", image_input("cat.png", "a photo")], mode="auto")
 
-One client keeps one HTTP connection; use one client per thread. Embeddings travel as base64
-float32 by default (``encoding_format``, as OpenAI's client does): the same float32 values as
-the float lists, in a quarter of the text and without printing or parsing floats.
+One client keeps one HTTP(S) connection; use one client per thread. ``api_key`` (default: the
+``UMERL_API_KEY`` environment variable) is sent as ``Authorization: Bearer``; an ``https://``
+URL is verified against the system's CAs or ``cafile``. A 503 (the service shedding load) is
+retried up to ``retries`` times, waiting its ``Retry-After`` (or a doubling back-off).
+Embeddings travel as base64 float32 by default (``encoding_format``, as OpenAI's client does):
+the same float32 values as the float lists, in a quarter of the text and without printing or
+parsing floats.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import base64
 import http.client
 import json
 import mimetypes
+import os
+import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +34,12 @@ import numpy as np
 class ServiceError(RuntimeError):
     """The service answered with an error: its HTTP status and the field it named."""
 
-    def __init__(self, status: int, field: str | None, message: str):
+    def __init__(self, status: int, field: str | None, message: str,
+                 retry_after_s: float | None = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.field = field
+        self.retry_after_s = retry_after_s
 
 
 def data_url(path: str | Path) -> str:
@@ -77,13 +86,19 @@ class Embeddings:
 
 class EmbeddingClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", model: str | None = None,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, api_key: str | None = None,
+                 cafile: str | Path | None = None, retries: int = 3, backoff_s: float = 0.5):
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"base_url must be http://HOST:PORT, got {base_url!r}")
-        self.host, self.port = parts.hostname, parts.port or 80
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://HOST:PORT, got {base_url!r}")
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
         self.model = model
         self.timeout_s = timeout_s
+        self.api_key = os.environ.get("UMERL_API_KEY") if api_key is None else api_key
+        self.ssl_context = (ssl.create_default_context(
+            cafile=None if cafile is None else str(cafile)) if self.https else None)
+        self.retries, self.backoff_s = retries, backoff_s
         self._conn: http.client.HTTPConnection | None = None
 
     def embed(self, inputs: Sequence[str | dict[str, Any]] | str, mode: str = "disc",
@@ -108,13 +123,26 @@ class EmbeddingClient:
         return self.request("GET", "/v1/models")
 
     def request(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
-        """One request; raises ``ServiceError`` on a 4xx or 5xx. Reconnects once if the kept
-        connection was closed by the server in between."""
+        """One request; raises ``ServiceError`` on a 4xx or 5xx. A 503 is retried after its
+        ``Retry-After`` (else a doubling back-off), up to ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            try:
+                return self._request_once(method, path, body)
+            except ServiceError as err:
+                if err.status != 503 or attempt == self.retries:
+                    raise
+                time.sleep(err.retry_after_s or self.backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _request_once(self, method: str, path: str, body: bytes | None) -> dict[str, Any]:
+        """Reconnects once if the kept connection was closed by the server in between."""
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in (0, 1):
             conn = self._connection()
             try:
-                conn.request(method, path, body=body,
-                             headers={"Content-Type": "application/json"})
+                conn.request(method, path, body=body, headers=headers)
                 response = conn.getresponse()
                 payload = response.read()
                 break
@@ -130,13 +158,24 @@ class EmbeddingClient:
                 raise ServiceError(response.status, None, "response is not JSON") from None
         if response.status >= 400:
             error = result.get("error", {}) if isinstance(result, dict) else {}
+            if not isinstance(error, dict):
+                error = {"message": str(error)}
+            retry_after = response.getheader("Retry-After")
             raise ServiceError(response.status, error.get("param"),
-                               error.get("message", payload.decode(errors="replace")))
+                               error.get("message", payload.decode(errors="replace")),
+                               float(retry_after) if retry_after and
+                               retry_after.replace(".", "", 1).isdigit() else None)
         return result
 
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            if self.https:
+                self._conn = http.client.HTTPSConnection(self.host, self.port,
+                                                         timeout=self.timeout_s,
+                                                         context=self.ssl_context)
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port,
+                                                        timeout=self.timeout_s)
         return self._conn
 
     def close(self) -> None:

@@ -24,11 +24,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
+import hashlib
+import hmac
 import io
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,11 +68,13 @@ logger = logging.getLogger("umerl.serve.service")
 class RequestError(ValueError):
     """A bad request: the HTTP status, the offending field and what is wrong."""
 
-    def __init__(self, status: int, field_name: str, message: str):
+    def __init__(self, status: int, field_name: str, message: str,
+                 headers: dict[str, str] | None = None):
         super().__init__(f"{field_name}: {message}")
         self.status = status
         self.field = field_name
         self.message = message
+        self.headers = headers or {}
 
     def payload(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -83,6 +91,9 @@ class Limits:
     max_request_bytes: int = 32 << 20
     max_image_bytes: int = 4 << 20
     max_image_pixels: int = 4 << 20
+    # Pixels of every image and frame of one request together, read off the image headers
+    # before any is decoded (what the processor's pixel tensors grow with).
+    max_request_pixels: int = 64 << 20
     max_video_frames: int = 16
     max_text_chars: int = 16384
 
@@ -112,6 +123,8 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
                            f"{limits.max_request_bytes}")
     try:
         payload = json.loads(body)
+    except RecursionError:  # the C decoder stops at Python's recursion limit: a depth cap
+        raise RequestError(400, "body", "JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise RequestError(400, "body", f"malformed JSON ({err})") from None
     if not isinstance(payload, dict):
@@ -119,15 +132,15 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
     unknown = sorted(set(payload) - {"model", "input", "mode", "samples", "return_reasoning",
                                      "encoding_format", "user"})
     if unknown:
-        raise RequestError(400, unknown[0], "unknown field")
+        raise RequestError(400, _utf8(unknown[0]), "unknown field")
     _check_model(payload.get("model"), model_name)
     encoding = payload.get("encoding_format", "float")
     if encoding not in ENCODING_FORMATS:
-        raise RequestError(400, "encoding_format", f"{encoding!r} is not one of "
+        raise RequestError(400, "encoding_format", f"{_printable(encoding)} is not one of "
                            f"{', '.join(ENCODING_FORMATS)}")
     mode = payload.get("mode", "disc")
     if mode not in MODES:
-        raise RequestError(400, "mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        raise RequestError(400, "mode", f"{_printable(mode)} is not one of {', '.join(MODES)}")
     samples = _samples(payload.get("samples"), mode, limits)
     reasoning = payload.get("return_reasoning", False)
     if not isinstance(reasoning, bool):
@@ -137,13 +150,23 @@ def parse_request(body: bytes, limits: Limits, model_name: str) -> EmbeddingRequ
     return EmbeddingRequest(inputs, mode, samples, reasoning, encoding)
 
 
+def _utf8(text: str) -> str:
+    """``text`` with lone surrogates escaped (the error JSON must encode as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _printable(value: Any) -> str:
+    """``repr`` that is valid UTF-8 even for a lone surrogate (the error JSON must encode)."""
+    return repr(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _check_model(model: Any, served: str) -> None:
     if model is None:
         return
     if not isinstance(model, str):
         raise RequestError(400, "model", f"expected a string, got {_kind(model)}")
     if model != served:
-        raise RequestError(404, "model", f"model {model!r} is not served here (serving "
+        raise RequestError(404, "model", f"model {_printable(model)} is not served here (serving "
                            f"{served!r})")
 
 
@@ -172,36 +195,75 @@ def _inputs(value: Any, limits: Limits) -> tuple[InputItem, ...]:
     if len(value) > limits.max_inputs:
         raise RequestError(413, "input", f"{len(value)} items, over the limit of "
                            f"{limits.max_inputs}")
-    return tuple(_item(v, f"input[{i}]", limits) for i, v in enumerate(value))
+    # Two passes: every image's header is read (and the request's pixel budget checked)
+    # before any image is decoded, so a request over the budget costs no decoding.
+    budget = PixelBudget(limits.max_request_pixels)
+    items = tuple(_item(v, f"input[{i}]", limits, budget) for i, v in enumerate(value))
+    for where, data in budget.to_decode:
+        _decode_check(data, where)
+    return items
 
 
-def _item(value: Any, where: str, limits: Limits) -> InputItem:
+@dataclass
+class PixelBudget:
+    """The pixels a request's images hold so far, and the images still to decode."""
+
+    limit: int
+    used: int = 0
+    to_decode: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def take(self, where: str, width: int, height: int, data: bytes) -> None:
+        self.used += width * height
+        if self.used > self.limit:
+            raise RequestError(413, where, f"the request's images reach {self.used} pixels "
+                               f"here, over the per-request limit of {self.limit} "
+                               "(serve.max_request_pixels)")
+        self.to_decode.append((where, data))
+
+
+def _item(value: Any, where: str, limits: Limits, budget: PixelBudget) -> InputItem:
     if isinstance(value, str):
         value = {"text": value}
     if not isinstance(value, dict):
         raise RequestError(400, where, f"expected a string or an object, got {_kind(value)}")
     unknown = sorted(set(value) - {"text", "image", "video"})
     if unknown:
-        raise RequestError(400, f"{where}.{unknown[0]}", "unknown field (an input has text, "
-                           "image and/or video)")
+        raise RequestError(400, f"{where}.{_utf8(unknown[0])}", "unknown field (an input "
+                           "has text, image and/or video)")
     text = value.get("text", "")
     if not isinstance(text, str):
         raise RequestError(400, f"{where}.text", f"expected a string, got {_kind(text)}")
     if len(text) > limits.max_text_chars:
         raise RequestError(413, f"{where}.text", f"{len(text)} characters, over the limit of "
                            f"{limits.max_text_chars}")
+    _check_unicode(text, f"{where}.text")
     problem = control_token_problem(text)
     if problem:
         raise RequestError(400, f"{where}.text", problem)
     image = value.get("image")
-    image_bytes = None if image is None else decode_image(image, f"{where}.image", limits)
-    video = _video(value.get("video"), f"{where}.video", limits)
+    image_bytes = None
+    if image is not None:
+        data, ext, size = read_image(image, f"{where}.image", limits)
+        budget.take(f"{where}.image", *size, data)
+        image_bytes = (data, ext)
+    video = _video(value.get("video"), f"{where}.video", limits, budget)
     if not text.strip() and image_bytes is None and not video:
         raise RequestError(400, where, "empty input: no text, image or video")
     return InputItem(text, image_bytes, video)
 
 
-def _video(value: Any, where: str, limits: Limits) -> tuple[tuple[bytes, str], ...]:
+def _check_unicode(text: str, where: str) -> None:
+    """JSON's \\ud800 escapes give strings no tokenizer takes (a lone surrogate failed the
+    whole batch it was in)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, where, f"invalid Unicode at character {err.start} (a lone "
+                           "surrogate)") from None
+
+
+def _video(value: Any, where: str, limits: Limits,
+           budget: PixelBudget) -> tuple[tuple[bytes, str], ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not value:
@@ -211,21 +273,20 @@ def _video(value: Any, where: str, limits: Limits) -> tuple[tuple[bytes, str], .
                            f"{limits.max_video_frames}")
     frames, first_size = [], None
     for i, url in enumerate(value):
-        data, ext = decode_image(url, f"{where}[{i}]", limits)
-        with Image.open(io.BytesIO(data)) as frame:
-            size = frame.size
+        data, ext, size = read_image(url, f"{where}[{i}]", limits)
         if first_size is not None and size != first_size:
             raise RequestError(400, f"{where}[{i}]", f"frame is {size[0]}x{size[1]} but frame 0 "
                                f"is {first_size[0]}x{first_size[1]} (a video's frames share "
                                "one size)")
+        budget.take(f"{where}[{i}]", *size, data)
         first_size = size
         frames.append((data, ext))
     return tuple(frames)
 
 
-def decode_image(url: Any, where: str, limits: Limits) -> tuple[bytes, str]:
-    """A ``data:image/...;base64,`` URL -> (its bytes, a file extension), fully decoded once
-    here so that a bad image is this request's 400, not a failed batch."""
+def read_image(url: Any, where: str, limits: Limits) -> tuple[bytes, str, tuple[int, int]]:
+    """A ``data:image/...;base64,`` URL -> (its bytes, a file extension, its size), from the
+    header only: ``_decode_check`` decodes it once the whole request is within its limits."""
     if not isinstance(url, str) or not url.startswith("data:"):
         raise RequestError(400, where, "expected a data URL (data:image/png;base64,...); "
                            "paths and remote URLs are not accepted")
@@ -239,29 +300,57 @@ def decode_image(url: Any, where: str, limits: Limits) -> tuple[bytes, str]:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, where, "the data URL's base64 payload is malformed") from None
-    return data, _checked_format(data, where, limits)
+    ext, size = _identify(data, where, limits)
+    return data, ext, size
 
 
-def _checked_format(data: bytes, where: str, limits: Limits) -> str:
+def _identify(data: bytes, where: str, limits: Limits) -> tuple[str, tuple[int, int]]:
+    """Format and size from the header, with only the allowed formats' openers: any other
+    format (EPS, whose decoder runs Ghostscript; TIFF; ...) never reaches its plugin."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as image:
             width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise RequestError(413, where, f"image is {width}x{height} pixels, over the limit "
-                                   f"of {limits.max_image_pixels} pixels")
             image_format = image.format
-            image.load()  # a truncated file fails here, not in a batch
-    except RequestError:
-        raise
+    except Image.UnidentifiedImageError:
+        other = _sniffed_format(data)
+        if other:
+            raise RequestError(415, where, f"image format {other} is not one of "
+                               f"{', '.join(IMAGE_FORMATS)}") from None
+        raise RequestError(400, where, "not a decodable image (no known image format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise RequestError(400, where, f"not a decodable image ({err})") from None
-    if image_format not in IMAGE_FORMATS:
-        raise RequestError(415, where, f"image format {image_format} is not one of "
-                           f"{', '.join(IMAGE_FORMATS)}")
+    if width * height > limits.max_image_pixels:
+        raise RequestError(413, where, f"image is {width}x{height} pixels, over the limit "
+                           f"of {limits.max_image_pixels} pixels")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         raise RequestError(400, where, f"aspect ratio of {width}x{height} is over "
                            f"{MAX_ASPECT_RATIO}")
-    return IMAGE_FORMATS[image_format]
+    return IMAGE_FORMATS[image_format], (width, height)
+
+
+def _sniffed_format(data: bytes) -> str | None:
+    """The other format whose magic bytes ``data`` starts with: Pillow's accept checks
+    only, which look at the prefix and run no decoder."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in IMAGE_FORMATS and accept is not None:
+            try:
+                if accept(prefix):
+                    return name
+            except Exception:  # an accept check that wants more bytes: not this format
+                continue
+    return None
+
+
+def _decode_check(data: bytes, where: str) -> None:
+    """Decode once at the edge, so that a truncated file is this request's 400, not a failed
+    batch."""
+    try:
+        with Image.open(io.BytesIO(data), formats=list(IMAGE_FORMATS)) as image:
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise RequestError(400, where, f"not a decodable image ({err})") from None
 
 
 def _kind(value: Any) -> str:
@@ -286,6 +375,19 @@ def materialise(item: InputItem, directory: Path, index: int) -> Side:
 
 
 @dataclass(frozen=True)
+class Autoscaling:
+    """``serve.autoscaling``: Ray Serve's autoscaler between min and max replicas."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+
+    def ray_config(self) -> dict[str, Any]:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests}
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     """The ``serve:`` recipe section, as plain values (it travels to every replica)."""
 
@@ -303,22 +405,48 @@ class ServeOptions:
     gen_batch_size: int = 8
     gen_batch_wait_s: float = 0.05
     max_ongoing_requests: int = 64
+    max_queued_requests: int = 256
+    request_timeout_s: float = 300.0
+    body_timeout_s: float = 30.0
+    health_check_period_s: float = 10.0
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 50
     dtype: str = "float32"
     limits: Limits = field(default_factory=Limits)
+    # SHA-256 of the API key (hex), never the key: the key stays in the environment that
+    # started the service, and what travels to the replicas (or into a printed config) is this.
+    api_key_sha256: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    autoscaling: Autoscaling | None = None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ServeOptions:
         s = cfg.serve
         limits = Limits(**{k: int(s[k]) for k in Limits.__dataclass_fields__})
-        plain = {k: s[k] for k in cls.__dataclass_fields__ if k not in ("limits", "dtype")}
-        return cls(**plain, dtype=str(cfg.model.dtype), limits=limits)
+        special = ("limits", "dtype", "api_key_sha256", "autoscaling")
+        plain = {k: s[k] for k in cls.__dataclass_fields__ if k not in special}
+        scaling = s.autoscaling
+        autoscaling = None if not scaling.enabled else Autoscaling(
+            int(scaling.min_replicas), int(scaling.max_replicas),
+            float(scaling.target_ongoing_requests))
+        return cls(**plain, dtype=str(cfg.model.dtype), limits=limits,
+                   api_key_sha256=key_digest(os.environ.get(str(s.api_key_env), "")),
+                   autoscaling=autoscaling)
 
     @property
     def resolved_engine(self) -> str:
         return engine_for(self.engine, self.gpus_per_replica)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile else "http"
+
+
+def key_digest(key: str) -> str | None:
+    """The hex SHA-256 of an API key; None for no key (the service is then open)."""
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
 @dataclass
@@ -421,6 +549,13 @@ class Batcher(Generic[Item, Result]):
         self._waiting: list[tuple[Item, float, asyncio.Future]] = []  # (item, arrival, future)
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        # Done when the batch now running (or the last one) ends: media of a caller that
+        # disconnected stay until then (the batch may still read them).
+        self.running: asyncio.Future | None = None
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
 
     async def __call__(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
@@ -454,17 +589,50 @@ class Batcher(Generic[Item, Result]):
     async def _run_batch(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
         if not batch:  # every caller gave up (disconnected) while waiting
             return
+        self.running = asyncio.get_running_loop().create_future()
         try:
-            results = await self.run([item for item, _ in batch])
-        except Exception as err:  # the batch's callers fail; the batcher keeps serving
-            results = [err] * len(batch)
-        for (_, future), result in zip(batch, results):
+            try:
+                results = await self.run([item for item, _ in batch])
+            except Exception as err:  # retried per input: only the input at fault fails
+                results = await self._one_by_one(batch, err)
+            for (_, future), result in zip(batch, results):
+                if future.done():  # its caller disconnected meanwhile
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        finally:
+            self.running.set_result(None)
+
+    async def _one_by_one(self, batch: list[tuple[Item, asyncio.Future]],
+                          err: Exception) -> list[Any]:
+        """A failed batch's inputs, each alone. When some succeed, the ones that fail alone
+        are at fault (``InputFailed``); when none does, the fault is the server's and every
+        caller gets the batch's error."""
+        if len(batch) == 1:
+            return [err]
+        results: list[Any] = []
+        for item, future in batch:
             if future.done():
+                results.append(None)
                 continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            try:
+                results.append((await self.run([item]))[0])
+            except Exception as alone:
+                results.append(alone)
+        live = [r for (_, f), r in zip(batch, results) if not f.done()]
+        if live and all(isinstance(r, Exception) for r in live):
+            return [err] * len(batch)
+        return [InputFailed(r) if isinstance(r, Exception) else r for r in results]
+
+
+class InputFailed(Exception):
+    """An input that failed alone in the model while the rest of its batch succeeded."""
+
+    def __init__(self, cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -490,6 +658,50 @@ class ItemAnswer:
     completion_tokens: int
 
 
+class ServeMetrics:
+    """Prometheus metrics through Ray's metrics agent (``ray.util.metrics``; Ray exports them
+    on each node's metrics port). Nothing is recorded outside a Ray worker."""
+
+    def __init__(self) -> None:
+        import ray
+
+        self.enabled = ray.is_initialized()
+        if not self.enabled:
+            return
+        from ray.util import metrics
+
+        self.requests = metrics.Counter(
+            "umerl_serve_requests", "Embedding requests answered, by mode and HTTP status.",
+            tag_keys=("mode", "status"))
+        self.latency = metrics.Histogram(
+            "umerl_serve_latency_s", "Seconds from request to response, by mode.",
+            boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+            tag_keys=("mode",))
+        self.batch_size = metrics.Histogram(
+            "umerl_serve_batch_size", "Inputs per model batch, by path (disc, gen).",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("path",))
+        self.queue_depth = metrics.Gauge(
+            "umerl_serve_queue_depth", "Inputs waiting for a batch, by path.",
+            tag_keys=("path",))
+        self.in_flight = metrics.Gauge(
+            "umerl_serve_requests_in_flight", "Embedding requests this replica holds.")
+
+    def answered(self, mode: str, status: int, seconds: float) -> None:
+        if self.enabled:
+            self.requests.inc(tags={"mode": mode, "status": str(status)})
+            self.latency.observe(seconds, tags={"mode": mode})
+
+    def batch(self, path: str, size: int, queued: int, in_flight: int) -> None:
+        if self.enabled:
+            self.batch_size.observe(size, tags={"path": path})
+            self.queue_depth.set(queued, tags={"path": path})
+            self.in_flight.set(in_flight)
+
+
+HEALTH_SIDE = Side(text="health check")
+RETRY_AFTER_S = 1
+
+
 class EmbeddingService:
     """One replica: a model, a disc batcher, a gen batcher and the HTTP routes."""
 
@@ -510,42 +722,138 @@ class EmbeddingService:
                                     options.disc_batch_wait_s)
         self.gen_batcher = Batcher(self._gen_batch, options.gen_batch_size,
                                    options.gen_batch_wait_s)
+        self.in_flight = 0  # embedding requests held (reading, waiting or embedding)
+        self.health: dict[str, Any] = {"state": "starting", "checked_at": None}
+        self.metrics = ServeMetrics()
+        self._cleanups: set[asyncio.Task] = set()
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this every ``health_check_period_s``; a raise marks the replica
+        unhealthy, and Ray replaces it. A tiny disc forward through the disc batcher (so it
+        queues behind real batches rather than racing them) proves the model answers."""
+        try:
+            result = await self.disc_batcher(HEALTH_SIDE)
+            if result.embedding is None or not np.isfinite(result.embedding).all():
+                raise RuntimeError("the health-check embedding is missing or not finite")
+        except Exception as err:
+            self.health = {"state": "unhealthy", "checked_at": time.time(),
+                           "error": type(err).__name__}
+            logger.error("health check failed: %r", err)
+            raise
+        self.health = {"state": "healthy", "checked_at": time.time()}
 
     async def __call__(self, request: Any) -> Any:
         from starlette.responses import JSONResponse
 
+        request_id = _request_id()
+        started, mode, status = time.monotonic(), "none", 500
         try:
-            return JSONResponse(await self._route(request))
+            body, mode = await self._route(request)
+            status = 503 if body.get("status") == "unhealthy" else 200
+            return JSONResponse(body, status_code=status)
         except RequestError as err:
-            return JSONResponse(err.payload(), status_code=err.status)
-        except Exception as err:  # a bug or a failed batch: this request fails, not the replica
-            logger.exception("request failed")
-            failure = RequestError(500, "server", f"{type(err).__name__}: {err}")
-            return JSONResponse(failure.payload(), status_code=500)
+            status = err.status
+            return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
+        except Exception:  # a bug or a failed batch: this request fails, not the replica
+            # The details (a message may name a server path) go to the log, under the id the
+            # client gets.
+            logger.exception("request %s failed", request_id)
+            return JSONResponse({"error": {
+                "message": f"internal error; the server log has the details under request id "
+                           f"{request_id}", "type": "server_error", "param": None, "code": 500,
+                "request_id": request_id}}, status_code=500)
+        finally:
+            self.metrics.answered(mode, status, time.monotonic() - started)
 
-    async def _route(self, request: Any) -> dict[str, Any]:
+    def _authorised(self, request: Any) -> bool:
+        expected = self.options.api_key_sha256
+        if expected is None:
+            return True
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            hashlib.sha256(key.strip().encode()).hexdigest(), expected)
+
+    async def _route(self, request: Any) -> tuple[dict[str, Any], str]:
         path, method = request.scope["path"].rstrip("/") or "/", request.method
         routes = {"/health": "GET", "/v1/models": "GET", "/v1/embeddings": "POST"}
+        if path == "/health":  # open: load balancers and Ray's probes have no key
+            if method != "GET":
+                raise RequestError(405, "method", f"{path} takes GET, not {method}")
+            return self._health(), "none"
+        if not self._authorised(request):
+            raise RequestError(401, "authorization", "missing or wrong API key (send "
+                               "Authorization: Bearer <key>)",
+                               headers={"WWW-Authenticate": "Bearer"})
         if path not in routes:
             raise RequestError(404, "path", f"no route {path}; routes: {', '.join(routes)}")
         if method != routes[path]:
             raise RequestError(405, "method", f"{path} takes {routes[path]}, not {method}")
-        if path == "/health":
-            return {"status": "ok", "model": self.model_name, "router": self.router is not None,
-                    "stats": dict(self.stats)}
         if path == "/v1/models":
-            return self._models()
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.options.limits.max_request_bytes:
-            raise RequestError(413, "body", f"{declared} bytes, over the limit of "
-                               f"{self.options.limits.max_request_bytes}")
-        body = await request.body()
+            return self._models(), "none"
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() != "application/json":
+            raise RequestError(415, "content-type", f"expected application/json, got "
+                               f"{content_type or 'none'}")
+        if self.in_flight >= self.options.max_queued_requests:
+            raise RequestError(503, "server", f"busy: {self.in_flight} requests in progress "
+                               f"on this replica (serve.max_queued_requests); retry later",
+                               headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += 1
+        holder: dict[str, str] = {"mode": "none"}
+        try:
+            return await asyncio.wait_for(self._embeddings(request, holder),
+                                          self.options.request_timeout_s), holder["mode"]
+        except TimeoutError:
+            raise RequestError(504, "server", f"not answered within "
+                               f"{self.options.request_timeout_s:g} s "
+                               "(serve.request_timeout_s)") from None
+        finally:
+            self.in_flight -= 1
+
+    async def _embeddings(self, request: Any, holder: dict[str, str]) -> dict[str, Any]:
+        body = await self._read_body(request)
         if len(body) <= INLINE_PARSE_BYTES:
             parsed = parse_request(body, self.options.limits, self.model_name)
         else:  # decoding a large body's images would hold up every other request
             parsed = await asyncio.to_thread(parse_request, body, self.options.limits,
                                              self.model_name)
+        holder["mode"] = parsed.mode
         return await self.embed(parsed)
+
+    async def _read_body(self, request: Any) -> bytes:
+        """The body, read chunk by chunk: past ``max_request_bytes`` a 413 (a chunked upload
+        declares no length), and a 408 when it has not all arrived within ``body_timeout_s``."""
+        limit = self.options.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, "body", f"{declared} bytes, over the limit of {limit}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.body_timeout_s
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(stream), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except TimeoutError:
+                raise RequestError(408, "body", f"not received within "
+                                   f"{self.options.body_timeout_s:g} s "
+                                   "(serve.body_timeout_s)") from None
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, "body", f"over the limit of {limit} bytes")
+            chunks.append(chunk)
+
+    def _health(self) -> dict[str, Any]:
+        """This replica's state: the last health check (Ray's, every
+        ``health_check_period_s``), its load and its batch counts."""
+        state = self.health["state"]
+        return {"status": "unhealthy" if state == "unhealthy" else "ok",
+                "replica": _replica_id(), "health": dict(self.health), "model": self.model_name,
+                "router": self.router is not None, "in_flight": self.in_flight,
+                "queued": {"disc": self.disc_batcher.queued, "gen": self.gen_batcher.queued},
+                "stats": dict(self.stats)}
 
     def _models(self) -> dict[str, Any]:
         modes = ["disc", "gen"] + (["auto"] if self.router is not None else [])
@@ -560,20 +868,26 @@ class EmbeddingService:
         if request.mode == "auto" and self.router is None:
             raise RequestError(400, "mode", "'auto' needs a router: start the service with "
                                "`umerl serve CHECKPOINT --router ROUTER`")
-        with tempfile.TemporaryDirectory(dir=self.media_root) as tmp:
-            sides = [materialise(item, Path(tmp), i) for i, item in enumerate(request.inputs)]
+        folder = Path(tempfile.mkdtemp(dir=self.media_root))
+        try:
+            sides = [materialise(item, folder, i) for i, item in enumerate(request.inputs)]
             # Mode gen checks prompt lengths before generating; disc and auto read them off the
             # encoding of their disc batch, before its forward pass (one tokenisation, not two).
             lengths = [self._checked_length(self.embedder.prompt_tokens(side), i)
                        if request.mode == "gen" else 0 for i, side in enumerate(sides)]
-            # Every item finishes before the folder goes: a batch still reading one of its
-            # files must not fail for the other requests it holds.
             done = await asyncio.gather(
                 *(self._embed_one(side, i, lengths[i], request) for i, side in enumerate(sides)),
                 return_exceptions=True)
-        failed = [d for d in done if isinstance(d, BaseException)]
+        finally:
+            self._release(folder)
+        failed = [(i, d) for i, d in enumerate(done) if isinstance(d, BaseException)]
+        for index, error in failed:
+            if isinstance(error, InputFailed):  # the model failed on this input alone
+                logger.error("input[%d] failed alone in its batch: %r", index, error.cause)
+                raise RequestError(422, f"input[{index}]", "this input could not be embedded "
+                                   "(the other inputs of its batch could)")
         if failed:
-            raise failed[0]
+            raise failed[0][1]
         prompt_tokens = sum(answer.prompt_tokens for answer in done)
         completion_tokens = sum(answer.completion_tokens for answer in done)
         data = [{"object": "embedding", "index": i, **answer.body} for i, answer in enumerate(done)]
@@ -582,6 +896,24 @@ class EmbeddingService:
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
         }
+
+    def _release(self, folder: Path) -> None:
+        """Remove a request's media folder, at once or, when its caller left (disconnect or
+        timeout) while a batch may hold its inputs, once the running batches end: they may
+        still read the files (gen re-reads images after generating)."""
+        running = [b.running for b in (self.disc_batcher, self.gen_batcher)
+                   if b.running is not None and not b.running.done()]
+        if not running:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+
+        async def later() -> None:
+            await asyncio.wait(running)
+            shutil.rmtree(folder, ignore_errors=True)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._cleanups.add(task)  # a reference, so the task is not collected midway
+        task.add_done_callback(self._cleanups.discard)
 
     def _checked_length(self, tokens: int, index: int) -> int:
         room = self.embedder.prompt_room
@@ -618,11 +950,13 @@ class EmbeddingService:
 
     async def _disc_batch(self, sides: list[Side]) -> list[DiscResult]:
         self._count("disc", len(sides))
+        self.metrics.batch("disc", len(sides), self.disc_batcher.queued, self.in_flight)
         return await asyncio.to_thread(self.embedder.disc, sides)
 
     async def _gen_batch(self, jobs: list[GenJob]) -> list[GenResult]:
         """One generate call per distinct ``samples`` value in the batch (usually one)."""
         self._count("gen", len(jobs))
+        self.metrics.batch("gen", len(jobs), self.gen_batcher.queued, self.in_flight)
         results: dict[int, GenResult] = {}
         for samples in dict.fromkeys(job.samples for job in jobs):
             chosen = [i for i, job in enumerate(jobs) if job.samples == samples]
@@ -630,6 +964,25 @@ class EmbeddingService:
                                           samples)
             results.update(zip(chosen, out))
         return [results[i] for i in range(len(jobs))]
+
+
+def _request_id() -> str:
+    """Ray Serve's id of the request being served (it also sends it as X-Request-Id), or a
+    fresh one outside Serve."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        found = _get_serve_request_context().request_id
+    except Exception:  # no Serve request context (in-process use)
+        found = ""
+    return found or uuid.uuid4().hex
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not inside a Serve replica
+        return "local"
 
 
 def _gen_body(gen: GenResult, request: EmbeddingRequest) -> dict[str, Any]:
@@ -684,16 +1037,79 @@ def serve_env(options: ServeOptions) -> tuple[dict[str, str], dict[str, str]]:
     return replica, controller
 
 
-def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> Any:
-    """The Serve application: ``num_replicas`` replicas of ``EmbeddingService``."""
+def deployment_options(options: ServeOptions) -> dict[str, Any]:
+    """``EmbeddingService``'s Ray Serve deployment options (the same in ``build_app`` and in a
+    printed config)."""
     replica_env, _ = serve_env(options)
+    scaling: dict[str, Any] = (
+        {"num_replicas": options.num_replicas} if options.autoscaling is None
+        else {"autoscaling_config": options.autoscaling.ray_config()})
+    return {
+        **scaling, "max_ongoing_requests": options.max_ongoing_requests,
+        # Past this many requests waiting at the proxy for a replica, Serve answers 503 itself.
+        "max_queued_requests": options.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
+        "health_check_period_s": options.health_check_period_s,
+        "ray_actor_options": {"num_cpus": options.cpus_per_replica,
+                              "num_gpus": options.gpus_per_replica,
+                              "runtime_env": {"env_vars": replica_env}},
+    }
+
+
+def build_app(checkpoint: str, options: ServeOptions, router: Router | None) -> Any:
+    """The Serve application: replicas of ``EmbeddingService`` (``num_replicas``, or
+    between ``serve.autoscaling``'s bounds)."""
     deployment = serve.deployment(EmbeddingService, name="EmbeddingService").options(
-        num_replicas=options.num_replicas, max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.cpus_per_replica,
-                           "num_gpus": options.gpus_per_replica,
-                           "runtime_env": {"env_vars": replica_env}},
-    )
+        **deployment_options(options))
     return deployment.bind(str(checkpoint), options, router)
+
+
+def app(args: dict[str, Any]) -> Any:
+    """The application builder a Serve config names (``umerl.serve.service:app``, written by
+    ``umerl serve CHECKPOINT --print-config``): ``checkpoint``, optional ``router`` and
+    ``overrides`` (recipe ``key=value``s) and ``api_key_sha256``."""
+    from umerl.config.recipe import load_recipe
+
+    cfg = load_recipe(None, [str(o) for o in args.get("overrides", [])])
+    options = ServeOptions.from_config(cfg)
+    if args.get("api_key_sha256"):
+        options = dataclasses.replace(options, api_key_sha256=str(args["api_key_sha256"]))
+    router = Router.load(args["router"]) if args.get("router") else None
+    return build_app(str(args["checkpoint"]), options, router)
+
+
+def http_options(options: ServeOptions) -> dict[str, Any]:
+    """Serve's HTTP options: the proxy and the replicas' own servers share them (TLS too).
+    The proxy's timeout is a backstop past the replica's own 504."""
+    http: dict[str, Any] = {"host": options.host, "port": options.port,
+                            "request_timeout_s": options.request_timeout_s + 30}
+    if options.ssl_certfile:
+        http |= {"ssl_certfile": options.ssl_certfile, "ssl_keyfile": options.ssl_keyfile}
+    return http
+
+
+def serve_config(checkpoint: str, cfg: DictConfig, router_path: str | None,
+                 overrides: Sequence[str]) -> dict[str, Any]:
+    """A Serve config file (``serve deploy``) for this checkpoint and recipe. The application
+    builder re-reads the recipe from ``overrides`` on the cluster, so the config carries them,
+    not the resolved values; the deployment options are written out for reading and editing
+    (Serve applies a config's deployment options over the code's)."""
+    options = ServeOptions.from_config(cfg)
+    args: dict[str, Any] = {"checkpoint": str(Path(checkpoint).resolve()),
+                            "overrides": list(overrides)}
+    if router_path:
+        args["router"] = str(Path(router_path).resolve())
+    if options.api_key_sha256:
+        args["api_key_sha256"] = options.api_key_sha256
+    deployment = {"name": "EmbeddingService", **deployment_options(options)}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": http_options(options),
+        "logging_config": {"enable_access_log": False},
+        "applications": [{"name": APP_NAME, "route_prefix": "/",
+                          "import_path": "umerl.serve.service:app", "args": args,
+                          "deployments": [deployment]}],
+    }
 
 
 def start_service(checkpoint: str, options: ServeOptions, router: Router | None) -> ServiceUrls:
@@ -701,12 +1117,12 @@ def start_service(checkpoint: str, options: ServeOptions, router: Router | None)
     replicas' own servers (with ``direct_port``). Ray must already be initialised
     (``umerl.runtime.ray_start.init_ray``)."""
     _, controller_env = serve_env(options)
-    serve.start(http_options={"host": options.host, "port": options.port},
+    serve.start(http_options=http_options(options),
                 controller_options={"runtime_env": {"env_vars": controller_env}})
     # No access log: a line per request through Ray's log pipeline costs the replica CPU.
     serve.run(build_app(checkpoint, options, router), name=APP_NAME, route_prefix="/",
               logging_config={"enable_access_log": False})
-    proxy = f"http://{options.host}:{options.port}"
+    proxy = f"{options.scheme}://{options.host}:{options.port}"
     if options.direct_port is None:
         return ServiceUrls(proxy)
     return ServiceUrls(proxy, _direct_urls(options))
@@ -733,7 +1149,8 @@ def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, .
                            f"port in {first}..{last} after {timeout_s:.0f} s (serve.direct_port)")
     # A replica listens on serve.host of its own node: name that node when host is a wildcard.
     wildcard = options.host in ("0.0.0.0", "::")
-    return tuple(f"http://{ip if wildcard else options.host}:{port}" for port, ip in targets)
+    return tuple(f"{options.scheme}://{ip if wildcard else options.host}:{port}"
+                 for port, ip in targets)
 
 
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:
@@ -749,6 +1166,10 @@ def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> No
     print(f"[serve] {checkpoint} at {urls.proxy}/v1/embeddings ({options.num_replicas} "
           f"replica(s), {options.resolved_engine} generation; modes {modes}); Ctrl-C stops",
           flush=True)
+    key_env = str(cfg.serve.api_key_env)
+    print(f"[serve] API key: required (Authorization: Bearer ${key_env})" if
+          options.api_key_sha256 else f"[serve] API key: none (${key_env} unset): anyone who "
+          f"reaches {options.host} can call it", flush=True)
     for i, url in enumerate(urls.direct):
         print(f"[serve] replica {i} directly (no proxy hop): {url}/v1/embeddings", flush=True)
     try:

@@ -316,9 +316,9 @@ def test_documented_plan_commands_run() -> None:
         assert run.returncode == 0, f"umerl {' '.join(rest)}:\n{run.stdout}\n{run.stderr}"
 
 
-# Inline code that looks like a recipe key but names something else: Ray's `ray.put`, Ray
-# Serve's `@serve.batch` decorator.
-NOT_KEYS = {"ray.put", "ray.util.metrics", "serve.batch", "rl.lrr"}  # rl.lrr: a typo quoted in an error
+# Inline code that looks like a recipe key but names something else: Ray's `ray.put` and
+# `ray.util.metrics`, Ray Serve's `@serve.batch` decorator, the typo troubleshooting.md quotes.
+NOT_KEYS = {"ray.put", "ray.util.metrics", "serve.batch", "rl.lrr"}
 
 
 def test_every_recipe_key_named_in_the_prose_exists() -> None:

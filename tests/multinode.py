@@ -2,7 +2,14 @@
 (``ray.cluster_utils.Cluster``), every one bound to and advertised on 127.0.0.1, each node
 marked with a custom resource so that a pool can be sent to it (``rollout.resources``,
 ``learner.resources``). Nodes fail fast: the GCS declares a node dead after 3 missed health
-checks 0.5 s apart (Ray's default is 5 x 3 s; the recipe keys do not depend on it)."""
+checks 0.5 s apart (Ray's default is 5 x 3 s; the recipe keys do not depend on it).
+
+Loopback: Ray rewrites every 127.0.0.1 it is given (``ray.init(address=...)``,
+``_node_ip_address``) to the machine's outward address (``services.resolve_ip_for_localhost``)
+unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` was in the environment when Ray was imported
+(``ray_constants.ENABLE_RAY_CLUSTER`` is read once, at import). So it is set here, before any
+import of Ray (tests/conftest.py sets it too), and ``LocalCluster`` refuses to start if Ray was
+imported without it."""
 
 from __future__ import annotations
 
@@ -12,6 +19,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray's import: see above
 
 LOOPBACK = "127.0.0.1"
 FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
@@ -26,9 +35,12 @@ class LocalCluster:
 
     def __init__(self, head_cpus: float = 1, head_resources: dict[str, float] | None = None,
                  dashboard: bool = False):
+        from ray._private import ray_constants
         from ray.cluster_utils import Cluster
 
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if ray_constants.ENABLE_RAY_CLUSTER:
+            raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was "
+                               "set: its 127.0.0.1 addresses would become the outward one")
         # Ray's socket paths are length-capped: a short temp dir.
         self.temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")
         head = {**NODE_ARGS, "num_cpus": head_cpus, "temp_dir": self.temp_dir,

@@ -208,6 +208,63 @@ def test_check_shared_output_dir_names_a_node_with_its_own_disk(cluster, tmp_pat
             time.sleep(0.5)
 
 
+def node_holding(ray, resource: str) -> str:
+    """The node of the (one) placement group whose bundles ask for ``resource``."""
+    for group in ray.util.placement_group_table().values():
+        if group["state"] == "CREATED" and any(resource in b for b in group["bundles"].values()):
+            return next(iter(group["bundles_to_node_id"].values()))
+    raise AssertionError(f"no placement group holds {resource}")
+
+
+def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_path, capsys,
+                             fixed) -> None:
+    """Two learner nodes (``learner_alt``), the one learner on one of them. That node is
+    SIGKILLed after step 3 is logged (checkpoint at step 2): step 4's update finds the learner
+    dead, the stage restarts from step 2's checkpoint on the other node, and steps 3 and 4
+    repeat the fixed run's rewards. When the other node goes too (after the repeated step 3),
+    the next restart cannot place the learner: it fails naming the keys and the nodes left."""
+    from umerl.runtime.remote import WorkerError
+
+    c, ray = cluster
+    for name in ("learnerA", "learnerB"):
+        c.add(name, cpus=1, resources={"learner_alt": 1})
+    names = {c.node_id(n): n for n in ("learnerA", "learnerB")}
+    removed: list[str] = []
+
+    def remove_learner_node() -> None:
+        removed.append(names[node_holding(ray, "learner_alt")])
+        c.remove(removed[-1])
+
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *ON_NODES, "rollout.num_workers=1",
+                    "learner.resources={learner_alt: 1}", "rl.max_failures=2",
+                    "learner.placement_timeout_s=5")
+    tracker = Hooked({})
+    seen = {"n": 0}
+
+    def log(metrics, step, base=tracker.log):
+        base(metrics, step)
+        seen["n"] += 1
+        if seen["n"] in (3, 4):  # step 3, then the repeated step 3
+            remove_learner_node()
+
+    tracker.log = log
+    from umerl.rl import run_rl
+
+    with pytest.raises(WorkerError) as err:
+        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir), tracker)
+    out = capsys.readouterr().out
+    assert sorted(removed) == ["learnerA", "learnerB"]
+    assert "restarting the RL stage from its last complete checkpoint (restart 1 of 2)" in out
+    assert "step_00000002" in out
+    logged = determined(tracker)
+    assert [s for s, _ in logged] == [1, 2, 3, 3]
+    assert logged[:3] == fixed[:3] and logged[3] == fixed[2]
+    message = str(err.value)
+    assert message.startswith("learner pool: learner.num_workers=1 bundles of")
+    assert "learner_alt: 1" in message and "learner.placement_timeout_s=5 s" in message
+    assert "learner.resources" in message
+
+
 def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, tmp_path) -> None:
     """`ray job submit` of a short GRPO run: the job's driver on the head, its rollout actor
     on a rollout node, its learner on the head; the preflight's cluster checks (resources, a

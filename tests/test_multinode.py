@@ -184,13 +184,14 @@ def test_check_shared_output_dir_names_a_node_with_its_own_disk(cluster, tmp_pat
     script = (f"mount -t tmpfs tmpfs {out} && exec {ray_bin} start --block "
               f"--address={c.address} --node-ip-address={LOOPBACK} --num-cpus=0 "
               "--disable-usage-stats")
+    log = (tmp_path / "node.log").open("w")
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not (new := {n["NodeID"] for n in ray.nodes() if n["Alive"]} - before):
-            assert time.monotonic() < deadline and proc.poll() is None, "the node never came"
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                "the node never came: " + (tmp_path / "node.log").read_text()[-3000:]
             time.sleep(0.5)
         (node,) = new
         with pytest.raises(ConfigError) as err:
@@ -200,7 +201,8 @@ def test_check_shared_output_dir_names_a_node_with_its_own_disk(cluster, tmp_pat
         others = before - {node}
         assert not any(f"node {other}" in message for other in others)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.monotonic() + 30  # dead to the GCS before the next test counts nodes
         while ({n["NodeID"] for n in ray.nodes() if n["Alive"]} - before

@@ -96,3 +96,26 @@ def addresses(ray: Any) -> dict[str, Any]:
             "nodes": sorted({n["NodeManagerAddress"] for n in nodes}),
             "object_managers": sorted({n.get("ObjectManagerAddress", n["NodeManagerAddress"])
                                        for n in nodes})}
+
+
+def join(gcs_address: str) -> None:
+    """Run one more node of the cluster at ``gcs_address`` in this process, until killed (as
+    ``Cluster.add_node`` starts one; used where the node must live in another mount namespace)."""
+    import time
+
+    import ray._private.node
+    from ray._private.parameter import RayParams
+
+    params = RayParams(node_ip_address=LOOPBACK, gcs_address=gcs_address, num_cpus=0,
+                       object_store_memory=100 << 20, include_log_monitor=False,
+                       node_manager_port=0, min_worker_port=0, max_worker_port=0)
+    params.dashboard_agent_listen_port = None
+    ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+    while True:
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    import sys
+
+    join(sys.argv[1])

@@ -1,6 +1,14 @@
 """Chaos bench: each fault the RL stage must survive (or end by name), one run per fault.
 
     .venv/bin/python bench/bench_faults.py [--steps 8] [--at 6] [--only NAME,...] [key=value ...]
+    .venv/bin/python bench/bench_faults.py --nodes [--steps 6] [--at 3]
+
+``--nodes``: the node cases instead, on a local 3-node Ray (a head with the learner, two
+rollout nodes, all on 127.0.0.1): a rollout node SIGKILLed with its raylet after step
+``at - 1`` (the pool shrinks from 2 actors to 1 during step ``at``) and, in a second run, a
+rollout node added then (the pool grows from 1 to 2 at the next step boundary); each row says
+when the pool noticed (its console line), when the next step was logged, the pool size per
+step and whether every step's rewards equal a fixed one-actor run's.
 
 Runs ``umerl rl recipes/cpu_tiny.yaml`` from the tiny model (2 rollout actors, 2 learner actors,
 a local Ray; ``--steps`` GRPO steps, a checkpoint every ``--steps // 2``) once without faults and
@@ -165,14 +173,131 @@ def report(fault: Fault, runs: list[Run], out: Path, clean: dict[int, tuple], st
             f"exact {'yes' if exact else 'no':3s}  {outcome}")
 
 
+class Stamped:
+    """stdout that keeps each line with its arrival time (the in-process node runs)."""
+
+    def __init__(self, out):
+        self.out, self.lines, self.part = out, [], ""
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        self.part += text
+        *done, self.part = self.part.split("\n")
+        self.lines.extend((time.time(), line) for line in done)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def node_faults(steps: int, at: int) -> list[str]:
+    """A rollout node removed after step ``at - 1`` (so during step ``at``), and one added
+    after step ``at - 1``, on a local 3-node cluster (tests/multinode.py); rewards against a
+    fixed one-actor run. The driver runs here (the pool's own console lines are timed)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from multinode import LocalCluster, connected
+
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import ensure_benchmark
+    from umerl.driver import absolute_paths
+    from umerl.rl import run_rl
+    from umerl.runtime.tracking import MemoryTracker
+
+    bench_dir = ensure_benchmark(OUT / "benchmark").parent
+    checkpoint = OUT / "tiny"
+
+    def config(name: str, *overrides: str):
+        cfg = load_recipe(REPO / "recipes" / "cpu_tiny.yaml", [
+            f"output_dir={OUT / name}", f"data.benchmark_dir={bench_dir}", "rl.data=[]",
+            f"rl.max_steps={steps}", f"rl.save_every={steps}", "rl.pairs_per_step=2",
+            "rl.group_size=2", "rl.max_new_tokens=8", "wandb.mode=disabled",
+            "learner.num_workers=1", "learner.resources={learner_node: 1}",
+            "rollout.resources={rollout_node: 1}", "rollout.replace_timeout_s=30", *overrides])
+        cfg.rl.data = [str(bench_dir / "digits_cls" / "rl_pairs.jsonl")]
+        return absolute_paths(cfg)
+
+    class Hooked(MemoryTracker):
+        def __init__(self, action):
+            super().__init__()
+            self.action, self.when = action, None
+
+        def log(self, metrics, step: int) -> None:
+            super().log(metrics, step)
+            if step == at - 1 and self.when is None:
+                self.when = time.time()
+                self.action()
+
+    cluster = LocalCluster(head_cpus=1, head_resources={"learner_node": 1})
+    rows = []
+    try:
+        cluster.add("rollout1", resources={"rollout_node": 1})
+        cluster.add("rollout2", resources={"rollout_node": 1})
+        with connected(cluster):
+            subprocess.run(["rm", "-rf", *(str(OUT / n) for n in ("nfixed", "nlost", "nadd"))])
+            clean = MemoryTracker()
+            run_rl(config("nfixed", "rollout.num_workers=1"), str(checkpoint),
+                   str(checkpoint), clean)
+            cases = [("rollout node removed", "nlost", "lost with its node",
+                      lambda: cluster.remove("rollout2"), ("rollout.num_workers=2",
+                                                            "rollout.min_workers=1")),
+                     ("rollout node added", "nadd", "added on node",
+                      lambda: cluster.add("rollout3", resources={"rollout_node": 1}),
+                      ("rollout.num_workers=1", "rollout.max_workers=2"))]
+            for name, folder, said, action, overrides in cases:
+                tracker, stamped = Hooked(action), Stamped(sys.stdout)
+                sys.stdout = stamped
+                try:
+                    run_rl(config(folder, *overrides), str(checkpoint), str(checkpoint),
+                           tracker)
+                finally:
+                    sys.stdout = stamped.out
+                rows.append(node_row(name, tracker, stamped.lines, said, clean, steps))
+                print(rows[-1], flush=True)
+    finally:
+        cluster.shutdown()
+    return rows
+
+
+def node_row(name: str, tracker, lines: list[tuple[float, str]], said: str, clean, steps: int
+             ) -> str:
+    t0 = tracker.when
+    noticed = next((t for t, line in lines if t > t0 and said in line), None)
+    sizes = [int(m["rollout/pool_size"]) for _, m in tracker.logged]
+    changed = next((i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]), None)
+    # recovered: the first step logged after the change, that is on the new pool size
+    after = [t for t, line in lines if t > (noticed or t0) and line.startswith("[rl] step ")]
+    order = [s for s, _ in tracker.logged]
+    lost = len(order) - len(set(order)) + len([s for s in range(1, steps + 1) if s not in order])
+    keys = REWARD_KEYS
+    exact = ([(s, [m[k] for k in keys]) for s, m in tracker.logged]
+             == [(s, [m[k] for k in keys]) for s, m in clean.logged])
+    detected = "-" if noticed is None else f"{noticed - t0:5.1f} s"
+    took = f"{after[0] - t0:5.1f} s" if after else "-"
+    return (f"{name:34s} detected {detected:>8s}  took {took:>7s}  lost {lost}  exact "
+            f"{'yes' if exact else 'no':3s}  pool per step {sizes} (changed at step "
+            f"{changed + 1 if changed is not None else '-'})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--at", type=int, default=6, help="the step each fault hits")
     parser.add_argument("--only", default="", help="comma-separated fault names (substrings)")
+    parser.add_argument("--nodes", action="store_true",
+                        help="only the node faults: a rollout node removed, one added, on a "
+                             "local 3-node Ray (one Ray session at a time on the machine)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    if args.nodes:
+        from umerl.model.tiny import build_tiny_model
+
+        if not (OUT / "tiny" / "config.json").is_file():
+            build_tiny_model(OUT / "tiny", family="qwen2_vl")
+        rows = node_faults(args.steps, args.at)
+        print(f"\n{args.steps} steps, each node change after step {args.at - 1}:")
+        print("\n".join(rows))
+        return
     from umerl.model.tiny import build_tiny_model
 
     checkpoint = OUT / "tiny"

@@ -89,7 +89,9 @@ class RolloutActor:
         import ray
 
         ranks = self.engine.weight_sync_ranks() if self.model is None else 1
-        return {"node": ray.util.get_node_ip_address(), "ranks": ranks}
+        # The node's id, not its address: nodes can share one (several raylets on a machine).
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "address": ray.util.get_node_ip_address(), "ranks": ranks}
 
     def open_weight_sync(self, spec: Any, plan: Any, rank: int, source_model_type: str) -> None:
         """Join the sync group at ``rank`` (its first rank); the names, shapes and dtypes of
@@ -132,42 +134,95 @@ class RolloutActor:
 
 
 class RolloutPool:
-    """``num_workers`` rollout actors in one placement group (their own GPUs on a cluster)."""
+    """Rollout actors, each in a placement group of its own (one bundle: its CPUs, GPUs and
+    ``rollout.resources``), so that the pool can lose and gain actors one at a time.
+
+    Elastic between ``rollout.min_workers`` and ``rollout.max_workers`` (both default to
+    ``num_workers``): an actor whose node is gone is dropped with its placement group (its
+    share of the step goes to the others; the pool shrinks), and at each step boundary
+    (``resize``, before the weight sync) the pool adds actors where the cluster has room, up
+    to ``max_workers``, or waits up to ``rollout.replace_timeout_s`` for room when it is below
+    ``min_workers``. An actor that dies on a live node is replaced in its own bundle
+    (``replace``). New and replaced actors are stale until a digest-checked sync."""
 
     def __init__(self, cfg: Any, checkpoint: str, bf16: str | bool = False,
                  model_dtype: str = "float32", faults: Sequence[Fault] = (),
                  max_pixels: int | None = None):
         import ray
-        from ray.util.placement_group import placement_group
 
         self.cfg = cfg
         gpus = float(cfg.gpus_per_worker)
         self.engine_kind = engine_for(cfg.engine, gpus)  # the name; each actor holds an engine
-        bundle = {"CPU": float(cfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
-        self.placement_group = placement_group([bundle] * int(cfg.num_workers), strategy="PACK")
-        ray.get(self.placement_group.ready(), timeout=600)
+        self.bundle = ({"CPU": float(cfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
+                       | {str(k): float(v) for k, v in (cfg.get("resources") or {}).items()})
+        n = int(cfg.num_workers)
+        self.min_workers = int(cfg.get("min_workers") or n)
+        self.max_workers = int(cfg.get("max_workers") or n)
         self._actor_args = (checkpoint, self.engine_kind, bf16, int(cfg.tensor_parallel_size),
                             float(cfg.gpu_memory_utilization), model_dtype,
                             {"enforce_eager": bool(cfg.enforce_eager),
                              "max_model_len": cfg.max_model_len})
         self.faults = list(faults)
         self.max_pixels = max_pixels
-        self.actors = [self._spawn(i, 0) for i in range(int(cfg.num_workers))]
-        self.names = [f"rollout actor {i}" for i in range(len(self.actors))]
-        self.stale: set[int] = set()  # replacements not yet holding the learners' weights
+        self.groups = [self._group() for _ in range(n)]
+        ray.get([g.ready() for g in self.groups], timeout=600)
+        self.ids = list(range(n))  # an actor's number, kept by its replacements (faults name it)
+        self.next_number = n  # an added actor's: numbers are never reused
+        self.nodes = [_node_of(g) for g in self.groups]
+        self.actors = [self._spawn(i, g, 0) for i, g in zip(self.ids, self.groups)]
+        self.stale: set[int] = set()  # positions not yet holding the learners' weights
+        self.regroup = False  # membership changed: the weight-sync group must be re-formed
         self.restarts = 0
+        self.lost = 0  # actors lost with their node
+        self.added = 0  # actors added at step boundaries
         self.recovery_s = 0.0  # time spent replacing actors since the loop last read it
+        self.generated_by = n  # actors that ended the last generate call healthy
 
-    def _spawn(self, index: int, after_step: int) -> Any:
+    @property
+    def names(self) -> list[str]:
+        return [f"rollout actor {i}" for i in self.ids]
+
+    def _group(self) -> Any:
+        from ray.util.placement_group import placement_group
+
+        return placement_group([self.bundle])
+
+    def _spawn(self, number: int, group: Any, after_step: int) -> Any:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpus = float(self.cfg.gpus_per_worker)
         return ray.remote(RolloutActor).options(
             num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, index),
-        ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", index, after_step),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
+        ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", number, after_step),
                  max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker))
+
+    def lose(self, index: int, cause: str, step: int, phase: str, detail: str = "") -> None:
+        """Actor ``index`` failed: dropped when its node is gone (the pool shrinks), else
+        replaced in its bundle. ``detail``: Ray's full error text (it may name the node)."""
+        if _node_dead(self.nodes[index], f"{cause}\n{detail}"):
+            self.drop(index, cause, step, phase)
+        else:
+            self.replace(index, cause, step, phase)
+
+    def drop(self, index: int, cause: str, step: int, phase: str) -> None:
+        """Actor ``index`` out with its placement group (left in place, Ray would re-place
+        the group elsewhere behind the pool's back)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        name, node = self.names[index], self.nodes[index]
+        _quietly(lambda: ray.kill(self.actors[index], no_restart=True))
+        _quietly(lambda: remove_placement_group(self.groups[index]))
+        for seq in (self.actors, self.groups, self.ids, self.nodes):
+            del seq[index]
+        self.stale = {j - (j > index) for j in self.stale if j != index}
+        self.regroup = True
+        self.lost += 1
+        print(f"[rollout] {name} lost with its node {node[:12]} during {phase} at step {step} "
+              f"({cause}); the pool goes on with {len(self.actors)} "
+              f"(rollout.min_workers={self.min_workers})", flush=True)
 
     def replace(self, index: int, cause: str, step: int, phase: str) -> None:
         """A dead (or hung) actor out, a stale replacement in, in the same bundle."""
@@ -179,11 +234,57 @@ class RolloutPool:
                               f"rollout.max_restarts={limit} replacements already used", "")
         self.restarts += 1
         ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._spawn(index, step)
+        self.actors[index] = self._spawn(self.ids[index], self.groups[index], step)
         self.stale.add(index)
+        self.regroup = True
         print(f"[rollout] {self.names[index]} failed during {phase} at step {step} ({cause}); "
               f"replaced in its bundle (restart {self.restarts} of {limit}), stale until the "
               "next weight sync", flush=True)
+
+    def resize(self, step: int) -> None:
+        """At a step boundary (before the sync after ``step``): back up to min_workers,
+        waiting up to rollout.replace_timeout_s for room (else a WorkerError naming the keys),
+        then one more actor at a time while the cluster has room for its bundle, up to
+        max_workers. The new actors are stale: the sync that follows reaches them first."""
+        start = time.perf_counter()
+        timeout = float(self.cfg.get("replace_timeout_s") or 120)
+        while len(self.actors) < self.min_workers:
+            if not self._add(step, timeout):
+                raise WorkerError(
+                    "rollout pool", f"{len(self.actors)} rollout actors left at step {step}, "
+                    f"below rollout.min_workers={self.min_workers}, and no node had room for "
+                    f"another ({_show(self.bundle)}: rollout.cpus_per_worker, "
+                    f"rollout.gpus_per_worker, rollout.resources) within "
+                    f"rollout.replace_timeout_s={timeout:g} s", "")
+        while len(self.actors) < self.max_workers and _room_for(self.bundle):
+            if not self._add(step, 2.0):
+                break
+        if self.regroup:
+            self.recovery_s += time.perf_counter() - start
+
+    def _add(self, step: int, timeout_s: float) -> bool:
+        """One more (stale) actor, if its bundle can be placed within ``timeout_s``."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        group = self._group()
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            return False
+        number, self.next_number = self.next_number, self.next_number + 1
+        self.groups.append(group)
+        self.ids.append(number)
+        self.nodes.append(_node_of(group))
+        self.actors.append(self._spawn(number, group, step))
+        self.stale.add(len(self.actors) - 1)
+        self.regroup = True
+        self.added += 1
+        print(f"[rollout] rollout actor {number} added on node {self.nodes[-1][:12]} after step "
+              f"{step}: the pool has {len(self.actors)} (rollout.max_workers="
+              f"{self.max_workers}); it generates once a digest-checked sync reached it",
+              flush=True)
+        return True
 
     def mark_synced(self) -> None:
         """Every actor now holds the learners' weights (a digest-checked sync reached them)."""
@@ -194,7 +295,8 @@ class RolloutPool:
                  ) -> tuple[list[list[list[int]]], list[list[list[float]]] | None]:
         """``n`` samples per side (and, with ``logprobs``, their tokens' log-probs, else None);
         each healthy actor generates a contiguous share. A share whose actor dies or exceeds
-        rollout.call_timeout_s goes to the next healthy actor that is free.
+        rollout.call_timeout_s goes to the next healthy actor that is free; an actor lost with
+        its node leaves the pool (``lose``).
 
         Each actor holds one share at a time: a share waiting for an actor waits here, not in
         the actor's queue. So a call's clock starts when it is sent to an idle actor, that is
@@ -204,21 +306,25 @@ class RolloutPool:
         from ray.exceptions import GetTimeoutError, RayActorError
 
         ready = [i for i in range(len(self.actors)) if i not in self.stale]
+        if not ready:
+            raise WorkerError("rollout pool", "no rollout actor holds the learners' weights", "")
         waiting = [(a, b) for a, b in _split(len(sides), len(ready)) if b > a]
         results: dict[int, tuple[list, list]] = {}
-        pending: dict[Any, tuple[int, int, int]] = {}
+        pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (actor number, share)
         deadline: dict[Any, float] = {}
         failed_at: dict[int, float] = {}  # share start -> when its first actor failed
 
         def dispatch_waiting() -> None:
-            busy = {i for i, _, _ in pending.values()}
-            for i in (j for j in range(len(self.actors)) if j not in self.stale | busy):
+            busy = {number for number, _, _ in pending.values()}
+            for i, number in enumerate(list(self.ids)):
                 if not waiting:
                     return
+                if i in self.stale or number in busy:
+                    continue
                 a, b = waiting.pop(0)
                 ref = self.actors[i].generate.remote(list(sides[a:b]), list(seeds[a:b]), n,
                                                      sampling, step, logprobs)
-                pending[ref] = (i, a, b)
+                pending[ref] = (number, a, b)
                 deadline[ref] = time.monotonic() + float(self.cfg.call_timeout_s)
 
         dispatch_waiting()
@@ -227,31 +333,33 @@ class RolloutPool:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if done:
                 ref = done[0]
-                i, a, b = pending.pop(ref)
+                number, a, b = pending.pop(ref)
                 deadline.pop(ref)
                 try:
                     results[a] = ray.get(ref)
                     if a in failed_at:
                         self.recovery_s += time.perf_counter() - failed_at.pop(a)
-                    dispatch_waiting()  # actor i is free
+                    dispatch_waiting()  # the actor is free
                     continue
                 except (RayActorError, GetTimeoutError) as err:
-                    cause = summarize(err)
+                    cause, detail = summarize(err), str(err)
                 except Exception:  # a bug or bad input in the engine: not a restart
-                    gather([ref], [self.names[i]])  # raises it as the one-line WorkerError
+                    gather([ref], [f"rollout actor {number}"])  # raises the one-line error
                     raise
             else:  # the oldest call is over its time: treat the actor as hung
                 ref = min(deadline, key=deadline.get)
-                i, a, b = pending.pop(ref)
+                number, a, b = pending.pop(ref)
                 deadline.pop(ref)
                 cause = f"no answer within rollout.call_timeout_s={self.cfg.call_timeout_s:g} s"
+                detail = ""
             failed_at.setdefault(a, time.perf_counter())
-            self.replace(i, cause, step, "generate")
+            self.lose(self.ids.index(number), cause, step, "generate", detail)
             if len(self.stale) == len(self.actors):
-                raise WorkerError(self.names[i], f"{cause}; no healthy rollout actor is left "
-                                  "to take its prompts", "")
+                raise WorkerError(f"rollout actor {number}", f"{cause}; no healthy rollout "
+                                  "actor is left to take its prompts", "")
             waiting.append((a, b))
             dispatch_waiting()
+        self.generated_by = len(self.actors) - len(self.stale)
         completions = [samples for a in sorted(results) for samples in results[a][0]]
         if not logprobs:
             return completions, None
@@ -279,8 +387,47 @@ class RolloutPool:
         from ray.util.placement_group import remove_placement_group
 
         for actor in self.actors:
-            ray.kill(actor)
-        remove_placement_group(self.placement_group)
+            _quietly(lambda actor=actor: ray.kill(actor))
+        for group in self.groups:
+            _quietly(lambda group=group: remove_placement_group(group))
+
+
+def _quietly(call: Any) -> None:
+    """Clean-up of what may already be gone (a node that left takes its actors along)."""
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - nothing left to clean is not an error
+        pass
+
+
+def _node_of(group: Any) -> str:
+    """The id of the node a one-bundle placement group was placed on."""
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(group).get("bundles_to_node_id") or {}
+    return str(next(iter(nodes.values()), "") or "")
+
+
+def _node_dead(node_id: str, cause: str) -> bool:
+    """Whether an actor's failure was its node's: Ray says so, or the node is no longer alive."""
+    import ray
+
+    if "node has died" in cause or "node was terminated" in cause:
+        return True
+    return not any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+
+
+def _room_for(bundle: dict[str, float]) -> bool:
+    """Whether the cluster has that much of every resource free (a placement may still fail:
+    the free amounts may be spread over nodes)."""
+    import ray
+
+    free = ray.available_resources()
+    return all(float(free.get(r, 0.0)) >= amount - 1e-9 for r, amount in bundle.items())
+
+
+def _show(bundle: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{r}: {a:g}" for r, a in sorted(bundle.items())) + "}"
 
 
 def _split(total: int, parts: int) -> list[tuple[int, int]]:

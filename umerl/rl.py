@@ -47,9 +47,10 @@ CONSOLE_KEYS = {"reward/total": "total", "reward/format": "format",
                 "reward/format/group_std": "format_sd", "reward/embedding/group_std": "emb_sd",
                 "reward/zero_advantage_groups": "zero_adv", "actor/kl": "kl",
                 "actor/clip_fraction": "clip_fraction", "actor/ratio_mean": "ratio",
-                "rollout/staleness": "stale",
+                "rollout/staleness": "stale", "rollout/pool_size": "pool",
                 "rollout/answer_accuracy/query": "answer_acc",
                 "rollout/completion_len_mean": "completion_len_mean"}
+COUNTS = {"rollout/pool_size"}  # shown as whole numbers
 
 
 def load_rl_datasets(cfg: DictConfig, policy: str) -> dict[str, list[Pair]]:
@@ -109,7 +110,7 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     link.sync(digest=True, step=first - 1)
     print(f"[rl] {'resumed from ' + resumed if resumed else 'from ' + policy}: steps "
           f"{first}..{r.max_steps}, {r.pairs_per_step} pairs x G={r.group_size} per step, "
-          f"rollout {cfg.rollout.num_workers} x {rollout.engine_kind}, learner "
+          f"rollout {len(rollout.actors)}{_elastic(rollout)} x {rollout.engine_kind}, learner "
           f"{cfg.learner.num_workers} x DeepSpeed ZeRO-{cfg.learner.zero_stage} "
           f"({learners.info[0]['passes']}), weight sync "
           f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
@@ -179,6 +180,9 @@ def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: Learner
         "rollout/idle_ratio": max(0.0, 1 - (generating + sync_s) / step_s),
         "learner/idle_ratio": max(0.0, 1 - (t2 - t1 + sync_s) / step_s),
         "rollout/staleness": float(step - 1 - batch.version),
+        "rollout/pool_size": float(batch.pool_size),
+        "rollout/actors_lost": float(stream.rollout.lost),
+        "rollout/actors_added": float(stream.rollout.added),
     })
     return metrics
 
@@ -210,6 +214,7 @@ class Rollouts:
     version: int  # the step whose update produced those weights (0: the starting policy)
     step_generated: int  # the step during which they were generated
     seconds: float = 0.0
+    pool_size: int = 0  # rollout actors that generated them (healthy at the end)
 
     def state(self) -> dict[str, Any]:
         """Plain lists and dicts for the checkpoint's client state."""
@@ -243,7 +248,7 @@ class RolloutStream:
         completions, lps = self.rollout.generate(sides, seeds, int(self.cfg.rl.group_size),
                                                  self.sampling, step, logprobs)
         return Rollouts(step, pairs, completions, lps, version, during,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, self.rollout.generated_by)
 
     def take(self, step: int, version: int) -> Rollouts:
         """Step ``step``'s rollouts: the ones generated ahead, else generated now."""
@@ -304,8 +309,10 @@ class WeightSync:
                                 int(float(r.weight_sync_bucket_mb) * (1 << 20)))
         address, port = learners.endpoint()
         receivers = rollout.sync_ranks()
+        # Nodes by id: several nodes may share one address (raylets on one machine).
         transport = choose_transport(str(r.weight_sync_transport), learners.info[0]["device"],
-                                     address, [x["node"] for x in receivers], plan.largest)
+                                     learners.info[0]["node_id"],
+                                     [x["node"] for x in receivers], plan.largest)
         counts = [int(x["ranks"]) for x in receivers]
         spec = ChannelSpec(transport, address, int(port), 1 + sum(counts),
                            float(r.weight_sync_timeout_s), plan.largest,
@@ -320,14 +327,17 @@ class WeightSync:
     def sync(self, digest: bool = False, step: int = 0) -> dict[str, float]:
         """One sync (the one after ``step``); with ``digest``, every rollout engine must hold
         the learners' weights bit for bit (the sender's fingerprint of what it sent vs each
-        engine's of what it holds). A rollout actor that dies mid-sync is replaced, the group
-        re-formed and the sync repeated; a replacement is always synced with the digest."""
+        engine's of what it holds). A rollout actor that dies mid-sync is replaced (or, its
+        node gone, dropped), the group re-formed and the sync repeated; a replacement is always
+        synced with the digest. First the pool resizes (``RolloutPool.resize``): actors added
+        at this step boundary get these weights before they generate, digest-checked."""
         while True:
-            if self.rollout.stale:
+            self.rollout.resize(step)
+            if self.rollout.stale or self.rollout.regroup:
                 start = time.perf_counter()
                 self.reconnect()
                 self.rollout.recovery_s += time.perf_counter() - start
-                digest = True
+                digest = digest or bool(self.rollout.stale)
             try:
                 start = time.perf_counter()
                 stats = self._sync(digest, step)
@@ -337,15 +347,17 @@ class WeightSync:
                 dead = [i for i, name in enumerate(self.rollout.names) if name in err.dead]
                 if not dead or any(n in err.dead for n in self.learners.names):
                     raise
-                for i in dead:
-                    self.rollout.replace(i, err.summary if err.worker == self.rollout.names[i]
-                                         else "actor died", step, "weight_sync")
+                for name in [self.rollout.names[i] for i in dead]:
+                    i = self.rollout.names.index(name)  # a drop moves the later ones up
+                    self.rollout.lose(i, err.summary if err.worker == name else "actor died",
+                                      step, "weight_sync", err.details)
                 self.rollout.recovery_s += time.perf_counter() - start
 
     def reconnect(self) -> None:
         """A new group for the current actors (a replacement takes its predecessor's ranks)."""
         fresh = WeightSync.connect(self.cfg, self.learners, self.rollout)
         self.transport, self.plan = fresh.transport, fresh.plan
+        self.rollout.regroup = False
 
     def _sync(self, digest: bool, step: int) -> dict[str, float]:
         sent, received = self._wait(self.learners.async_send_weights(digest),
@@ -384,7 +396,8 @@ class WeightSync:
 def choose_transport(requested: str, learner_device: str, learner_node: str,
                      rollout_nodes: list[str], largest_bucket: int) -> str:
     """``auto``: NCCL when the learners are on GPUs; on CPU, shared memory when every rollout
-    actor is on learner rank 0's node (and /dev/shm has room for two buckets), else gloo."""
+    actor is on learner rank 0's node (and /dev/shm has room for two buckets), else gloo.
+    Nodes are Ray node ids: two nodes on one machine share an address but not a node."""
     cuda = learner_device.startswith("cuda")
     local = all(node == learner_node for node in rollout_nodes)
     room = shm_free_bytes() > 2 * largest_bucket + (64 << 20)
@@ -401,8 +414,15 @@ def choose_transport(requested: str, learner_device: str, learner_node: str,
     return requested
 
 
+def _elastic(rollout: Any) -> str:
+    """`` (elastic 1..4)`` when the pool may shrink or grow, else nothing."""
+    low, high = rollout.min_workers, rollout.max_workers
+    return "" if low == high == len(rollout.actors) else f" (elastic {low}..{high})"
+
+
 def _console_line(step: int, total: int, m: dict[str, float]) -> str:
-    parts = " ".join(f"{label} {m[k]:.3f}" for k, label in CONSOLE_KEYS.items() if k in m)
+    parts = " ".join(f"{label} {m[k]:.0f}" if k in COUNTS else f"{label} {m[k]:.3f}"
+                     for k, label in CONSOLE_KEYS.items() if k in m)
     timing = " ".join(f"{k.split('/')[-1]} {m[k]:.1f}s" for k in
                       ("timing/rollout", "timing/learner", "timing/weight_sync", "timing/step"))
     idle = " ".join(f"{pool}_idle {m[f'{pool}/idle_ratio']:.2f}" for pool in ("rollout", "learner")

@@ -164,6 +164,22 @@ def _show(v: Any) -> str:
     return str(v)
 
 
+def Resources() -> Rule:
+    """Custom Ray resources of a bundle: names to positive amounts (CPU and GPU have keys)."""
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (dict, DictConfig)):
+            return f"expected a mapping, got {_show(v)}"
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                return f"{name!r} has its own key (cpus_per_worker, gpus_per_worker)"
+            if not _is_number(amount) or float(amount) <= 0:
+                return f"{name!r}: expected a number > 0, got {_show(amount)}"
+        return None
+
+    return Rule(check, "a mapping of custom resource names to numbers > 0, e.g. {rollout_node: 1}")
+
+
 def FaultSpec() -> Rule:
     def check(v: Any) -> str | None:
         if not isinstance(v, str):
@@ -276,6 +292,10 @@ SCHEMA: dict[str, Rule] = {
     "rollout.enforce_eager": Bool(),
     "rollout.call_timeout_s": POSITIVE,
     "rollout.max_restarts": Int(0),
+    "rollout.min_workers": Int(1, nullable=True),
+    "rollout.max_workers": Int(1, nullable=True),
+    "rollout.replace_timeout_s": POSITIVE,
+    "rollout.resources": Resources(),
     "rl.max_failures": Int(0),
     "faults.kill": ListOf(FaultSpec()),
     "faults.stall": ListOf(FaultSpec()),
@@ -284,6 +304,8 @@ SCHEMA: dict[str, Rule] = {
     **_pool("learner"),
     "learner.zero_stage": ZERO,
     "learner.step_timeout_s": POSITIVE,
+    "learner.placement_timeout_s": POSITIVE,
+    "learner.resources": Resources(),
     "learner.micro_batch_size": Int(0),
     "learner.bf16": BF16,
     "learner.gradient_checkpointing": Bool(),
@@ -533,11 +555,26 @@ def _timeouts_ordered(c: DictConfig, s: Sources) -> str | None:
     return None
 
 
+def _elastic_range(c: DictConfig, s: Sources) -> str | None:
+    """rollout.min_workers <= rollout.num_workers <= rollout.max_workers (null: num_workers)."""
+    start = int(c.rollout.num_workers)
+    low, high = c.rollout.min_workers, c.rollout.max_workers
+    if low is not None and int(low) > start:
+        return (f"{s.describe('rollout.min_workers')} = {low} is above "
+                f"{s.describe('rollout.num_workers')} = {start}: the pool starts with "
+                "num_workers actors and may shrink to min_workers (null: num_workers)")
+    if high is not None and int(high) < start:
+        return (f"{s.describe('rollout.max_workers')} = {high} is below "
+                f"{s.describe('rollout.num_workers')} = {start}: the pool starts with "
+                "num_workers actors and may grow to max_workers (null: num_workers)")
+    return None
+
+
 LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_forward,
                         _shared_prompt, _reference_placement)
 CROSS_RULES: Rules = (
     _learner_sizes, _single_forward, _shared_prompt, _reference_placement, _direct_ports_apart,
     _serve_tls_and_scaling,
     _vllm_whole_gpus, _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
-    _timeouts_ordered,
+    _timeouts_ordered, _elastic_range,
 )

@@ -456,7 +456,8 @@ class LearnerActor:
                 "passes": ("one forward" if self.learner.single_forward else "two passes")
                 + (", shared prompt" if self.learner.shared_prompt
                    else ", shared media" if self.learner.shared_media else ""),
-                "node": ray.util.get_node_ip_address(), "threads": self.threads}
+                "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(), "threads": self.threads}
 
     def step(self, shard: StepShard) -> dict[str, float]:
         return self.learner.step(shard)
@@ -492,19 +493,39 @@ class LearnerActor:
         return (str(path) if path else None), client
 
 
+def unplaced(n: int, bundle: dict[str, float], wait_s: float) -> str:
+    """Why the learner pool could not start: its bundles, the keys behind them, and the
+    resources of the cluster's alive nodes (a node lost since the run started shows here)."""
+    import ray
+
+    def show(resources: dict[str, float]) -> str:
+        return "{" + ", ".join(f"{k}: {float(v):g}" for k, v in sorted(resources.items())
+                               if k in bundle) + "}"
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    have = "; ".join(f"node {x['NodeID'][:12]} {show(x.get('Resources', {}))}" for x in nodes)
+    return (f"learner.num_workers={n} bundles of {show(bundle)} (learner.cpus_per_worker, "
+            f"learner.gpus_per_worker, learner.resources; PACK placement) could not be placed "
+            f"within learner.placement_timeout_s={wait_s:g} s; alive nodes: {have or 'none'}")
+
+
 class LearnerPool:
     """``learner.num_workers`` learner actors in one placement group, one process group."""
 
     def __init__(self, cfg: DictConfig, policy: str, reference: str):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lcfg = cfg.learner
         n, gpus = int(lcfg.num_workers), float(lcfg.gpus_per_worker)
-        bundle = {"CPU": float(lcfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
+        bundle = ({"CPU": float(lcfg.cpus_per_worker)} | ({"GPU": gpus} if gpus else {})
+                  | {str(k): float(v) for k, v in (lcfg.get("resources") or {}).items()})
         self.placement_group = placement_group([bundle] * n, strategy="PACK")
-        ray.get(self.placement_group.ready(), timeout=600)
+        wait_s = float(lcfg.get("placement_timeout_s") or 600)
+        if not ray.wait([self.placement_group.ready()], timeout=wait_s)[0]:
+            remove_placement_group(self.placement_group)
+            raise WorkerError("learner pool", unplaced(n, bundle, wait_s), "")
         actor_cls = ray.remote(LearnerActor)
         plain = OmegaConf.to_container(cfg, resolve=True)
         self.actors = [

@@ -602,9 +602,9 @@ def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_
     folder goes once the batch ends."""
     real = replica.embedder.gen
 
-    def slow_gen(sides, samples):
+    def slow_gen(sides, samples, max_new_tokens=None):
         time.sleep(1.5)  # the batch is running when the caller leaves
-        return real(sides, samples)
+        return real(sides, samples, max_new_tokens)
 
     monkeypatch.setattr(replica.embedder, "gen", slow_gen)
     names = ["red", "blue", "small"]
@@ -823,6 +823,30 @@ def test_check_health_fails_when_the_model_does(replica, monkeypatch) -> None:
     status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
     assert status == 503 and body["status"] == "unhealthy"
     assert body["health"]["state"] == "unhealthy"
+
+
+def test_check_health_fails_when_only_generation_does(replica, monkeypatch) -> None:
+    """Disc still answers but generate raises: the replica is unhealthy. The gen step asks
+    for a few new tokens, not the serving budget."""
+    budgets: list[int | None] = []
+    real = replica.embedder.gen
+
+    def spy(sides, samples, max_new_tokens=None):
+        budgets.append(max_new_tokens)
+        return real(sides, samples, max_new_tokens)
+
+    monkeypatch.setattr(replica.embedder, "gen", spy)
+    asyncio.run(replica.check_health())
+    assert budgets and all(b is not None and b < MAX_NEW_TOKENS for b in budgets)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generate is broken")
+
+    monkeypatch.setattr(replica.embedder, "gen", broken)
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 503 and body["health"]["state"] == "unhealthy"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -508,16 +508,19 @@ class Embedder:
             vectors = dict(zip(fits, disc))
         return [DiscResult(vectors.get(i), len(p.input_ids)) for i, p in enumerate(prompts)]
 
-    def gen(self, sides: Sequence[Side], samples: int | None) -> list[GenResult]:
-        """Greedy (``samples`` None, as ``umerl eval``) or ``samples`` sampled embeddings."""
+    def gen(self, sides: Sequence[Side], samples: int | None,
+            max_new_tokens: int | None = None) -> list[GenResult]:
+        """Greedy (``samples`` None, as ``umerl eval``) or ``samples`` sampled embeddings;
+        ``max_new_tokens`` (default ``serve.max_new_tokens``) shortens the health check's."""
         from umerl.model.embed import gen_embeddings
         from umerl.model.sampling import SamplingParams
 
         o = self.options
+        budget = o.max_new_tokens if max_new_tokens is None else max_new_tokens
         if samples is None:
-            sampling = SamplingParams(max_new_tokens=o.max_new_tokens, do_sample=False)
+            sampling = SamplingParams(max_new_tokens=budget, do_sample=False)
         else:
-            sampling = SamplingParams(max_new_tokens=o.max_new_tokens,
+            sampling = SamplingParams(max_new_tokens=budget,
                                       temperature=o.temperature, top_k=o.top_k)
         out = gen_embeddings(self.bundle, self.engine, sides, samples or 1, sampling,
                              batch_size=max(1, len(sides) * (samples or 1)))
@@ -647,6 +650,7 @@ def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | 
 class GenJob:
     side: Side
     samples: int | None
+    max_new_tokens: int | None = None  # None: serve.max_new_tokens (the health check's is less)
 
 
 @dataclass(frozen=True)
@@ -699,6 +703,7 @@ class ServeMetrics:
 
 
 HEALTH_SIDE = Side(text="health check")
+HEALTH_NEW_TOKENS = 2  # the health check's gen step: enough to run generate and re-encode
 RETRY_AFTER_S = 1
 
 
@@ -729,12 +734,16 @@ class EmbeddingService:
 
     async def check_health(self) -> None:
         """Ray Serve calls this every ``health_check_period_s``; a raise marks the replica
-        unhealthy, and Ray replaces it. A tiny disc forward through the disc batcher (so it
-        queues behind real batches rather than racing them) proves the model answers."""
+        unhealthy, and Ray replaces it. A tiny disc forward and a gen step of
+        ``HEALTH_NEW_TOKENS`` tokens, each through its batcher (so they queue behind real
+        batches rather than racing them), prove both paths answer."""
         try:
-            result = await self.disc_batcher(HEALTH_SIDE)
-            if result.embedding is None or not np.isfinite(result.embedding).all():
-                raise RuntimeError("the health-check embedding is missing or not finite")
+            disc = await self.disc_batcher(HEALTH_SIDE)
+            gen = await self.gen_batcher(GenJob(HEALTH_SIDE, None, HEALTH_NEW_TOKENS))
+            for name, vector in (("disc", disc.embedding), ("gen", gen.embeddings[0])):
+                if vector is None or not np.isfinite(vector).all():
+                    raise RuntimeError(f"the health-check {name} embedding is missing or "
+                                       "not finite")
         except Exception as err:
             self.health = {"state": "unhealthy", "checked_at": time.time(),
                            "error": type(err).__name__}
@@ -954,14 +963,16 @@ class EmbeddingService:
         return await asyncio.to_thread(self.embedder.disc, sides)
 
     async def _gen_batch(self, jobs: list[GenJob]) -> list[GenResult]:
-        """One generate call per distinct ``samples`` value in the batch (usually one)."""
+        """One generate call per distinct ``samples`` and token budget in the batch (usually
+        one)."""
         self._count("gen", len(jobs))
         self.metrics.batch("gen", len(jobs), self.gen_batcher.queued, self.in_flight)
         results: dict[int, GenResult] = {}
-        for samples in dict.fromkeys(job.samples for job in jobs):
-            chosen = [i for i, job in enumerate(jobs) if job.samples == samples]
+        for samples, budget in dict.fromkeys((job.samples, job.max_new_tokens) for job in jobs):
+            chosen = [i for i, job in enumerate(jobs)
+                      if (job.samples, job.max_new_tokens) == (samples, budget)]
             out = await asyncio.to_thread(self.embedder.gen, [jobs[i].side for i in chosen],
-                                          samples)
+                                          samples, budget)
             results.update(zip(chosen, out))
         return [results[i] for i in range(len(jobs))]
 

@@ -39,7 +39,16 @@ from umerl.serve.client import (
     image_input,
     video_input,
 )
-from umerl.serve.service import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
+from umerl.serve.service import (
+    APP_NAME,
+    Batcher,
+    Embedder,
+    Limits,
+    RequestError,
+    ServeOptions,
+    direct_urls_from,
+    parse_request,
+)
 
 MAX_NEW_TOKENS = 8
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
@@ -216,12 +225,14 @@ def _unit(vectors: np.ndarray) -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
 
 
-def test_health_and_models(service) -> None:
+def test_health_and_models(service, service_urls) -> None:
     client = EmbeddingClient(service)
     health = client.health()
     assert health["status"] == "ok" and health["model"] == "tiny" and health["router"] is True
-    model = client.models()["data"][0]
+    models = client.models()
+    model = models["data"][0]
     assert model["id"] == "tiny" and model["modes"] == ["disc", "gen", "auto"]
+    assert models["direct_urls"] == [service_urls["direct"]]  # the one live replica
 
 
 def test_disc_over_http_equals_in_process(service, inputs, tiny_bundle) -> None:
@@ -1006,6 +1017,69 @@ def test_the_client_retries_503_after_retry_after() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_direct_urls_are_read_off_the_controllers_target_groups() -> None:
+    """Only this application's HTTP targets in the direct port range; a wildcard host is
+    replaced by each replica's node address."""
+    group = {"app_name": APP_NAME, "protocol": "HTTP", "targets": [
+        {"ip": "10.0.0.2", "port": 8101}, {"ip": "10.0.0.1", "port": 8100},
+        {"ip": "10.0.0.1", "port": 8000}]}  # the proxy's port: not a replica's own
+    details = {"target_groups": [group, {**group, "protocol": "gRPC"},
+                                 {**group, "app_name": "other"}]}
+    local = ServeOptions(host="127.0.0.1", direct_port=8100)
+    assert direct_urls_from(details, local) == ("http://127.0.0.1:8100", "http://127.0.0.1:8101")
+    everywhere = ServeOptions(host="0.0.0.0", direct_port=8100)
+    assert direct_urls_from(details, everywhere) == ("http://10.0.0.1:8100",
+                                                     "http://10.0.0.2:8101")
+    assert direct_urls_from(details, ServeOptions(direct_port=None)) == ()
+
+
+def _stub_server(answers: dict[str, dict], seen: list[tuple[int, str]]):
+    """A JSON-answering HTTP server on a free port: GET path -> body; it records (port,
+    path) for each request."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            seen.append((self.server.server_address[1], self.path))
+            payload = json.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_client_follows_a_restarted_replica_to_its_new_url() -> None:
+    """The direct URL's replica is gone (nothing listens there): the client re-reads the live
+    direct URLs from the proxy, answers from the new one and stays there."""
+    seen: list[tuple[int, str]] = []
+    live = _stub_server({"/health": {"status": "ok"}}, seen)
+    live_url = f"http://127.0.0.1:{live.server_address[1]}"
+    proxy = _stub_server({"/v1/models": {"object": "list", "data": [],
+                                         "direct_urls": [live_url]}}, seen)
+    proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    stale = f"http://127.0.0.1:{_free_port()}"
+    try:
+        with pytest.raises(ConnectionError):  # without the proxy: the error as before
+            EmbeddingClient(stale, api_key="", timeout_s=5).health()
+        client = EmbeddingClient(stale, api_key="", timeout_s=5, proxy_url=proxy_url)
+        assert client.health() == {"status": "ok"} and client.health() == {"status": "ok"}
+        assert client.base_url == live_url
+        assert seen == [(proxy.server_address[1], "/v1/models"),
+                        (live.server_address[1], "/health"), (live.server_address[1], "/health")]
+    finally:
+        for server in (live, proxy):
+            server.shutdown()
+            server.server_close()
 
 
 def test_print_config_is_a_serve_deploy_config(tiny_model_dir, router_file, monkeypatch) -> None:

@@ -798,7 +798,7 @@ class EmbeddingService:
         if method != routes[path]:
             raise RequestError(405, "method", f"{path} takes {routes[path]}, not {method}")
         if path == "/v1/models":
-            return self._models(), "none"
+            return await self._models(), "none"
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "content-type", f"expected application/json, got "
@@ -864,9 +864,16 @@ class EmbeddingService:
                 "queued": {"disc": self.disc_batcher.queued, "gen": self.gen_batcher.queued},
                 "stats": dict(self.stats)}
 
-    def _models(self) -> dict[str, Any]:
+    async def _models(self) -> dict[str, Any]:
+        """The model, and the live replicas' direct URLs (``direct_urls``): a client whose
+        direct URL went stale (its replica restarted on another port) re-reads them here."""
         modes = ["disc", "gen"] + (["auto"] if self.router is not None else [])
-        return {"object": "list", "data": [{
+        try:  # a blocking controller call: off the event loop
+            direct = list(await asyncio.to_thread(live_direct_urls, self.options))
+        except Exception as err:  # no controller (in-process use): no URLs, still the model
+            logger.warning("direct URLs not read from the Serve controller: %r", err)
+            direct = []
+        return {"object": "list", "direct_urls": direct, "data": [{
             "id": self.model_name, "object": "model", "owned_by": "umerl", "modes": modes,
             "dimensions": self.embedder.bundle.hidden_size,
             "max_new_tokens": self.options.max_new_tokens,
@@ -1139,29 +1146,50 @@ def start_service(checkpoint: str, options: ServeOptions, router: Router | None)
     return ServiceUrls(proxy, _direct_urls(options))
 
 
-def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
-    """The replicas' own servers, from the controller's target groups (what Serve's status and
-    dashboard report; the controller records a replica's port on its next reconcile)."""
-    from ray.serve.context import _get_global_client
-
+def direct_urls_from(details: dict[str, Any], options: ServeOptions) -> tuple[str, ...]:
+    """The replicas' own servers in the controller's serve details (its target groups, what
+    Serve's status and dashboard report), sorted by port."""
+    if options.direct_port is None:
+        return ()
     first, last = options.direct_port, options.direct_port + DIRECT_PORT_SPAN - 1
-    deadline = time.monotonic() + timeout_s
-    while True:
-        targets = sorted(
-            (target["port"], target["ip"])
-            for group in _get_global_client().get_serve_details().get("target_groups", [])
-            if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
-            for target in group["targets"] if first <= target["port"] <= last)
-        if len(targets) >= options.num_replicas or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if len(targets) < options.num_replicas:
-        raise RuntimeError(f"{len(targets)} of {options.num_replicas} replicas report a direct "
-                           f"port in {first}..{last} after {timeout_s:.0f} s (serve.direct_port)")
+    targets = sorted(
+        (target["port"], target["ip"])
+        for group in details.get("target_groups", [])
+        if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
+        for target in group["targets"] if first <= target["port"] <= last)
     # A replica listens on serve.host of its own node: name that node when host is a wildcard.
     wildcard = options.host in ("0.0.0.0", "::")
     return tuple(f"{options.scheme}://{ip if wildcard else options.host}:{port}"
                  for port, ip in targets)
+
+
+def live_direct_urls(options: ServeOptions) -> tuple[str, ...]:
+    """The direct URLs of the replicas alive now (a restarted replica gets a new port); none
+    without ``serve.direct_port`` or outside Ray."""
+    import ray
+
+    if options.direct_port is None or not ray.is_initialized():  # Serve would start a Ray
+        return ()
+    from ray.serve.context import _get_global_client
+
+    return direct_urls_from(_get_global_client().get_serve_details(), options)
+
+
+def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
+    """Every replica's direct URL, waited for (the controller records a replica's port on its
+    next reconcile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = live_direct_urls(options)
+        if len(urls) >= options.num_replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if len(urls) < options.num_replicas:
+        raise RuntimeError(f"{len(urls)} of {options.num_replicas} replicas report a direct "
+                           f"port in {options.direct_port}.."
+                           f"{options.direct_port + DIRECT_PORT_SPAN - 1} after "
+                           f"{timeout_s:.0f} s (serve.direct_port)")
+    return urls
 
 
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:

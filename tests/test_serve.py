@@ -53,7 +53,7 @@ from umerl.serve.service import (
 MAX_NEW_TOKENS = 8
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
                 max_image_bytes=40_000, max_image_pixels=160 * 160, max_video_frames=4,
-                max_text_chars=500)
+                max_text_chars=500, max_request_pixels=8 * 160 * 160)
 
 
 @pytest.fixture(scope="module")
@@ -934,6 +934,59 @@ def test_a_chunked_upload_is_a_413_before_it_is_all_sent(service, service_urls) 
     finally:
         sock.close()
     assert sent < 64 * ONE_MIB  # the limit is 1 MiB; the rest is what buffers held
+
+
+def _send_until_answered(sock, head: bytes, body: bytes) -> int:
+    """Sends a request's body in pieces, stopping when the server answers (it may answer,
+    and close, before the body ends); the answer's status."""
+    status = None
+    try:
+        sock.sendall(head)
+        for start in range(0, len(body), 64 << 10):
+            sock.sendall(body[start:start + (64 << 10)])
+            status = _answered(sock)
+            if status is not None:
+                break
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server closed on us: the answer is still readable
+    return status or _status_of(sock)
+
+
+def test_a_many_frame_request_is_refused_fast_over_http(service, service_urls) -> None:
+    """An 11 MiB many-frame request (over this module's 1 MiB body limit) and a small body of
+    4 inputs x 4 frames of 160x160 (over its max_request_pixels) are 413s within 2 s each,
+    while a small request sent beside them gets its 200."""
+    big = _many_frames_body()
+    frame = io.BytesIO()
+    Image.new("RGB", (160, 160)).save(frame, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(frame.getvalue()).decode()
+    pixels = json.dumps({"input": [{"text": "f", "video": [url] * 4}] * 4}).encode()
+    assert 11 * ONE_MIB <= len(big) and len(pixels) < LIMITS.max_request_bytes
+
+    def refuse_big() -> tuple[int, float]:
+        start = time.monotonic()
+        sock = _connect(service, service_urls["cert"])
+        try:
+            status = _send_until_answered(sock, (
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer "
+                + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(big)), big)
+        finally:
+            sock.close()
+        return status, time.monotonic() - start
+
+    def refuse_pixels() -> tuple[tuple[int, str], float]:
+        start = time.monotonic()
+        return _post(service, pixels), time.monotonic() - start
+
+    with ThreadPoolExecutor(3) as pool:
+        small = pool.submit(_post, service, json.dumps({"input": ["a small one"]}).encode())
+        by_bytes, by_pixels = pool.submit(refuse_big), pool.submit(refuse_pixels)
+        (big_status, big_s), ((pixel_status, field), pixel_s) = (by_bytes.result(),
+                                                                 by_pixels.result())
+        assert small.result()[0] == 200
+    assert big_status == 413 and big_s < 2.0
+    assert (pixel_status, pixel_s < 2.0) == (413, True) and field.startswith("input[")
 
 
 def test_a_trickling_body_is_a_408(service, service_urls) -> None:

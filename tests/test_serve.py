@@ -39,12 +39,21 @@ from umerl.serve.client import (
     image_input,
     video_input,
 )
-from umerl.serve.service import Batcher, Embedder, Limits, RequestError, ServeOptions, parse_request
+from umerl.serve.service import (
+    APP_NAME,
+    Batcher,
+    Embedder,
+    Limits,
+    RequestError,
+    ServeOptions,
+    direct_urls_from,
+    parse_request,
+)
 
 MAX_NEW_TOKENS = 8
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
                 max_image_bytes=40_000, max_image_pixels=160 * 160, max_video_frames=4,
-                max_text_chars=500)
+                max_text_chars=500, max_request_pixels=8 * 160 * 160)
 
 
 @pytest.fixture(scope="module")
@@ -216,12 +225,14 @@ def _unit(vectors: np.ndarray) -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
 
 
-def test_health_and_models(service) -> None:
+def test_health_and_models(service, service_urls) -> None:
     client = EmbeddingClient(service)
     health = client.health()
     assert health["status"] == "ok" and health["model"] == "tiny" and health["router"] is True
-    model = client.models()["data"][0]
+    models = client.models()
+    model = models["data"][0]
     assert model["id"] == "tiny" and model["modes"] == ["disc", "gen", "auto"]
+    assert models["direct_urls"] == [service_urls["direct"]]  # the one live replica
 
 
 def test_disc_over_http_equals_in_process(service, inputs, tiny_bundle) -> None:
@@ -602,9 +613,9 @@ def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_
     folder goes once the batch ends."""
     real = replica.embedder.gen
 
-    def slow_gen(sides, samples):
+    def slow_gen(sides, samples, max_new_tokens=None):
         time.sleep(1.5)  # the batch is running when the caller leaves
-        return real(sides, samples)
+        return real(sides, samples, max_new_tokens)
 
     monkeypatch.setattr(replica.embedder, "gen", slow_gen)
     names = ["red", "blue", "small"]
@@ -825,6 +836,30 @@ def test_check_health_fails_when_the_model_does(replica, monkeypatch) -> None:
     assert body["health"]["state"] == "unhealthy"
 
 
+def test_check_health_fails_when_only_generation_does(replica, monkeypatch) -> None:
+    """Disc still answers but generate raises: the replica is unhealthy. The gen step asks
+    for a few new tokens, not the serving budget."""
+    budgets: list[int | None] = []
+    real = replica.embedder.gen
+
+    def spy(sides, samples, max_new_tokens=None):
+        budgets.append(max_new_tokens)
+        return real(sides, samples, max_new_tokens)
+
+    monkeypatch.setattr(replica.embedder, "gen", spy)
+    asyncio.run(replica.check_health())
+    assert budgets and all(b is not None and b < MAX_NEW_TOKENS for b in budgets)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("generate is broken")
+
+    monkeypatch.setattr(replica.embedder, "gen", broken)
+    with pytest.raises(RuntimeError):
+        asyncio.run(replica.check_health())
+    status, body = _answer(asyncio.run(replica(_request(method="GET", path="/health"))))
+    assert status == 503 and body["health"]["state"] == "unhealthy"
+
+
 # ---------------------------------------------------------------------------------------------
 # The same guarantees over HTTP, through both ways in (TLS and the API key on both).
 
@@ -899,6 +934,59 @@ def test_a_chunked_upload_is_a_413_before_it_is_all_sent(service, service_urls) 
     finally:
         sock.close()
     assert sent < 64 * ONE_MIB  # the limit is 1 MiB; the rest is what buffers held
+
+
+def _send_until_answered(sock, head: bytes, body: bytes) -> int:
+    """Sends a request's body in pieces, stopping when the server answers (it may answer,
+    and close, before the body ends); the answer's status."""
+    status = None
+    try:
+        sock.sendall(head)
+        for start in range(0, len(body), 64 << 10):
+            sock.sendall(body[start:start + (64 << 10)])
+            status = _answered(sock)
+            if status is not None:
+                break
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server closed on us: the answer is still readable
+    return status or _status_of(sock)
+
+
+def test_a_many_frame_request_is_refused_fast_over_http(service, service_urls) -> None:
+    """An 11 MiB many-frame request (over this module's 1 MiB body limit) and a small body of
+    4 inputs x 4 frames of 160x160 (over its max_request_pixels) are 413s within 2 s each,
+    while a small request sent beside them gets its 200."""
+    big = _many_frames_body()
+    frame = io.BytesIO()
+    Image.new("RGB", (160, 160)).save(frame, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(frame.getvalue()).decode()
+    pixels = json.dumps({"input": [{"text": "f", "video": [url] * 4}] * 4}).encode()
+    assert 11 * ONE_MIB <= len(big) and len(pixels) < LIMITS.max_request_bytes
+
+    def refuse_big() -> tuple[int, float]:
+        start = time.monotonic()
+        sock = _connect(service, service_urls["cert"])
+        try:
+            status = _send_until_answered(sock, (
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nAuthorization: Bearer "
+                + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(big)), big)
+        finally:
+            sock.close()
+        return status, time.monotonic() - start
+
+    def refuse_pixels() -> tuple[tuple[int, str], float]:
+        start = time.monotonic()
+        return _post(service, pixels), time.monotonic() - start
+
+    with ThreadPoolExecutor(3) as pool:
+        small = pool.submit(_post, service, json.dumps({"input": ["a small one"]}).encode())
+        by_bytes, by_pixels = pool.submit(refuse_big), pool.submit(refuse_pixels)
+        (big_status, big_s), ((pixel_status, field), pixel_s) = (by_bytes.result(),
+                                                                 by_pixels.result())
+        assert small.result()[0] == 200
+    assert big_status == 413 and big_s < 2.0
+    assert (pixel_status, pixel_s < 2.0) == (413, True) and field.startswith("input[")
 
 
 def test_a_trickling_body_is_a_408(service, service_urls) -> None:
@@ -982,6 +1070,69 @@ def test_the_client_retries_503_after_retry_after() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_direct_urls_are_read_off_the_controllers_target_groups() -> None:
+    """Only this application's HTTP targets in the direct port range; a wildcard host is
+    replaced by each replica's node address."""
+    group = {"app_name": APP_NAME, "protocol": "HTTP", "targets": [
+        {"ip": "10.0.0.2", "port": 8101}, {"ip": "10.0.0.1", "port": 8100},
+        {"ip": "10.0.0.1", "port": 8000}]}  # the proxy's port: not a replica's own
+    details = {"target_groups": [group, {**group, "protocol": "gRPC"},
+                                 {**group, "app_name": "other"}]}
+    local = ServeOptions(host="127.0.0.1", direct_port=8100)
+    assert direct_urls_from(details, local) == ("http://127.0.0.1:8100", "http://127.0.0.1:8101")
+    everywhere = ServeOptions(host="0.0.0.0", direct_port=8100)
+    assert direct_urls_from(details, everywhere) == ("http://10.0.0.1:8100",
+                                                     "http://10.0.0.2:8101")
+    assert direct_urls_from(details, ServeOptions(direct_port=None)) == ()
+
+
+def _stub_server(answers: dict[str, dict], seen: list[tuple[int, str]]):
+    """A JSON-answering HTTP server on a free port: GET path -> body; it records (port,
+    path) for each request."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            seen.append((self.server.server_address[1], self.path))
+            payload = json.dumps(answers[self.path]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_the_client_follows_a_restarted_replica_to_its_new_url() -> None:
+    """The direct URL's replica is gone (nothing listens there): the client re-reads the live
+    direct URLs from the proxy, answers from the new one and stays there."""
+    seen: list[tuple[int, str]] = []
+    live = _stub_server({"/health": {"status": "ok"}}, seen)
+    live_url = f"http://127.0.0.1:{live.server_address[1]}"
+    proxy = _stub_server({"/v1/models": {"object": "list", "data": [],
+                                         "direct_urls": [live_url]}}, seen)
+    proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
+    stale = f"http://127.0.0.1:{_free_port()}"
+    try:
+        with pytest.raises(ConnectionError):  # without the proxy: the error as before
+            EmbeddingClient(stale, api_key="", timeout_s=5).health()
+        client = EmbeddingClient(stale, api_key="", timeout_s=5, proxy_url=proxy_url)
+        assert client.health() == {"status": "ok"} and client.health() == {"status": "ok"}
+        assert client.base_url == live_url
+        assert seen == [(proxy.server_address[1], "/v1/models"),
+                        (live.server_address[1], "/health"), (live.server_address[1], "/health")]
+    finally:
+        for server in (live, proxy):
+            server.shutdown()
+            server.server_close()
 
 
 def test_print_config_is_a_serve_deploy_config(tiny_model_dir, router_file, monkeypatch) -> None:

@@ -8,6 +8,10 @@ One client keeps one HTTP(S) connection; use one client per thread. ``api_key`` 
 ``UMERL_API_KEY`` environment variable) is sent as ``Authorization: Bearer``; an ``https://``
 URL is verified against the system's CAs or ``cafile``. A 503 (the service shedding load) is
 retried up to ``retries`` times, waiting its ``Retry-After`` (or a doubling back-off).
+With ``proxy_url`` (Serve's proxy) and a replica's direct URL as ``base_url``, a connection
+error (the replica restarted, on another port) makes the client re-read the live replicas'
+direct URLs from the proxy's ``/v1/models`` and retry once on one of them (or on the proxy
+when none is listed).
 Embeddings travel as base64 float32 by default (``encoding_format``, as OpenAI's client does):
 the same float32 values as the float lists, in a quarter of the text and without printing or
 parsing floats.
@@ -20,6 +24,7 @@ import http.client
 import json
 import mimetypes
 import os
+import random
 import ssl
 import time
 from collections.abc import Sequence
@@ -87,19 +92,27 @@ class Embeddings:
 class EmbeddingClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", model: str | None = None,
                  timeout_s: float = 600.0, api_key: str | None = None,
-                 cafile: str | Path | None = None, retries: int = 3, backoff_s: float = 0.5):
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"base_url must be http(s)://HOST:PORT, got {base_url!r}")
-        self.https = parts.scheme == "https"
-        self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
+                 cafile: str | Path | None = None, retries: int = 3, backoff_s: float = 0.5,
+                 proxy_url: str | None = None):
         self.model = model
         self.timeout_s = timeout_s
         self.api_key = os.environ.get("UMERL_API_KEY") if api_key is None else api_key
-        self.ssl_context = (ssl.create_default_context(
-            cafile=None if cafile is None else str(cafile)) if self.https else None)
+        self.cafile = cafile
         self.retries, self.backoff_s = retries, backoff_s
+        self.proxy_url = proxy_url
         self._conn: http.client.HTTPConnection | None = None
+        self._target(base_url)
+
+    def _target(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://HOST:PORT, got {base_url!r}")
+        self.close()
+        self.base_url = base_url.rstrip("/")
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname, parts.port or (443 if self.https else 80)
+        self.ssl_context = (ssl.create_default_context(
+            cafile=None if self.cafile is None else str(self.cafile)) if self.https else None)
 
     def embed(self, inputs: Sequence[str | dict[str, Any]] | str, mode: str = "disc",
               samples: int | None = None, return_reasoning: bool = False,
@@ -124,7 +137,31 @@ class EmbeddingClient:
 
     def request(self, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         """One request; raises ``ServiceError`` on a 4xx or 5xx. A 503 is retried after its
-        ``Retry-After`` (else a doubling back-off), up to ``retries`` times."""
+        ``Retry-After`` (else a doubling back-off), up to ``retries`` times; a connection
+        error, with ``proxy_url``, once on a live replica's direct URL."""
+        try:
+            return self._shed_retries(method, path, body)
+        except (ConnectionError, http.client.HTTPException):
+            if not self.proxy_url or self.base_url == self.proxy_url.rstrip("/"):
+                raise
+            self._target(self._live_url())
+            return self._shed_retries(method, path, body)
+
+    def _live_url(self) -> str:
+        """A live replica's direct URL from the proxy (this one again if it is still listed:
+        the error was passing), or the proxy itself when it lists none."""
+        proxy = EmbeddingClient(self.proxy_url, timeout_s=self.timeout_s, api_key=self.api_key,
+                                cafile=self.cafile, retries=self.retries,
+                                backoff_s=self.backoff_s)
+        try:
+            urls = [u.rstrip("/") for u in proxy.models().get("direct_urls", [])]
+        finally:
+            proxy.close()
+        if self.base_url in urls:
+            return self.base_url
+        return random.choice(urls) if urls else self.proxy_url  # spread clients over replicas
+
+    def _shed_retries(self, method: str, path: str, body: bytes | None) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
             try:
                 return self._request_once(method, path, body)

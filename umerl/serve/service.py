@@ -508,16 +508,19 @@ class Embedder:
             vectors = dict(zip(fits, disc))
         return [DiscResult(vectors.get(i), len(p.input_ids)) for i, p in enumerate(prompts)]
 
-    def gen(self, sides: Sequence[Side], samples: int | None) -> list[GenResult]:
-        """Greedy (``samples`` None, as ``umerl eval``) or ``samples`` sampled embeddings."""
+    def gen(self, sides: Sequence[Side], samples: int | None,
+            max_new_tokens: int | None = None) -> list[GenResult]:
+        """Greedy (``samples`` None, as ``umerl eval``) or ``samples`` sampled embeddings;
+        ``max_new_tokens`` (default ``serve.max_new_tokens``) shortens the health check's."""
         from umerl.model.embed import gen_embeddings
         from umerl.model.sampling import SamplingParams
 
         o = self.options
+        budget = o.max_new_tokens if max_new_tokens is None else max_new_tokens
         if samples is None:
-            sampling = SamplingParams(max_new_tokens=o.max_new_tokens, do_sample=False)
+            sampling = SamplingParams(max_new_tokens=budget, do_sample=False)
         else:
-            sampling = SamplingParams(max_new_tokens=o.max_new_tokens,
+            sampling = SamplingParams(max_new_tokens=budget,
                                       temperature=o.temperature, top_k=o.top_k)
         out = gen_embeddings(self.bundle, self.engine, sides, samples or 1, sampling,
                              batch_size=max(1, len(sides) * (samples or 1)))
@@ -647,6 +650,7 @@ def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | 
 class GenJob:
     side: Side
     samples: int | None
+    max_new_tokens: int | None = None  # None: serve.max_new_tokens (the health check's is less)
 
 
 @dataclass(frozen=True)
@@ -699,6 +703,7 @@ class ServeMetrics:
 
 
 HEALTH_SIDE = Side(text="health check")
+HEALTH_NEW_TOKENS = 2  # the health check's gen step: enough to run generate and re-encode
 RETRY_AFTER_S = 1
 
 
@@ -729,12 +734,16 @@ class EmbeddingService:
 
     async def check_health(self) -> None:
         """Ray Serve calls this every ``health_check_period_s``; a raise marks the replica
-        unhealthy, and Ray replaces it. A tiny disc forward through the disc batcher (so it
-        queues behind real batches rather than racing them) proves the model answers."""
+        unhealthy, and Ray replaces it. A tiny disc forward and a gen step of
+        ``HEALTH_NEW_TOKENS`` tokens, each through its batcher (so they queue behind real
+        batches rather than racing them), prove both paths answer."""
         try:
-            result = await self.disc_batcher(HEALTH_SIDE)
-            if result.embedding is None or not np.isfinite(result.embedding).all():
-                raise RuntimeError("the health-check embedding is missing or not finite")
+            disc = await self.disc_batcher(HEALTH_SIDE)
+            gen = await self.gen_batcher(GenJob(HEALTH_SIDE, None, HEALTH_NEW_TOKENS))
+            for name, vector in (("disc", disc.embedding), ("gen", gen.embeddings[0])):
+                if vector is None or not np.isfinite(vector).all():
+                    raise RuntimeError(f"the health-check {name} embedding is missing or "
+                                       "not finite")
         except Exception as err:
             self.health = {"state": "unhealthy", "checked_at": time.time(),
                            "error": type(err).__name__}
@@ -789,7 +798,7 @@ class EmbeddingService:
         if method != routes[path]:
             raise RequestError(405, "method", f"{path} takes {routes[path]}, not {method}")
         if path == "/v1/models":
-            return self._models(), "none"
+            return await self._models(), "none"
         content_type = request.headers.get("content-type", "")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise RequestError(415, "content-type", f"expected application/json, got "
@@ -855,9 +864,16 @@ class EmbeddingService:
                 "queued": {"disc": self.disc_batcher.queued, "gen": self.gen_batcher.queued},
                 "stats": dict(self.stats)}
 
-    def _models(self) -> dict[str, Any]:
+    async def _models(self) -> dict[str, Any]:
+        """The model, and the live replicas' direct URLs (``direct_urls``): a client whose
+        direct URL went stale (its replica restarted on another port) re-reads them here."""
         modes = ["disc", "gen"] + (["auto"] if self.router is not None else [])
-        return {"object": "list", "data": [{
+        try:  # a blocking controller call: off the event loop
+            direct = list(await asyncio.to_thread(live_direct_urls, self.options))
+        except Exception as err:  # no controller (in-process use): no URLs, still the model
+            logger.warning("direct URLs not read from the Serve controller: %r", err)
+            direct = []
+        return {"object": "list", "direct_urls": direct, "data": [{
             "id": self.model_name, "object": "model", "owned_by": "umerl", "modes": modes,
             "dimensions": self.embedder.bundle.hidden_size,
             "max_new_tokens": self.options.max_new_tokens,
@@ -954,14 +970,16 @@ class EmbeddingService:
         return await asyncio.to_thread(self.embedder.disc, sides)
 
     async def _gen_batch(self, jobs: list[GenJob]) -> list[GenResult]:
-        """One generate call per distinct ``samples`` value in the batch (usually one)."""
+        """One generate call per distinct ``samples`` and token budget in the batch (usually
+        one)."""
         self._count("gen", len(jobs))
         self.metrics.batch("gen", len(jobs), self.gen_batcher.queued, self.in_flight)
         results: dict[int, GenResult] = {}
-        for samples in dict.fromkeys(job.samples for job in jobs):
-            chosen = [i for i, job in enumerate(jobs) if job.samples == samples]
+        for samples, budget in dict.fromkeys((job.samples, job.max_new_tokens) for job in jobs):
+            chosen = [i for i, job in enumerate(jobs)
+                      if (job.samples, job.max_new_tokens) == (samples, budget)]
             out = await asyncio.to_thread(self.embedder.gen, [jobs[i].side for i in chosen],
-                                          samples)
+                                          samples, budget)
             results.update(zip(chosen, out))
         return [results[i] for i in range(len(jobs))]
 
@@ -1128,29 +1146,50 @@ def start_service(checkpoint: str, options: ServeOptions, router: Router | None)
     return ServiceUrls(proxy, _direct_urls(options))
 
 
-def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
-    """The replicas' own servers, from the controller's target groups (what Serve's status and
-    dashboard report; the controller records a replica's port on its next reconcile)."""
-    from ray.serve.context import _get_global_client
-
+def direct_urls_from(details: dict[str, Any], options: ServeOptions) -> tuple[str, ...]:
+    """The replicas' own servers in the controller's serve details (its target groups, what
+    Serve's status and dashboard report), sorted by port."""
+    if options.direct_port is None:
+        return ()
     first, last = options.direct_port, options.direct_port + DIRECT_PORT_SPAN - 1
-    deadline = time.monotonic() + timeout_s
-    while True:
-        targets = sorted(
-            (target["port"], target["ip"])
-            for group in _get_global_client().get_serve_details().get("target_groups", [])
-            if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
-            for target in group["targets"] if first <= target["port"] <= last)
-        if len(targets) >= options.num_replicas or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if len(targets) < options.num_replicas:
-        raise RuntimeError(f"{len(targets)} of {options.num_replicas} replicas report a direct "
-                           f"port in {first}..{last} after {timeout_s:.0f} s (serve.direct_port)")
+    targets = sorted(
+        (target["port"], target["ip"])
+        for group in details.get("target_groups", [])
+        if group.get("app_name") == APP_NAME and group.get("protocol") == "HTTP"
+        for target in group["targets"] if first <= target["port"] <= last)
     # A replica listens on serve.host of its own node: name that node when host is a wildcard.
     wildcard = options.host in ("0.0.0.0", "::")
     return tuple(f"{options.scheme}://{ip if wildcard else options.host}:{port}"
                  for port, ip in targets)
+
+
+def live_direct_urls(options: ServeOptions) -> tuple[str, ...]:
+    """The direct URLs of the replicas alive now (a restarted replica gets a new port); none
+    without ``serve.direct_port`` or outside Ray."""
+    import ray
+
+    if options.direct_port is None or not ray.is_initialized():  # Serve would start a Ray
+        return ()
+    from ray.serve.context import _get_global_client
+
+    return direct_urls_from(_get_global_client().get_serve_details(), options)
+
+
+def _direct_urls(options: ServeOptions, timeout_s: float = 30.0) -> tuple[str, ...]:
+    """Every replica's direct URL, waited for (the controller records a replica's port on its
+    next reconcile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        urls = live_direct_urls(options)
+        if len(urls) >= options.num_replicas or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if len(urls) < options.num_replicas:
+        raise RuntimeError(f"{len(urls)} of {options.num_replicas} replicas report a direct "
+                           f"port in {options.direct_port}.."
+                           f"{options.direct_port + DIRECT_PORT_SPAN - 1} after "
+                           f"{timeout_s:.0f} s (serve.direct_port)")
+    return urls
 
 
 def run_service(checkpoint: str, cfg: DictConfig, router_path: str | None) -> None:

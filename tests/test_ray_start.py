@@ -21,7 +21,16 @@ def test_a_job_without_an_address_starts_its_own_ray_beside_another(monkeypatch,
     init_ray(load_recipe(None, [f"output_dir={tmp_path}", "ray.num_cpus=1",
                                 "ray.object_store_memory=268435456"]))
     try:
-        assert ray.get_runtime_context().gcs_address != ELSEWHERE
+        gcs = ray.get_runtime_context().gcs_address
+        assert gcs != ELSEWHERE and gcs.startswith("127.0.0.1:")
+        # Nothing advertised on another interface: the GCS, the raylet, the object manager.
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+
+        @ray.remote(num_cpus=0)
+        def worker_ip() -> str:
+            return ray.util.get_node_ip_address()
+
+        assert ray.get(worker_ip.remote(), timeout=120) == "127.0.0.1"
         assert ray.cluster_resources()["CPU"] == 1
     finally:
         ray.shutdown()

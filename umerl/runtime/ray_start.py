@@ -29,6 +29,7 @@ def init_ray(cfg: DictConfig) -> None:
     # address="local": Ray's default (None) joins any Ray it finds on this machine (a `ray
     # start` cluster, another job's local Ray, a stale ray_current_cluster file) instead of
     # starting the job's own.
+    keep_on_loopback()
     ray.init(
         address="local", _node_ip_address="127.0.0.1", num_cpus=cfg.ray.num_cpus,
         object_store_memory=int(cfg.ray.object_store_memory), include_dashboard=False,
@@ -36,6 +37,18 @@ def init_ray(cfg: DictConfig) -> None:
     )
     print(f"[driver] started a local Ray on 127.0.0.1 with "
           f"{int(ray.cluster_resources().get('CPU', 0))} CPUs", flush=True)
+
+
+def keep_on_loopback() -> None:
+    """A local Ray stays on 127.0.0.1. Ray 2.60's ``ray.init`` rewrites a 127.0.0.1
+    ``_node_ip_address`` to the machine's outward address (``services.resolve_ip_for_localhost``)
+    unless its clusters-off flag is set, which it reads from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+    once, at import: set both, so the GCS and the raylet advertise loopback and the workers,
+    started with that variable, agree."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 # The user's settings for NCCL, CUDA, gloo and DeepSpeed reach every worker. Not

@@ -34,3 +34,32 @@ def test_a_job_without_an_address_starts_its_own_ray_beside_another(monkeypatch,
         assert ray.cluster_resources()["CPU"] == 1
     finally:
         ray.shutdown()
+
+
+LOOPBACK_PROBE = """
+import json, sys
+import ray  # imported before init_ray, as any module of the job may
+from umerl.config.recipe import load_recipe
+from umerl.runtime.ray_start import init_ray
+init_ray(load_recipe(None, [f"output_dir={sys.argv[1]}", "ray.num_cpus=1",
+                            "ray.object_store_memory=268435456"]))
+print(json.dumps([ray.get_runtime_context().gcs_address.rsplit(":", 1)[0],
+                  *[n["NodeManagerAddress"] for n in ray.nodes()]]))
+ray.shutdown()
+"""
+
+
+def test_a_local_ray_advertises_only_loopback(tmp_path):
+    """In a process without the tests' environment (conftest sets Ray's flag for the test
+    process itself), a job's local Ray puts its GCS and node on 127.0.0.1, not on the
+    machine's outward interface."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", LOOPBACK_PROBE, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == ["127.0.0.1", "127.0.0.1"]

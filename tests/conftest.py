@@ -46,7 +46,7 @@ def local_ray():
 
     from umerl.runtime.ray_start import worker_env
 
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              object_store_memory=512 << 20, runtime_env={"env_vars": worker_env()})
     yield ray
     ray.shutdown()

@@ -403,7 +403,7 @@ def local_ray():
     os.environ["RAY_TMPDIR"] = ray_tmp
     import ray
 
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=1, include_dashboard=False,
              object_store_memory=128 << 20, log_to_driver=False)
     yield ray
     ray.shutdown()

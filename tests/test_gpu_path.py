@@ -140,7 +140,8 @@ def test_evaluation_runs_in_a_ray_task_with_the_recipes_gpu(tiny_model_dir, benc
                              f"data.benchmark_dir={benchmark_manifest.parent}",
                              "eval.pass_k=[]", "eval.max_new_tokens=4", "eval.gpus_per_worker=1",
                              "wandb.mode=disabled"])
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, num_gpus=1, include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, num_gpus=1,
+             include_dashboard=False,
              runtime_env={"env_vars": worker_env()})
     try:
         summary = evaluate_checkpoint(cfg, str(tiny_model_dir), "before")

@@ -706,7 +706,8 @@ def test_eval_with_gpus_runs_the_model_work_in_a_ray_task(
     here = run(tmp_path / "here")
     assert "in this process, on CPU" in here
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=1, num_gpus=1, include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=1, num_gpus=1,
+             include_dashboard=False,
              object_store_memory=256 << 20, runtime_env={"env_vars": worker_env()})
     try:
         remote = run(tmp_path / "ray", "--gpus", "1")

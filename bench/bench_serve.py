@@ -16,13 +16,14 @@ number of torch threads as the replica; after a warm-up batch, the better of two
 the baseline is not understated).
 Batch sizes default to concurrency x inputs per request.
 
-``--hostile``: instead, per way in, disc load alone and disc load beside a hostile mix, side by
-side in one run (alternating, ``--repeats`` times each, the better timing of each kept): bad
+``--hostile``: instead, per way in, disc load alone and disc load beside a hostile mix, in
+``--repeats`` pairs whose order alternates (alone first, then beside first): bad
 requests (10% of all requests sent: lone surrogates, control tokens, an EPS file sent as PNG,
 JSON 10^5 deep, malformed JSON, a wrong content type) spread over the run, ``--slow-bodies``
 connections that trickle a body until their 408, and one client that sends a request and
-disconnects before the answer, every 0.25 s. Prints the clean requests' errors and their
-throughput as a ratio to the clean load alone, and what the hostile requests got.
+disconnects before the answer, every 0.25 s, from a process started (and imported) before
+the timed run. Prints per pair the two throughputs, their ratio and the mix's own CPU seconds,
+then the median ratio, the clean requests' errors and what the hostile requests got.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def main() -> int:
     parser.add_argument("--benchmark-dir", default=None)
     parser.add_argument("--hostile", action="store_true", help="disc load alone vs beside a "
                         "hostile mix (see above), per way in")
-    parser.add_argument("--repeats", type=int, default=2, help="--hostile: runs of each")
+    parser.add_argument("--repeats", type=int, default=4, help="--hostile: pairs of runs (alone, "
+                        "beside the mix)")
     parser.add_argument("--slow-bodies", type=int, default=3, help="--hostile: connections "
                         "trickling a body")
     parser.add_argument("--body-timeout-s", type=float, default=5.0,
@@ -367,51 +369,94 @@ class HostileMix:
 
 
 def _hostile_process(url: str, bad_count: int, duration_s: float, slow_bodies: int,
-                     stop: Any, results: Any) -> None:
+                     ready: Any, go: Any, stop: Any, results: Any) -> None:
+    """The mix in its own process. It signals ``ready`` once imported and its bodies built,
+    and starts only on ``go``: a spawned interpreter's start-up (imports, building the EPS
+    file) is a second or two of CPU, which inside the timed run took it from the clean load on
+    a 2-core machine."""
     mix = HostileMix(url, bad_count, duration_s, slow_bodies)
+    bad_bodies()  # Pillow's EPS writer imported before the run, not during it
+    ready.set()
+    go.wait()
+    cpu_start = time.process_time()
     mix.start()
     stop.wait()
-    results.put(dict(mix.stop()))
+    outcomes = dict(mix.stop())
+    results.put((outcomes, time.process_time() - cpu_start))
+
+
+def beside_the_mix(url: str, requests: list[list[dict]], bad_count: int, duration_s: float,
+                   args: argparse.Namespace) -> tuple[dict[str, float], Counter, float]:
+    """The clean load with the hostile mix running (from its first request to its last); what
+    the hostile requests got and the CPU seconds the mix's own process used."""
+    context = multiprocessing.get_context("spawn")
+    ready, go, stop, results = (context.Event(), context.Event(), context.Event(),
+                                context.Queue())
+    # Its own process: the mix's threads would otherwise share the clean clients' GIL.
+    mix = context.Process(target=_hostile_process, args=(url, bad_count, duration_s,
+                                                         args.slow_bodies, ready, go, stop,
+                                                         results))
+    mix.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("the hostile mix process did not start")
+        go.set()
+        row = load(url, requests, "disc", args.concurrency)
+    finally:
+        stop.set()
+        outcomes, mix_cpu = results.get(timeout=120)
+        mix.join(timeout=30)
+    return row, Counter(outcomes), mix_cpu
 
 
 def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Clean disc load alone and beside the hostile mix, alternating; the better run of each."""
+    """Clean disc load alone and beside the hostile mix, in ``--repeats`` pairs whose order
+    alternates (alone first, then beside first), so that a drift in the machine's load
+    (other people's jobs) falls on both sides; each pair's ratio and their median."""
     sides = benchmark_inputs(args.requests * args.inputs_per_request, args.benchmark_dir)
     items = [as_request_item(s) for s in sides]
     k = args.inputs_per_request
     requests = [items[i:i + k] for i in range(0, len(items), k)]
     load(url, requests[:args.concurrency * 2], "disc", args.concurrency)  # warm-up
     bad_count = max(1, len(requests) // 9)  # 10% of everything sent
-    alone, hostile, outcomes = [], [], Counter()
-    context = multiprocessing.get_context("spawn")
-    for _ in range(args.repeats):
-        alone.append(load(url, requests, "disc", args.concurrency))
-        # Its own process: the mix's threads would otherwise share the clean clients' GIL.
-        duration = alone[-1]["requests"] / alone[-1]["request_rate"]
-        stop, results = context.Event(), context.Queue()
-        mix = context.Process(target=_hostile_process,
-                              args=(url, bad_count, duration, args.slow_bodies, stop, results))
-        mix.start()
-        try:
-            hostile.append(load(url, requests, "disc", args.concurrency))
-        finally:
-            stop.set()
-            outcomes += Counter(results.get(timeout=60))
-            mix.join(timeout=30)
-    best_alone = max(alone, key=lambda r: r["throughput"])
-    best_hostile = max(hostile, key=lambda r: r["throughput"])
-    row = {"way": way, "errors": sum(r["errors"] for r in alone + hostile),
-           "alone": best_alone, "hostile": best_hostile,
-           "ratio": best_hostile["throughput"] / best_alone["throughput"],
-           "all_ratios": [h["throughput"] / a["throughput"] for a, h in zip(alone, hostile)],
+    duration = len(requests) / load(url, requests[:args.concurrency * 8], "disc",
+                                    args.concurrency)["request_rate"]
+    pairs: list[dict[str, Any]] = []
+    outcomes: Counter = Counter()
+    for i in range(args.repeats):
+        pair: dict[str, Any] = {}
+        for kind in (("alone", "beside") if i % 2 == 0 else ("beside", "alone")):
+            if kind == "alone":
+                pair["alone"] = load(url, requests, "disc", args.concurrency)
+                duration = requests_wall(pair["alone"])  # the mix's pacing follows the load
+                continue
+            pair["beside"], got, pair["mix_cpu_s"] = beside_the_mix(url, requests, bad_count,
+                                                                    duration, args)
+            outcomes += got
+        pair["ratio"] = pair["beside"]["throughput"] / pair["alone"]["throughput"]
+        pairs.append(pair)
+        print(f"hostile {way:>6} pair {i + 1} ({'alone first' if i % 2 == 0 else 'beside first'}):"
+              f" alone {pair['alone']['throughput']:.1f} inputs/s, beside the mix "
+              f"{pair['beside']['throughput']:.1f} inputs/s, ratio {pair['ratio']:.2f}; the "
+              f"mix's process used {pair['mix_cpu_s']:.1f} CPU s in "
+              f"{requests_wall(pair['beside']):.1f} s", flush=True)
+    ratios = [p["ratio"] for p in pairs]
+    row = {"way": way, "errors": sum(p[k]["errors"] for p in pairs for k in ("alone", "beside")),
+           "pairs": pairs, "ratios": ratios, "median_ratio": float(np.median(ratios)),
+           "alone_median": float(np.median([p["alone"]["throughput"] for p in pairs])),
+           "beside_median": float(np.median([p["beside"]["throughput"] for p in pairs])),
            "outcomes": dict(sorted(outcomes.items()))}
-    print(f"hostile {way:>6}: {len(requests)} clean disc requests x {args.repeats} runs each; "
-          f"alone {best_alone['throughput']:.1f} inputs/s (p99 {best_alone['p99_ms']:.0f} ms), "
-          f"beside the hostile mix {best_hostile['throughput']:.1f} inputs/s "
-          f"(p99 {best_hostile['p99_ms']:.0f} ms); ratio {row['ratio']:.2f} (per run "
-          f"{', '.join(f'{r:.2f}' for r in row['all_ratios'])}); clean errors "
-          f"{row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
+    print(f"hostile {way:>6}: {len(requests)} clean disc requests, {args.repeats} pairs; median "
+          f"alone {row['alone_median']:.1f} inputs/s, median beside the mix "
+          f"{row['beside_median']:.1f} inputs/s; pair ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}, median {row['median_ratio']:.2f}; clean "
+          f"errors {row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
     return row
+
+
+def requests_wall(row: dict[str, float]) -> float:
+    """A load's wall time, in seconds."""
+    return row["requests"] / row["request_rate"]
 
 
 def _line(row: dict[str, Any]) -> str:

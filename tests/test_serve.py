@@ -655,6 +655,24 @@ def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_
     assert list(replica.media_root.iterdir()) == []
 
 
+def test_a_caller_gone_before_its_body_is_a_499_not_a_logged_500(replica, caplog) -> None:
+    """A client that sends and leaves at once (the server sees the disconnect before the
+    body): no server error and nothing logged, so a client doing it in a loop cannot flood
+    the log with tracebacks."""
+    from starlette.requests import Request
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    request = Request(_scope("POST", "/v1/embeddings", {"content-type": "application/json"}),
+                      gone)
+    with caplog.at_level("INFO", logger="umerl.serve.service"):
+        response = asyncio.run(replica(request))
+    assert response.status_code == 499
+    assert caplog.records == []
+    assert replica.in_flight == 0
+
+
 def test_a_chunked_body_stops_at_the_byte_limit(replica, monkeypatch) -> None:
     """200 MiB sent chunked (no Content-Length): a 413 after reading at most the limit and
     one chunk, with memory growth well under the body's size."""

@@ -22,8 +22,10 @@ requests (10% of all requests sent: lone surrogates, control tokens, an EPS file
 JSON 10^5 deep, malformed JSON, a wrong content type) spread over the run, ``--slow-bodies``
 connections that trickle a body until their 408, and one client that sends a request and
 disconnects before the answer, every 0.25 s, from a process started (and imported) before
-the timed run. Prints per pair the two throughputs, their ratio and the mix's own CPU seconds,
-then the median ratio, the clean requests' errors and what the hostile requests got.
+the timed run. Prints per pair the two throughputs, their ratio, the CPU milliseconds the
+replica and the proxy spent per clean input (the hostile requests' cost included) and the
+mix's own CPU seconds, then the medians, the clean requests' errors and what the hostile
+requests got.
 """
 
 from __future__ import annotations
@@ -401,12 +403,42 @@ def beside_the_mix(url: str, requests: list[list[dict]], bad_count: int, duratio
         if not ready.wait(120):
             raise RuntimeError("the hostile mix process did not start")
         go.set()
-        row = load(url, requests, "disc", args.concurrency)
+        row = metered_load(url, requests, args.concurrency)
     finally:
         stop.set()
         outcomes, mix_cpu = results.get(timeout=120)
         mix.join(timeout=30)
     return row, Counter(outcomes), mix_cpu
+
+
+def service_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by the service's processes (this process's descendants: the
+    replica and the HTTP proxy), by kind."""
+    import psutil
+
+    kinds = {"ServeReplica": "replica", "ProxyActor": "proxy"}
+    used = dict.fromkeys(kinds.values(), 0.0)
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+            times = process.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        for marker, kind in kinds.items():
+            if marker in title:
+                used[kind] += times.user + times.system
+    return used
+
+
+def metered_load(url: str, requests: list[list[dict]],
+                 concurrency: int) -> dict[str, Any]:
+    """``load`` of disc requests, with the service's CPU milliseconds per clean input."""
+    before = service_cpu_s()
+    row: dict[str, Any] = load(url, requests, "disc", concurrency)
+    after = service_cpu_s()
+    inputs = sum(len(r) for r in requests)
+    row["cpu_ms_per_input"] = {k: (after[k] - before[k]) / inputs * 1e3 for k in after}
+    return row
 
 
 def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -427,7 +459,7 @@ def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
         pair: dict[str, Any] = {}
         for kind in (("alone", "beside") if i % 2 == 0 else ("beside", "alone")):
             if kind == "alone":
-                pair["alone"] = load(url, requests, "disc", args.concurrency)
+                pair["alone"] = metered_load(url, requests, args.concurrency)
                 duration = requests_wall(pair["alone"])  # the mix's pacing follows the load
                 continue
             pair["beside"], got, pair["mix_cpu_s"] = beside_the_mix(url, requests, bad_count,
@@ -437,21 +469,31 @@ def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
         pairs.append(pair)
         print(f"hostile {way:>6} pair {i + 1} ({'alone first' if i % 2 == 0 else 'beside first'}):"
               f" alone {pair['alone']['throughput']:.1f} inputs/s, beside the mix "
-              f"{pair['beside']['throughput']:.1f} inputs/s, ratio {pair['ratio']:.2f}; the "
-              f"mix's process used {pair['mix_cpu_s']:.1f} CPU s in "
-              f"{requests_wall(pair['beside']):.1f} s", flush=True)
+              f"{pair['beside']['throughput']:.1f} inputs/s, ratio {pair['ratio']:.2f}; service "
+              f"CPU ms per clean input alone {_cpu(pair['alone'])}, beside "
+              f"{_cpu(pair['beside'])}; the mix's process used {pair['mix_cpu_s']:.1f} CPU s "
+              f"in {requests_wall(pair['beside']):.1f} s", flush=True)
     ratios = [p["ratio"] for p in pairs]
+    cpu = {side: {kind: float(np.median([p[side]["cpu_ms_per_input"][kind] for p in pairs]))
+                  for kind in pairs[0][side]["cpu_ms_per_input"]} for side in ("alone", "beside")}
     row = {"way": way, "errors": sum(p[k]["errors"] for p in pairs for k in ("alone", "beside")),
+           "cpu_ms_per_input": cpu,
            "pairs": pairs, "ratios": ratios, "median_ratio": float(np.median(ratios)),
            "alone_median": float(np.median([p["alone"]["throughput"] for p in pairs])),
            "beside_median": float(np.median([p["beside"]["throughput"] for p in pairs])),
            "outcomes": dict(sorted(outcomes.items()))}
     print(f"hostile {way:>6}: {len(requests)} clean disc requests, {args.repeats} pairs; median "
           f"alone {row['alone_median']:.1f} inputs/s, median beside the mix "
-          f"{row['beside_median']:.1f} inputs/s; pair ratios "
+          f"{row['beside_median']:.1f} inputs/s; median service CPU ms per clean input alone "
+          f"{_cpu({'cpu_ms_per_input': cpu['alone']})}, beside "
+          f"{_cpu({'cpu_ms_per_input': cpu['beside']})}; pair ratios "
           f"{', '.join(f'{r:.2f}' for r in ratios)}, median {row['median_ratio']:.2f}; clean "
           f"errors {row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
     return row
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    return ", ".join(f"{kind} {ms:.2f}" for kind, ms in row["cpu_ms_per_input"].items())
 
 
 def requests_wall(row: dict[str, float]) -> float:

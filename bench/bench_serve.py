@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/bench_serve.py CHECKPOINT [--router R] [--requests 300]
         [--gen-requests 64] [--auto-requests 128] [--concurrency 8]
-        [--encodings float,base64] [--via direct,proxy]
+        [--encodings float,base64] [--via direct,proxy,local]
 
 Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends requests of
 ``--inputs-per-request`` inputs (default 1) built from the bundled benchmark's test queries
 (text, image and video inputs as data URLs) at a fixed concurrency, disc first, then gen, then
 auto (with ``--router``), each once per response encoding (``encoding_format`` float and
 base64) and per way in (``direct``: the replica's own HTTP server, ``serve.direct_port``;
-``proxy``: through Serve's HTTP proxy), and prints per row the throughput, p50 and p99
+``proxy``: through Serve's HTTP proxy; ``local``: the replica's code behind uvicorn in a child
+process, no Ray, which needs no Ray lock), and prints per row the throughput, p50 and p99
 latency, the error count, and the throughput (inputs/s) as a ratio to the same inputs embedded
 in this process in batches (``umerl.model.embed``, the replica's largest batch size and the same
 number of torch threads as the replica; after a warm-up batch, the better of two timings, so
@@ -139,17 +140,13 @@ def start(args: argparse.Namespace) -> dict[str, str]:
 
     from umerl.eval.router import Router
     from umerl.runtime.ray_start import worker_env
-    from umerl.serve.service import ServeOptions, start_service
+    from umerl.serve.service import start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
-    options = ServeOptions(port=port, direct_port=direct_port, cpus_per_replica=args.cpus,
-                           disc_batch_size=args.disc_batch_size,
-                           gen_batch_size=args.gen_batch_size,
-                           max_new_tokens=args.max_new_tokens,
-                           body_timeout_s=args.body_timeout_s)
+    options = service_options(args, port=port, direct_port=direct_port)
     router = Router.load(args.router) if args.router else None
     urls = start_service(args.checkpoint, options, router)
     return {"direct": urls.direct[0], "proxy": urls.proxy}
@@ -196,7 +193,9 @@ def main() -> int:
                         help="response encoding_format(s) to load with, comma-separated")
     parser.add_argument("--via", default="direct,proxy",
                         help="ways in, comma-separated: direct (the replica's own server), "
-                        "proxy (Serve's HTTP proxy)")
+                        "proxy (Serve's HTTP proxy), local (the replica's code behind uvicorn, "
+                        "no Ray)")
+    parser.add_argument("--serve-local", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--benchmark-dir", default=None)
     parser.add_argument("--hostile", action="store_true", help="disc load alone vs beside a "
                         "hostile mix (see above), per way in")
@@ -221,8 +220,16 @@ def main() -> int:
     plan = [("disc", args.requests), ("gen", args.gen_requests)]
     if args.router:
         plan.append(("auto", args.auto_requests))
-    urls = start(args)
-    ways = {way: urls[way] for way in args.via.split(",")}
+    if args.serve_local:
+        serve_local(args)
+        return 0
+    via = args.via.split(",")
+    urls, local = {}, None
+    if set(via) - {"local"}:
+        urls = start(args)
+    if "local" in via:
+        local, urls["local"] = start_local(args)
+    ways = {way: urls[way] for way in via}
     rows = []
     try:
         if args.hostile:
@@ -231,8 +238,71 @@ def main() -> int:
             for mode, count in plan:
                 rows += run_mode(ways, args, mode, count, encodings)
     finally:
-        serve.shutdown()
+        if local is not None:
+            local.terminate()
+            local.wait(timeout=30)
+        if set(via) - {"local"}:
+            serve.shutdown()
     return 1 if any(r["errors"] for r in rows) else 0
+
+
+def service_options(args: argparse.Namespace, **ports: Any) -> Any:
+    from umerl.serve.service import ServeOptions
+
+    return ServeOptions(cpus_per_replica=args.cpus, disc_batch_size=args.disc_batch_size,
+                        gen_batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                        body_timeout_s=args.body_timeout_s, **ports)
+
+
+def start_local(args: argparse.Namespace) -> tuple[Any, str]:
+    """``--via local``: this script, ``--serve-local PORT``, in a child process; its URL once
+    it answers."""
+    import subprocess
+
+    port = free_port()
+    command = [sys.executable, __file__, args.checkpoint, "--serve-local", str(port),
+               "--cpus", str(args.cpus), "--disc-batch-size", str(args.disc_batch_size),
+               "--gen-batch-size", str(args.gen_batch_size),
+               "--max-new-tokens", str(args.max_new_tokens),
+               "--body-timeout-s", str(args.body_timeout_s)]
+    if args.router:
+        command += ["--router", args.router]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            EmbeddingClient(url, api_key="", timeout_s=5).health()
+            return process, url
+        except (OSError, ServiceError):
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the local replica did not answer within 300 s")
+
+
+def serve_local(args: argparse.Namespace) -> None:
+    """The replica's own code (``EmbeddingService``) behind uvicorn, with no Ray: what the
+    service's code costs without Ray Serve's HTTP layers (and without its cancelling a request
+    whose client disconnects, so such a request is embedded here)."""
+    import uvicorn
+    from starlette.requests import Request
+
+    from umerl.eval.router import Router
+    from umerl.serve.service import EmbeddingService
+
+    service = EmbeddingService(args.checkpoint, service_options(args),
+                               Router.load(args.router) if args.router else None)
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        response = await service(Request(scope, receive))
+        await response(scope, receive, send)
+
+    uvicorn.run(app, host="127.0.0.1", port=args.serve_local, log_level="error")
 
 
 def run_mode(ways: dict[str, str], args: argparse.Namespace, mode: str, count: int,
@@ -413,10 +483,10 @@ def beside_the_mix(url: str, requests: list[list[dict]], bad_count: int, duratio
 
 def service_cpu_s() -> dict[str, float]:
     """CPU seconds used so far by the service's processes (this process's descendants: the
-    replica and the HTTP proxy), by kind."""
+    replica, Ray's or ``--via local``'s, and the HTTP proxy), by kind."""
     import psutil
 
-    kinds = {"ServeReplica": "replica", "ProxyActor": "proxy"}
+    kinds = {"ServeReplica": "replica", "--serve-local": "replica", "ProxyActor": "proxy"}
     used = dict.fromkeys(kinds.values(), 0.0)
     for process in psutil.Process().children(recursive=True):
         try:

@@ -9,7 +9,8 @@ run it under the Ray lock (`flock /tmp/umerl-ray.lock ...`). Steps: print the co
 start --head --block` with the dashboard on 127.0.0.1 (its own process, stopped by its pid at
 the end, with what it started); `serve deploy serve.yaml -a http://127.0.0.1:PORT`;
 disc and gen embeddings over HTTP against ``umerl.model.embed`` in this process; every TCP
-port the Ray processes listen on is on loopback; `serve shutdown`.
+port the Ray processes listen on is on loopback; `serve shutdown`; the Ray stopped and its
+/tmp/ray/ray_current_cluster record removed.
 """
 
 from __future__ import annotations
@@ -99,6 +100,18 @@ def stop(head: subprocess.Popen) -> None:
         process.kill()
 
 
+def forget_cluster(address: str) -> None:
+    """`ray start` records its cluster in /tmp/ray/ray_current_cluster, where a later
+    ``ray.init()`` without an address would try to join it: remove that record if it is
+    this (stopped) cluster's."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if record.read_text().strip() == address:
+            record.unlink()
+    except OSError:  # no record, or another's
+        pass
+
+
 def expected_embeddings(checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
     from rollout.transformers_engine import TransformersEngine
     from umerl.data.formats import Side
@@ -136,9 +149,10 @@ def main() -> int:
                           env))
     print(config.read_text(), flush=True)
     ray_bin = str(Path(sys.executable).parent)
+    gcs = free_port()
     head = subprocess.Popen(
         [f"{ray_bin}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", "--num-cpus=3", f"--object-store-memory={256 << 20}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
@@ -166,6 +180,7 @@ def main() -> int:
         run([f"{ray_bin}/serve", "shutdown", "-a", address, "-y"], env)
     finally:
         stop(head)
+        forget_cluster(f"127.0.0.1:{gcs}")
     print("OK" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 

@@ -2,27 +2,31 @@
 
     .venv/bin/python bench/bench_serve.py CHECKPOINT [--router R] [--requests 300]
         [--gen-requests 64] [--auto-requests 128] [--concurrency 8]
-        [--encodings float,base64] [--via direct,proxy]
+        [--encodings float,base64] [--via direct,proxy,local]
 
 Starts Ray and the service on 127.0.0.1 (one replica, ``--cpus`` CPUs), sends requests of
 ``--inputs-per-request`` inputs (default 1) built from the bundled benchmark's test queries
 (text, image and video inputs as data URLs) at a fixed concurrency, disc first, then gen, then
 auto (with ``--router``), each once per response encoding (``encoding_format`` float and
 base64) and per way in (``direct``: the replica's own HTTP server, ``serve.direct_port``;
-``proxy``: through Serve's HTTP proxy), and prints per row the throughput, p50 and p99
+``proxy``: through Serve's HTTP proxy; ``local``: the replica's code behind uvicorn in a child
+process, no Ray, which needs no Ray lock), and prints per row the throughput, p50 and p99
 latency, the error count, and the throughput (inputs/s) as a ratio to the same inputs embedded
 in this process in batches (``umerl.model.embed``, the replica's largest batch size and the same
 number of torch threads as the replica; after a warm-up batch, the better of two timings, so
 the baseline is not understated).
 Batch sizes default to concurrency x inputs per request.
 
-``--hostile``: instead, per way in, disc load alone and disc load beside a hostile mix, side by
-side in one run (alternating, ``--repeats`` times each, the better timing of each kept): bad
+``--hostile``: instead, per way in, disc load alone and disc load beside a hostile mix, in
+``--repeats`` pairs whose order alternates (alone first, then beside first): bad
 requests (10% of all requests sent: lone surrogates, control tokens, an EPS file sent as PNG,
 JSON 10^5 deep, malformed JSON, a wrong content type) spread over the run, ``--slow-bodies``
 connections that trickle a body until their 408, and one client that sends a request and
-disconnects before the answer, every 0.25 s. Prints the clean requests' errors and their
-throughput as a ratio to the clean load alone, and what the hostile requests got.
+disconnects before the answer, every 0.25 s, from a process started (and imported) before
+the timed run. Prints per pair the two throughputs, their ratio, the CPU milliseconds the
+replica and the proxy spent per clean input (the hostile requests' cost included) and the
+mix's own CPU seconds, then the medians, the clean requests' errors and what the hostile
+requests got.
 """
 
 from __future__ import annotations
@@ -136,17 +140,13 @@ def start(args: argparse.Namespace) -> dict[str, str]:
 
     from umerl.eval.router import Router
     from umerl.runtime.ray_start import worker_env
-    from umerl.serve.service import ServeOptions, start_service
+    from umerl.serve.service import start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")
-    options = ServeOptions(port=port, direct_port=direct_port, cpus_per_replica=args.cpus,
-                           disc_batch_size=args.disc_batch_size,
-                           gen_batch_size=args.gen_batch_size,
-                           max_new_tokens=args.max_new_tokens,
-                           body_timeout_s=args.body_timeout_s)
+    options = service_options(args, port=port, direct_port=direct_port)
     router = Router.load(args.router) if args.router else None
     urls = start_service(args.checkpoint, options, router)
     return {"direct": urls.direct[0], "proxy": urls.proxy}
@@ -193,11 +193,14 @@ def main() -> int:
                         help="response encoding_format(s) to load with, comma-separated")
     parser.add_argument("--via", default="direct,proxy",
                         help="ways in, comma-separated: direct (the replica's own server), "
-                        "proxy (Serve's HTTP proxy)")
+                        "proxy (Serve's HTTP proxy), local (the replica's code behind uvicorn, "
+                        "no Ray)")
+    parser.add_argument("--serve-local", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--benchmark-dir", default=None)
     parser.add_argument("--hostile", action="store_true", help="disc load alone vs beside a "
                         "hostile mix (see above), per way in")
-    parser.add_argument("--repeats", type=int, default=2, help="--hostile: runs of each")
+    parser.add_argument("--repeats", type=int, default=4, help="--hostile: pairs of runs (alone, "
+                        "beside the mix)")
     parser.add_argument("--slow-bodies", type=int, default=3, help="--hostile: connections "
                         "trickling a body")
     parser.add_argument("--body-timeout-s", type=float, default=5.0,
@@ -217,8 +220,16 @@ def main() -> int:
     plan = [("disc", args.requests), ("gen", args.gen_requests)]
     if args.router:
         plan.append(("auto", args.auto_requests))
-    urls = start(args)
-    ways = {way: urls[way] for way in args.via.split(",")}
+    if args.serve_local:
+        serve_local(args)
+        return 0
+    via = args.via.split(",")
+    urls, local = {}, None
+    if set(via) - {"local"}:
+        urls = start(args)
+    if "local" in via:
+        local, urls["local"] = start_local(args)
+    ways = {way: urls[way] for way in via}
     rows = []
     try:
         if args.hostile:
@@ -227,8 +238,71 @@ def main() -> int:
             for mode, count in plan:
                 rows += run_mode(ways, args, mode, count, encodings)
     finally:
-        serve.shutdown()
+        if local is not None:
+            local.terminate()
+            local.wait(timeout=30)
+        if set(via) - {"local"}:
+            serve.shutdown()
     return 1 if any(r["errors"] for r in rows) else 0
+
+
+def service_options(args: argparse.Namespace, **ports: Any) -> Any:
+    from umerl.serve.service import ServeOptions
+
+    return ServeOptions(cpus_per_replica=args.cpus, disc_batch_size=args.disc_batch_size,
+                        gen_batch_size=args.gen_batch_size, max_new_tokens=args.max_new_tokens,
+                        body_timeout_s=args.body_timeout_s, **ports)
+
+
+def start_local(args: argparse.Namespace) -> tuple[Any, str]:
+    """``--via local``: this script, ``--serve-local PORT``, in a child process; its URL once
+    it answers."""
+    import subprocess
+
+    port = free_port()
+    command = [sys.executable, __file__, args.checkpoint, "--serve-local", str(port),
+               "--cpus", str(args.cpus), "--disc-batch-size", str(args.disc_batch_size),
+               "--gen-batch-size", str(args.gen_batch_size),
+               "--max-new-tokens", str(args.max_new_tokens),
+               "--body-timeout-s", str(args.body_timeout_s)]
+    if args.router:
+        command += ["--router", args.router]
+    process = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            EmbeddingClient(url, api_key="", timeout_s=5).health()
+            return process, url
+        except (OSError, ServiceError):
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError("the local replica did not answer within 300 s")
+
+
+def serve_local(args: argparse.Namespace) -> None:
+    """The replica's own code (``EmbeddingService``) behind uvicorn, with no Ray: what the
+    service's code costs without Ray Serve's HTTP layers (and without its cancelling a request
+    whose client disconnects, so such a request is embedded here)."""
+    import uvicorn
+    from starlette.requests import Request
+
+    from umerl.eval.router import Router
+    from umerl.serve.service import EmbeddingService
+
+    service = EmbeddingService(args.checkpoint, service_options(args),
+                               Router.load(args.router) if args.router else None)
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        response = await service(Request(scope, receive))
+        await response(scope, receive, send)
+
+    uvicorn.run(app, host="127.0.0.1", port=args.serve_local, log_level="error")
 
 
 def run_mode(ways: dict[str, str], args: argparse.Namespace, mode: str, count: int,
@@ -367,51 +441,134 @@ class HostileMix:
 
 
 def _hostile_process(url: str, bad_count: int, duration_s: float, slow_bodies: int,
-                     stop: Any, results: Any) -> None:
+                     ready: Any, go: Any, stop: Any, results: Any) -> None:
+    """The mix in its own process. It signals ``ready`` once imported and its bodies built,
+    and starts only on ``go``: a spawned interpreter's start-up (imports, building the EPS
+    file) is a second or two of CPU, which inside the timed run took it from the clean load on
+    a 2-core machine."""
     mix = HostileMix(url, bad_count, duration_s, slow_bodies)
+    bad_bodies()  # Pillow's EPS writer imported before the run, not during it
+    ready.set()
+    go.wait()
+    cpu_start = time.process_time()
     mix.start()
     stop.wait()
-    results.put(dict(mix.stop()))
+    outcomes = dict(mix.stop())
+    results.put((outcomes, time.process_time() - cpu_start))
+
+
+def beside_the_mix(url: str, requests: list[list[dict]], bad_count: int, duration_s: float,
+                   args: argparse.Namespace) -> tuple[dict[str, float], Counter, float]:
+    """The clean load with the hostile mix running (from its first request to its last); what
+    the hostile requests got and the CPU seconds the mix's own process used."""
+    context = multiprocessing.get_context("spawn")
+    ready, go, stop, results = (context.Event(), context.Event(), context.Event(),
+                                context.Queue())
+    # Its own process: the mix's threads would otherwise share the clean clients' GIL.
+    mix = context.Process(target=_hostile_process, args=(url, bad_count, duration_s,
+                                                         args.slow_bodies, ready, go, stop,
+                                                         results))
+    mix.start()
+    try:
+        if not ready.wait(120):
+            raise RuntimeError("the hostile mix process did not start")
+        go.set()
+        row = metered_load(url, requests, args.concurrency)
+    finally:
+        stop.set()
+        outcomes, mix_cpu = results.get(timeout=120)
+        mix.join(timeout=30)
+    return row, Counter(outcomes), mix_cpu
+
+
+def service_cpu_s() -> dict[str, float]:
+    """CPU seconds used so far by the service's processes (this process's descendants: the
+    replica, Ray's or ``--via local``'s, and the HTTP proxy), by kind."""
+    import psutil
+
+    kinds = {"ServeReplica": "replica", "--serve-local": "replica", "ProxyActor": "proxy"}
+    used = dict.fromkeys(kinds.values(), 0.0)
+    for process in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(process.cmdline())
+            times = process.cpu_times()
+        except psutil.Error:  # gone meanwhile
+            continue
+        for marker, kind in kinds.items():
+            if marker in title:
+                used[kind] += times.user + times.system
+    return used
+
+
+def metered_load(url: str, requests: list[list[dict]],
+                 concurrency: int) -> dict[str, Any]:
+    """``load`` of disc requests, with the service's CPU milliseconds per clean input."""
+    before = service_cpu_s()
+    row: dict[str, Any] = load(url, requests, "disc", concurrency)
+    after = service_cpu_s()
+    inputs = sum(len(r) for r in requests)
+    row["cpu_ms_per_input"] = {k: (after[k] - before[k]) / inputs * 1e3 for k in after}
+    return row
 
 
 def run_hostile(way: str, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Clean disc load alone and beside the hostile mix, alternating; the better run of each."""
+    """Clean disc load alone and beside the hostile mix, in ``--repeats`` pairs whose order
+    alternates (alone first, then beside first), so that a drift in the machine's load
+    (other people's jobs) falls on both sides; each pair's ratio and their median."""
     sides = benchmark_inputs(args.requests * args.inputs_per_request, args.benchmark_dir)
     items = [as_request_item(s) for s in sides]
     k = args.inputs_per_request
     requests = [items[i:i + k] for i in range(0, len(items), k)]
     load(url, requests[:args.concurrency * 2], "disc", args.concurrency)  # warm-up
     bad_count = max(1, len(requests) // 9)  # 10% of everything sent
-    alone, hostile, outcomes = [], [], Counter()
-    context = multiprocessing.get_context("spawn")
-    for _ in range(args.repeats):
-        alone.append(load(url, requests, "disc", args.concurrency))
-        # Its own process: the mix's threads would otherwise share the clean clients' GIL.
-        duration = alone[-1]["requests"] / alone[-1]["request_rate"]
-        stop, results = context.Event(), context.Queue()
-        mix = context.Process(target=_hostile_process,
-                              args=(url, bad_count, duration, args.slow_bodies, stop, results))
-        mix.start()
-        try:
-            hostile.append(load(url, requests, "disc", args.concurrency))
-        finally:
-            stop.set()
-            outcomes += Counter(results.get(timeout=60))
-            mix.join(timeout=30)
-    best_alone = max(alone, key=lambda r: r["throughput"])
-    best_hostile = max(hostile, key=lambda r: r["throughput"])
-    row = {"way": way, "errors": sum(r["errors"] for r in alone + hostile),
-           "alone": best_alone, "hostile": best_hostile,
-           "ratio": best_hostile["throughput"] / best_alone["throughput"],
-           "all_ratios": [h["throughput"] / a["throughput"] for a, h in zip(alone, hostile)],
+    duration = len(requests) / load(url, requests[:args.concurrency * 8], "disc",
+                                    args.concurrency)["request_rate"]
+    pairs: list[dict[str, Any]] = []
+    outcomes: Counter = Counter()
+    for i in range(args.repeats):
+        pair: dict[str, Any] = {}
+        for kind in (("alone", "beside") if i % 2 == 0 else ("beside", "alone")):
+            if kind == "alone":
+                pair["alone"] = metered_load(url, requests, args.concurrency)
+                duration = requests_wall(pair["alone"])  # the mix's pacing follows the load
+                continue
+            pair["beside"], got, pair["mix_cpu_s"] = beside_the_mix(url, requests, bad_count,
+                                                                    duration, args)
+            outcomes += got
+        pair["ratio"] = pair["beside"]["throughput"] / pair["alone"]["throughput"]
+        pairs.append(pair)
+        print(f"hostile {way:>6} pair {i + 1} ({'alone first' if i % 2 == 0 else 'beside first'}):"
+              f" alone {pair['alone']['throughput']:.1f} inputs/s, beside the mix "
+              f"{pair['beside']['throughput']:.1f} inputs/s, ratio {pair['ratio']:.2f}; service "
+              f"CPU ms per clean input alone {_cpu(pair['alone'])}, beside "
+              f"{_cpu(pair['beside'])}; the mix's process used {pair['mix_cpu_s']:.1f} CPU s "
+              f"in {requests_wall(pair['beside']):.1f} s", flush=True)
+    ratios = [p["ratio"] for p in pairs]
+    cpu = {side: {kind: float(np.median([p[side]["cpu_ms_per_input"][kind] for p in pairs]))
+                  for kind in pairs[0][side]["cpu_ms_per_input"]} for side in ("alone", "beside")}
+    row = {"way": way, "errors": sum(p[k]["errors"] for p in pairs for k in ("alone", "beside")),
+           "cpu_ms_per_input": cpu,
+           "pairs": pairs, "ratios": ratios, "median_ratio": float(np.median(ratios)),
+           "alone_median": float(np.median([p["alone"]["throughput"] for p in pairs])),
+           "beside_median": float(np.median([p["beside"]["throughput"] for p in pairs])),
            "outcomes": dict(sorted(outcomes.items()))}
-    print(f"hostile {way:>6}: {len(requests)} clean disc requests x {args.repeats} runs each; "
-          f"alone {best_alone['throughput']:.1f} inputs/s (p99 {best_alone['p99_ms']:.0f} ms), "
-          f"beside the hostile mix {best_hostile['throughput']:.1f} inputs/s "
-          f"(p99 {best_hostile['p99_ms']:.0f} ms); ratio {row['ratio']:.2f} (per run "
-          f"{', '.join(f'{r:.2f}' for r in row['all_ratios'])}); clean errors "
-          f"{row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
+    print(f"hostile {way:>6}: {len(requests)} clean disc requests, {args.repeats} pairs; median "
+          f"alone {row['alone_median']:.1f} inputs/s, median beside the mix "
+          f"{row['beside_median']:.1f} inputs/s; median service CPU ms per clean input alone "
+          f"{_cpu({'cpu_ms_per_input': cpu['alone']})}, beside "
+          f"{_cpu({'cpu_ms_per_input': cpu['beside']})}; pair ratios "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}, median {row['median_ratio']:.2f}; clean "
+          f"errors {row['errors']}; hostile outcomes {row['outcomes']}", flush=True)
     return row
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    return ", ".join(f"{kind} {ms:.2f}" for kind, ms in row["cpu_ms_per_input"].items())
+
+
+def requests_wall(row: dict[str, float]) -> float:
+    """A load's wall time, in seconds."""
+    return row["requests"] / row["request_rate"]
 
 
 def _line(row: dict[str, Any]) -> str:

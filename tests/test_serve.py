@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,6 +52,11 @@ from umerl.serve.service import (
 )
 
 MAX_NEW_TOKENS = 8
+# The HTTP tests' service: past QUEUE_LIMIT requests held by its replica a 503, past
+# REQUEST_TIMEOUT_S a 504 (both reachable within seconds, above what the other tests need).
+QUEUE_LIMIT = 10
+REQUEST_TIMEOUT_S = 5
+FAULTS = Path(__file__).parent / "serve_faults"  # its sitecustomize: slow gen batches on demand
 LIMITS = Limits(max_inputs=4, max_samples=2, max_request_bytes=1 << 20,
                 max_image_bytes=40_000, max_image_pixels=160 * 160, max_video_frames=4,
                 max_text_chars=500, max_request_pixels=8 * 160 * 160)
@@ -144,17 +150,22 @@ def service_urls(tiny_model_dir, router_file, tmp_path_factory):
                "serve.gen_batch_size=8", "serve.gen_batch_wait_s=0.2",
                f"serve.max_new_tokens={MAX_NEW_TOKENS}", "ray.object_store_memory=268435456",
                "serve.body_timeout_s=2", f"serve.ssl_certfile={cert}",
-               f"serve.ssl_keyfile={key}", *limits]
+               f"serve.ssl_keyfile={key}", f"serve.max_queued_requests={QUEUE_LIMIT}",
+               f"serve.request_timeout_s={REQUEST_TIMEOUT_S}", *limits]
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    faults = tmp_path_factory.mktemp("serve-faults")
     saved = {k: os.environ.get(k) for k in ("UMERL_API_KEY", "SSL_CERT_FILE")}
     os.environ.update(UMERL_API_KEY=API_KEY, SSL_CERT_FILE=str(cert))
+    # The service's processes (its Ray workers inherit this environment) load serve_faults.
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "UMERL_TEST_SERVE_FAULTS": str(faults)}
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     urls = {"proxy": f"https://127.0.0.1:{port}", "direct": f"https://127.0.0.1:{direct_port}"}
     try:
         _wait_until_healthy(urls["proxy"], process, log)
         _wait_until_healthy(urls["direct"], process, log)
-        yield urls | {"log": log, "cert": cert}
+        yield urls | {"log": log, "cert": cert, "faults": faults, "process": process}
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -644,6 +655,24 @@ def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_
     assert list(replica.media_root.iterdir()) == []
 
 
+def test_a_caller_gone_before_its_body_is_a_499_not_a_logged_500(replica, caplog) -> None:
+    """A client that sends and leaves at once (the server sees the disconnect before the
+    body): no server error and nothing logged, so a client doing it in a loop cannot flood
+    the log with tracebacks."""
+    from starlette.requests import Request
+
+    async def gone() -> dict:
+        return {"type": "http.disconnect"}
+
+    request = Request(_scope("POST", "/v1/embeddings", {"content-type": "application/json"}),
+                      gone)
+    with caplog.at_level("INFO", logger="umerl.serve.service"):
+        response = asyncio.run(replica(request))
+    assert response.status_code == 499
+    assert caplog.records == []
+    assert replica.in_flight == 0
+
+
 def test_a_chunked_body_stops_at_the_byte_limit(replica, monkeypatch) -> None:
     """200 MiB sent chunked (no Content-Length): a 413 after reading at most the limit and
     one chunk, with memory growth well under the body's size."""
@@ -1030,6 +1059,117 @@ def test_keys_and_content_type_over_http(service) -> None:
 def test_plain_http_to_a_tls_port_gets_no_answer(service) -> None:
     with pytest.raises((OSError, ServiceError)):
         EmbeddingClient(service.replace("https://", "http://"), timeout_s=10).health()
+
+
+def _gen_batches(service_urls) -> list[list[str]]:
+    """The texts of each gen batch the service has run (serve_faults logs them)."""
+    path = service_urls["faults"] / "gen_batches.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def test_past_max_queued_requests_is_a_503_over_http(service, service_urls) -> None:
+    """QUEUE_LIMIT gen requests held by the replica (the first one's batch sleeps 3 s, the
+    others wait behind it): one more is the replica's 503 with Retry-After; the held ones are
+    then served."""
+    first_text = f"hold the queue {uuid.uuid4().hex} [[sleep 3]]"
+
+    def send(text: str):
+        return EmbeddingClient(service, retries=0).embed([text], mode="gen")
+
+    probe = EmbeddingClient(service)
+    with ThreadPoolExecutor(QUEUE_LIMIT) as pool:
+        first = pool.submit(send, first_text)
+        _wait_for(lambda: any(first_text in b for b in _gen_batches(service_urls)), 10,
+                  "the sleeping batch")
+        held = [pool.submit(send, f"held {i}") for i in range(QUEUE_LIMIT - 1)]
+        _wait_for(lambda: probe.health()["in_flight"] >= QUEUE_LIMIT, 3, "requests held")
+        with pytest.raises(ServiceError) as err:
+            EmbeddingClient(service, retries=0).embed(["one too many"])
+        answers = [f.result() for f in [first, *held]]
+    assert (err.value.status, err.value.field, err.value.retry_after_s) == (503, "server", 1.0)
+    assert [a.modes for a in answers] == [["gen"]] * QUEUE_LIMIT
+
+
+def test_a_request_past_request_timeout_is_a_504_over_http(service) -> None:
+    """A gen batch that sleeps a second past serve.request_timeout_s: a 504 at the limit."""
+    start = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        EmbeddingClient(service, retries=0).embed(
+            [f"too slow {uuid.uuid4().hex} [[sleep {REQUEST_TIMEOUT_S + 1}]]"], mode="gen")
+    elapsed = time.monotonic() - start
+    assert (err.value.status, err.value.field) == (504, "server")
+    assert REQUEST_TIMEOUT_S <= elapsed < REQUEST_TIMEOUT_S + 4
+
+
+def test_a_caller_leaving_a_shared_gen_batch_over_http(service, service_urls, media,
+                                                       tiny_bundle) -> None:
+    """Three callers with images share a gen batch that runs 1.5 s before it reads the images;
+    one disconnects 1 s in. The other two get the in-process embeddings, from that one batch
+    (had its images gone with it, the batch would fail and its inputs be retried alone)."""
+    tag = uuid.uuid4().hex
+    leaver = f"what is blue? {tag} [[sleep 1.5]]"
+    kept = {name: f"what is {name}? {tag}" for name in ("red", "small")}
+    body = json.dumps({"input": [image_input(media["blue"], leaver)], "mode": "gen"}).encode()
+    sock = _connect(service, service_urls["cert"])
+    with ThreadPoolExecutor(2) as pool:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nAuthorization: Bearer "
+                     + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answers = [pool.submit(EmbeddingClient(service).embed,
+                               [image_input(media[name], text)], mode="gen")
+                   for name, text in kept.items()]
+        _wait_for(lambda: any(leaver in b for b in _gen_batches(service_urls)), 10,
+                  "the shared batch")
+        time.sleep(1.0)
+        sock.close()  # the caller goes away while the batch runs
+        vectors = np.concatenate([a.result().vectors for a in answers])
+    greedy = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    sides = [Side(text=text, images=(str(media[name]),)) for name, text in kept.items()]
+    expected = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle), sides, 1, greedy)
+    np.testing.assert_allclose(vectors, expected.embeddings[:, 0].numpy(), atol=1e-5)
+    with_kept = [b for b in _gen_batches(service_urls) if set(kept.values()) & set(b)]
+    assert len(with_kept) == 1 and leaver in with_kept[0]  # one batch, no per-input retry
+    assert set(kept.values()) <= set(with_kept[0])
+
+
+def test_the_client_follows_a_real_replica_restart(service_urls, inputs, tiny_bundle) -> None:
+    """The replica's process is killed: Ray starts another, which takes another direct port
+    (Serve quarantines a released one). A client of the old direct URL with proxy_url follows
+    to the new one and gets the in-process embeddings. Last of the HTTP tests: the direct URL
+    of the module's service is stale after it."""
+    import psutil
+
+    proxy, stale = service_urls["proxy"], service_urls["direct"]
+    before = EmbeddingClient(proxy).health()["replica"]
+    replicas = [p for p in psutil.Process(service_urls["process"].pid).children(recursive=True)
+                if "ServeReplica" in " ".join(p.cmdline())]
+    assert len(replicas) == 1
+    replicas[0].kill()
+    replicas[0].wait(30)
+
+    def replaced() -> bool:
+        try:
+            urls = EmbeddingClient(proxy, timeout_s=10, retries=0).models()["direct_urls"]
+        except (ServiceError, OSError):
+            return False  # the proxy has no replica to ask yet
+        return bool(urls) and stale not in urls
+
+    _wait_for(replaced, 180, "a new replica on a new direct port")
+    client = EmbeddingClient(stale, proxy_url=proxy)
+    got = client.embed([x for x, _ in inputs]).vectors
+    np.testing.assert_allclose(got, disc_embeddings(tiny_bundle, [s for _, s in inputs]).numpy(),
+                               atol=1e-5)
+    assert client.base_url != stale
+    assert client.base_url in EmbeddingClient(proxy).models()["direct_urls"]
+    assert EmbeddingClient(client.base_url).health()["replica"] != before
 
 
 def test_the_client_retries_503_after_retry_after() -> None:

@@ -705,6 +705,7 @@ class ServeMetrics:
 HEALTH_SIDE = Side(text="health check")
 HEALTH_NEW_TOKENS = 2  # the health check's gen step: enough to run generate and re-encode
 RETRY_AFTER_S = 1
+CLIENT_GONE = 499  # nginx's "client closed request", as Ray Serve counts a disconnect
 
 
 class EmbeddingService:
@@ -752,7 +753,8 @@ class EmbeddingService:
         self.health = {"state": "healthy", "checked_at": time.time()}
 
     async def __call__(self, request: Any) -> Any:
-        from starlette.responses import JSONResponse
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import JSONResponse, Response
 
         request_id = _request_id()
         started, mode, status = time.monotonic(), "none", 500
@@ -763,6 +765,11 @@ class EmbeddingService:
         except RequestError as err:
             status = err.status
             return JSONResponse(err.payload(), status_code=err.status, headers=err.headers)
+        except ClientDisconnect:  # the caller left before its body was read: nobody to answer
+            # Not a server fault: no traceback in the log (a client that connects, sends and
+            # leaves in a loop wrote 23 log lines per request, and counted as a 500).
+            status = CLIENT_GONE
+            return Response(status_code=CLIENT_GONE)
         except Exception:  # a bug or a failed batch: this request fails, not the replica
             # The details (a message may name a server path) go to the log, under the id the
             # client gets.

@@ -44,7 +44,7 @@ class RolloutActor:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
                  model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
                  faults: Sequence[Fault] = (), max_pixels: int | None = None,
-                 cpus: float | None = None):
+                 cpus: float | None = None, share_prefill: bool = True):
         self.faults = list(faults)
         if cpus is not None:  # a Ray actor (None: in this process, its threads as they are)
             use_reserved_cpus(cpus)
@@ -64,7 +64,7 @@ class RolloutActor:
             from umerl.model.loading import load_policy
 
             bundle = load_policy(checkpoint, dtype=self.dtype, max_pixels=max_pixels)
-            self.engine = TransformersEngine(bundle)
+            self.engine = TransformersEngine(bundle, share_prefill=share_prefill)
             self.model = bundle.model
 
     def generate(self, sides: list[Side], seeds: list[int], n: int, sampling: SamplingParams,
@@ -196,7 +196,8 @@ class RolloutPool:
             num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
         ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", number, after_step),
-                 max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker))
+                 max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker),
+                 share_prefill=bool(self.cfg.get("share_prefill", True)))
 
     def lose(self, index: int, cause: str, step: int, phase: str, detail: str = "") -> None:
         """Actor ``index`` failed: dropped when its node is gone (the pool shrinks), else

@@ -152,3 +152,29 @@ def test_each_prompt_is_prefilled_and_seen_by_the_vision_tower_once(tiny_bundle,
     assert prefills == [(1, len(p.input_ids) - 1) for p in prompts]  # once, in one row
     # Every other forward is one decoding step of the N samples.
     assert {shape for shape in token_rows if shape[1] == 1} == {(N, 1)}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_rollout_actor_follows_rollout_share_prefill(tiny_model_dir, benchmark_manifest,
+                                                         share):
+    """``rollout.share_prefill`` reaches the actor's engine (the benches' before/after switch):
+    off, each prompt's prefill runs in N rows (generate's own expansion), on, in one; the
+    completions are the same either way."""
+    from rollout.pool import RolloutActor
+    from umerl.config.recipe import load_recipe
+
+    assert load_recipe(None, []).rollout.share_prefill is True  # the default
+    actor = RolloutActor(str(tiny_model_dir), "transformers", share_prefill=share)
+    sides = mixed_sides(benchmark_manifest)[:1]
+    prompt_len = len(actor.engine.bundle.encoder.encode(sides[0]).input_ids)
+    rows: list[tuple[int, int]] = []
+    hook = actor.model.model.language_model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: rows.append(tuple(kwargs["inputs_embeds"].shape[:2])),
+        with_kwargs=True)
+    try:
+        got, _ = actor.generate(sides, [4], N, SAMPLING)
+    finally:
+        hook.remove()
+    assert rows[0] == ((1, prompt_len - 1) if share else (N, prompt_len))
+    other = TransformersEngine(actor.engine.bundle, share_prefill=not share)
+    assert got == other.generate(sides, N, SAMPLING, seeds=[4])

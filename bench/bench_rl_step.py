@@ -6,7 +6,7 @@ against the bare single-process floor of the same work.
 
 Runs the CPU recipe's RL stage (2 rollout actors, 2 learner actors on a local Ray) for
 ``--steps`` steps from ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else the
-tiny model), twice in this process: with each prompt prefilled once per sample
+tiny model), twice in this process (``--runs`` picks one): with each prompt prefilled once per sample
 (``rollout.share_prefill=false``, the engine before) and once for its samples (now). Over the
 steps after the first it prints, side by side: the rollout phase, the learner phase, the weight
 sync and the step (mean seconds), each pool's idle share, each phase's share of the step, and
@@ -202,9 +202,10 @@ def report(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float
     for label, m in means.items():
         print(f"{label:30s} {m['rollout']:9.2f} {m['learner']:9.2f} {m['weight_sync']:7.3f} "
               f"{m['step']:7.2f} {m['rollout_idle']:12.1%} {m['learner_idle']:12.1%}")
-    before, now = means.values()
-    print(f"now vs before: rollout phase {before['rollout'] / now['rollout']:.2f}x faster, "
-          f"step {before['step'] / now['step']:.2f}x faster")
+    if len(means) == 2:
+        before, now = means.values()
+        print(f"now vs before: rollout phase {before['rollout'] / now['rollout']:.2f}x faster, "
+              f"step {before['step'] / now['step']:.2f}x faster")
     for label, m in means.items():
         shares = ", ".join(f"{p} {m[p] / m['step']:.1%}" for p in PHASES[:-1])
         print(f"  {label}: share of the step: {shares}, other (driver) "
@@ -227,6 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--runs", nargs="+", choices=["before", "now"],
+                        default=["before", "now"], help="which prefill paths to run")
     parser.add_argument("--floor", action="store_true")
     # One: on a shared 2-core machine two threads spin against the other jobs (a floor step
     # took 40-70 s on 2 threads at load 6.7, 2.6 s on one).
@@ -244,11 +247,13 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     runs, transport = {}, ""
     for label, switch in RUNS.items():
+        if label.split("(")[1].rstrip(")") not in args.runs:
+            continue
         print(label, flush=True)
         runs[label], transport = run_recipe(recipe([*args.overrides, switch]), checkpoint,
                                             args.steps)
     means = report(runs)
-    sync_bandwidth(runs[list(RUNS)[-1]], int(cfg.rollout.num_workers), transport)
+    sync_bandwidth(runs[list(runs)[-1]], int(cfg.rollout.num_workers), transport)
     if args.floor:
         threads = args.floor_threads
         print(f"\nbare floor, one process, {threads} torch thread(s):", flush=True)

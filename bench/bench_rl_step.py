@@ -5,13 +5,13 @@ against the bare single-process floor of the same work.
                                             [key=value ...]
 
 Runs the CPU recipe's RL stage (2 rollout actors, 2 learner actors on a local Ray) for
-``--steps`` steps from ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else the
-tiny model), twice in this process (``--runs`` picks one): with each prompt prefilled once per sample
-(``rollout.share_prefill=false``, the engine before) and once for its samples (now). Over the
-steps after the first it prints, side by side: the rollout phase, the learner phase, the weight
-sync and the step (mean seconds), each pool's idle share, each phase's share of the step, and
-the weight-sync bandwidth (the transport ``rl.weight_sync_transport`` picks: shm here) as a
-ratio to a plain in-process ``torch`` copy of the same bytes.
+``--steps`` steps from ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else
+the tiny model), twice in this process (``--runs`` picks one): with each prompt prefilled once
+per sample (``rollout.share_prefill=false``, the engine before) and once for its samples (now).
+Over the steps after the first it prints, side by side: the rollout phase, the learner phase,
+the weight sync and the step (mean seconds), each pool's idle share, each phase's share of the
+step, and the weight-sync bandwidth (the transport ``rl.weight_sync_transport`` picks: shm here)
+as a ratio to a plain in-process ``torch`` copy of the same bytes.
 
 ``--floor`` also times, in this process after the two runs, the bare floor of the same work:
 the same model, pairs and budgets, no Ray, no DeepSpeed, no weight sync, on ``--floor-threads``

@@ -20,6 +20,11 @@ of all the step's sides x ``rl.group_size`` samples (each prompt prefilled once)
 policy forward (the rewards' embeddings) and a reference forward per side, the rewards, then a
 forward/backward per side and one AdamW step. It prints the recipe's step as a multiple of the
 floor's.
+
+``--work`` runs no Ray: on one thread in this process, each pool's work per step (the step's
+rollouts with each prompt prefilled per sample and once, and ``Learner.step`` on one rank for
+the whole step), and the split of the recipe's CPUs between the pools that balances them (with
+``--floor``, the floor too).
 """
 
 from __future__ import annotations
@@ -188,6 +193,64 @@ def floor_steps(cfg: Any, checkpoint: str, steps: int, threads: int) -> list[flo
     return times
 
 
+def pool_work(cfg: Any, checkpoint: str, steps: int) -> dict[str, list[float]]:
+    """Each pool's work per step on one thread in this process (no Ray): the rollout pool's
+    (every side of the step through the transformers engine, each prompt prefilled per sample
+    and once, alternating which runs first) and the learner pool's (``Learner.step`` on one
+    rank for the whole step: the recipe's two ranks' work less their all-reduce)."""
+    import torch
+
+    from rollout.pool import prompt_seed
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.model.sampling import SamplingParams
+    from umerl.rl import load_rl_datasets
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
+    from umerl.train.sft_data import ContrastiveBatcher
+
+    torch.set_num_threads(1)
+    udist.init_single_process()
+    cfg = recipe(["learner.num_workers=1"])
+    learner = Learner(cfg, checkpoint, checkpoint)
+    r, G = cfg.rl, int(cfg.rl.group_size)
+    engines = {"rollout, prefill per sample": TransformersEngine(learner.bundle,
+                                                                 share_prefill=False),
+               "rollout, prefill once": TransformersEngine(learner.bundle)}
+    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+    sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
+    times: dict[str, list[float]] = {name: [] for name in [*engines, "learner"]}
+    for step in range(1, steps + 1):
+        _, pairs = sampler.next_batch()
+        sides = [p.query for p in pairs] + [p.target for p in pairs]
+        seeds = [prompt_seed(int(cfg.seed), step, i, side) for side in ("query", "target")
+                 for i in range(len(pairs))]
+        learner.bundle.model.eval()
+        for name, engine in (engines.items() if step % 2 else reversed(engines.items())):
+            start = time.perf_counter()
+            completions = engine.generate(sides, G, sampling, seeds)
+            times[name].append(time.perf_counter() - start)
+        learner.bundle.model.train()
+        start = time.perf_counter()
+        learner.step(StepShard(step, pairs, 0, completions[:len(pairs)],
+                               completions[len(pairs):]))
+        times["learner"].append(time.perf_counter() - start)
+        print(f"  step {step}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+              flush=True)
+    return times
+
+
+def report_work(times: dict[str, list[float]], cpus: float) -> None:
+    """Each pool's single-thread seconds per step and the CPU split that balances them."""
+    means = {name: statistics.fmean(t[1:] or t) for name, t in times.items()}
+    print("\neach pool's work per step, one thread, no Ray (mean over steps after the first):")
+    for name, seconds in means.items():
+        print(f"  {name:30s} {seconds:6.2f} s")
+    for name in list(means)[:2]:
+        share = means[name] / (means[name] + means["learner"])
+        print(f"  with {name}: the rollouts are {share:.0%} of the work: of {cpus:g} CPUs, "
+              f"{share * cpus:.2f} to the rollout pool balances the two")
+
+
 def report(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     """The side-by-side table over the steps after the first (warm-up); the means."""
     measured = {label: rows[1:] or rows for label, rows in runs.items()}
@@ -231,6 +294,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=["before", "now"],
                         default=["before", "now"], help="which prefill paths to run")
     parser.add_argument("--floor", action="store_true")
+    parser.add_argument("--work", action="store_true",
+                        help="only each pool's work per step in this process, no Ray")
     # One: on a shared 2-core machine two threads spin against the other jobs (a floor step
     # took 40-70 s on 2 threads at load 6.7, 2.6 s on one).
     parser.add_argument("--floor-threads", type=int, default=1)
@@ -245,6 +310,16 @@ def main() -> None:
                   or ensure_tiny_model(cfg.model.tiny))
     print(f"from {checkpoint}; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs", flush=True)
+    if args.work:
+        report_work(pool_work(cfg, checkpoint, args.steps),
+                    float(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+                          + cfg.learner.num_workers * cfg.learner.cpus_per_worker))
+        if args.floor:
+            floor = floor_steps(cfg, checkpoint, args.steps, args.floor_threads)
+            print(f"floor step {statistics.fmean(floor[1:] or floor):.2f} s "
+                  f"(mean over steps after the first)")
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
+        return
     runs, transport = {}, ""
     for label, switch in RUNS.items():
         if label.split("(")[1].rstrip(")") not in args.runs:

@@ -3,7 +3,7 @@
 Each actor holds one engine (transformers generate on CPU, vLLM on GPU) over its own copy of
 the policy. The pool splits a step's prompts contiguously across actors; every prompt carries
 its own seed, so the completions do not depend on how many actors there are, or on which actor
-generates them.
+generates them (their log-probs, to float rounding: rollout/transformers_engine.py).
 
 Supervision. An actor that dies (or exceeds ``rollout.call_timeout_s`` on a generate call,
 counted from when it starts the share) is replaced by the pool itself in the same placement-

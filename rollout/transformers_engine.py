@@ -93,7 +93,7 @@ class TransformersEngine:
             raise ValueError(f"{len(prompts)} sides but {len(seeds)} seeds")
         ids, lps = [], []
         if n > 1 and self.share_prefill and sampling.do_sample and self._sides_together_ok():
-            # Sides decoded together, each under its own generator (per_side_decoding).
+            # All sides in one decoding batch, each under its own generator and keys.
             per_call = max(1, SEEDED_BATCH_ROWS // n)
             for start in range(0, len(prompts), per_call):
                 chunk_ids, chunk_lps = self._generate_sides(
@@ -102,7 +102,8 @@ class TransformersEngine:
                 ids.extend(chunk_ids)
                 lps.extend(chunk_lps)
             return ids, lps
-        # One call per side, each under its own seed: the samples cannot depend on batching.
+        # Else one call per side, each under its own seed: the samples cannot depend on
+        # batching.
         for prompt, seed in zip(prompts, seeds):
             torch.manual_seed(seed)
             chunk_ids, chunk_lps = self._generate_chunk([prompt], n, sampling, logprobs)

@@ -241,8 +241,9 @@ def generate_sides_together(
     seeds: Sequence[int],
 ) -> tuple[GenerateDecoderOnlyOutput, int]:
     """Each one-prompt ``batches[i]`` sampled ``config.num_return_sequences`` times under
-    ``seeds[i]``, all decoded in one batch, each side's samples and log-probs exactly those
-    of its own ``generate_prefilled_once`` call after ``torch.manual_seed(seeds[i])``.
+    ``seeds[i]``, all decoded in one batch, each side's samples those of its own
+    ``generate_prefilled_once`` call after ``torch.manual_seed(seeds[i])`` (its log-probs to
+    float rounding: the matmuls' row count picks the CPU GEMM kernel).
 
     Each prompt's prefix is prefilled alone (``_prefill_prefix``) and the caches are
     left-padded to the longest and stacked. Two things keep the rows independent of each

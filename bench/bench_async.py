@@ -14,14 +14,18 @@ ways, one after the other in this process:
     sync, 1 fwd, shared  rl.max_staleness=0, single_forward=true,  shared_prompt=true
     one step off         rl.max_staleness=1, single_forward=true,  shared_prompt=false
     off, 1 fwd, shared   rl.max_staleness=1, single_forward=true,  shared_prompt=true
+    sync, shared, per-sample    as sync, 1 fwd, shared, rollout.share_prefill=false
+    off, shared, per-sample     as off, 1 fwd, shared, rollout.share_prefill=false
 
-(all keys under learner. but max_staleness) and prints, per run, steps/s over all steps (the
+(the last two: each prompt prefilled once per sample, the rollout engine before; the learner
+keys are under learner.) and prints, per run, steps/s over all steps (the
 pipeline's first, unoverlapped step included), the learner phase's mean time, and each pool's
 mean idle ratio over all steps and in the steady state (steps 2..N-1: the off-policy loop's
 first step has nothing generated ahead and its last has nothing left to generate, so its
 rollout pool idles through them); then the ratios: off-policy vs sync steps/s (with whole
 rows and with the shared prompt), and each learner mode's phase time against the two-pass
-loop's.
+loop's; and the shared prefill's rollout phase and steps/s against the per-sample prefill's.
+``--modes LABEL ...`` runs only those modes.
 
 ``--curve``: instead, the mean reward per step over ``--seeds`` for max_staleness 0 and 1,
 with the seed-to-seed spread (min..max of the seeds' mean reward per step).
@@ -50,12 +54,18 @@ sys.path.insert(0, str(REPO))
 ONE_EACH = ["rollout.num_workers=1", "rollout.cpus_per_worker=1", "learner.num_workers=1",
             "learner.cpus_per_worker=1", "rl.resume=null", "rl.log_every=1000"]
 WHOLE_ROWS, SHARED = "learner.shared_prompt=false", "learner.shared_prompt=true"
+PER_SAMPLE = "rollout.share_prefill=false"
 MODES = {
     "sync, two-pass": ["rl.max_staleness=0", "learner.single_forward=false", WHOLE_ROWS],
     "sync, one forward": ["rl.max_staleness=0", "learner.single_forward=true", WHOLE_ROWS],
     "sync, 1 fwd, shared": ["rl.max_staleness=0", "learner.single_forward=true", SHARED],
     "one step off": ["rl.max_staleness=1", "learner.single_forward=true", WHOLE_ROWS],
     "off, 1 fwd, shared": ["rl.max_staleness=1", "learner.single_forward=true", SHARED],
+    # The last two again with each prompt prefilled once per sample (the rollout engine before).
+    "sync, shared, per-sample": ["rl.max_staleness=0", "learner.single_forward=true", SHARED,
+                                 PER_SAMPLE],
+    "off, shared, per-sample": ["rl.max_staleness=1", "learner.single_forward=true", SHARED,
+                                PER_SAMPLE],
 }
 
 
@@ -95,16 +105,17 @@ def mean(rec: MemoryTracker, key: str, steady: bool = False) -> float:
 
 
 def throughput(args: argparse.Namespace) -> None:
+    modes = {label: MODES[label] for label in args.modes or MODES}
     runs = {label: run(label, [f"rl.max_steps={args.steps}", *extra, *args.overrides],
-                       args.checkpoint) for label, extra in MODES.items()}
+                       args.checkpoint) for label, extra in modes.items()}
     print(f"\n{args.steps} RL steps each, 1 rollout actor + 1 learner actor, one thread each:")
-    print(f"{'':20s} {'steps/s':>8s} {'step s':>7s} {'learner s':>9s} {'rollout s':>9s} "
+    print(f"{'':26s} {'steps/s':>8s} {'step s':>7s} {'learner s':>9s} {'rollout s':>9s} "
           f"{'rollout idle':>12s} {'learner idle':>12s} {'(steady state)':>16s}")
     for label, rec in runs.items():
         total = sum(m["timing/step"] for m in rec.steps.values())
         steady = (f"{mean(rec, 'rollout/idle_ratio', True):.1%} / "
                   f"{mean(rec, 'learner/idle_ratio', True):.1%}")
-        print(f"{label:20s} {len(rec.steps) / total:8.3f} {total / len(rec.steps):7.2f} "
+        print(f"{label:26s} {len(rec.steps) / total:8.3f} {total / len(rec.steps):7.2f} "
               f"{mean(rec, 'timing/learner'):9.2f} {mean(rec, 'timing/rollout'):9.2f} "
               f"{mean(rec, 'rollout/idle_ratio'):12.1%} {mean(rec, 'learner/idle_ratio'):12.1%}"
               f" {steady:>16s}")
@@ -112,13 +123,24 @@ def throughput(args: argparse.Namespace) -> None:
             for label, r in runs.items()}
     print()
     for off, sync in (("one step off", "sync, one forward"),
-                      ("off, 1 fwd, shared", "sync, 1 fwd, shared")):
-        print(f"{off} / {sync}: {rate[off] / rate[sync]:.2f}x steps/s; "
-              f"/ sync, two-pass: {rate[off] / rate['sync, two-pass']:.2f}x")
-    before = mean(runs["sync, two-pass"], "timing/learner")
-    for label in ("sync, one forward", "sync, 1 fwd, shared"):
-        cut = 1 - mean(runs[label], "timing/learner") / before
-        print(f"learner phase, {label} vs sync, two-pass: {cut:.1%} shorter")
+                      ("off, 1 fwd, shared", "sync, 1 fwd, shared"),
+                      ("off, shared, per-sample", "sync, shared, per-sample")):
+        if off in rate and sync in rate:
+            base = (f"; / sync, two-pass: {rate[off] / rate['sync, two-pass']:.2f}x"
+                    if "sync, two-pass" in rate else "")
+            print(f"{off} / {sync}: {rate[off] / rate[sync]:.2f}x steps/s{base}")
+    for now, before in (("sync, 1 fwd, shared", "sync, shared, per-sample"),
+                        ("off, 1 fwd, shared", "off, shared, per-sample")):
+        if now in runs and before in runs:
+            print(f"prefill once, {now} vs {before}: rollout phase "
+                  f"{mean(runs[before], 'timing/rollout') / mean(runs[now], 'timing/rollout'):.2f}"
+                  f"x faster, {rate[now] / rate[before]:.2f}x steps/s")
+    if "sync, two-pass" in runs:
+        before_s = mean(runs["sync, two-pass"], "timing/learner")
+        for label in ("sync, one forward", "sync, 1 fwd, shared"):
+            if label in runs:
+                cut = 1 - mean(runs[label], "timing/learner") / before_s
+                print(f"learner phase, {label} vs sync, two-pass: {cut:.1%} shorter")
 
 
 def curve(args: argparse.Namespace) -> None:
@@ -150,6 +172,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--curve", action="store_true")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), metavar="LABEL",
+                        help="run these modes only (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -9,6 +9,10 @@ off, alternating per step, on ``--threads`` torch threads (bench_async's one-thr
 actor). From ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else the tiny
 model). Prints each path's mean time per step and checks that both sampled the same tokens.
 
+``--one-batch`` also times every side of a step in one ``generate`` batch, each prompt prefilled
+once but unseeded (other completions, so not a path the rollouts can take as is): how much
+decoding all sides together would be worth.
+
 ``--eval N`` also times evaluation's pass@k sampling (``Evaluator.sample_queries``'s generate:
 ``max(eval.pass_k)`` samples, ``eval.batch_size``, ``eval.max_new_tokens``, unseeded calls) on
 the first N queries of the bundled digits_cls test split, both paths, in the same run.
@@ -34,6 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--eval", type=int, default=0, metavar="N")
+    parser.add_argument("--one-batch", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -58,6 +63,8 @@ def main() -> None:
     engines = {"prefill per sample (before)": TransformersEngine(bundle, share_prefill=False),
                "prefill once (now)": TransformersEngine(bundle)}
     times: dict[str, list[float]] = {name: [] for name in engines}
+    batched = TransformersEngine(bundle, batch_size=2 * int(r.pairs_per_step) * int(r.group_size))
+    one_batch: list[float] = []
     tokens = []
     print(f"checkpoint {checkpoint}, {args.threads} thread(s)", flush=True)
     for step in range(args.steps + 1):  # step 0 warms both paths up and is not counted
@@ -74,6 +81,12 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         if outputs[0] != outputs[1]:
             raise SystemExit(f"step {step}: the two paths sampled different completions")
+        if args.one_batch:  # a bound, not a path: unseeded, so other completions
+            start = time.perf_counter()
+            batched.generate_encoded([bundle.encoder.encode(s) for s in sides],
+                                     int(r.group_size), sampling)
+            if step:
+                one_batch.append(time.perf_counter() - start)
         tokens.append(statistics.mean(len(c) for side in outputs[0] for c in side))
         print(f"step {step}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()
                                            if t and step), flush=True)
@@ -85,6 +98,11 @@ def main() -> None:
         print(f"  {name:28s} {statistics.mean(spent):.2f} s per step")
     print(f"  speed-up {before / now:.2f}x (median per step: "
           f"{statistics.median(times[next(iter(times))]) / statistics.median(spent):.2f}x)")
+    if one_batch:
+        print(f"  all sides in one unseeded batch (--one-batch, a bound): "
+              f"{statistics.mean(one_batch):.2f} s per step, "
+              f"{statistics.mean(times[next(iter(times))]) / statistics.mean(one_batch):.2f}x "
+              "the per-sample prefill's speed")
     if args.eval:
         eval_sampling(cfg, bundle, args.eval)
 

@@ -3,7 +3,7 @@
 Each actor holds one engine (transformers generate on CPU, vLLM on GPU) over its own copy of
 the policy. The pool splits a step's prompts contiguously across actors; every prompt carries
 its own seed, so the completions do not depend on how many actors there are, or on which actor
-generates them.
+generates them (their log-probs, to float rounding: rollout/transformers_engine.py).
 
 Supervision. An actor that dies (or exceeds ``rollout.call_timeout_s`` on a generate call,
 counted from when it starts the share) is replaced by the pool itself in the same placement-
@@ -44,7 +44,7 @@ class RolloutActor:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
                  model_dtype: str = "float32", vllm_options: dict[str, Any] | None = None,
                  faults: Sequence[Fault] = (), max_pixels: int | None = None,
-                 cpus: float | None = None):
+                 cpus: float | None = None, share_prefill: bool = True):
         self.faults = list(faults)
         if cpus is not None:  # a Ray actor (None: in this process, its threads as they are)
             use_reserved_cpus(cpus)
@@ -64,7 +64,7 @@ class RolloutActor:
             from umerl.model.loading import load_policy
 
             bundle = load_policy(checkpoint, dtype=self.dtype, max_pixels=max_pixels)
-            self.engine = TransformersEngine(bundle)
+            self.engine = TransformersEngine(bundle, share_prefill=share_prefill)
             self.model = bundle.model
 
     def generate(self, sides: list[Side], seeds: list[int], n: int, sampling: SamplingParams,
@@ -196,7 +196,8 @@ class RolloutPool:
             num_cpus=float(self.cfg.cpus_per_worker), num_gpus=gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
         ).remote(*self._actor_args, faults=for_actor(self.faults, "rollout", number, after_step),
-                 max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker))
+                 max_pixels=self.max_pixels, cpus=float(self.cfg.cpus_per_worker),
+                 share_prefill=bool(self.cfg.get("share_prefill", True)))
 
     def lose(self, index: int, cause: str, step: int, phase: str, detail: str = "") -> None:
         """Actor ``index`` failed: dropped when its node is gone (the pool shrinks), else

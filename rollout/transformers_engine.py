@@ -5,6 +5,11 @@ images and video through the vision tower, runs once, and its key/value cache is
 times before sampling. ``generate(..., num_return_sequences=n)`` would instead expand the prompt
 n times and prefill every copy.
 
+Seeded calls (GRPO rollouts: one seed per side) decode all their sides in one batch
+(``generate_sides_together``): each side samples from its own generator and attends over its
+own keys, so a side's completions are those of its own call whatever else is in the batch;
+its log-probs agree to float rounding (the matmuls' row count picks the CPU GEMM kernel).
+
 Decoding depends on our ``SamplingParams`` only, as vLLM's does (``rollout.vllm_engine``):
 ``generate`` merges the model's ``generation_config`` (the checkpoint's generation_config.json,
 e.g. a Qwen instruct release's ``repetition_penalty``, ``top_k`` or ``top_p``) into every unset
@@ -21,13 +26,25 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from transformers import GenerationConfig
+import torch.nn.functional as F
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import Cache
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import AttentionInterface
 
 from umerl.data.formats import Side
 from umerl.model.inputs import EncodedPrompt
 from umerl.model.loading import PolicyBundle
 from umerl.model.sampling import SamplingParams
+
+# Rows (sides x samples) a seeded call decodes together (generate_sides_together).
+SEEDED_BATCH_ROWS = 64
 
 
 class TransformersEngine:
@@ -74,14 +91,49 @@ class TransformersEngine:
     ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} sides but {len(seeds)} seeds")
-        # One call per side, each under its own seed: the samples cannot depend on batching.
         ids, lps = [], []
+        if n > 1 and self.share_prefill and sampling.do_sample and self._sides_together_ok():
+            # All sides in one decoding batch, each under its own generator and keys.
+            per_call = max(1, SEEDED_BATCH_ROWS // n)
+            for start in range(0, len(prompts), per_call):
+                chunk_ids, chunk_lps = self._generate_sides(
+                    prompts[start:start + per_call], seeds[start:start + per_call], n, sampling,
+                    logprobs)
+                ids.extend(chunk_ids)
+                lps.extend(chunk_lps)
+            return ids, lps
+        # Else one call per side, each under its own seed: the samples cannot depend on
+        # batching.
         for prompt, seed in zip(prompts, seeds):
             torch.manual_seed(seed)
             chunk_ids, chunk_lps = self._generate_chunk([prompt], n, sampling, logprobs)
             ids.extend(chunk_ids)
             lps.extend(chunk_lps)
         return ids, lps
+
+    def _sides_together_ok(self) -> bool:
+        """Per-side attention replaces the text model's sdpa only: another kernel decodes
+        one side at a time."""
+        text = getattr(self.bundle.model.config, "text_config", self.bundle.model.config)
+        return getattr(text, "_attn_implementation", None) == "sdpa"
+
+    @torch.no_grad()
+    def _generate_sides(
+        self, prompts: Sequence[EncodedPrompt], seeds: Sequence[int], n: int,
+        sampling: SamplingParams, logprobs: bool,
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        bundle = self.bundle
+        batches = []
+        for prompt in prompts:
+            batch = bundle.encoder.collate([prompt])
+            batch.pop("prompt_lengths")
+            batches.append({k: v.to(bundle.model.device) for k, v in batch.items()})
+        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids(), logprobs)
+        with self._generate_lock, _without_checkpoint_defaults(bundle.model):
+            generated, prompt_length = generate_sides_together(bundle.model, batches, config,
+                                                               seeds)
+        return self._split(generated, prompt_length, len(prompts), n, logprobs)
 
     @torch.no_grad()
     def generate_encoded(
@@ -113,8 +165,15 @@ class TransformersEngine:
                 generated = generate_prefilled_once(bundle.model, batch, config)
             else:  # greedy evaluation and single samples share nothing
                 generated = bundle.model.generate(**batch, generation_config=config)
-        new = generated.sequences[:, batch["input_ids"].shape[1]:]
-        completions = [_strip_after_stop(ids, bundle.stop_ids) for ids in new.tolist()]
+        return self._split(generated, batch["input_ids"].shape[1], len(prompts), n, logprobs)
+
+    def _split(
+        self, generated: GenerateDecoderOnlyOutput, prompt_length: int, prompts: int, n: int,
+        logprobs: bool,
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
+        """[prompt][sample] completions (cut after the first stop) and their log-probs."""
+        new = generated.sequences[:, prompt_length:]
+        completions = [_strip_after_stop(ids, self.bundle.stop_ids) for ids in new.tolist()]
         token_logprobs: list[list[float]] = [[] for _ in completions]
         if logprobs:
             # Step by step: a [rows, T, vocab] float copy would not fit for long completions
@@ -124,8 +183,8 @@ class TransformersEngine:
                 for t, step in enumerate(generated.logits)], dim=1)  # [rows, T]
             token_logprobs = [chosen[row, :len(ids)].tolist()
                               for row, ids in enumerate(completions)]
-        return ([completions[i * n:(i + 1) * n] for i in range(len(prompts))],
-                [token_logprobs[i * n:(i + 1) * n] for i in range(len(prompts))])
+        return ([completions[i * n:(i + 1) * n] for i in range(prompts)],
+                [token_logprobs[i * n:(i + 1) * n] for i in range(prompts)])
 
 
 def generate_prefilled_once(
@@ -143,6 +202,24 @@ def generate_prefilled_once(
     """
     n = config.num_return_sequences or 1
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions, cache = _prefill_prefix(model, batch)
+    cache.batch_repeat_interleave(n)
+    batch_dim = 1 if positions.ndim == 3 else 0  # M-RoPE positions are [4, batch, length]
+    continued = copy.deepcopy(config)
+    continued.num_return_sequences = 1
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(n, dim=0),
+        attention_mask=mask.repeat_interleave(n, dim=0),
+        position_ids=positions.repeat_interleave(n, dim=batch_dim),
+        past_key_values=cache, generation_config=continued,
+    )
+
+
+def _prefill_prefix(model: torch.nn.Module, batch: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, Cache]:
+    """The positions ``generate`` gives the whole prompts, and the cache of every prompt token
+    but the last (images and video through the vision tower here, once)."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
     if input_ids.shape[1] < 2:
         raise ValueError("a prompt needs at least two tokens to share its prefill")
     media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
@@ -156,17 +233,118 @@ def generate_prefilled_once(
         attention_mask=None if bool((prefix_mask == 1).all()) else prefix_mask,
         logits_to_keep=1, **media,
     )
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(n)
-    batch_dim = 1 if positions.ndim == 3 else 0  # M-RoPE positions are [4, batch, length]
-    continued = copy.deepcopy(config)
-    continued.num_return_sequences = 1
-    return model.generate(
-        input_ids=input_ids.repeat_interleave(n, dim=0),
-        attention_mask=mask.repeat_interleave(n, dim=0),
-        position_ids=positions.repeat_interleave(n, dim=batch_dim),
-        past_key_values=cache, generation_config=continued,
-    )
+    return positions, prefix.past_key_values
+
+
+def generate_sides_together(
+    model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], config: GenerationConfig,
+    seeds: Sequence[int],
+) -> tuple[GenerateDecoderOnlyOutput, int]:
+    """Each one-prompt ``batches[i]`` sampled ``config.num_return_sequences`` times under
+    ``seeds[i]``, all decoded in one batch, each side's samples those of its own
+    ``generate_prefilled_once`` call after ``torch.manual_seed(seeds[i])`` (its log-probs to
+    float rounding: the matmuls' row count picks the CPU GEMM kernel).
+
+    Each prompt's prefix is prefilled alone (``_prefill_prefix``) and the caches are
+    left-padded to the longest and stacked. Two things keep the rows independent of each
+    other: attention runs per side over that side's own keys, no padding (``_per_side``: a
+    longer key range would sum in another order), and each side samples from its own
+    generator, seeded as its own call seeds the global one (``_PerSideSampler``). Returns the
+    sequences (and per-step logits) and the padded prompt length they start after."""
+    n = config.num_return_sequences or 1
+    prefilled = [_prefill_prefix(model, batch) for batch in batches]
+    lengths = [batch["input_ids"].shape[1] for batch in batches]
+    longest = max(lengths)
+    pads = [longest - length for length in lengths]
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+
+    def stack(parts: list[torch.Tensor], value: float, dim: int) -> torch.Tensor:
+        """Left-pad each part's last dimension to the longest, stack along ``dim``, repeat
+        each side's row n times."""
+        padded = [F.pad(t, (pad, 0), value=value) for t, pad in zip(parts, pads)]
+        return torch.cat(padded, dim=dim).repeat_interleave(n, dim=dim)
+
+    input_ids = stack([b["input_ids"] for b in batches], pad_id, 0)
+    mask = stack([b["attention_mask"] for b in batches], 0, 0)
+    positions = [p for p, _ in prefilled]
+    batch_dim = 1 if positions[0].ndim == 3 else 0  # M-RoPE positions are [4, batch, length]
+    position_ids = stack(positions, 1, batch_dim)
+    cache = prefilled[0][1]
+    for index, layer in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(c.layers[index], name) for _, c in prefilled]  # [1, heads, L, d]
+            padded = [F.pad(t, (0, 0, pad, 0)) for t, pad in zip(parts, pads)]
+            setattr(layer, name, torch.cat(padded).repeat_interleave(n, dim=0))
+    sampler = _PerSideSampler(config, seeds, n)
+    greedy = copy.deepcopy(config)  # the sampler picks each token; generate takes its argmax
+    greedy.num_return_sequences, greedy.do_sample = 1, False
+    greedy.temperature = greedy.top_k = greedy.top_p = None
+    sides = [(i * n, (i + 1) * n, pad) for i, pad in enumerate(pads)]
+    with _per_side(sides):
+        out = model.generate(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                             past_key_values=cache, generation_config=greedy,
+                             logits_processor=LogitsProcessorList([sampler]))
+    return out, longest
+
+
+class _PerSideSampler(LogitsProcessor):
+    """Samples each side's rows from its own generator and hands ``generate`` a one-hot
+    choice. The warpers are the ones ``generate`` appends in sampling mode (after every other
+    processor, in this order), the draw is its ``multinomial`` on the side's n rows: the
+    same random numbers as a call of that side alone after ``torch.manual_seed(seed)``."""
+
+    def __init__(self, config: GenerationConfig, seeds: Sequence[int], n: int):
+        self.warpers: list[LogitsProcessor] = []
+        if config.temperature is not None and config.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            self.warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+        if config.top_p is not None and config.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        self.seeds, self.n = list(seeds), n
+        self.generators: list[torch.Generator] | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor
+                 ) -> torch.FloatTensor:
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(seed)
+                               for seed in self.seeds]
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        chosen = torch.cat([
+            torch.multinomial(torch.softmax(scores[i * self.n:(i + 1) * self.n], dim=-1), 1,
+                              generator=generator)
+            for i, generator in enumerate(self.generators)])
+        onehot = torch.full_like(scores, float("-inf"))
+        return onehot.scatter_(1, chosen, 0.0)
+
+
+_SIDES = threading.local()  # (first row, end row, left padding) per side while decoding
+
+
+def _per_side_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """transformers' sdpa, except inside ``_per_side`` on one-token steps: there each side's
+    rows attend over that side's keys alone, without the padding and without a mask, as
+    its own one-prompt call does (the same kernel on the same shapes: the same sums)."""
+    sides = getattr(_SIDES, "sides", None)
+    if sides is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outs = [sdpa_attention_forward(module, query[a:b], key[a:b, :, pad:], value[a:b, :, pad:],
+                                   None, **kwargs)[0] for a, b, pad in sides]
+    return torch.cat(outs), None
+
+
+AttentionInterface.register("sdpa", _per_side_sdpa)
+
+
+@contextmanager
+def _per_side(sides: list[tuple[int, int, int]]) -> Iterator[None]:
+    _SIDES.sides = sides
+    try:
+        yield
+    finally:
+        _SIDES.sides = None
 
 
 def decoding_config(

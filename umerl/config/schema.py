@@ -290,6 +290,7 @@ SCHEMA: dict[str, Rule] = {
     "rollout.tensor_parallel_size": Int(1),
     "rollout.gpu_memory_utilization": Float(0.0, 1.0, low_open=True),
     "rollout.enforce_eager": Bool(),
+    "rollout.share_prefill": Bool(),
     "rollout.call_timeout_s": POSITIVE,
     "rollout.max_restarts": Int(0),
     "rollout.min_workers": Int(1, nullable=True),

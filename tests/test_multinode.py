@@ -102,6 +102,8 @@ def test_pools_on_their_nodes_and_the_sync_across_nodes(cluster, tiny_model_dir,
         learners.shutdown()
 
 
+@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
+                  "was held by another job for hours")
 def test_sft_workers_on_two_nodes(cluster, tiny_model_dir, benchmark_manifest,
                                   tmp_path) -> None:
     """sft.resources={sft_node: 1} and two nodes offering one each: Ray Train's two workers
@@ -149,6 +151,10 @@ def removed_in_time(ray, before: set[str], timeout_s: float = 10) -> set[str]:
     return left
 
 
+@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
+                  "was held by another job for hours; test_rl's "
+                  "test_an_attempt_that_fails_early_shuts_down_what_it_started covers the same "
+                  "cleanup without Ray")
 def test_a_failed_stage_leaves_no_placement_group(cluster, tiny_model_dir, benchmark_manifest,
                                                   tmp_path) -> None:
     """The stage fails after both pools are placed (rl.weight_sync_transport=shm, but the
@@ -282,6 +288,9 @@ def node_holding(ray, resource: str) -> str:
     return next(iter(groups[0]["bundles_to_node_id"].values()))
 
 
+@pytest.mark.skip(reason="passed once (issue 28) since tests/multinode.py's remove() "
+                  "kills the workers and waits for the GCS; to run a second time before "
+                  "relying on it")
 def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_path, capsys,
                              fixed) -> None:
     """Two learner nodes (``learner_alt``), the one learner on one of them. That node is
@@ -334,7 +343,8 @@ def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_pa
 
 
 @pytest.mark.skip(reason="unverified (issue 28): its last run was still going after 5 min "
-                  "and was stopped; the first run failed on a missing data.benchmark_dir")
+                  "and was stopped (the working dir it uploads is 2.9 MB, 206 files: not the "
+                  "cause); not rerun since")
 def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, benchmark_manifest,
                                       tmp_path) -> None:
     """`ray job submit` of a short GRPO run: the job's driver on the head, its rollout actor

@@ -102,11 +102,79 @@ def test_pools_on_their_nodes_and_the_sync_across_nodes(cluster, tiny_model_dir,
         learners.shutdown()
 
 
+@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
+                  "was held by another job for hours")
+def test_sft_workers_on_two_nodes(cluster, tiny_model_dir, benchmark_manifest,
+                                  tmp_path) -> None:
+    """sft.resources={sft_node: 1} and two nodes offering one each: Ray Train's two workers
+    run one on each node (a node has room for one bundle), their gradients all-reduced over
+    gloo across the nodes, and the stage writes its checkpoint."""
+    from ray.util.state import list_actors
+
+    from umerl.config.recipe import load_recipe
+    from umerl.driver import absolute_paths, run_sft_stage
+
+    c, ray = cluster
+    bench = benchmark_manifest.parent
+    cfg = absolute_paths(load_recipe(None, [
+        f"output_dir={tmp_path}", f"data.benchmark_dir={bench}",
+        f'sft.data=["{bench / "digits_cls" / "sft.jsonl"}"]', "sft.num_workers=2",
+        "sft.resources={sft_node: 1}", "sft.max_steps=2", "sft.micro_batch_size=2",
+        "sft.save_every=2", "wandb.mode=disabled"]))
+    nodes = {c.add(name, cpus=1, resources={"sft_node": 1}) for name in ("sft1", "sft2")}
+    try:
+        final = run_sft_stage(cfg, str(tiny_model_dir))
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    finally:
+        for name in ("sft1", "sft2"):
+            c.remove(name)
+    assert final.name == "step_00000002"
+    assert len(workers) == 2 and {w.node_id for w in workers} == nodes, workers
+
+
 def test_shared_output_dir_on_three_live_nodes(cluster, tmp_path) -> None:
     from umerl.config.cluster import MARKER_PREFIX, check_shared_output_dir
 
     check_shared_output_dir(tmp_path, timeout_s=60, settle_s=2)
     assert not list(tmp_path.glob(f"{MARKER_PREFIX}*"))
+
+
+def created_groups(ray) -> set[str]:
+    return {k for k, g in ray.util.placement_group_table().items() if g["state"] == "CREATED"}
+
+
+def removed_in_time(ray, before: set[str], timeout_s: float = 10) -> set[str]:
+    """The groups created since ``before`` still not removed after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (left := created_groups(ray) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
+                  "was held by another job for hours; test_rl's "
+                  "test_an_attempt_that_fails_early_shuts_down_what_it_started covers the same "
+                  "cleanup without Ray")
+def test_a_failed_stage_leaves_no_placement_group(cluster, tiny_model_dir, benchmark_manifest,
+                                                  tmp_path) -> None:
+    """The stage fails after both pools are placed (rl.weight_sync_transport=shm, but the
+    rollout actor is on another node than the learner), and a learner pool fails in its setup
+    (no checkpoint there): neither leaves a placement group behind. A left group whose node is
+    lost is re-placed by Ray on the capacity the stage's restart needs."""
+    from umerl.rl import run_rl
+    from umerl.runtime.remote import WorkerError
+    from umerl.train.learner import LearnerPool
+
+    c, ray = cluster
+    before = created_groups(ray)
+    cfg = rl_config(tmp_path, benchmark_manifest.parent, *ON_NODES, "rollout.num_workers=1",
+                    "rl.weight_sync_transport=shm")
+    with pytest.raises(ValueError, match="rl.weight_sync_transport=shm needs every rollout"):
+        run_rl(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    assert not removed_in_time(ray, before)
+    with pytest.raises(WorkerError, match="learner rank 0"):
+        LearnerPool(cfg, str(tmp_path / "none"), str(tmp_path / "none"))
+    assert not removed_in_time(ray, before)
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +279,18 @@ def test_check_shared_output_dir_names_a_node_with_its_own_disk(cluster, tmp_pat
 
 
 def node_holding(ray, resource: str) -> str:
-    """The node of the (one) placement group whose bundles ask for ``resource``."""
-    for group in ray.util.placement_group_table().values():
-        if group["state"] == "CREATED" and any(resource in b for b in group["bundles"].values()):
-            return next(iter(group["bundles_to_node_id"].values()))
-    raise AssertionError(f"no placement group holds {resource}")
+    """The node of the one placement group whose bundles ask for ``resource``: a second one
+    (a lost learner's group left in place, then re-placed by Ray) fails here."""
+    table = ray.util.placement_group_table().values()
+    groups = [g for g in table
+              if g["state"] == "CREATED" and any(resource in b for b in g["bundles"].values())]
+    assert len(groups) == 1, [(g["state"], g["bundles_to_node_id"]) for g in table]
+    return next(iter(groups[0]["bundles_to_node_id"].values()))
 
 
-@pytest.mark.skip(reason="unverified (issue 28): the test removes the learner node twice "
-                  "(a KeyError in its own hook at the repeated step 3); to fix before relying on "
-                  "learner-node recovery")
+@pytest.mark.skip(reason="passed once (issue 28) since tests/multinode.py's remove() "
+                  "kills the workers and waits for the GCS; to run a second time before "
+                  "relying on it")
 def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_path, capsys,
                              fixed) -> None:
     """Two learner nodes (``learner_alt``), the one learner on one of them. That node is
@@ -273,7 +343,8 @@ def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_pa
 
 
 @pytest.mark.skip(reason="unverified (issue 28): its last run was still going after 5 min "
-                  "and was stopped; the first run failed on a missing data.benchmark_dir")
+                  "and was stopped (the working dir it uploads is 2.9 MB, 206 files: not the "
+                  "cause); not rerun since")
 def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, benchmark_manifest,
                                       tmp_path) -> None:
     """`ray job submit` of a short GRPO run: the job's driver on the head, its rollout actor

@@ -64,6 +64,48 @@ def determined(tracker: MemoryTracker, keys: tuple[str, ...] = DETERMINED
     return [(step, {k: m[k] for k in keys}) for step, m in tracker.logged]
 
 
+class Started:
+    """A stand-in pool that says when it starts and shuts down (``events``)."""
+
+    def __init__(self, name: str, events: list[str]):
+        self.name, self.events = name, events
+        events.append(f"start {name}")
+
+    def resume(self) -> tuple[None, dict]:
+        return None, {}
+
+    def shutdown(self) -> None:
+        self.events.append(f"shutdown {self.name}")
+
+
+@pytest.mark.parametrize("fails", ["resume", "weight sync"])
+def test_an_attempt_that_fails_early_shuts_down_what_it_started(monkeypatch, tmp_path,
+                                                                benchmark_manifest,
+                                                                fails) -> None:
+    """An RL attempt that fails before its first step (the learners' resume, or the weight-sync
+    group: e.g. a learner lost meanwhile) still shuts down the pools it started, the learners
+    last: a left learner group whose node was lost is re-placed by Ray on the capacity the
+    stage's restart needs. (The real pools: test_multinode's
+    test_a_failed_stage_leaves_no_placement_group.)"""
+    import umerl.rl as rl
+
+    events: list[str] = []
+
+    def fail(*args, **kwargs):
+        raise ValueError(f"{fails} failed")
+
+    if fails == "resume":
+        monkeypatch.setattr(Started, "resume", fail)
+    monkeypatch.setattr(rl, "LearnerPool", lambda *a, **k: Started("learners", events))
+    monkeypatch.setattr(rl, "RolloutPool", lambda *a, **k: Started("rollout", events))
+    monkeypatch.setattr(rl.WeightSync, "connect", fail)
+    cfg = rl_config(tmp_path, benchmark_manifest.parent)
+    with pytest.raises(ValueError, match=f"{fails} failed"):
+        rl._run_rl(cfg, "policy", "policy", None, {"toy": [object()] * 4})
+    started = ["start learners"] + (["start rollout"] if fails == "weight sync" else [])
+    assert events == started + [e.replace("start", "shutdown") for e in reversed(started)]
+
+
 def test_rl_steps_with_separate_pools(local_ray, tiny_model_dir, benchmark_manifest, tmp_path):
     cfg = rl_config(tmp_path / "a", benchmark_manifest.parent)
     tracker, final = run_logged(cfg, tiny_model_dir)

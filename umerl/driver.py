@@ -210,6 +210,7 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
     resources = {"CPU": float(scfg.cpus_per_worker)}
     if use_gpu:
         resources["GPU"] = float(scfg.gpus_per_worker)
+    resources |= {str(k): float(v) for k, v in (scfg.get("resources") or {}).items()}
     trainer = TorchTrainer(
         sft_worker,
         train_loop_config={"cfg": to_container(cfg), "init_checkpoint": str(init_checkpoint),

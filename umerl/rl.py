@@ -23,6 +23,7 @@ import dataclasses
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -96,15 +97,27 @@ def run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any = None,
 
 def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
             datasets: dict[str, list[Pair]]) -> Path:
+    """One attempt. Whatever it started (learners, rollout actors, their placement groups) is
+    gone when it returns or raises, whatever failed and where: a restart's new learner group
+    must not compete with this attempt's. Left in place, a group whose node was lost is
+    re-placed by Ray on the capacity the restart needs, and the restart cannot place its own."""
+    with ExitStack() as started:  # shut down in reverse order, each even if another fails
+        return _attempt(cfg, policy, reference, tracker, datasets, started)
+
+
+def _attempt(cfg: DictConfig, policy: str, reference: str, tracker: Any,
+             datasets: dict[str, list[Pair]], started: ExitStack) -> Path:
     r = cfg.rl
     sampler = ContrastiveBatcher(datasets, int(r.pairs_per_step), seed=int(cfg.seed))
     learners = LearnerPool(cfg, policy, reference)
+    started.callback(learners.shutdown)
     resumed, client = learners.resume()
     first = int(client.get("step", 0)) + 1
     if resumed:
         sampler.load_state_dict(client["data"])
     rollout = RolloutPool(cfg.rollout, resumed or policy, cfg.learner.bf16, cfg.model.dtype,
                           recipe_faults(cfg.faults), max_pixels=cfg.model.max_pixels)
+    started.callback(rollout.shutdown)
     link = WeightSync.connect(cfg, learners, rollout)
     # Every engine starts from the learners' (bf16-rounded) weights.
     link.sync(digest=True, step=first - 1)
@@ -121,6 +134,7 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     ahead = client.get("rollouts_ahead")
     stream = RolloutStream(cfg, sampler, rollout, sampling,
                            Rollouts.from_state(ahead) if ahead else None)
+    started.callback(stream.close)  # first: a generation in flight ends before its pool
     last = resumed
     progress = Progress(int(r.max_steps), "steps", done=first - 1)
     step = first
@@ -137,10 +151,6 @@ def _run_rl(cfg: DictConfig, policy: str, reference: str, tracker: Any,
     except WorkerError as err:
         err.context = f"step {step}"
         raise
-    finally:
-        stream.close()
-        rollout.shutdown()
-        learners.shutdown()
     final = ckpt.latest(Path(cfg.output_dir) / r.output_subdir)
     return final or Path(last)
 

@@ -254,6 +254,7 @@ SCHEMA: dict[str, Rule] = {
     "ray.object_store_memory": Int(75 << 20),
     **{f"sft.{k}": rule for k, rule in _stage_common().items()},
     **_pool("sft"),
+    "sft.resources": Resources(),
     "sft.zero_stage": ZERO,
     "sft.micro_batch_size": Int(1),
     "sft.gradient_accumulation_steps": Int(1),

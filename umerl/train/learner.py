@@ -537,9 +537,13 @@ class LearnerPool:
         ]
         self.names = [f"learner rank {i}" for i in range(n)]
         self.timeout_s = float(lcfg.step_timeout_s)
-        master = self._gather([self.actors[0].address.remote()], self.names[:1])[0]
-        self.info = self._gather([a.setup.remote(master, policy, reference)
-                                  for a in self.actors])
+        try:
+            master = self._gather([self.actors[0].address.remote()], self.names[:1])[0]
+            self.info = self._gather([a.setup.remote(master, policy, reference)
+                                      for a in self.actors])
+        except BaseException:
+            self.shutdown()  # no pool for the caller to shut down: its group must not linger
+            raise
 
     def _gather(self, refs: list[Any], names: list[str] | None = None) -> list[Any]:
         """Every driver-to-learner call, bounded by ``learner.step_timeout_s`` from dispatch.

@@ -102,8 +102,6 @@ def test_pools_on_their_nodes_and_the_sync_across_nodes(cluster, tiny_model_dir,
         learners.shutdown()
 
 
-@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
-                  "was held by another job for hours")
 def test_sft_workers_on_two_nodes(cluster, tiny_model_dir, benchmark_manifest,
                                   tmp_path) -> None:
     """sft.resources={sft_node: 1} and two nodes offering one each: Ray Train's two workers
@@ -151,10 +149,6 @@ def removed_in_time(ray, before: set[str], timeout_s: float = 10) -> set[str]:
     return left
 
 
-@pytest.mark.skip(reason="not yet run (issue 28): written while the machine's Ray lock "
-                  "was held by another job for hours; test_rl's "
-                  "test_an_attempt_that_fails_early_shuts_down_what_it_started covers the same "
-                  "cleanup without Ray")
 def test_a_failed_stage_leaves_no_placement_group(cluster, tiny_model_dir, benchmark_manifest,
                                                   tmp_path) -> None:
     """The stage fails after both pools are placed (rl.weight_sync_transport=shm, but the
@@ -288,9 +282,6 @@ def node_holding(ray, resource: str) -> str:
     return next(iter(groups[0]["bundles_to_node_id"].values()))
 
 
-@pytest.mark.skip(reason="passed once (issue 28) since tests/multinode.py's remove() "
-                  "kills the workers and waits for the GCS; to run a second time before "
-                  "relying on it")
 def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_path, capsys,
                              fixed) -> None:
     """Two learner nodes (``learner_alt``), the one learner on one of them. That node is

@@ -17,13 +17,16 @@ from umerl.config.recipe import load_recipe
 from umerl.runtime.tracking import MemoryTracker
 
 
-def hf_token_logprobs(model, encoder, sides, completions) -> list[torch.Tensor]:
-    """Each completion token's log-prob from a plain HF causal-LM forward over the batch."""
+def hf_token_logprobs(model, encoder, sides, completions,
+                      temperature: float = 1.0) -> list[torch.Tensor]:
+    """Each completion token's log-prob from a plain HF causal-LM forward over the batch, of
+    softmax(logits / temperature)."""
     batch = encoder.policy_inputs([encoder.encode(s) for s in sides], completions)
     batch.pop("completion_lengths")
     with torch.no_grad():
         logits = model(**batch).logits.float()
-    chosen = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["input_ids"][:, 1:, None])
+    chosen = torch.log_softmax(logits[:, :-1] / temperature, -1).gather(
+        -1, batch["input_ids"][:, 1:, None])
     return [chosen[row, -len(c):, 0] for row, c in enumerate(completions)]
 
 
@@ -55,19 +58,24 @@ def test_engine_logprobs_are_the_policy_logprobs_of_the_sampled_tokens(tiny_mode
     assert ids == engine.generate(sides, 3, sampling, seeds=[7, 8])  # the same samples
     flat_sides = [s for s in sides for _ in range(3)]
     flat_ids = [c for group in ids for c in group]
-    expected = hf_token_logprobs(bundle.model, bundle.encoder, flat_sides, flat_ids)
+    expected = hf_token_logprobs(bundle.model, bundle.encoder, flat_sides, flat_ids, 0.7)
     got = [torch.tensor(x) for group in lps for x in group]
-    # temperature 0.7 and top-k shape the sampling, not the policy's log-prob of a token
+    # The log-prob of the distribution that sampled (logits / 0.7); top-k shapes the sampling
+    # only. Not the temperature-1 one, which differs here by far more than the tolerance.
+    at_one = hf_token_logprobs(bundle.model, bundle.encoder, flat_sides, flat_ids)
+    assert max(float((g - e).abs().max()) for g, e in zip(got, at_one)) > 1e-2
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape and torch.allclose(g, e, atol=1e-5)
     assert all((g < 0).all() for g in got)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_stale_rollouts_ratio_is_exp_of_new_minus_old(tiny_model_dir, benchmark_manifest,
-                                                      tmp_path):
+                                                      tmp_path, temperature):
     """Rollouts sampled by weights v0, learned from by a learner at v1: the logged ratio is
     exp(logp_v1 - logp_v0) averaged over tokens, with both log-probs computed independently;
-    the clip fraction is no longer 0."""
+    the clip fraction is no longer 0. The KL to the reference (v0) is the k3 of the same two.
+    At rl.temperature 0.7 every log-prob (engine, learner, reference) is of logits / 0.7."""
     from rollout.transformers_engine import TransformersEngine
     from umerl.model.loading import load_policy
     from umerl.model.sampling import SamplingParams
@@ -75,12 +83,12 @@ def test_stale_rollouts_ratio_is_exp_of_new_minus_old(tiny_model_dir, benchmark_
     from umerl.train.learner import Learner, StepShard
 
     udist.init_single_process()
-    learner = Learner(learner_config(tmp_path, "rl.lr=0.02"), str(tiny_model_dir),
-                      str(tiny_model_dir))
+    learner = Learner(learner_config(tmp_path, "rl.lr=0.02", f"rl.temperature={temperature}"),
+                      str(tiny_model_dir), str(tiny_model_dir))
     v0 = load_policy(str(tiny_model_dir))
     engine = TransformersEngine(v0)
     pairs = rl_pairs(benchmark_manifest)
-    sampling = SamplingParams(max_new_tokens=6)
+    sampling = SamplingParams(max_new_tokens=6, temperature=temperature)
 
     def rollouts(seeds):
         q = engine.generate_with_logprobs([p.query for p in pairs], 2, sampling, seeds[:2])
@@ -92,15 +100,17 @@ def test_stale_rollouts_ratio_is_exp_of_new_minus_old(tiny_model_dir, benchmark_
     (q2, q2_lp), (t2, t2_lp) = rollouts([5, 6, 7, 8])  # still sampled by v0
     v1 = copy.deepcopy(v0.model)
     v1.load_state_dict(learner.bundle.model.state_dict())
-    expected = []
+    expected, kl = [], []
     for side, ids in (("query", q2), ("target", t2)):
         sides = [getattr(p, side) for p in pairs for _ in range(2)]
         flat = [c for group in ids for c in group]
-        new = hf_token_logprobs(v1, v0.encoder, sides, flat)
-        old = hf_token_logprobs(v0.model, v0.encoder, sides, flat)
-        expected.append(torch.cat([torch.exp(n - o) for n, o in zip(new, old)]).mean())
+        new = torch.cat(hf_token_logprobs(v1, v0.encoder, sides, flat, temperature))
+        old = torch.cat(hf_token_logprobs(v0.model, v0.encoder, sides, flat, temperature))
+        expected.append(torch.exp(new - old).mean())
+        kl.append((torch.exp(old - new) - (old - new) - 1).mean())  # k3, reference = v0
     metrics = learner.step(StepShard(2, pairs, 0, q2, t2, 1, q2_lp, t2_lp))
     assert metrics["actor/ratio_mean"] == pytest.approx(float(sum(expected) / 2), abs=1e-5)
+    assert metrics["actor/kl"] == pytest.approx(float(sum(kl) / 2), abs=1e-6)
     assert abs(metrics["actor/ratio_mean"] - 1) > 1e-3  # the update moved the policy
     assert metrics["actor/clip_fraction"] > 0
     with pytest.raises(ValueError, match="without the log-probs"):
@@ -158,6 +168,19 @@ def test_the_schema_names_the_keys_of_an_impossible_single_forward(tmp_path):
         validate(load_recipe(None, ["learner.single_forward=true", "learner.zero_stage=3"]))
     with pytest.raises(ConfigError, match="rl.max_staleness"):
         validate(load_recipe(None, ["rl.max_staleness=2"]))
+
+
+def test_the_schema_refuses_stale_vllm_rollouts_at_another_temperature():
+    """vLLM reports temperature-1 log-probs; off-policy learners read them at rl.temperature."""
+    from umerl.config.origins import ConfigError
+    from umerl.config.schema import validate
+
+    vllm = ["rollout.engine=vllm", "rollout.gpus_per_worker=1", "rl.max_staleness=1"]
+    with pytest.raises(ConfigError, match="rl.max_staleness.*rl.temperature"):
+        validate(load_recipe(None, [*vllm, "rl.temperature=0.7"]))
+    validate(load_recipe(None, [*vllm, "rl.temperature=1.0"]))
+    validate(load_recipe(None, [*vllm[:2], "rl.temperature=0.7"]))  # on-policy: no engine lps
+    validate(load_recipe(None, ["rl.max_staleness=1", "rl.temperature=0.7"]))  # transformers
 
 
 def test_one_step_off_policy_runs_deterministically_and_resumes_exactly(

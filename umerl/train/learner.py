@@ -130,6 +130,13 @@ class Learner:
         self.faults = for_actor(recipe_faults(cfg.faults), "learner", self.rank)
 
     @property
+    def temperature(self) -> float:
+        """The rollouts' sampling temperature: the policy that sampled a completion is
+        softmax(logits / T) (top-k aside), so the ratio, the policy gradient and the KL read
+        log-probs at T, the policy's and the reference's alike (as verl's actor and ref do)."""
+        return float(self.rcfg.temperature)
+
+    @property
     def max_completion_length(self) -> int:
         return int(self.rcfg.max_completion_length or self.rcfg.max_new_tokens)
 
@@ -149,8 +156,8 @@ class Learner:
         # Encoded once: the scoring pass and the update pass read the same micro-batches.
         batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
         if self.single_forward:  # the update's own forward gives the (detached) embeddings
-            forwards = {name: [self.engine(**b["inputs"]) for b in batches[name]]
-                        for name in batches}
+            forwards = {name: [self.engine(**b["inputs"], temperature=self.temperature)
+                               for b in batches[name]] for name in batches}
             scored = {name: self._score(batches[name], forwards[name]) for name in batches}
         else:  # two passes: a no-grad one now, the update's forward per micro-batch later
             forwards = None
@@ -234,7 +241,8 @@ class Learner:
             disc.append(out.disc.detach())  # at the prompt's <disc_emb>: same for a pair's G
             found.append(out.gen_found)
             ref.append(None if self.reference is None  # rl.kl_beta 0: no KL term
-                       else self.reference(**batch["inputs"]).logprobs)
+                       else self.reference(**batch["inputs"],
+                                           temperature=self.temperature).logprobs)
         return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
                 "ref": ref}
 
@@ -299,7 +307,8 @@ class Learner:
             for i, batch in enumerate(side_batches):
                 a = i * self.micro
                 out: PolicyOutput = (forwards[name][i] if forwards is not None
-                                     else self.engine(**batch["inputs"]))
+                                     else self.engine(**batch["inputs"],
+                                                      temperature=self.temperature))
                 loss, parts = grpo_side_loss(
                     out.logprobs, batch["old_logprobs"], scored[name]["ref"][i],
                     advantages[name][a:a + self.micro].to(out.logprobs.device),

@@ -30,6 +30,16 @@ def hf_token_logprobs(model, encoder, sides, completions,
     return [chosen[row, -len(c):, 0] for row, c in enumerate(completions)]
 
 
+def hf_token_entropy(model, encoder, sides, completions, temperature: float) -> list[torch.Tensor]:
+    """Each completion token's next-token entropy of softmax(logits / T), plain HF forward."""
+    batch = encoder.policy_inputs([encoder.encode(s) for s in sides], completions)
+    batch.pop("completion_lengths")
+    with torch.no_grad():
+        logits = model(**batch).logits.float()[:, :-1] / temperature
+    entropy = torch.distributions.Categorical(logits=logits).entropy()
+    return [entropy[row, -len(c):] for row, c in enumerate(completions)]
+
+
 def learner_config(tmp_path, *overrides: str):
     return load_recipe(None, [
         f"output_dir={tmp_path}", "rl.pairs_per_step=2", "rl.group_size=2",
@@ -117,6 +127,42 @@ def test_stale_rollouts_ratio_is_exp_of_new_minus_old(tiny_model_dir, benchmark_
         learner.step(StepShard(3, pairs, 0, q2, t2, 1))
 
 
+def test_the_entropy_bonus_reads_the_policys_entropy_at_the_rollout_temperature(
+        tiny_model_dir, benchmark_manifest, tmp_path):
+    """rl.entropy_coeff: the logged entropy_loss is each side's mean over sequences of token
+    entropy sums / max_new_tokens, the entropy of softmax(logits / rl.temperature) from a plain
+    HF forward; the bonus changes the update, and 0 logs none."""
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.model.loading import load_policy
+    from umerl.model.sampling import SamplingParams
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
+
+    udist.init_single_process()
+    v0 = load_policy(str(tiny_model_dir))
+    pairs = rl_pairs(benchmark_manifest)
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.7)
+    engine = TransformersEngine(v0)
+    q = engine.generate([p.query for p in pairs], 2, sampling, seeds=[1, 2])
+    t = engine.generate([p.target for p in pairs], 2, sampling, seeds=[3, 4])
+    expected = []
+    for side, ids in (("query", q), ("target", t)):
+        sides = [getattr(p, side) for p in pairs for _ in range(2)]
+        flat = [c for group in ids for c in group]
+        sums = [h.sum() for h in hf_token_entropy(v0.model, v0.encoder, sides, flat, 0.7)]
+        expected.append(float(sum(sums)) / 6 / len(flat))
+    weights, logged = {}, {}
+    for coeff in (0.0, 0.5):
+        learner = Learner(learner_config(tmp_path / str(coeff), "rl.lr=0.02",
+                                         "rl.temperature=0.7", f"rl.entropy_coeff={coeff}"),
+                          str(tiny_model_dir), str(tiny_model_dir))
+        logged[coeff] = learner.step(StepShard(1, pairs, 0, q, t))
+        weights[coeff] = learner.bundle.model.lm_head.weight.detach().clone()
+    assert "actor/entropy_loss" not in logged[0.0]
+    assert logged[0.5]["actor/entropy_loss"] == pytest.approx(sum(expected) / 2, abs=1e-5)
+    assert not torch.allclose(weights[0.0], weights[0.5])
+
+
 def test_single_forward_learner_matches_the_two_pass_one(tiny_model_dir, benchmark_manifest,
                                                          tmp_path):
     """Embeddings from the update's own forward give the same rewards, losses and updated
@@ -168,6 +214,8 @@ def test_the_schema_names_the_keys_of_an_impossible_single_forward(tmp_path):
         validate(load_recipe(None, ["learner.single_forward=true", "learner.zero_stage=3"]))
     with pytest.raises(ConfigError, match="rl.max_staleness"):
         validate(load_recipe(None, ["rl.max_staleness=2"]))
+    with pytest.raises(ConfigError, match="rl.entropy_coeff"):
+        validate(load_recipe(None, ["rl.entropy_coeff=-0.01"]))
 
 
 def test_the_schema_refuses_stale_vllm_rollouts_at_another_temperature():

@@ -277,6 +277,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.clip_eps_low": Float(0.0, 1.0, low_open=True),
     "rl.clip_eps_high": POSITIVE,
     "rl.kl_beta": NONNEG,
+    "rl.entropy_coeff": NONNEG,
     "rl.max_completion_length": Int(1, nullable=True),
     "rl.weight_sync_transport": OneOf("auto", "nccl", "shm", "gloo"),
     "rl.weight_sync_bucket_mb": POSITIVE,

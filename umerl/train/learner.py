@@ -156,8 +156,8 @@ class Learner:
         # Encoded once: the scoring pass and the update pass read the same micro-batches.
         batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
         if self.single_forward:  # the update's own forward gives the (detached) embeddings
-            forwards = {name: [self.engine(**b["inputs"], temperature=self.temperature)
-                               for b in batches[name]] for name in batches}
+            forwards = {name: [self._policy_forward(b["inputs"]) for b in batches[name]]
+                        for name in batches}
             scored = {name: self._score(batches[name], forwards[name]) for name in batches}
         else:  # two passes: a no-grad one now, the update's forward per micro-batch later
             forwards = None
@@ -307,15 +307,15 @@ class Learner:
             for i, batch in enumerate(side_batches):
                 a = i * self.micro
                 out: PolicyOutput = (forwards[name][i] if forwards is not None
-                                     else self.engine(**batch["inputs"],
-                                                      temperature=self.temperature))
+                                     else self._policy_forward(batch["inputs"]))
                 loss, parts = grpo_side_loss(
                     out.logprobs, batch["old_logprobs"], scored[name]["ref"][i],
                     advantages[name][a:a + self.micro].to(out.logprobs.device),
                     out.completion_mask, self.max_completion_length,
                     kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
                     eps_high=float(self.rcfg.clip_eps_high), loss_agg_mode=mode,
-                    token_divisor=divisor,
+                    token_divisor=divisor, entropy=out.entropy,
+                    entropy_coeff=float(self.rcfg.entropy_coeff),
                 )
                 # DeepSpeed averages micro-batch losses over gradient accumulation; with both
                 # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
@@ -328,6 +328,12 @@ class Learner:
         skipped = self.optimizer.skipped or not self.engine.was_step_applied()
         return ({f"actor/{k}": v for k, v in sums.items()}
                 | {"actor/lr": self.engine.get_lr()[0], "actor/skipped": float(skipped)})
+
+    def _policy_forward(self, inputs: dict[str, torch.Tensor]) -> PolicyOutput:
+        """The update's forward (with gradients): log-probs at the rollout temperature and,
+        for the entropy bonus, the per-token entropy."""
+        return self.engine(**inputs, temperature=self.temperature,
+                           with_entropy=float(self.rcfg.entropy_coeff) != 0)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.engine.module.parameters()).device

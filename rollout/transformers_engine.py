@@ -80,8 +80,9 @@ class TransformersEngine:
         self, sides: Sequence[Side], n: int, sampling: SamplingParams, seeds: Sequence[int]
     ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         """``generate`` plus each sampled token's log-prob under this engine's weights, from
-        the model's raw logits (temperature 1, no top-k): the policy log-prob the learners
-        compute, so an off-policy update's importance ratio needs no second forward."""
+        the model's raw logits divided by the sampling temperature (no top-k): the policy
+        log-prob the learners compute (at ``rl.temperature``), so an off-policy update's
+        importance ratio needs no second forward."""
         prompts = [self.bundle.encoder.encode(side) for side in sides]
         return self._generate_seeded(prompts, seeds, n, sampling, logprobs=True)
 
@@ -178,8 +179,10 @@ class TransformersEngine:
         if logprobs:
             # Step by step: a [rows, T, vocab] float copy would not fit for long completions
             # of a large vocabulary on a GPU.
+            temperature = sampling.temperature if sampling.do_sample else 1.0
             chosen = torch.stack([
-                torch.log_softmax(step.float(), dim=-1).gather(-1, new[:, t, None])[:, 0]
+                torch.log_softmax(step.float() / temperature, dim=-1).gather(
+                    -1, new[:, t, None])[:, 0]
                 for t, step in enumerate(generated.logits)], dim=1)  # [rows, T]
             token_logprobs = [chosen[row, :len(ids)].tolist()
                               for row, ids in enumerate(completions)]

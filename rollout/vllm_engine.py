@@ -330,8 +330,15 @@ class VllmEngine:
     ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
         """``generate`` plus each sampled token's log-prob as vLLM computed it: vLLM's default
         ``logprobs_mode="raw_logprobs"`` is the log-softmax of the raw logits (temperature 1,
-        before top-k), the quantity the learners compute, but from vLLM's kernels: equal to
+        before top-k), the quantity the learners compute at ``rl.temperature`` 1 (the only
+        temperature allowed here), but from vLLM's kernels: equal to
         the learners' only up to the engines' numerical differences (bf16, fused kernels)."""
+        if sampling.do_sample and sampling.temperature != 1.0:
+            # The learners read log-probs at the sampling temperature; vLLM gives raw ones
+            # (T = 1) or processed ones (after top-k too), neither of which is that.
+            raise ValueError(f"vLLM rollout log-probs are at temperature 1, not "
+                             f"{sampling.temperature:g}: rl.max_staleness 1 with vLLM needs "
+                             "rl.temperature 1")
         return self._generate(sides, n, sampling, seeds, logprobs=True)
 
     def _generate(

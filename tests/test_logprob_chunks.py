@@ -53,6 +53,32 @@ def test_chunks_equal_the_full_log_softmax_values_and_gradients(chunk, temperatu
     torch.testing.assert_close(got_grads[1], head.weight.grad, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_entropy_equals_the_categorical_entropy_values_and_gradients(chunk,
+                                                                             temperature):
+    """``with_entropy``: column 1 is the entropy of softmax(logits / T) (torch's Categorical
+    here, -sum p log p), values and gradients; column 0 the log-probs as without it."""
+    head, hidden, targets = head_and_inputs(37)
+    weights = torch.randn(37, generator=torch.Generator().manual_seed(1))
+    got = chunked_token_logprobs(head, hidden, targets, temperature, chunk, with_entropy=True)
+    (got[:, 1] * weights).sum().backward()
+    got_grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    logits = (hidden @ head.weight.T).float() / temperature
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    (expected * weights).sum().backward()
+
+    assert got.shape == (37, 2)
+    torch.testing.assert_close(got[:, 0], full_reference(head.weight, hidden, targets,
+                                                         temperature), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[:, 1], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grads[0], hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grads[1], head.weight.grad, atol=1e-5, rtol=1e-5)
+    assert chunked_token_logprobs(head, hidden[:0], targets[:0], with_entropy=True).shape \
+        == (0, 2)
+
+
 def test_no_tokens_and_bad_chunks():
     head, hidden, targets = head_and_inputs(0)
     assert chunked_token_logprobs(head, hidden, targets, 1.0, 4).shape == (0,)
@@ -118,7 +144,7 @@ def test_policy_logprobs_equal_full_logits_and_keep_one_chunk_of_vocab_logits(ti
     mask[:, -completion:] = True
     tracker = VocabTensors(vocab, model.lm_head.weight.numel())
     with tracker:
-        got = policy._completion_logprobs(hidden, batch["input_ids"], mask, 0.9)
+        got, _ = policy._completion_logprobs(hidden, batch["input_ids"], mask, 0.9)
         (got[mask] * weights).sum().backward()
     got_grads = hidden.grad.clone(), model.lm_head.weight.grad.clone()
 
@@ -155,6 +181,14 @@ def test_whole_forward_matches_the_model_logits_with_small_chunks(tiny_bundle):
     expected = full[:, -5:, 0]
     torch.testing.assert_close(out.logprobs[out.completion_mask].view(2, 5), expected,
                                atol=1e-6, rtol=1e-6)
+    assert out.entropy is None
+    # with_entropy (rl.entropy_coeff): the entropy of each completion token's distribution
+    with torch.no_grad():
+        hot = policy(**batch, temperature=0.7, with_entropy=True)
+    entropy = torch.distributions.Categorical(logits=logits[:, :-1] / 0.7).entropy()[:, -5:]
+    torch.testing.assert_close(hot.entropy[hot.completion_mask].view(2, 5), entropy,
+                               atol=1e-5, rtol=1e-5)
+    assert (hot.entropy[~hot.completion_mask] == 0).all()
 
 
 def test_chunk_key_is_checked(tmp_path):

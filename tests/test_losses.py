@@ -493,6 +493,40 @@ def test_loss_agg_modes_match_verl(verl_algos, mode):
         aggregate(per_token, mask.bool(), "token-sum", max_len)
 
 
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_entropy_bonus_matches_verl(verl_algos, mode):
+    """rl.entropy_coeff: verl's actor loss is pg - entropy_coeff * agg_loss(entropy) (+ the
+    KL); the bonus's gradient per entropy entry is -coeff x that token's aggregation weight."""
+    logp, old_logp, ref_logp, advantages, mask = _policy_batch(13, rows=12, width=9)
+    max_len, coeff = 16, 0.3
+    entropy = (torch.rand(12, 9, generator=torch.Generator().manual_seed(5),
+                          dtype=torch.float64) * 4).requires_grad_()
+    ours, metrics = grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len,
+                                   loss_agg_mode=mode, entropy=entropy, entropy_coeff=coeff)
+    pg, _ = verl_algos.compute_policy_loss_vanilla(
+        old_log_prob=old_logp, log_prob=logp, advantages=advantages[:, None] * mask,
+        response_mask=mask, loss_agg_mode=mode,
+        config=_verl_actor_config(1e9, loss_scale_factor=max_len))
+    kl = verl_algos.agg_loss(verl_algos.kl_penalty(logp, ref_logp, "low_var_kl"), mask, mode,
+                             loss_scale_factor=max_len)
+    bonus = verl_algos.agg_loss(entropy.detach(), mask, mode, loss_scale_factor=max_len)
+    torch.testing.assert_close(ours, pg + 0.04 * kl - coeff * bonus, atol=1e-6, rtol=0)
+    assert metrics["entropy_loss"] == pytest.approx(float(bonus), abs=1e-6)
+    ours.backward()
+    rows, tokens = mask.shape[0], mask.sum(dim=1, keepdim=True)
+    weight = {"seq-mean-token-sum-norm": mask / max_len / rows,
+              "seq-mean-token-sum": mask / rows,
+              "seq-mean-token-mean": mask / tokens / rows,
+              "token-mean": mask / mask.sum()}[mode]
+    torch.testing.assert_close(entropy.grad, -coeff * weight, atol=1e-7, rtol=1e-6)
+    # 0 (the default) leaves the loss as it was; a coefficient needs the entropy
+    plain, _ = grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len,
+                              loss_agg_mode=mode)
+    torch.testing.assert_close(plain, pg + 0.04 * kl, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="entropy is required"):
+        grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len, entropy_coeff=0.1)
+
+
 def test_token_mean_over_micro_batches_and_ranks_is_the_step_mean():
     """What the learner does for token-mean: each micro-batch's token sum over
     ``token_divisor`` = step tokens / (ranks x micro-batches per side); averaging those losses

@@ -50,10 +50,13 @@ def whole_row_reference(bundle, side, completion: list[int]) -> dict[str, torch.
     ids, n = batch["input_ids"][0].tolist(), len(prompt.input_ids)
     logprobs = torch.log_softmax(out.logits[0, :-1].float(), -1)
     chosen = logprobs[n - 1:].gather(-1, torch.tensor(completion)[:, None])[:, 0]
+    # The entropy bonus's (rl.entropy_coeff): of each completion token's distribution.
+    entropy = torch.distributions.Categorical(logits=out.logits[0, n - 1:-1].float()).entropy()
     hidden = out.hidden_states[-1][0].float()
     disc_at = max(i for i in range(n) if ids[i] == bundle.disc_id)
     gen_at = max((i for i in range(n, len(ids)) if ids[i] == bundle.gen_id), default=len(ids) - 1)
-    return {"logprobs": chosen, "disc": torch.nn.functional.normalize(hidden[disc_at], dim=-1),
+    return {"logprobs": chosen, "entropy": entropy,
+            "disc": torch.nn.functional.normalize(hidden[disc_at], dim=-1),
             "gen": torch.nn.functional.normalize(hidden[gen_at], dim=-1),
             "found": torch.tensor(bundle.gen_id in completion)}
 
@@ -71,12 +74,14 @@ def test_shared_prompt_forward_equals_each_row_on_its_own(family, benchmark_mani
                                                  completions)
     assert inputs["input_ids"].shape[0] == len(sides)  # each prompt once
     with torch.no_grad():
-        out = policy(**inputs)
+        out = policy(**inputs, with_entropy=True)
     for row, completion in enumerate(completions):
         expected = whole_row_reference(bundle, sides[row // G], completion)
         got = out.logprobs[row][out.completion_mask[row]]
         assert got.shape == expected["logprobs"].shape
         assert torch.allclose(got, expected["logprobs"], atol=1e-5)
+        assert torch.allclose(out.entropy[row][out.completion_mask[row]], expected["entropy"],
+                              atol=1e-5)
         assert torch.allclose(out.disc[row], expected["disc"], atol=1e-5)
         assert torch.allclose(out.gen[row], expected["gen"], atol=1e-5)
         assert bool(out.gen_found[row]) == bool(expected["found"])

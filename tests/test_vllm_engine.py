@@ -232,14 +232,16 @@ def test_per_side_seeds_make_samples_independent_of_batching(engine):
 
 def test_sampled_tokens_logprobs_are_the_models_raw_logprobs(engine, tiny_qwen2: Path):
     """The off-policy ratio's denominator: vLLM's log-prob of each sampled token (raw logits,
-    temperature 1, whatever the sampling temperature and top-k) against a transformers forward
-    of the same bf16 weights over prompt + completion; equal up to the two engines' bf16
-    numerics."""
+    before top-k) against a transformers forward of the same bf16 weights over prompt +
+    completion; equal up to the two engines' bf16 numerics. Those are at temperature 1 only:
+    the learners read log-probs at the sampling temperature, so another one is refused."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from umerl.model.prompts import render_prompt
 
-    sampling = _sampling(temperature=0.7)
+    with pytest.raises(ValueError, match="rl.temperature 1"):
+        engine.generate_with_logprobs(SIDES[:2], 3, _sampling(temperature=0.7), seeds=[5, 6])
+    sampling = _sampling(temperature=1.0)
     ids, lps = engine.generate_with_logprobs(SIDES[:2], 3, sampling, seeds=[5, 6])
     assert ids == engine.generate(SIDES[:2], 3, sampling, seeds=[5, 6])
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2)

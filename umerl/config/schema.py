@@ -278,6 +278,7 @@ SCHEMA: dict[str, Rule] = {
     "rl.clip_eps_low": Float(0.0, 1.0, low_open=True),
     "rl.clip_eps_high": POSITIVE,
     "rl.kl_beta": NONNEG,
+    "rl.entropy_coeff": NONNEG,
     "rl.max_completion_length": Int(1, nullable=True),
     "rl.weight_sync_transport": OneOf("auto", "nccl", "shm", "gloo"),
     "rl.weight_sync_bucket_mb": POSITIVE,
@@ -510,6 +511,19 @@ def _vllm_whole_gpus(c: DictConfig, s: Sources) -> str | None:
             "or the transformers engine")
 
 
+def _stale_vllm_temperature(c: DictConfig, s: Sources) -> str | None:
+    """Off-policy rollouts bring the sampling weights' log-probs from the engine; the learners
+    read log-probs at rl.temperature, and vLLM reports them at temperature 1 only."""
+    engine = engine_for(c.rollout.engine, float(c.rollout.gpus_per_worker))
+    if int(c.rl.max_staleness) == 0 or engine != "vllm" or float(c.rl.temperature) == 1.0:
+        return None
+    return (f"{s.describe('rl.max_staleness')} = {c.rl.max_staleness} with "
+            f"{s.describe('rl.temperature')} = {c.rl.temperature:g}: the learners read the "
+            "sampling weights' log-probs at that temperature, and vLLM (what "
+            f"{s.describe('rollout.engine')} resolves to) reports them at temperature 1 only; "
+            "use rl.temperature 1, rl.max_staleness 0 or the transformers engine")
+
+
 def _something_trains(c: DictConfig, s: Sources) -> str | None:
     for stage, parts in (("sft", c.sft.train), ("learner", c.learner.train)):
         enabled = c.sft.enabled if stage == "sft" else c.rl.enabled
@@ -577,6 +591,6 @@ LEARNER_RULES: Rules = (_pairs_divide_learners, _learner_micro_batch, _single_fo
 CROSS_RULES: Rules = (
     _learner_sizes, _single_forward, _shared_prompt, _reference_placement, _direct_ports_apart,
     _serve_tls_and_scaling,
-    _vllm_whole_gpus, _tensor_parallel, _something_trains, _pass_k_distinct, _faults_can_fire,
-    _timeouts_ordered, _elastic_range,
+    _vllm_whole_gpus, _tensor_parallel, _stale_vllm_temperature, _something_trains,
+    _pass_k_distinct, _faults_can_fire, _timeouts_ordered, _elastic_range,
 )

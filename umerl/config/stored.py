@@ -23,7 +23,8 @@ MATTERS = {
     "rl": [*_MODEL, "rl.data", "rl.lr", "rl.weight_decay", "rl.warmup_ratio",
            "rl.pairs_per_step", "rl.group_size", "rl.max_new_tokens", "rl.temperature",
            "rl.top_k", "rl.top_p", "rl.adv_eps", "rl.norm_adv_by_std", "rl.loss_agg_mode",
-           "rl.clip_eps_low", "rl.clip_eps_high", "rl.kl_beta", "rl.max_completion_length",
+           "rl.clip_eps_low", "rl.clip_eps_high", "rl.kl_beta", "rl.entropy_coeff",
+           "rl.max_completion_length",
            "rl.max_staleness", "rl.mask_shared_targets", "rewards", "learner.train",
            "learner.zero_stage"],
 }

@@ -5,7 +5,9 @@ returns, per row of a left-padded batch (see ``InputEncoder.collate``):
 
 - ``disc``: the hidden state at the last ``<disc_emb>`` of the prompt, L2-normalised;
 - ``gen``: the hidden state at the last ``<gen_emb>`` of the completion (else its last token);
-- ``logprobs``: log p(token) of every completion token (0 elsewhere) and ``completion_mask``.
+- ``logprobs``: log p(token) of every completion token (0 elsewhere) and ``completion_mask``;
+- ``entropy`` (``with_entropy``): the entropy of the next-token distribution at every
+  completion token (0 elsewhere), for ``rl.entropy_coeff``'s bonus.
 
 Vocabulary logits are computed only at completion positions: on a 150k-token vocabulary the
 full ``[B, T, V]`` tensor would dominate memory for nothing. Even those are computed in chunks
@@ -44,6 +46,7 @@ class PolicyOutput(NamedTuple):
     gen_found: torch.Tensor | None  # [B] bool: the completion wrote <gen_emb>
     logprobs: torch.Tensor | None  # [B, T]: log-prob of each completion token, 0 elsewhere
     completion_mask: torch.Tensor  # [B, T] bool
+    entropy: torch.Tensor | None = None  # [B, T] like logprobs; with_entropy only
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -68,19 +71,27 @@ def completion_block_mask(completion_ids: torch.Tensor,
 
 
 def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-                    targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(target) of each row: logit[target] - logsumexp(logits), one fp32 ``[n, V]``."""
+                    targets: torch.Tensor, temperature: float,
+                    with_entropy: bool = False) -> torch.Tensor:
+    """log p(target) of each row: logit[target] - logsumexp(logits), one fp32 ``[n, V]``;
+    with ``with_entropy`` ``[n, 2]``: that and the entropy lse - sum(p * logits)."""
     logits = head(hidden).float() / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    if not with_entropy:
+        return picked - lse
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return torch.stack([picked - lse, entropy], dim=-1)
 
 
 def chunked_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                            targets: torch.Tensor, temperature: float = 1.0,
                            chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
-                           agree_chunks: Callable[[int], int] | None = None) -> torch.Tensor:
+                           agree_chunks: Callable[[int], int] | None = None,
+                           with_entropy: bool = False) -> torch.Tensor:
     """log p(``targets[i]``) under ``head(hidden[i])`` / ``temperature`` for ``hidden [N, d]``,
-    ``chunk_tokens`` rows at a time, fp32 ``[N]``.
+    ``chunk_tokens`` rows at a time, fp32 ``[N]``; with ``with_entropy`` ``[N, 2]``: column 1
+    is the entropy of that distribution (from the same chunk's logits).
 
     At most one chunk's ``[chunk, V]`` fp32 logits exist at a time, forward and backward: with
     gradients on, each chunk runs under activation checkpointing, so autograd keeps only its
@@ -103,12 +114,25 @@ def chunked_token_logprobs(head: Callable[[torch.Tensor], torch.Tensor], hidden:
         rows, wanted = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if recompute:
             parts.append(checkpoint(_chunk_logprobs, head, rows, wanted, temperature,
-                                    use_reentrant=False))
+                                    with_entropy, use_reentrant=False))
         else:
-            parts.append(_chunk_logprobs(head, rows, wanted, temperature))
+            parts.append(_chunk_logprobs(head, rows, wanted, temperature, with_entropy))
     if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32)
+        return hidden.new_zeros((0, 2) if with_entropy else 0, dtype=torch.float32)
     return torch.cat(parts)
+
+
+def _spread(values: torch.Tensor, mask: torch.Tensor, with_entropy: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``[n]`` (or ``[n, 2]`` with the entropy) values into ``mask``'s True cells of
+    a zero ``[B, T]`` tensor each: (log-probs, entropy or None)."""
+    columns = values.unbind(-1) if with_entropy else (values,)
+    out = []
+    for column in columns:
+        full = torch.zeros(mask.shape, dtype=column.dtype, device=column.device)
+        full[mask] = column
+        out.append(full)
+    return out[0], (out[1] if with_entropy else None)
 
 
 def embedding_positions(
@@ -184,12 +208,13 @@ class PolicyModule(nn.Module):
         with_logprobs: bool = True,
         temperature: float = 1.0,
         completion_ids: torch.Tensor | None = None,
+        with_entropy: bool = False,
         **vision: torch.Tensor,
     ) -> PolicyOutput:
         if completion_ids is not None:
             return self._shared_prompt_forward(input_ids, attention_mask, completion_ids,
                                                completion_lengths, with_logprobs, temperature,
-                                               vision)
+                                               vision, with_entropy)
         completion_mask = completion_mask_for(input_ids, completion_lengths)
         disc_pos, gen_pos, found = embedding_positions(
             input_ids, completion_mask, self.disc_id, self.gen_id
@@ -204,19 +229,20 @@ class PolicyModule(nn.Module):
         disc = F.normalize(hidden[rows, disc_pos].float(), dim=-1)
         has_completion = bool(completion_mask.any())
         gen = F.normalize(hidden[rows, gen_pos].float(), dim=-1) if has_completion else None
-        logprobs = None
+        logprobs = entropy = None
         # Under agree_chunks even a batch without completion tokens runs the (empty) chunks:
         # the other ranks' forwards make their collectives whatever this batch holds.
         if with_logprobs and (has_completion or self.agree_chunks is not None):
-            logprobs = self._completion_logprobs(hidden, input_ids, completion_mask, temperature)
-            logprobs = logprobs if has_completion else None
+            logprobs, entropy = self._completion_logprobs(
+                hidden, input_ids, completion_mask, temperature, with_entropy)
+            logprobs, entropy = (logprobs, entropy) if has_completion else (None, None)
         return PolicyOutput(disc, gen, found if has_completion else None, logprobs,
-                            completion_mask)
+                            completion_mask, entropy)
 
     def _shared_prompt_forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         completion_ids: torch.Tensor, completion_lengths: torch.Tensor, with_logprobs: bool,
-        temperature: float, vision: dict[str, torch.Tensor],
+        temperature: float, vision: dict[str, torch.Tensor], with_entropy: bool = False,
     ) -> PolicyOutput:
         """The forward of ``P`` prompts (left-padded) with ``G`` completions each."""
         P, G = input_ids.shape[0], completion_ids.shape[0] // input_ids.shape[0]
@@ -250,16 +276,15 @@ class PolicyModule(nn.Module):
         # Without <gen_emb>: the row's last token (the prompt's end for an empty completion).
         last = torch.where(found, gen_pos, completion_lengths.to(gen_pos.device) - 1)
         gen = F.normalize(before[rows, last + 1].float(), dim=-1)
-        logprobs = None
+        logprobs = entropy = None
         if with_logprobs:
             picked = chunked_token_logprobs(
                 self.model.lm_head, before[:, :-1][completion_mask],
                 completion_ids[completion_mask], temperature, self.logprob_chunk_tokens,
-                self.agree_chunks)
-            logprobs = torch.zeros(completion_ids.shape, dtype=picked.dtype, device=picked.device)
-            logprobs[completion_mask] = picked
+                self.agree_chunks, with_entropy)
+            logprobs, entropy = _spread(picked, completion_mask, with_entropy)
         return PolicyOutput(disc.repeat_interleave(G, dim=0), gen, found, logprobs,
-                            completion_mask)
+                            completion_mask, entropy)
 
     def _run_vision(self, vision: dict[str, torch.Tensor], device: torch.device
                     ) -> tuple[dict[str, Any], torch.Tensor | None]:
@@ -320,16 +345,17 @@ class PolicyModule(nn.Module):
 
     def _completion_logprobs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-        temperature: float,
-    ) -> torch.Tensor:
+        temperature: float, with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs, entropy or None), each ``[B, T]``, 0 outside the completion."""
         # The state at t-1 predicts the token at t.
         predicts = completion_mask[:, 1:]
-        token_logprobs = chunked_token_logprobs(
+        values = chunked_token_logprobs(
             self.model.lm_head, hidden[:, :-1][predicts], input_ids[:, 1:][predicts],
-            temperature, self.logprob_chunk_tokens, self.agree_chunks)
-        out = torch.zeros(input_ids.shape, dtype=token_logprobs.dtype, device=hidden.device)
-        out[:, 1:][predicts] = token_logprobs
-        return out
+            temperature, self.logprob_chunk_tokens, self.agree_chunks, with_entropy)
+        shifted = torch.zeros_like(completion_mask)
+        shifted[:, 1:] = predicts
+        return _spread(values, shifted, with_entropy)
 
 
 # (modality, pixels key, grid key). Every Qwen-VL family's tower treats a video's temporal

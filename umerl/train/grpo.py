@@ -7,10 +7,14 @@ Per side (query rollouts, target rollouts), with N = pairs x G sampled completio
     rho_it   = exp(logp_it - old_logp_it)
     pg_it    = max(-A_i rho_it, -A_i clip(rho_it, 1 - eps_low, 1 + eps_high))   eps 0.2 / 0.28
     k3_it    = exp(ref_it - logp_it) - (ref_it - logp_it) - 1
-    L_side   = agg(pg_it + beta k3_it)                                            beta 0.04
+    L_side   = agg(pg_it + beta k3_it) - c agg(H_it)                              beta 0.04
     L        = (L_query + L_target) / 2
 
-``agg`` is ``rl.loss_agg_mode`` (verl's names), over the side's N sequences x T tokens:
+``H_it`` is the entropy of the policy's next-token distribution (at the rollout temperature)
+where token t was sampled, and ``c`` is ``rl.entropy_coeff`` (verl's name; default 0: no
+bonus): a positive ``c`` rewards keeping the sampling distribution spread, against the policy
+collapsing onto a few answers. ``agg`` is ``rl.loss_agg_mode`` (verl's names), over the side's
+N sequences x T tokens:
 
     seq-mean-token-sum-norm  mean_i [ sum_t x_it / max_completion_length ]    (the default)
     seq-mean-token-sum       mean_i [ sum_t x_it ]
@@ -169,8 +173,11 @@ def grpo_side_loss(
     eps_high: float = 0.28,
     loss_agg_mode: str = "seq-mean-token-sum-norm",
     token_divisor: float | None = None,
+    entropy: Tensor | None = None,
+    entropy_coeff: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """GRPO loss of one side (query or target rollouts): ``agg(pg + kl_beta * k3)``.
+    """GRPO loss of one side (query or target rollouts):
+    ``agg(pg + kl_beta * k3) - entropy_coeff * agg(entropy)``.
 
     Args:
         logp: [N, T] current-policy log-probs (with grad).
@@ -181,10 +188,13 @@ def grpo_side_loss(
         max_completion_length: the constant divisor of ``seq-mean-token-sum-norm`` (the
             generation limit), not the batch's T.
         loss_agg_mode, token_divisor: see ``aggregate``.
+        entropy: [N, T] per-token entropy of the current policy (with grad); required when
+            entropy_coeff != 0 (verl subtracts ``entropy_coeff * agg(entropy)`` likewise).
 
     Returns:
         (loss, metrics): metrics hold ``policy_loss`` and ``kl_loss`` (the two parts of the loss
-        under the same aggregation: loss = policy_loss + kl_beta * kl_loss), ``kl`` (masked
+        under the same aggregation: loss = policy_loss + kl_beta * kl_loss - entropy_coeff *
+        entropy_loss, ``entropy_loss`` logged when ``entropy`` is given), ``kl`` (masked
         token mean of k3), ``clip_fraction``, ``ratio_mean`` (masked token mean of the
         importance ratio) and ``loss``.
     """
@@ -207,6 +217,14 @@ def grpo_side_loss(
         kl_tok = torch.where(mask, k3_kl(logp, ref_logp), torch.zeros_like(logp))
     kl_loss = agg(kl_tok)
     loss = policy_loss + kl_beta * kl_loss
+    extra: dict[str, float] = {}
+    if entropy is None:
+        if entropy_coeff != 0:
+            raise ValueError("entropy is required when entropy_coeff != 0")
+    else:
+        entropy_loss = agg(torch.where(mask, entropy, torch.zeros_like(entropy)))
+        loss = loss - entropy_coeff * entropy_loss
+        extra["entropy_loss"] = float(entropy_loss.detach())
     metrics = {
         "loss": float(loss.detach()),
         "policy_loss": float(policy_loss.detach()),
@@ -215,5 +233,6 @@ def grpo_side_loss(
         "clip_fraction": clip_fraction,
         # Token mean of rho = exp(logp - old_logp): 1 on-policy, off 1 for stale rollouts.
         "ratio_mean": _masked_mean(torch.exp((logp - old_logp).detach().clamp(-20, 20)), mask),
+        **extra,
     }
     return loss, metrics

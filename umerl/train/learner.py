@@ -130,6 +130,13 @@ class Learner:
         self.faults = for_actor(recipe_faults(cfg.faults), "learner", self.rank)
 
     @property
+    def temperature(self) -> float:
+        """The rollouts' sampling temperature: the policy that sampled a completion is
+        softmax(logits / T) (top-k aside), so the ratio, the policy gradient and the KL read
+        log-probs at T, the policy's and the reference's alike (as verl's actor and ref do)."""
+        return float(self.rcfg.temperature)
+
+    @property
     def max_completion_length(self) -> int:
         return int(self.rcfg.max_completion_length or self.rcfg.max_new_tokens)
 
@@ -149,7 +156,7 @@ class Learner:
         # Encoded once: the scoring pass and the update pass read the same micro-batches.
         batches = {name: self._micro_batches(*rows) for name, rows in sides.items()}
         if self.single_forward:  # the update's own forward gives the (detached) embeddings
-            forwards = {name: [self.engine(**b["inputs"]) for b in batches[name]]
+            forwards = {name: [self._policy_forward(b["inputs"]) for b in batches[name]]
                         for name in batches}
             scored = {name: self._score(batches[name], forwards[name]) for name in batches}
         else:  # two passes: a no-grad one now, the update's forward per micro-batch later
@@ -234,7 +241,8 @@ class Learner:
             disc.append(out.disc.detach())  # at the prompt's <disc_emb>: same for a pair's G
             found.append(out.gen_found)
             ref.append(None if self.reference is None  # rl.kl_beta 0: no KL term
-                       else self.reference(**batch["inputs"]).logprobs)
+                       else self.reference(**batch["inputs"],
+                                           temperature=self.temperature).logprobs)
         return {"gen": torch.cat(gen), "disc": torch.cat(disc), "found": torch.cat(found),
                 "ref": ref}
 
@@ -299,14 +307,15 @@ class Learner:
             for i, batch in enumerate(side_batches):
                 a = i * self.micro
                 out: PolicyOutput = (forwards[name][i] if forwards is not None
-                                     else self.engine(**batch["inputs"]))
+                                     else self._policy_forward(batch["inputs"]))
                 loss, parts = grpo_side_loss(
                     out.logprobs, batch["old_logprobs"], scored[name]["ref"][i],
                     advantages[name][a:a + self.micro].to(out.logprobs.device),
                     out.completion_mask, self.max_completion_length,
                     kl_beta=float(self.rcfg.kl_beta), eps_low=float(self.rcfg.clip_eps_low),
                     eps_high=float(self.rcfg.clip_eps_high), loss_agg_mode=mode,
-                    token_divisor=divisor,
+                    token_divisor=divisor, entropy=out.entropy,
+                    entropy_coeff=float(self.rcfg.entropy_coeff),
                 )
                 # DeepSpeed averages micro-batch losses over gradient accumulation; with both
                 # sides' micro-batches equal in size that is (loss_query + loss_target) / 2.
@@ -319,6 +328,12 @@ class Learner:
         skipped = self.optimizer.skipped or not self.engine.was_step_applied()
         return ({f"actor/{k}": v for k, v in sums.items()}
                 | {"actor/lr": self.engine.get_lr()[0], "actor/skipped": float(skipped)})
+
+    def _policy_forward(self, inputs: dict[str, torch.Tensor]) -> PolicyOutput:
+        """The update's forward (with gradients): log-probs at the rollout temperature and,
+        for the entropy bonus, the per-token entropy."""
+        return self.engine(**inputs, temperature=self.temperature,
+                           with_entropy=float(self.rcfg.entropy_coeff) != 0)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         device = next(self.engine.module.parameters()).device

@@ -134,7 +134,7 @@ class TransformersEngine:
         with self._generate_lock, _without_checkpoint_defaults(bundle.model):
             generated, prompt_length = generate_sides_together(bundle.model, batches, config,
                                                                seeds)
-        return self._split(generated, prompt_length, len(prompts), n, logprobs)
+        return self._split(generated, prompt_length, len(prompts), n, logprobs, sampling)
 
     @torch.no_grad()
     def generate_encoded(
@@ -166,13 +166,15 @@ class TransformersEngine:
                 generated = generate_prefilled_once(bundle.model, batch, config)
             else:  # greedy evaluation and single samples share nothing
                 generated = bundle.model.generate(**batch, generation_config=config)
-        return self._split(generated, batch["input_ids"].shape[1], len(prompts), n, logprobs)
+        return self._split(generated, batch["input_ids"].shape[1], len(prompts), n, logprobs,
+                           sampling)
 
     def _split(
         self, generated: GenerateDecoderOnlyOutput, prompt_length: int, prompts: int, n: int,
-        logprobs: bool,
+        logprobs: bool, sampling: SamplingParams,
     ) -> tuple[list[list[list[int]]], list[list[list[float]]]]:
-        """[prompt][sample] completions (cut after the first stop) and their log-probs."""
+        """[prompt][sample] completions (cut after the first stop) and their log-probs at the
+        sampling temperature."""
         new = generated.sequences[:, prompt_length:]
         completions = [_strip_after_stop(ids, self.bundle.stop_ids) for ids in new.tolist()]
         token_logprobs: list[list[float]] = [[] for _ in completions]

@@ -5,7 +5,8 @@ after (greedy gen and sampled pass@1, paired bootstrap intervals).
 
     .venv/bin/python bench/bench_learnability.py --checkpoint runs/cpu_tiny/sft \\
         [--task digits_cls] [--steps 200] [--seeds 0,1,2] [--out /tmp/umerl-learnability] \\
-        [--recipe recipes/cpu_tiny.yaml] [key=value ...]
+        [--recipe recipes/cpu_tiny.yaml] [--rl-extra N] [--variants reward,shuffled] \\
+        [key=value ...]
 
 The checkpoint is evaluated once on the task's test split (``umerl eval``: mode gen, pass@1
 from ``eval.pass_k``'s samples, the recipe's eval settings); then each (variant, seed) is one
@@ -16,6 +17,15 @@ steps and its change, with the mean and a 95% t-interval over seeds; the mean em
 likewise; then greedy gen and pass@1 after RL minus before, per seed with 95% paired bootstrap
 intervals over the test queries (``umerl.eval.compare``). A PNG of the curves goes to
 OUT/learnability.png.
+
+``--rl-extra N`` (opt-in; digits_cls only): the RL pairs come from a build of the bundled
+benchmark with N more RL queries drawn from images no split uses (``build_benchmark``'s
+``rl_extra``), built once into OUT/benchmark-rl+N; its train, test and SFT files are checked
+byte-identical to the default build's, so the SFT checkpoint and the test evaluation are the
+same and only the RL pool grows (80 -> 80 + N pairs: 60 steps x 16 pairs = 960 is one pass).
+The ``+answer`` variants add the verifiable answer reward (``answer``, 1 when the answer names
+the gold label) beside the embedding reward, weight ``--answer-weight``; their control
+shuffles both within each group.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 ACCURACY = "rollout/answer_accuracy/query"
 REWARD = "reward/embedding"
+ANSWER = "reward/answer"
 VARIANTS = {  # label -> the rewards list; the control's part keeps the label "embedding"
     "reward": "[{name: format, weight: 1.0}, {name: embedding, weight: 1.0}]",
     "shuffled": "[{name: format, weight: 1.0}, {name: 'bench/shuffled_reward.py:"
@@ -44,7 +55,16 @@ VARIANTS = {  # label -> the rewards list; the control's part keeps the label "e
     # signal that pays exactly for correct answers.
     "answer": "[{name: format, weight: 1.0}, {name: answer, weight: 1.0}, "
               "{name: embedding, weight: 0.0}]",
+    # The answer reward beside the embedding reward, weight {answer} (--answer-weight); its
+    # control shuffles both parts within each group (the same permutation for both).
+    "reward+answer": "[{{name: format, weight: 1.0}}, {{name: embedding, weight: 1.0}}, "
+                     "{{name: answer, weight: {answer}}}]",
+    "shuffled+answer": "[{{name: format, weight: 1.0}}, {{name: 'bench/shuffled_reward.py:"
+                       "shuffled_embedding', label: embedding, weight: 1.0}}, "
+                       "{{name: 'bench/shuffled_reward.py:shuffled_answer', label: answer, "
+                       "weight: {answer}}}]",
 }
+TEMPLATED = {"reward+answer", "shuffled+answer"}  # str.format'ed with --answer-weight
 DEFAULT_VARIANTS = "reward,shuffled"
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -56,11 +76,14 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    pairs = Path(args.benchmark) / args.task / "rl_pairs.jsonl"
+    pairs = Path(args.rl_benchmark) / args.task / "rl_pairs.jsonl"
+    rewards = VARIANTS[variant]
+    if variant in TEMPLATED:
+        rewards = rewards.format(answer=args.answer_weight)
     command = [
         sys.executable, "-m", "umerl.cli", "rl", str(args.recipe), "--checkpoint",
         str(checkpoint), f"output_dir={out}", f"seed={seed}", f"rl.data=[{pairs}]",
-        f"rl.max_steps={args.steps}", f"rl.save_every={args.steps}", f"rewards={VARIANTS[variant]}",
+        f"rl.max_steps={args.steps}", f"rl.save_every={args.steps}", f"rewards={rewards}",
         f"eval.tasks=[{args.task}]", "eval.modes=[gen:gen]", "eval.before=false",
         *args.overrides,
     ]
@@ -75,6 +98,34 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
                          f"log {out / 'run.log'}:\n" + "\n".join(tail))
     print(f"[learnability] {variant} seed {seed}: {time.perf_counter() - start:.0f} s, {out}",
           flush=True)
+    return out
+
+
+# The files an extra RL pool must leave as they are: what SFT trained on and what is evaluated.
+UNCHANGED = ("train.jsonl", "test.jsonl", "sft.jsonl")
+
+
+def extended_benchmark(args: argparse.Namespace, seed: int) -> Path:
+    """The bundled benchmark with ``--rl-extra`` more RL queries for the task, built once into
+    OUT/benchmark-rl+N; stops unless its train, test and SFT files (and their images) are
+    byte-identical to the default build's and its rl split starts with the default rl lines."""
+    from umerl.data.benchmark import build_benchmark
+
+    out = Path(args.out) / f"benchmark-rl+{args.rl_extra}"
+    if not (out / "tasks.json").is_file():
+        build_benchmark(out, seed=seed, rl_extra={args.task: args.rl_extra})
+    base, ext = Path(args.benchmark) / args.task, out / args.task
+    changed = [name for name in UNCHANGED
+               if (base / name).read_bytes() != (ext / name).read_bytes()]
+    changed += [str(p.relative_to(base)) for p in sorted((base / "images").rglob("*.png"))
+                if p.read_bytes() != (ext / p.relative_to(base)).read_bytes()]
+    for name in ("rl.jsonl", "rl_pairs.jsonl"):
+        old = (base / name).read_bytes()
+        if not (ext / name).read_bytes().startswith(old):
+            changed.append(f"{name} (the default rl lines)")
+    if changed:
+        raise SystemExit(f"{out}: the extra RL pool changed {changed[:5]}: not a pure extension "
+                         f"of {Path(args.benchmark)}")
     return out
 
 
@@ -190,7 +241,7 @@ def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
             smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(
                 0, i - window + 1):i + 1]) for i in range(len(values))]
             axes.plot(range(1, len(values) + 1), smooth, label=f"{variant} seed {seed}",
-                      color="tab:blue" if variant == "reward" else "tab:grey",
+                      color="tab:grey" if variant.startswith("shuffled") else "tab:blue",
                       alpha=0.5 + 0.15 * seed)
         axes.set_title(title)
         axes.set_xlabel("GRPO step")
@@ -213,6 +264,12 @@ def main() -> None:
                         "recipe's data.benchmark_dir says)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--rl-extra", type=int, default=0,
+                        help="N more RL pairs for the task from images no split uses (an "
+                        "extended build under OUT; train and test unchanged). 0: the bundled "
+                        "rl split")
+    parser.add_argument("--answer-weight", type=float, default=1.0,
+                        help="the answer reward's weight in the +answer variants")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs found in OUT (and OUT/before): report again")
@@ -227,9 +284,17 @@ def main() -> None:
     cfg = load_recipe(args.recipe, args.overrides)
     args.benchmark_dir = args.benchmark or cfg.data.benchmark_dir
     args.benchmark = str(ensure_benchmark(args.benchmark_dir, int(cfg.data.benchmark_seed)).parent)
+    args.rl_benchmark = args.benchmark
+    if args.rl_extra:
+        args.rl_benchmark = str(extended_benchmark(args, int(cfg.data.benchmark_seed)))
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)} (known: {', '.join(VARIANTS)})")
     start = Path(args.checkpoint).resolve()
     checkpoint = ckpt.latest(start) or start
-    print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}", flush=True)
+    pairs = sum(1 for _ in open(Path(args.rl_benchmark) / args.task / "rl_pairs.jsonl"))
+    print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}, {pairs} RL pairs",
+          flush=True)
     before = evaluate_start(args, checkpoint)
     runs = {(variant, int(seed)): run(args, checkpoint, variant, int(seed))
             for variant in args.variants.split(",") for seed in args.seeds.split(",")}
@@ -239,6 +304,11 @@ def main() -> None:
     print(f"\nmean embedding reward ({REWARD}), x100:")
     print(format_table(curve_rows(runs, REWARD),
                        ["variant", "seed", "first 10%", "last 10%", "change"]))
+    answered = {k: v for k, v in runs.items() if k[0].endswith("answer")}
+    if answered:
+        print(f"\nmean answer reward ({ANSWER}), x100:")
+        print(format_table(curve_rows(answered, ANSWER),
+                           ["variant", "seed", "first 10%", "last 10%", "change"]))
     print(f"\n{args.task} test split, after RL - before, points [95% paired bootstrap]:")
     columns = ["variant", "seed"] + [f"{m} {c}" for m in ("gen", "pass@1")
                                      for c in ("before", "after", "change")]

@@ -567,3 +567,80 @@ def test_key_terms_are_names_then_long_words() -> None:
     # Equally long words keep their order; a capital inside a word starts no name.
     assert bb.key_terms("a stricken humpback was swimming near al-Qaida") == [
         "stricken", "humpback", "swimming"]
+
+
+# --------------------------------------------------------------------------------------------
+# rl_extra: a larger RL pool for digits_cls, the rest of the build unchanged
+
+
+RL_EXTRA = 30
+
+
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_benchmark(tmp_path_factory.mktemp("extra") / "umerl-mini", seed=0,
+                           rl_extra={"digits_cls": RL_EXTRA}).parent
+
+
+def test_rl_extra_changes_only_the_digits_cls_rl_split(bench: Path, extended: Path) -> None:
+    a, b = tree_hashes(bench), tree_hashes(extended)
+    grown = {"digits_cls/rl.jsonl", "digits_cls/rl_pairs.jsonl", "BUILD.json"}
+    new_images = {f"digits_cls/images/rl/{n:04d}.png" for n in range(80, 80 + RL_EXTRA)}
+    assert set(b) == set(a) | new_images
+    assert [k for k in a if k not in grown and a[k] != b[k]] == []
+    for name in ("rl.jsonl", "rl_pairs.jsonl"):  # the default lines first, then the extras
+        old = (bench / "digits_cls" / name).read_text(encoding="utf-8")
+        new = (extended / "digits_cls" / name).read_text(encoding="utf-8")
+        assert new.startswith(old) and len(new.splitlines()) == 80 + RL_EXTRA
+
+
+def test_rl_extra_queries_are_new_images_labelled_by_their_pixels(
+        bench: Path, manifest: dict, extended: Path, digit_of_png) -> None:
+    folder = extended / "digits_cls"
+    extra = read_jsonl(folder / "rl.jsonl")[80:]
+    labels = [digit_of_png(folder / x["qry_img_path"]) for x in extra]
+    assert [DIGITS[d] for d in labels] == [x["tgt_text"][0] for x in extra]
+    assert np.bincount(labels, minlength=10).tolist() == [RL_EXTRA // 10] * 10
+    # Every digit image the default build uses anywhere (digits_cls and digits_reason, all
+    # splits), by pixels: the extras are none of them.
+    used = {pixels_key(p) for task in ("digits_cls", "digits_reason")
+            for p in (bench / task / "images").rglob("*.png")}
+    extra_keys = [pixels_key(folder / x["qry_img_path"]) for x in extra]
+    assert len(set(extra_keys)) == RL_EXTRA and not set(extra_keys) & used
+    pairs = read_jsonl(folder / "rl_pairs.jsonl")[80:]
+    assert [p["id"] for p in pairs] == [f"digits_cls-rl-{n:04d}" for n in range(80, 110)]
+    assert [p["target"]["text"].split("\n")[-1] for p in pairs] == [DIGITS[d] for d in labels]
+
+
+def test_rl_extra_is_checked_and_reaches_the_cli(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no extra RL pool"):
+        bb.check_rl_extra({"faces_cls": 5})
+    with pytest.raises(ValueError, match="int >= 0"):
+        bb.check_rl_extra({"digits_cls": -1})
+    assert bb.check_rl_extra({"digits_cls": 0}) == {}
+    with pytest.raises(ValueError, match="not enough images of digit"):
+        build_benchmark(tmp_path / "too-many", rl_extra={"digits_cls": 1100})
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        assert bb.main([str(tmp_path / "cli"), "--rl-extra", "digits_cls=20"]) == 0
+    assert re.search(r"^digits_cls\s+\S+\s+local\s+\S+\s+200\s+100\s+400", buf.getvalue(),
+                     re.MULTILINE), buf.getvalue()
+    info = json.loads((tmp_path / "cli" / "BUILD.json").read_text(encoding="utf-8"))
+    assert info["rl_extra"] == {"digits_cls": 20}
+
+
+def test_learnability_bench_uses_an_extended_pool_only_if_it_is_pure(
+        bench: Path, extended: Path, tmp_path: Path) -> None:
+    import argparse
+    import shutil
+
+    from bench.bench_learnability import extended_benchmark
+
+    out = tmp_path / "out"
+    shutil.copytree(extended, out / f"benchmark-rl+{RL_EXTRA}")
+    args = argparse.Namespace(out=str(out), benchmark=str(bench), task="digits_cls",
+                              rl_extra=RL_EXTRA)
+    assert extended_benchmark(args, seed=0) == out / f"benchmark-rl+{RL_EXTRA}"
+    image = out / f"benchmark-rl+{RL_EXTRA}" / "digits_cls" / "images" / "train" / "0003.png"
+    image.write_bytes(image.read_bytes() + b"\0")  # an SFT image that moved
+    with pytest.raises(SystemExit, match="images/train/0003.png"):
+        extended_benchmark(args, seed=0)

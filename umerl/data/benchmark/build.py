@@ -1,7 +1,13 @@
 """Build the ``umerl-mini`` benchmark: MMEB-format tasks, SFT pairs and RL pairs from data that
 ships inside PyPI packages (see ``SOURCES.md``), so training and evaluation run offline.
 
-Usage: ``python -m umerl.data.benchmark.build OUT_DIR [--seed N]``.
+Usage: ``python -m umerl.data.benchmark.build OUT_DIR [--seed N] [--rl-extra digits_cls=N]``.
+
+``--rl-extra digits_cls=N`` (``build_benchmark(..., rl_extra={"digits_cls": N})``; opt-in, off by
+default) appends N more digits_cls RL queries to the rl split, drawn from the sklearn digits no
+split uses, after train: train, test and the first lines of rl are byte-identical to the build
+without it (an SFT checkpoint trained on the default build stays valid), only rl grows (rl.jsonl,
+rl_pairs.jsonl, images/rl/). digits has 1,797 images; the default splits use 770 of them.
 
 Layout (every path in a JSONL file is relative to that file's own folder, which is the default
 media root of ``docs/data-formats.md``)::
@@ -101,6 +107,11 @@ DEFAULT_SIZES: dict[str, dict] = {
     "digits_reason": {"train": 200, "rl": 80, "test": 150, "pool_images": 3},
 }
 
+# Tasks that can draw extra RL queries (build_benchmark's rl_extra) and the cls_idx key of
+# digits_cls's extra draw.
+RL_EXTRA_TASKS = ("digits_cls",)
+RL_EXTRA = "rl_extra"
+
 # name -> (modality, kind, pool, metric)
 TASKS: dict[str, tuple[str, str, str, str]] = {
     "digits_cls": ("image", "classification", "local", "hit@1"),
@@ -194,6 +205,20 @@ def _article(noun: str) -> str:
     return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
 
 
+def check_rl_extra(rl_extra: dict[str, int] | None) -> dict[str, int]:
+    """``rl_extra`` validated, without zero entries (unknown tasks and negatives: an error)."""
+    out = {}
+    for task, n in (rl_extra or {}).items():
+        if task not in RL_EXTRA_TASKS:
+            raise ValueError(f"rl_extra: {task!r} has no extra RL pool (only: "
+                             f"{', '.join(RL_EXTRA_TASKS)})")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"rl_extra[{task!r}]: {n!r} is not an int >= 0")
+        if n:
+            out[task] = n
+    return out
+
+
 def merge_sizes(sizes: dict | None) -> dict[str, dict]:
     """:data:`DEFAULT_SIZES` updated with ``sizes`` (unknown keys are an error)."""
     out = copy.deepcopy(DEFAULT_SIZES)
@@ -218,10 +243,12 @@ def _digit_png(img8: np.ndarray, path: str) -> Media:
     return _png(_gray_to_rgb(big), path)
 
 
-def _digit_allocation(labels: np.ndarray, sz: dict, seed: int) -> tuple[dict, dict]:
+def _digit_allocation(labels: np.ndarray, sz: dict, seed: int,
+                      rl_extra: int = 0) -> tuple[dict, dict]:
     """Disjoint sklearn indices: digits_cls queries per split, digits_reason image pools.
 
-    Drawn test first, so the test split does not change when train or rl sizes do.
+    Drawn test first, so the test split does not change when train or rl sizes do; the
+    ``rl_extra`` digits_cls queries (key :data:`RL_EXTRA`, only when > 0) are drawn after all.
     """
     rng = _rng(seed, "digits")
     by_class = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(10)]
@@ -240,32 +267,47 @@ def _digit_allocation(labels: np.ndarray, sz: dict, seed: int) -> tuple[dict, di
     pools: dict[str, list[list[int]]] = {}
     for split in GEN_ORDER:
         pools[split] = [take(c, k, "digits_reason") for c in range(10)]
-        counts = _per_class(int(sz["digits_cls"][split]), 10, rng)
-        chosen = [i for c in range(10) for i in take(c, counts[c], "digits_cls")]
-        cls_idx[split] = [chosen[i] for i in rng.permutation(len(chosen))]
+        cls_idx[split] = _draw_cls(int(sz["digits_cls"][split]), take, rng)
+    # Drawn last, after every split, so that nothing above depends on it.
+    extra = int(rl_extra)
+    if extra:
+        cls_idx[RL_EXTRA] = _draw_cls(extra, take, rng)
     return cls_idx, pools
+
+
+def _draw_cls(n: int, take, rng: np.random.Generator) -> list[int]:
+    """``n`` digits_cls queries spread evenly over the digits, in a random order."""
+    counts = _per_class(n, 10, rng)
+    chosen = [i for c in range(10) for i in take(c, counts[c], "digits_cls")]
+    return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
 def build_digits_cls(images, labels, cls_idx, seed: int) -> Task:
     rng = _rng(seed, "digits_cls")
     splits: dict[str, list[Line]] = {}
     for split in GEN_ORDER:
-        lines = []
-        for n, idx in enumerate(cls_idx[split]):
-            label = int(labels[idx])
-            name = DIGIT_NAMES[label]
-            others = [DIGIT_NAMES[c] for c in range(10) if c != label]
-            order = rng.permutation(len(others))
-            cands = [(name, None)] + [(others[i], None) for i in order]
-            lines.append(Line(
-                qry_inst=CLS_QRY_INST, qry_text="",
-                qry_img=_digit_png(images[idx], f"images/{split}/{n:04d}.png"),
-                tgt_inst=CLS_TGT_INST, cands=cands, rel=[1] + [0] * len(others),
-                summary=name, q_reason=f"The input shows a handwritten {name}.",
-                t_reason=f'The candidate is the class label "{name}".',
-                meta={"label": name, "source": f"sklearn_digits:{idx}"}))
-        splits[split] = lines
+        splits[split] = [_digit_cls_line(images, labels, idx, f"images/{split}/{n:04d}.png", rng)
+                         for n, idx in enumerate(cls_idx[split])]
+    # The extra RL queries come after train, so train's candidate orders do not move; they
+    # continue the rl split's numbering.
+    start = len(splits["rl"])
+    splits["rl"] += [_digit_cls_line(images, labels, idx, f"images/rl/{start + n:04d}.png", rng)
+                     for n, idx in enumerate(cls_idx.get(RL_EXTRA, []))]
     return Task("digits_cls", splits)
+
+
+def _digit_cls_line(images, labels, idx: int, path: str, rng: np.random.Generator) -> Line:
+    label = int(labels[idx])
+    name = DIGIT_NAMES[label]
+    others = [DIGIT_NAMES[c] for c in range(10) if c != label]
+    order = rng.permutation(len(others))
+    cands = [(name, None)] + [(others[i], None) for i in order]
+    return Line(
+        qry_inst=CLS_QRY_INST, qry_text="", qry_img=_digit_png(images[idx], path),
+        tgt_inst=CLS_TGT_INST, cands=cands, rel=[1] + [0] * len(others),
+        summary=name, q_reason=f"The input shows a handwritten {name}.",
+        t_reason=f'The candidate is the class label "{name}".',
+        meta={"label": name, "source": f"sklearn_digits:{idx}"})
 
 
 def build_digits_reason(images, pools, sz: dict, seed: int) -> Task:
@@ -681,10 +723,10 @@ def _stats(task: Task) -> dict:
     return out
 
 
-def _make_tasks(seed: int, sz: dict) -> list[Task]:
+def _make_tasks(seed: int, sz: dict, rl_extra: dict[str, int]) -> list[Task]:
     images, labels = sources.load_digits()
     lemmas = sources.load_imagenet_lemmas()
-    cls_idx, pools = _digit_allocation(labels, sz, seed)
+    cls_idx, pools = _digit_allocation(labels, sz, seed, rl_extra.get("digits_cls", 0))
     tasks = [
         build_digits_cls(images, labels, cls_idx, seed),
         build_faces_cls(lemmas, sz["faces_cls"], seed),
@@ -718,16 +760,20 @@ def _prepare_out_dir(out: Path) -> Path:
     return tmp
 
 
-def build_benchmark(out_dir: str | Path, seed: int = 0, sizes: dict | None = None) -> Path:
+def build_benchmark(out_dir: str | Path, seed: int = 0, sizes: dict | None = None,
+                    rl_extra: dict[str, int] | None = None) -> Path:
     """Build the benchmark into ``out_dir`` and return the path of its ``tasks.json``.
 
     ``sizes`` overrides entries of :data:`DEFAULT_SIZES`, e.g. ``{"digits_cls": {"test": 20}}``.
+    ``rl_extra`` (opt-in), e.g. ``{"digits_cls": 880}``: more RL queries for a task, drawn after
+    every split so that the rest of the build is unchanged (see the module docstring).
     An existing ``out_dir`` is replaced only if it is empty or holds an earlier build.
     """
     sz = merge_sizes(sizes)
+    extra = check_rl_extra(rl_extra)
     out = Path(out_dir).resolve()
     _check_out_dir(out)
-    tasks = _make_tasks(int(seed), sz)
+    tasks = _make_tasks(int(seed), sz, extra)
     for task in tasks:
         check_task(task)
     tmp = _prepare_out_dir(out)
@@ -739,6 +785,8 @@ def build_benchmark(out_dir: str | Path, seed: int = 0, sizes: dict | None = Non
             json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         info = {"name": BENCHMARK_NAME, "seed": int(seed), "sizes": sz,
                 "tasks": {t.name: _stats(t) for t in tasks}}
+        if extra:  # only then: a default build's BUILD.json is unchanged
+            info["rl_extra"] = extra
         (tmp / "BUILD.json").write_text(
             json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(Path(__file__).with_name("SOURCES.md"), tmp / "SOURCES.md")
@@ -775,9 +823,18 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="output folder (created; an earlier build is replaced)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--rl-extra", action="append", default=[], metavar="TASK=N",
+                        help=f"N more RL queries for TASK (one of: {', '.join(RL_EXTRA_TASKS)}),"
+                        " drawn after every split: the rest of the build is unchanged")
     args = parser.parse_args(argv)
+    rl_extra = {}
+    for item in args.rl_extra:
+        task, _, n = item.partition("=")
+        if not n.strip().isdigit():
+            parser.error(f"--rl-extra {item!r}: expected TASK=N")
+        rl_extra[task.strip()] = int(n)
     start = time.perf_counter()
-    path = build_benchmark(args.out_dir, seed=args.seed)
+    path = build_benchmark(args.out_dir, seed=args.seed, rl_extra=rl_extra)
     print(format_summary(path, time.perf_counter() - start))
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,6 +29,13 @@ FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_thres
                       "health_check_initial_delay_ms": 0}
 NODE_ARGS = {"node_ip_address": LOOPBACK, "object_store_memory": 100 << 20,
              "include_dashboard": False}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS's pick)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
 
 
 class LocalCluster:
@@ -44,7 +52,10 @@ class LocalCluster:
                                "set: its 127.0.0.1 addresses would become the outward one")
         # Ray's socket paths are length-capped: a short temp dir.
         self.temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")
-        head = {**NODE_ARGS, "num_cpus": head_cpus, "temp_dir": self.temp_dir,
+        # Each node its own dashboard agent port: every node on this machine would take Ray's
+        # default (52365), and a head whose agent lost that race cannot accept job submissions.
+        head = {**NODE_ARGS, "dashboard_agent_listen_port": free_port(), "num_cpus": head_cpus,
+                "temp_dir": self.temp_dir,
                 "resources": head_resources or {}, "_system_config": FAST_HEALTH_CHECKS}
         if dashboard:
             head |= {"include_dashboard": True, "dashboard_host": LOOPBACK,
@@ -59,7 +70,12 @@ class LocalCluster:
     def add(self, name: str, cpus: float = 1, resources: dict[str, float] | None = None
             ) -> str:
         """A node with ``cpus`` CPUs and ``resources``; returns its node id."""
-        node = self.cluster.add_node(**NODE_ARGS, num_cpus=cpus, resources=resources or {})
+        # Its own runtime-env folder: the nodes share one session folder on this machine, and
+        # a node setting up a job's working_dir would delete and unpack it again under the
+        # job driver's feet (the driver's cwd gone: wandb's os.getcwd() fails).
+        node = self.cluster.add_node(**NODE_ARGS, dashboard_agent_listen_port=free_port(),
+                                     runtime_env_dir_name=f"runtime_resources_{name}",
+                                     num_cpus=cpus, resources=resources or {})
         self.nodes[name] = node
         return node.node_id
 

@@ -44,7 +44,7 @@ def test_gpu_targets_do_not_inherit_the_cpu_accelerator(tmp_path: Path) -> None:
     gpu = make("gpu-check", f"GPU_BIN={bin_dir}", f"GPU_STAMP={stamp}", "ARGS=--device cuda")
     assert "DS_ACCELERATOR=unset ARGS=scripts/gpu_check.py --device cuda" in gpu, gpu
     cpu = make("test", f"BIN={bin_dir}", f"STAMP={stamp}", "ARGS=-k nothing")
-    assert "DS_ACCELERATOR=cpu ARGS=-m pytest -q -k nothing" in cpu, cpu
+    assert "DS_ACCELERATOR=cpu ARGS=-m pytest -q --durations=25 -k nothing" in cpu, cpu
 
 
 def test_gpu_env_refuses_a_cpu_torch() -> None:

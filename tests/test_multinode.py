@@ -333,9 +333,9 @@ def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_pa
     assert "learner.resources" in message
 
 
-@pytest.mark.skip(reason="unverified (issue 28): its last run was still going after 5 min "
-                  "and was stopped (the working dir it uploads is 2.9 MB, 206 files: not the "
-                  "cause); not rerun since")
+@pytest.mark.skip(reason="not passing (issue 28): the job's driver joins, but its learner "
+                  "bundle {CPU: 0.5, learner_node: 1} stays unplaceable on the head (not "
+                  "diagnosed); two harness causes before it are fixed in tests/multinode.py")
 def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, benchmark_manifest,
                                       tmp_path) -> None:
     """`ray job submit` of a short GRPO run: the job's driver on the head, its rollout actor

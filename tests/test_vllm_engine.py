@@ -398,7 +398,7 @@ def test_learner_actors_sync_into_vllm_rollout_actors_bit_exact(tiny_model_dir, 
         "learner.cpus_per_worker=0.5", "rollout.num_workers=1", "rollout.cpus_per_worker=0.5",
         "rollout.engine=vllm", "rollout.enforce_eager=true", "rollout.max_model_len=512",
         "rl.weight_sync_bucket_mb=0.1", "rl.weight_sync_timeout_s=120"])
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
                                        "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}})
     try:

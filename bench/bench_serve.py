@@ -139,10 +139,11 @@ def start(args: argparse.Namespace) -> dict[str, str]:
     import ray
 
     from umerl.eval.router import Router
-    from umerl.runtime.ray_start import worker_env
+    from umerl.runtime.ray_start import keep_on_loopback, worker_env
     from umerl.serve.service import start_service
 
     port, direct_port = free_port(), free_port(span=DIRECT_PORT_SPAN)
+    keep_on_loopback()  # else Ray advertises the outward address, not 127.0.0.1
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=max(2, int(args.cpus) + 1),
              include_dashboard=False, object_store_memory=256 << 20,
              runtime_env={"env_vars": worker_env()}, logging_level="ERROR")

@@ -290,7 +290,10 @@ def start_ray(max_mb: int, receivers: int) -> list:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    from umerl.runtime.ray_start import keep_on_loopback
+
     store_mb = min(max(3 * max_mb, 256), 8192)
+    keep_on_loopback()  # else Ray advertises the outward address, not 127.0.0.1
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=store_mb << 20, log_to_driver=False)
     # Touch the store's memory once (a long run's store is warm): the first puts into fresh

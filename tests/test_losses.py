@@ -482,15 +482,22 @@ def test_loss_agg_modes_match_verl(verl_algos, mode):
     # and the whole side loss, policy and KL parts under the same mode
     ours, metrics = grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len,
                                    loss_agg_mode=mode)
+    pg, kl = _verl_pg_and_kl(verl_algos, logp, old_logp, ref_logp, advantages, mask, mode,
+                             max_len)
+    torch.testing.assert_close(ours, pg + 0.04 * kl, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="loss_agg_mode 'token-sum'"):
+        aggregate(per_token, mask.bool(), "token-sum", max_len)
+
+
+def _verl_pg_and_kl(verl_algos, logp, old_logp, ref_logp, advantages, mask, mode, max_len):
+    """verl's policy loss (no clipping) and k3 KL under ``mode``: the reference side loss."""
     pg, _ = verl_algos.compute_policy_loss_vanilla(
         old_log_prob=old_logp, log_prob=logp, advantages=advantages[:, None] * mask,
         response_mask=mask, loss_agg_mode=mode,
         config=_verl_actor_config(1e9, loss_scale_factor=max_len))
     kl = verl_algos.agg_loss(verl_algos.kl_penalty(logp, ref_logp, "low_var_kl"), mask, mode,
                              loss_scale_factor=max_len)
-    torch.testing.assert_close(ours, pg + 0.04 * kl, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="loss_agg_mode 'token-sum'"):
-        aggregate(per_token, mask.bool(), "token-sum", max_len)
+    return pg, kl
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -503,12 +510,8 @@ def test_entropy_bonus_matches_verl(verl_algos, mode):
                           dtype=torch.float64) * 4).requires_grad_()
     ours, metrics = grpo_side_loss(logp, old_logp, ref_logp, advantages, mask, max_len,
                                    loss_agg_mode=mode, entropy=entropy, entropy_coeff=coeff)
-    pg, _ = verl_algos.compute_policy_loss_vanilla(
-        old_log_prob=old_logp, log_prob=logp, advantages=advantages[:, None] * mask,
-        response_mask=mask, loss_agg_mode=mode,
-        config=_verl_actor_config(1e9, loss_scale_factor=max_len))
-    kl = verl_algos.agg_loss(verl_algos.kl_penalty(logp, ref_logp, "low_var_kl"), mask, mode,
-                             loss_scale_factor=max_len)
+    pg, kl = _verl_pg_and_kl(verl_algos, logp, old_logp, ref_logp, advantages, mask, mode,
+                             max_len)
     bonus = verl_algos.agg_loss(entropy.detach(), mask, mode, loss_scale_factor=max_len)
     torch.testing.assert_close(ours, pg + 0.04 * kl - coeff * bonus, atol=1e-6, rtol=0)
     assert metrics["entropy_loss"] == pytest.approx(float(bonus), abs=1e-6)

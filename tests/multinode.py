@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -50,6 +51,12 @@ class LocalCluster:
         if ray_constants.ENABLE_RAY_CLUSTER:
             raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was "
                                "set: its 127.0.0.1 addresses would become the outward one")
+        # Every node runs with this venv first on PATH, as a cluster node with umerl installed
+        # does: a job's entrypoint `python -m umerl.cli` is resolved in the head's environment,
+        # which `make test` (the venv's python, no activated venv) would otherwise not give.
+        venv_bin = os.path.dirname(sys.executable)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != venv_bin:
+            os.environ["PATH"] = os.pathsep.join([venv_bin, os.environ.get("PATH", "")])
         # Ray's socket paths are length-capped: a short temp dir.
         self.temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")
         # Each node its own dashboard agent port: every node on this machine would take Ray's

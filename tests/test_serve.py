@@ -655,6 +655,42 @@ def test_a_disconnected_caller_leaves_its_gen_batch_intact(replica, media, tiny_
     assert list(replica.media_root.iterdir()) == []
 
 
+def test_a_caller_that_leaves_as_its_body_arrives_is_not_embedded(replica, monkeypatch) -> None:
+    """A client that sends its body and leaves at once: Ray's direct ingress reads the body
+    and then the disconnect, and cancels the request in the same loop turn as the body
+    arrives. The cancel must stop the request before its input joins a batch. It did not:
+    ``asyncio.wait_for`` (Python < 3.12) drops a cancel that lands when its awaitable is
+    already done, so every such request was embedded for nobody (20 of 20 on the direct port,
+    0 through the proxy)."""
+    embedded: list[int] = []
+    real = replica.embedder.disc
+
+    def counted(sides):
+        embedded.append(len(sides))
+        return real(sides)
+
+    monkeypatch.setattr(replica.embedder, "disc", counted)
+
+    async def scenario() -> BaseException | None:
+        arrived = asyncio.Event()
+
+        async def body():
+            await arrived.wait()
+            yield _embed_body(["a caller who leaves"])
+
+        task = asyncio.ensure_future(replica(_request(chunks=body())))
+        await asyncio.sleep(0.05)  # the request waits for its body
+        arrived.set()
+        task.cancel()  # Serve's answer to the disconnect right behind the body
+        result = (await asyncio.gather(task, return_exceptions=True))[0]
+        await asyncio.sleep(2 * replica.options.disc_batch_wait_s)  # a batch would have run
+        return result
+
+    assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+    assert embedded == []
+    assert replica.in_flight == 0
+
+
 def test_a_caller_gone_before_its_body_is_a_499_not_a_logged_500(replica, caplog) -> None:
     """A client that sends and leaves at once (the server sees the disconnect before the
     body): no server error and nothing logged, so a client doing it in a loop cannot flood

@@ -817,8 +817,12 @@ class EmbeddingService:
         self.in_flight += 1
         holder: dict[str, str] = {"mode": "none"}
         try:
-            return await asyncio.wait_for(self._embeddings(request, holder),
-                                          self.options.request_timeout_s), holder["mode"]
+            # asyncio.timeout, not wait_for: wait_for (Python < 3.12) drops a cancel that
+            # lands when its awaitable is already done, and Serve's cancel of a client that
+            # sent its body and left comes right behind that body (such requests were all
+            # embedded on the direct port). It also runs in this task: no task per request.
+            async with asyncio.timeout(self.options.request_timeout_s):
+                return await self._embeddings(request, holder), holder["mode"]
         except TimeoutError:
             raise RequestError(504, "server", f"not answered within "
                                f"{self.options.request_timeout_s:g} s "
@@ -843,23 +847,19 @@ class EmbeddingService:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise RequestError(413, "body", f"{declared} bytes, over the limit of {limit}")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.body_timeout_s
         chunks, size = [], 0
-        stream = request.stream().__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(anext(stream), max(0.0, deadline - loop.time()))
-            except StopAsyncIteration:
-                return b"".join(chunks)
-            except TimeoutError:
-                raise RequestError(408, "body", f"not received within "
-                                   f"{self.options.body_timeout_s:g} s "
-                                   "(serve.body_timeout_s)") from None
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(413, "body", f"over the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:  # one deadline for the whole body, in this task (see _route on wait_for)
+            async with asyncio.timeout(self.options.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise RequestError(413, "body", f"over the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestError(408, "body", f"not received within "
+                               f"{self.options.body_timeout_s:g} s "
+                               "(serve.body_timeout_s)") from None
+        return b"".join(chunks)
 
     def _health(self) -> dict[str, Any]:
         """This replica's state: the last health check (Ray's, every

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -93,9 +92,8 @@ def rl_lines(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def kill_driver_after(head: str, out: Path, rl_step: int) -> Any:
-    """SIGKILL the driver of the job writing ``out`` once its RL stage has logged ``rl_step``;
-    returns the job's details (``driver_info.id``: its Ray job id)."""
+def kill_driver_after(head: str, out: Path, rl_step: int) -> None:
+    """SIGKILL the driver of the job writing ``out`` once its RL stage has logged ``rl_step``."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(head)
@@ -113,7 +111,6 @@ def kill_driver_after(head: str, out: Path, rl_step: int) -> Any:
     while client.get_job_status(driver.submission_id) == "RUNNING":
         assert time.monotonic() < deadline, "the killed job still reads as running"
         time.sleep(0.5)
-    return driver
 
 
 def test_a_killed_job_submitted_again_continues_exactly(head_node, tiny_model_dir,

@@ -1,14 +1,19 @@
 """Chaos bench: each fault the RL stage must survive (or end by name), one run per fault.
 
     .venv/bin/python bench/bench_faults.py [--steps 8] [--at 6] [--only NAME,...] [key=value ...]
-    .venv/bin/python bench/bench_faults.py --nodes [--steps 6] [--at 3]
+    .venv/bin/python bench/bench_faults.py --nodes [--steps 6] [--at 4]
 
 ``--nodes``: the node cases instead, on a local 3-node Ray (a head with the learner, two
 rollout nodes, all on 127.0.0.1): a rollout node SIGKILLed with its raylet after step
-``at - 1`` (the pool shrinks from 2 actors to 1 during step ``at``) and, in a second run, a
-rollout node added then (the pool grows from 1 to 2 at the next step boundary); each row says
-when the pool noticed (its console line), when the next step was logged, the pool size per
-step and whether every step's rewards equal a fixed one-actor run's.
+``at - 1`` (the pool shrinks from 2 actors to 1 during step ``at``); in a second run, a
+rollout node added then (the pool grows from 1 to 2 at the next step boundary); in a third,
+two learner nodes added and the one holding the learner SIGKILLed after step ``at - 1``, with
+a checkpoint every ``at - 2`` steps (so step ``at``'s update finds the learner dead and the
+stage restarts from step ``at - 2``'s checkpoint on the other learner node, repeating step
+``at - 1``; ``--at 4`` or more keeps that checkpoint off the lost step). Each row says when
+the run noticed (the pool's line, or the stage's restart line), when the next step was
+logged, the steps repeated, the pool size per step and whether every logged step's rewards
+equal a fixed one-actor run's.
 
 Runs ``umerl rl recipes/cpu_tiny.yaml`` from the tiny model (2 rollout actors, 2 learner actors,
 a local Ray; ``--steps`` GRPO steps, a checkpoint every ``--steps // 2``) once without faults and
@@ -191,9 +196,10 @@ class Stamped:
 
 
 def node_faults(steps: int, at: int) -> list[str]:
-    """A rollout node removed after step ``at - 1`` (so during step ``at``), and one added
-    after step ``at - 1``, on a local 3-node cluster (tests/multinode.py); rewards against a
-    fixed one-actor run. The driver runs here (the pool's own console lines are timed)."""
+    """A rollout node removed after step ``at - 1`` (so during step ``at``), one added then,
+    and a learner node removed then (checkpoints every ``at - 2`` steps), on a local 3-node
+    cluster (tests/multinode.py); rewards against a fixed one-actor run. The driver runs here
+    (the pool's and the stage's own console lines are timed)."""
     sys.path.insert(0, str(REPO / "tests"))
     from multinode import LocalCluster, connected
 
@@ -206,12 +212,13 @@ def node_faults(steps: int, at: int) -> list[str]:
     bench_dir = ensure_benchmark(OUT / "benchmark").parent
     checkpoint = OUT / "tiny"
 
-    def config(name: str, *overrides: str):
+    def config(name: str, *overrides: str, learner_node: str = "learner_node"):
+        # learner.resources given once: a second {..} override would merge into the first.
         cfg = load_recipe(REPO / "recipes" / "cpu_tiny.yaml", [
             f"output_dir={OUT / name}", f"data.benchmark_dir={bench_dir}", "rl.data=[]",
             f"rl.max_steps={steps}", f"rl.save_every={steps}", "rl.pairs_per_step=2",
             "rl.group_size=2", "rl.max_new_tokens=8", "wandb.mode=disabled",
-            "learner.num_workers=1", "learner.resources={learner_node: 1}",
+            "learner.num_workers=1", f"learner.resources={{{learner_node}: 1}}",
             "rollout.resources={rollout_node: 1}", "rollout.replace_timeout_s=30", *overrides])
         cfg.rl.data = [str(bench_dir / "digits_cls" / "rl_pairs.jsonl")]
         return absolute_paths(cfg)
@@ -227,54 +234,78 @@ def node_faults(steps: int, at: int) -> list[str]:
                 self.when = time.time()
                 self.action()
 
+    def remove_learner_node() -> None:
+        """The node holding the learner's placement group (learner_alt), lost."""
+        import ray
+
+        holding = {node for g in ray.util.placement_group_table().values()
+                   if g["state"] == "CREATED"
+                   and any("learner_alt" in b for b in g["bundles"].values())
+                   for node in g["bundles_to_node_id"].values()}
+        (node,) = holding
+        cluster.remove(next(n for n in ("learnerA", "learnerB")
+                            if n in cluster.nodes and cluster.node_id(n) == node))
+
     cluster = LocalCluster(head_cpus=1, head_resources={"learner_node": 1})
     rows = []
+    folders = ("nfixed", "nlost", "nadd", "nlearner")
     try:
         cluster.add("rollout1", resources={"rollout_node": 1})
         cluster.add("rollout2", resources={"rollout_node": 1})
         with connected(cluster):
-            subprocess.run(["rm", "-rf", *(str(OUT / n) for n in ("nfixed", "nlost", "nadd"))])
+            subprocess.run(["rm", "-rf", *(str(OUT / n) for n in folders)])
             clean = MemoryTracker()
             run_rl(config("nfixed", "rollout.num_workers=1"), str(checkpoint),
                    str(checkpoint), clean)
-            cases = [("rollout node removed", "nlost", "lost with its node",
-                      lambda: cluster.remove("rollout2"), ("rollout.num_workers=2",
-                                                            "rollout.min_workers=1")),
-                     ("rollout node added", "nadd", "added on node",
+            cases = [("rollout node removed", "lost with its node",
+                      lambda: cluster.remove("rollout2"),
+                      lambda: config("nlost", "rollout.num_workers=2", "rollout.min_workers=1")),
+                     ("rollout node added", "added on node",
                       lambda: cluster.add("rollout3", resources={"rollout_node": 1}),
-                      ("rollout.num_workers=1", "rollout.max_workers=2"))]
-            for name, folder, said, action, overrides in cases:
+                      lambda: config("nadd", "rollout.num_workers=1", "rollout.max_workers=2")),
+                     ("learner node removed", "restarting the RL stage",
+                      remove_learner_node,
+                      lambda: config("nlearner", "rollout.num_workers=1",
+                                     f"rl.save_every={max(1, at - 2)}", "rl.max_failures=1",
+                                     "learner.placement_timeout_s=60",
+                                     learner_node="learner_alt"))]
+            for name, said, action, make_config in cases:
+                if name.startswith("learner"):  # two nodes that may hold the learner
+                    for node in ("learnerA", "learnerB"):
+                        cluster.add(node, resources={"learner_alt": 1})
                 tracker, stamped = Hooked(action), Stamped(sys.stdout)
                 sys.stdout = stamped
                 try:
-                    run_rl(config(folder, *overrides), str(checkpoint), str(checkpoint),
-                           tracker)
+                    run_rl(make_config(), str(checkpoint), str(checkpoint), tracker)
                 finally:
                     sys.stdout = stamped.out
-                rows.append(node_row(name, tracker, stamped.lines, said, clean, steps))
+                rows.append(node_row(name, tracker, stamped.lines, said, clean, steps, at))
                 print(rows[-1], flush=True)
     finally:
         cluster.shutdown()
     return rows
 
 
-def node_row(name: str, tracker, lines: list[tuple[float, str]], said: str, clean, steps: int
-             ) -> str:
+def node_row(name: str, tracker, lines: list[tuple[float, str]], said: str, clean, steps: int,
+             at: int) -> str:
     t0 = tracker.when
     noticed = next((t for t, line in lines if t > t0 and said in line), None)
     sizes = [int(m["rollout/pool_size"]) for _, m in tracker.logged]
     changed = next((i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]), None)
-    # recovered: the first step logged after the change, that is on the new pool size
+    # recovered: the first step logged after the run noticed (on the new pool size, or the
+    # first step of the restarted stage)
     after = [t for t, line in lines if t > (noticed or t0) and line.startswith("[rl] step ")]
     order = [s for s, _ in tracker.logged]
     lost = len(order) - len(set(order)) + len([s for s in range(1, steps + 1) if s not in order])
-    keys = REWARD_KEYS
-    exact = ([(s, [m[k] for k in keys]) for s, m in tracker.logged]
-             == [(s, [m[k] for k in keys]) for s, m in clean.logged])
+    # every logged step (a repeated one too) against the fixed run's same step
+    fixed = {s: [m[k] for k in REWARD_KEYS] for s, m in clean.logged}
+    exact = (set(order) == set(fixed)
+             and all([m[k] for k in REWARD_KEYS] == fixed[s] for s, m in tracker.logged))
     detected = "-" if noticed is None else f"{noticed - t0:5.1f} s"
     took = f"{after[0] - t0:5.1f} s" if after else "-"
-    return (f"{name:34s} detected {detected:>8s}  took {took:>7s}  lost {lost}  exact "
-            f"{'yes' if exact else 'no':3s}  pool per step {sizes} (changed at step "
+    return (f"{name:22s} after step {at - 1}  detected "
+            f"{detected:>8s}  took {took:>7s}  lost {lost}  exact {'yes' if exact else 'no':3s}"
+            f"  steps logged {order}  pool per step {sizes} (changed at step "
             f"{changed + 1 if changed is not None else '-'})")
 
 
@@ -284,8 +315,9 @@ def main() -> None:
     parser.add_argument("--at", type=int, default=6, help="the step each fault hits")
     parser.add_argument("--only", default="", help="comma-separated fault names (substrings)")
     parser.add_argument("--nodes", action="store_true",
-                        help="only the node faults: a rollout node removed, one added, on a "
-                             "local 3-node Ray (one Ray session at a time on the machine)")
+                        help="only the node faults: a rollout node removed, one added, a "
+                             "learner node removed, on a local 3-node Ray (one Ray session at "
+                             "a time on the machine)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))

@@ -5,20 +5,21 @@ address but not /dev/shm's role), the shared-output_dir check passing and failin
 node named, a rollout node removed mid-run (the pool shrinks, rewards unchanged) and a node
 joining (the pool grows at the next step boundary, the newcomer synced and digest-checked
 before it generates), a learner node lost (the stage restarts on the remaining capacity, or
-fails naming what is missing), and `ray job submit` against the cluster.
+fails naming what is missing), and `ray job submit` against the cluster, its driver killed
+after a checkpoint and the job submitted again (it resumes on the same cluster).
 
 Every run here is 1 learner, 1-2 rollout actors, 2 pairs x G=2, 8 new tokens: the cluster's
 CPUs are few (1 per node) and the raylets share the machine's cores."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,7 +123,8 @@ def test_sft_workers_on_two_nodes(cluster, tiny_model_dir, benchmark_manifest,
     nodes = {c.add(name, cpus=1, resources={"sft_node": 1}) for name in ("sft1", "sft2")}
     try:
         final = run_sft_stage(cfg, str(tiny_model_dir))
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        workers = list_actors(address=c.address, detail=True,
+                              filters=[("class_name", "=", "RayTrainWorker")])
     finally:
         for name in ("sft1", "sft2"):
             c.remove(name)
@@ -333,38 +335,114 @@ def test_a_learner_node_lost(cluster, tiny_model_dir, benchmark_manifest, tmp_pa
     assert "learner.resources" in message
 
 
-def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, benchmark_manifest,
-                                      tmp_path) -> None:
-    """`ray job submit` of a short GRPO run: the job's driver on the head, its rollout actor
-    on a rollout node, its learner on the head; the preflight's cluster checks (resources, a
-    shared output_dir on every node) run against the live nodes."""
+def job_actors(address: str, job_id: str) -> dict[str, list]:
+    """The job's actors by class (every state: a finished job's actors are dead). The cluster
+    by its address: without one, the state API takes the newest Ray on the machine."""
+    from ray.util.state import list_actors
+
+    found: dict[str, list] = {}
+    for actor in list_actors(address=address, filters=[("job_id", "=", job_id)], detail=True,
+                             limit=1000):
+        found.setdefault(actor.class_name, []).append(actor)
+    return found
+
+
+def kill_driver_after(client, submission_id: str, out: Path, rl_step: int) -> str:
+    """SIGKILL the job's driver once its RL stage has logged ``rl_step``, and wait until the job
+    no longer reads as running; returns its Ray job id. The dashboard is asked about the job
+    once a second at most (a loaded machine's dashboard falls behind on more)."""
+    from test_job_submit import rl_lines
+
+    deadline, driver, asked = time.monotonic() + 600, None, 0.0
+    while not any(m["step"] >= rl_step for m in rl_lines(out)):
+        assert time.monotonic() < deadline, f"RL step {rl_step} never came"
+        if driver is None and time.monotonic() - asked > 1:  # found before the kill
+            asked = time.monotonic()
+            driver = client.get_job_info(submission_id).driver_info
+        time.sleep(0.05)
+    assert driver is not None, f"job {submission_id} has no driver"
+    os.kill(int(driver.pid), signal.SIGKILL)
+    while client.get_job_status(submission_id) == "RUNNING":
+        assert time.monotonic() < deadline, "the killed job still reads as running"
+        time.sleep(0.5)
+    return driver.id
+
+
+def alive_actors(address: str, job_id: str, timeout_s: float = 30) -> list:
+    """The job's actors still alive after ``timeout_s`` (none, once Ray has cleaned up)."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := [a for actors in job_actors(address, job_id).values() for a in actors
+                     if a.state != "DEAD"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
+
+
+def test_ray_job_submit_to_the_cluster(cluster, tiny_model_dir, benchmark_manifest, tmp_path,
+                                      fixed) -> None:
+    """`ray job submit` of the fixed run's recipe (saved as a file): the job's driver on the
+    head, its rollout actor on a rollout node, its learner on the head; the preflight's
+    cluster checks run against the live nodes. Its driver is SIGKILLed once step 3 is logged
+    (checkpoint at step 2), and the same command submitted again, as docs/multi-node.md tells
+    a user whose driver died: the dead driver's actors and placement groups are gone, the new
+    job resumes from step 2's checkpoint with its pools on the same kinds of node, and every
+    logged step (the repeated ones too) equals the uninterrupted in-process run's."""
+    from omegaconf import OmegaConf
+    from ray.job_submission import JobSubmissionClient
+    from test_job_submit import rl_lines
+
     c, ray = cluster
     c.add("rollout4", cpus=1, resources={"rollout_node": 1})
-    out = tmp_path / "job"
+    out, recipe = tmp_path / "job", tmp_path / "recipe.yaml"
+    OmegaConf.save(rl_config(out, benchmark_manifest.parent, *ON_NODES,
+                             "rollout.num_workers=1"), recipe)  # the `fixed` run's recipe
+    head = f"http://{LOOPBACK}:8287"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address",
-        f"http://{LOOPBACK}:8287", "--working-dir", str(REPO), "--", "python", "-m",
-        "umerl.cli", "rl", "recipes/cpu_tiny.yaml", "--checkpoint", str(tiny_model_dir),
-        # This cluster by name: Ray would otherwise resolve the job driver's address itself
-        # (a `ray start` cluster's record in /tmp/ray once sent it to another Ray).
-        "--address", c.address,
-        f"output_dir={out}", f"data.benchmark_dir={benchmark_manifest.parent}",
-        "rl.max_steps=2", "rl.pairs_per_step=2", "rl.group_size=2",
-        "rl.max_new_tokens=8", "eval.enabled=false", "rollout.num_workers=1",
-        "learner.num_workers=1", "rollout.resources={rollout_node: 1}",
-        "learner.resources={learner_node: 1}",
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    def submit(*flags: str) -> subprocess.CompletedProcess:
+        command = [
+            str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head,
+            "--working-dir", str(REPO), *flags, "--", "python", "-m", "umerl.cli", "rl",
+            str(recipe), "--checkpoint", str(tiny_model_dir),
+            # This cluster by name: Ray would otherwise resolve the job driver's address
+            # itself (a `ray start` cluster's record in /tmp/ray once sent it to another Ray).
+            "--address", c.address, f"output_dir={out}", "eval.enabled=false"]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+        return proc
+
+    before, client, first = created_groups(ray), JobSubmissionClient(head), uuid.uuid4().hex
+    start = time.monotonic()
+    submit("--no-wait", "--submission-id", first)
+    job_id = kill_driver_after(client, first, out, rl_step=3)
+    killed = time.monotonic()
+    assert not removed_in_time(ray, before, timeout_s=30), "the dead driver's groups stayed"
+    assert not alive_actors(c.address, job_id), "the dead driver's actors stayed"
+    cleaned = time.monotonic()
+    steps = [m["step"] for m in rl_lines(out)]
+    assert steps[:3] == [1, 2, 3] and len(steps) <= 4, steps
+
+    proc = submit("--submission-id", f"{first}-again")
+    print(f"job submit: to the kill after step 3 {killed - start:.1f} s, the dead driver's "
+          f"pools gone {cleaned - killed:.1f} s later, the resubmitted job "
+          f"{time.monotonic() - cleaned:.1f} s")
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
     assert "[driver] joined the Ray cluster" in output and "weight sync gloo" in output
-    logged = [json.loads(line) for line in (out / "metrics" / "rl.jsonl").read_text()
-              .splitlines()]
-    assert [m["step"] for m in logged] == [1, 2]
-    assert [m["rollout/pool_size"] for m in logged] == [1, 1]
+    assert re.search(r"\[rl\] resumed from \S*step_00000002: steps 3\.\.4", output), output
+    logged = rl_lines(out)
+    assert [m["step"] for m in logged] == [*steps, 3, 4]
+    assert [m["rollout/pool_size"] for m in logged] == [1] * len(logged)
+    reference = dict(fixed)
+    assert [(m["step"], {k: m[k] for k in DETERMINED}) for m in logged] == \
+        [(m["step"], reference[m["step"]]) for m in logged]
+    again = client.get_job_info(f"{first}-again")
+    pools = job_actors(c.address, again.driver_info.id)
+    rollout_nodes = {n["NodeID"] for n in ray.nodes()
+                     if n["Alive"] and n["Resources"].get("rollout_node")}
+    assert [a.node_id for a in pools["LearnerActor"]] == [c.node_id("head")], pools
+    assert len(pools["RolloutActor"]) == 1 and pools["RolloutActor"][0].node_id in rollout_nodes
+    assert not removed_in_time(ray, before, timeout_s=30)
 
 
 def test_determined_keys_include_the_rewards() -> None:

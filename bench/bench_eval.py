@@ -53,7 +53,8 @@ def main() -> None:
                 result = run_child(tree, args)
                 runs[name].append(result)
                 print(f"run {i + 1} {name}: {result['phases']['total']['wall']:.1f} s wall, "
-                      f"{result['phases']['total']['cpu']:.1f} s CPU", flush=True)
+                      f"{result['phases']['total']['cpu']:.1f} s CPU; {json.dumps(result)}",
+                      flush=True)
     report(runs)
 
 

@@ -12,10 +12,6 @@ model). Prints each path's mean time per step and checks that both sampled the s
 ``--one-batch`` also times every side of a step in one ``generate`` batch, each prompt prefilled
 once but unseeded (other completions, so not a path the rollouts can take as is): how much
 decoding all sides together would be worth.
-
-``--eval N`` also times evaluation's pass@k sampling (``Evaluator.sample_queries``'s generate:
-``max(eval.pass_k)`` samples, ``eval.batch_size``, ``eval.max_new_tokens``, unseeded calls) on
-the first N queries of the bundled digits_cls test split, both paths, in the same run.
 """
 
 from __future__ import annotations
@@ -37,7 +33,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--eval", type=int, default=0, metavar="N")
     parser.add_argument("--one-batch", action="store_true")
     args = parser.parse_args()
 
@@ -103,32 +98,6 @@ def main() -> None:
               f"{statistics.mean(one_batch):.2f} s per step, "
               f"{statistics.mean(times[next(iter(times))]) / statistics.mean(one_batch):.2f}x "
               "the per-sample prefill's speed")
-    if args.eval:
-        eval_sampling(cfg, bundle, args.eval)
-
-
-def eval_sampling(cfg, bundle, count: int) -> None:
-    """Evaluation's pass@k generate on ``count`` digits_cls test queries, both paths."""
-    from rollout.transformers_engine import TransformersEngine
-    from umerl.data.formats import read_eval_queries
-    from umerl.data.tasks import ensure_benchmark
-    from umerl.model.sampling import SamplingParams
-
-    e = cfg.eval
-    manifest = ensure_benchmark()  # the bundled benchmark, where `make run` builds it
-    items, _ = read_eval_queries(manifest.parent / "digits_cls" / "test.jsonl")
-    sides = [item.query for item in items[:count]]
-    n = max(e.pass_k)
-    sampling = SamplingParams(max_new_tokens=int(e.max_new_tokens), seed=0)
-    results = {}
-    for name, share in (("prefill per sample (before)", False), ("prefill once (now)", True)):
-        engine = TransformersEngine(bundle, int(e.batch_size), share_prefill=share)
-        start = time.perf_counter()
-        results[name] = (engine.generate(sides, n, sampling), time.perf_counter() - start)
-    (before, t0), (now, t1) = results.values()
-    print(f"\neval pass@k sampling: {len(sides)} digits_cls queries x {n} samples, "
-          f"batch {e.batch_size}: before {t0:.1f} s, now {t1:.1f} s ({t0 / t1:.2f}x), "
-          f"same completions: {before == now}")
 
 
 if __name__ == "__main__":

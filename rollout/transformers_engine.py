@@ -21,6 +21,7 @@ global defaults (no penalties, no n-gram blocking, no forced tokens).
 from __future__ import annotations
 
 import copy
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,9 +53,10 @@ class TransformersEngine:
 
     ``bundle`` is a ``PolicyBundle`` or anything with its ``model``, ``tokenizer``, ``encoder``
     (``collate``, ``suppressed_token_ids``) and ``stop_ids`` (e.g. a text-only teacher).
-    ``share_prefill=False`` prefills each of a prompt's n copies (``generate``'s own
-    expansion): the path before the shared prefill, kept as ``bench/bench_rollout_prefill.py``'s
-    baseline.
+    ``share_prefill=False`` prefills each of a seeded call's (a rollout's) n copies
+    (``generate``'s own expansion): the path before the shared prefill, kept as
+    ``bench/bench_rollout_prefill.py``'s baseline. Unseeded calls (evaluation, serving,
+    annotation) always prefill once and drop finished rows (``decode_dropping_finished``).
     """
 
     def __init__(self, bundle: PolicyBundle, batch_size: int = 16, share_prefill: bool = True):
@@ -136,18 +138,59 @@ class TransformersEngine:
                                                                seeds)
         return self._split(generated, prompt_length, len(prompts), n, logprobs, sampling)
 
-    @torch.no_grad()
     def generate_encoded(
         self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams
     ) -> list[list[list[int]]]:
-        """Prompts already encoded (e.g. with a custom message); batched over prompts."""
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        """Prompts already encoded (e.g. with a custom message); batched over prompts, each
+        prompt prefilled once for its n samples, finished rows dropped from the decoding batch
+        (``decode_dropping_finished``). Sample j of a prompt draws from its own generator,
+        seeded from ``sampling.seed`` (else one draw of torch's global generator per call), j
+        and the prompt's content: the same prompt samples the same completions in any batch."""
+        return self._decode_all(prompts, n, sampling, embed=False)[0]
+
+    def generate_embedded(
+        self, sides: Sequence[Side], n: int, sampling: SamplingParams
+    ) -> tuple[list[list[list[int]]], torch.Tensor]:
+        """``generate`` (unseeded: ``generate_encoded``'s sampling) plus each completion's
+        last-layer hidden state at its last token, [sides, n, d]: what ``PolicyModule`` reads
+        as the generative embedding, here from the decoding itself (``umerl.model.embed``
+        skips its second forward over prompt and completion)."""
+        prompts = [self.bundle.encoder.encode(side) for side in sides]
+        completions, states = self._decode_all(prompts, n, sampling, embed=True)
+        return completions, states.view(len(sides), n, -1)
+
+    @torch.no_grad()
+    def _decode_all(self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams,
+                    embed: bool) -> tuple[list[list[list[int]]], torch.Tensor]:
+        base = sampling.seed
+        if base is None and sampling.do_sample:
+            base = int(torch.randint(2**62, ()).item())
         out: list[list[list[int]]] = []
+        states = []
         per_call = max(1, self.batch_size // max(n, 1))
         for start in range(0, len(prompts), per_call):
-            out.extend(self._generate_chunk(prompts[start:start + per_call], n, sampling)[0])
-        return out
+            chunk, chunk_states = self._decode_chunk(prompts[start:start + per_call], n,
+                                                     sampling, base, embed)
+            out.extend(chunk)
+            states.append(chunk_states)
+        return out, torch.cat(states) if embed else torch.empty(0)
+
+    def _decode_chunk(self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams,
+                      base_seed: int | None, embed: bool = False
+                      ) -> tuple[list[list[list[int]]], torch.Tensor | None]:
+        bundle = self.bundle
+        batch = bundle.encoder.collate(prompts)
+        batch.pop("prompt_lengths")
+        batch = {k: v.to(bundle.model.device) for k, v in batch.items()}
+        seeds = None
+        if sampling.do_sample:
+            seeds = [sample_seed(base_seed or 0, prompt, j) for prompt in prompts
+                     for j in range(n)]
+        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids())
+        with self._generate_lock:
+            rows, states = decode_dropping_finished(bundle.model, batch, config, seeds, embed)
+        return [rows[i * n:(i + 1) * n] for i in range(len(prompts))], states
 
     @torch.no_grad()
     def _generate_chunk(
@@ -164,7 +207,7 @@ class TransformersEngine:
         with self._generate_lock, _without_checkpoint_defaults(bundle.model):
             if n > 1 and self.share_prefill:
                 generated = generate_prefilled_once(bundle.model, batch, config)
-            else:  # greedy evaluation and single samples share nothing
+            else:  # single samples share nothing
                 generated = bundle.model.generate(**batch, generation_config=config)
         return self._split(generated, batch["input_ids"].shape[1], len(prompts), n, logprobs,
                            sampling)
@@ -218,6 +261,131 @@ def generate_prefilled_once(
         position_ids=positions.repeat_interleave(n, dim=batch_dim),
         past_key_values=cache, generation_config=continued,
     )
+
+
+def sample_seed(base: int, prompt: EncodedPrompt, sample: int) -> int:
+    """The seed of one sample of one prompt: a digest of ``base``, the sample's index and
+    the prompt's tokens and media, so it does not depend on the batch the prompt is in."""
+    digest = hashlib.blake2b(f"{base}:{sample}:{prompt.input_ids}".encode(), digest_size=8)
+    for media in (prompt.pixel_values, prompt.image_grid_thw, prompt.pixel_values_videos,
+                  prompt.video_grid_thw):
+        if media is not None:
+            digest.update(media.detach().cpu().contiguous().numpy().tobytes())
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+@torch.no_grad()
+def decode_dropping_finished(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], config: GenerationConfig,
+    seeds: Sequence[int] | None, embed: bool = False,
+) -> tuple[list[list[int]], torch.Tensor | None]:
+    """``config.num_return_sequences`` completions of each prompt of ``batch`` (greedy when
+    ``seeds`` is None, else row i samples from a generator seeded ``seeds[i]``), rows in
+    prompt-major order, each cut after its first stop token; with ``embed``, also each row's
+    last-layer hidden state at its completion's last token ([rows, d]: the generative
+    embedding before its normalisation, read from this decoding instead of a second forward
+    over the prompt and completion).
+
+    The prompts are prefilled once, as ``generate`` prefills them (the same positions, the
+    same mask), and their caches repeated n times. Unlike ``generate``, a row that has stopped
+    leaves the decoding batch (after one more step that feeds its last token, with
+    ``embed``): ``generate`` computes every row to the longest one's end. Sampling is an
+    inverse-CDF draw of one uniform number from the row's own generator per step, after the
+    warpers ``generate`` uses (temperature, top-k, top-p)."""
+    n = config.num_return_sequences or 1
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    positions = model._prepare_position_ids_for_generation(input_ids, dict(batch))
+    out = model.model(input_ids=input_ids, position_ids=positions, use_cache=True,
+                      # generate drops an all-ones mask: the same attention kernel as its prefill
+                      attention_mask=None if bool((mask == 1).all()) else mask, **media)
+    batch_dim = 1 if positions.ndim == 3 else 0  # M-RoPE positions are [4, batch, length]
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)
+    logits = model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(n, dim=0)
+    mask = mask.repeat_interleave(n, dim=0)
+    position = positions[..., -1:].repeat_interleave(n, dim=batch_dim)
+    pick = _TokenPicker(config, seeds, logits.device)
+    stops = torch.tensor(list(config.eos_token_id or []), device=logits.device)
+    rows: list[list[int]] = [[] for _ in range(logits.shape[0])]
+    states: list[torch.Tensor | None] = [None] * len(rows)
+    active = torch.arange(len(rows), device=logits.device)
+    for step in range(config.max_new_tokens):
+        tokens = pick(logits, active)
+        for row, token in zip(active.tolist(), tokens.tolist()):
+            rows[row].append(token)
+        done = torch.isin(tokens, stops) | (step + 1 == config.max_new_tokens)
+        if not embed:  # a finished row leaves before the next step
+            active, tokens, mask, position = _keep(~done, cache, batch_dim, active, tokens,
+                                                   mask, position)
+            if not len(active):
+                break
+        mask, position = F.pad(mask, (0, 1), value=1), position + 1
+        hidden = model.model(input_ids=tokens[:, None], attention_mask=mask,
+                             position_ids=position, past_key_values=cache,
+                             use_cache=True).last_hidden_state[:, -1]
+        if embed:  # a finished row leaves once its last token has been fed
+            for row, state in zip(active[done].tolist(), hidden[done]):
+                states[row] = state
+            active, hidden, mask, position = _keep(~done, cache, batch_dim, active, hidden,
+                                                   mask, position)
+            if not len(active):
+                break
+        logits = model.lm_head(hidden)
+    return rows, torch.stack(states) if embed else None  # type: ignore[arg-type]
+
+
+def _keep(kept: torch.Tensor, cache: Cache, batch_dim: int, active: torch.Tensor,
+          per_row: torch.Tensor, mask: torch.Tensor, position: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoding state of the rows ``kept`` (a bool per active row) only."""
+    if bool(kept.all()):
+        return active, per_row, mask, position
+    index = kept.nonzero()[:, 0]
+    cache.batch_select_indices(index)
+    return (active[index], per_row[index], mask[index],
+            position.index_select(batch_dim, index))
+
+
+class _TokenPicker:
+    """Each step's next token of every active row: the argmax (greedy) or a draw from the
+    row's own generator, after the processors ``generate`` applies (suppressed tokens, then
+    temperature, top-k and top-p when sampling)."""
+
+    def __init__(self, config: GenerationConfig, seeds: Sequence[int] | None,
+                 device: torch.device):
+        self.suppressed = list(config.suppress_tokens or [])
+        self.warpers: list[LogitsProcessor] = []
+        if seeds is not None:
+            self.warpers = _sampling_warpers(config)
+        self.generators = None if seeds is None else [
+            torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        scores = logits.float()
+        if self.suppressed:
+            scores[:, self.suppressed] = float("-inf")
+        if self.generators is None:
+            return scores.argmax(dim=-1)
+        for warper in self.warpers:
+            scores = warper(None, scores)
+        cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
+        draws = torch.cat([torch.rand(1, generator=self.generators[row], device=scores.device)
+                           for row in active.tolist()])
+        chosen = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
+        return chosen.clamp_(max=scores.shape[-1] - 1)
+
+
+def _sampling_warpers(config: GenerationConfig) -> list[LogitsProcessor]:
+    """The warpers ``generate`` appends in sampling mode, in its order."""
+    warpers: list[LogitsProcessor] = []
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+    return warpers
 
 
 def _prefill_prefix(model: torch.nn.Module, batch: dict[str, torch.Tensor]
@@ -299,13 +467,7 @@ class _PerSideSampler(LogitsProcessor):
     same random numbers as a call of that side alone after ``torch.manual_seed(seed)``."""
 
     def __init__(self, config: GenerationConfig, seeds: Sequence[int], n: int):
-        self.warpers: list[LogitsProcessor] = []
-        if config.temperature is not None and config.temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k is not None and config.top_k != 0:
-            self.warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-        if config.top_p is not None and config.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
+        self.warpers = _sampling_warpers(config)
         self.seeds, self.n = list(seeds), n
         self.generators: list[torch.Generator] | None = None
 

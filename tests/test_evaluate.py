@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from umerl.cli import main
 from umerl.data.formats import EvalQuery, Side
 from umerl.eval.evaluate import build_pools, parse_modes
+from umerl.model.embed import gen_embeddings
+from umerl.model.sampling import SamplingParams
 
 
 def test_local_pools_merge_duplicates_and_keep_grades_aligned() -> None:
@@ -114,3 +117,52 @@ def test_eval_errors_name_the_problem(tiny_model_dir: Path, tmp_path: Path, caps
     bad.write_text('{"qry_text": "x", "tgt_text": "oops"}\n')
     assert main(["eval", str(tiny_model_dir), str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:1: field 'tgt_text' must be list" in capsys.readouterr().err
+
+
+class _GenerateThenForward:
+    """The evaluation's engine before gen embeddings came from the decoding: one batched
+    ``generate`` per call, embeddings from a second forward over prompt and completion
+    (``gen_embeddings`` takes that path for an engine without ``generate_embedded``)."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+
+    def generate(self, sides, n, sampling, seeds=None):
+        from rollout.transformers_engine import (
+            _strip_after_stop,
+            _without_checkpoint_defaults,
+            decoding_config,
+        )
+
+        bundle = self.bundle
+        batch = bundle.encoder.collate([bundle.encoder.encode(s) for s in sides])
+        batch.pop("prompt_lengths")
+        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                                 bundle.encoder.suppressed_token_ids())
+        with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
+            out = bundle.model.generate(**batch, generation_config=config)
+        rows = [_strip_after_stop(r, bundle.stop_ids)
+                for r in out.sequences[:, batch["input_ids"].shape[1]:].tolist()]
+        return [rows[i * n:(i + 1) * n] for i in range(len(sides))]
+
+
+def test_greedy_scores_equal_those_of_generate_then_forward(tiny_bundle, toy_task) -> None:
+    """The transformers engine reads gen embeddings from its decoding (dropping finished
+    rows) and the greedy modes score exactly as generate + a second forward scored them."""
+    from rollout.transformers_engine import TransformersEngine
+    from umerl.data.tasks import TaskSpec
+    from umerl.eval.evaluate import EvalSettings, Evaluator
+
+    spec = TaskSpec("colours", toy_task, modality="image", pool="local")
+    settings = EvalSettings(pass_k=(), batch_size=3, max_new_tokens=6)
+    now, before = [Evaluator(tiny_bundle, engine, settings).run_task(spec, None) for engine
+                   in (TransformersEngine(tiny_bundle, 3), _GenerateThenForward(tiny_bundle))]
+    assert now.per_mode == before.per_mode and now.per_query == before.per_query
+    assert set(now.per_mode) == {"disc", "gen", "oracle"}
+    sides = [Side(text="red"), Side(text="a longer colour name query"), Side(text="blue")]
+    greedy = SamplingParams(max_new_tokens=6, do_sample=False)
+    decoded = gen_embeddings(tiny_bundle, TransformersEngine(tiny_bundle, 3), sides, 1, greedy)
+    forward = gen_embeddings(tiny_bundle, _GenerateThenForward(tiny_bundle), sides, 1, greedy)
+    assert decoded.completions == forward.completions
+    assert torch.equal(decoded.gen_found, forward.gen_found)
+    assert torch.allclose(decoded.embeddings, forward.embeddings, atol=1e-5, rtol=0)

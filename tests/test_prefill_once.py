@@ -102,26 +102,51 @@ def test_shared_prefill_samples_what_the_expanded_prefill_samples(family_bundle,
         assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=LOGPROB_TOL, rtol=0)
 
 
-def test_unseeded_batches_share_prefill_and_match_the_expanded_batch(tiny_bundle,
-                                                                      benchmark_manifest):
-    """generate_encoded (evaluation's pass@k, serving's samples) batches several left-padded
-    prompts: the shared prefill draws the same samples as the expanded batch."""
-    bundle, sides = tiny_bundle, mixed_sides(benchmark_manifest)
-    prompts = [bundle.encoder.encode(s) for s in sides]
-    engine = TransformersEngine(bundle, batch_size=N * len(sides))  # one call, three prompts
-    sampling = SamplingParams(max_new_tokens=8, seed=5)
-    with stops_likely(bundle):
-        got = engine.generate_encoded(prompts, N, sampling)
-        batch = bundle.encoder.collate(prompts)
-        batch.pop("prompt_lengths")
-        config = decoding_config(sampling, N, bundle.stop_ids, bundle.tokenizer.pad_token_id,
-                                 bundle.encoder.suppressed_token_ids())
-        torch.manual_seed(5)
-        with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
-            out = bundle.model.generate(**batch, generation_config=config)
+def batched_generate_reference(bundle, prompts, n, sampling):
+    """The unseeded path before rows were dropped: one ``generate`` over the left-padded
+    prompts; [prompt][sample] completions."""
+    batch = bundle.encoder.collate(prompts)
+    batch.pop("prompt_lengths")
+    config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
+                             bundle.encoder.suppressed_token_ids())
+    with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
+        out = bundle.model.generate(**batch, generation_config=config)
     rows = [_strip_after_stop(r, bundle.stop_ids)
             for r in out.sequences[:, batch["input_ids"].shape[1]:].tolist()]
-    assert got == [rows[i * N:(i + 1) * N] for i in range(len(sides))]
+    return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def test_unseeded_greedy_equals_the_batched_generate(family_bundle, benchmark_manifest):
+    """generate_encoded (evaluation's gen mode, serving) decodes greedily what one batched
+    ``generate`` over the same left-padded prompts decoded, token for token. (A tiny random
+    model writes the same token at every step, so rows leaving the batch early are exercised
+    by the sampled test below.)"""
+    bundle, sides = family_bundle, mixed_sides(benchmark_manifest)
+    prompts = [bundle.encoder.encode(s) for s in sides]
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False)
+    got = TransformersEngine(bundle, batch_size=len(sides)).generate_encoded(prompts, 1, greedy)
+    assert got == batched_generate_reference(bundle, prompts, 1, greedy)
+
+
+def test_unseeded_samples_depend_on_the_seed_and_prompt_only(tiny_bundle, benchmark_manifest):
+    """Evaluation's pass@k samples: k rows from one prefill, each from its own generator
+    seeded by the call's seed, its index and its prompt, so the same prompt samples the same
+    completions alone, in a batch, in any order; another seed samples others."""
+    bundle, sides = tiny_bundle, mixed_sides(benchmark_manifest)
+    prompts = [bundle.encoder.encode(s) for s in sides]
+    sampling = SamplingParams(max_new_tokens=12, seed=2)
+    engine = TransformersEngine(bundle, batch_size=N * len(sides))
+    with stops_likely(bundle):
+        together = engine.generate_encoded(prompts, N, sampling)
+        alone = [TransformersEngine(bundle, batch_size=N).generate_encoded([p], N, sampling)[0]
+                 for p in prompts]
+        reversed_ = engine.generate_encoded(prompts[::-1], N, sampling)[::-1]
+        other = engine.generate_encoded(prompts, N, SamplingParams(max_new_tokens=12, seed=3))
+    assert together == alone == reversed_
+    assert other != together
+    assert all(len({tuple(c) for c in side}) > 1 for side in together)  # k distinct draws
+    ends = {len(c) for side in together for c in side}  # rows left the batch at several steps
+    assert len(ends) > 1 and max(ends) == sampling.max_new_tokens
 
 
 def test_each_prompt_is_prefilled_and_seen_by_the_vision_tower_once(tiny_bundle,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from umerl.data.formats import Side
 from umerl.model.inputs import EncodedPrompt
@@ -68,19 +69,22 @@ def gen_embeddings(
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> GenerativeEmbeddings:
-    """Generate ``num_samples`` completions per side, then read <gen_emb> in one forward each."""
+    """Generate ``num_samples`` completions per side and read each one's <gen_emb> state:
+    from the decoding itself where the engine offers it (``generate_embedded``: the
+    transformers engine), else in one forward over prompt and completion each."""
     sampling = sampling or SamplingParams()
     embeddings, texts, found = [], [], []
+    embedded = getattr(engine, "generate_embedded", None)
     for start in range(0, len(sides), batch_size):
         chunk = sides[start:start + batch_size]
-        samples = engine.generate(chunk, num_samples, sampling)
-        prompts = [bundle.encoder.encode(s) for s in chunk]
-        flat_prompts = [p for p in prompts for _ in range(num_samples)]
-        flat_completions = [c for group in samples for c in group]
-        for sub in range(0, len(flat_prompts), batch_size):
-            _, gen, hit = forward_embeddings(
-                bundle, flat_prompts[sub:sub + batch_size], flat_completions[sub:sub + batch_size]
-            )
+        if embedded is not None:
+            samples, states = embedded(chunk, num_samples, sampling)
+            embeddings.append(F.normalize(states.float(), dim=-1).cpu())
+            found.append(torch.tensor([[bool(c) and c[-1] == bundle.gen_id for c in group]
+                                       for group in samples]))
+        else:
+            samples = engine.generate(chunk, num_samples, sampling)
+            gen, hit = _forward_gen(bundle, chunk, samples, batch_size)
             embeddings.append(gen)
             found.append(hit)
         texts.extend(
@@ -88,6 +92,25 @@ def gen_embeddings(
             for group in samples
         )
         if progress:
-            progress(len(prompts))
-    stacked = torch.cat(embeddings).view(len(sides), num_samples, -1)
-    return GenerativeEmbeddings(stacked, texts, torch.cat(found).view(len(sides), num_samples))
+            progress(len(chunk))
+    stacked = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeddings])
+    return GenerativeEmbeddings(stacked.view(len(sides), num_samples, -1), texts,
+                                torch.cat([f.reshape(-1) for f in found])
+                                .view(len(sides), num_samples))
+
+
+def _forward_gen(bundle: PolicyBundle, sides: Sequence[Side], samples: list[list[list[int]]],
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[sides * n, d] generative embeddings and gen_found of sampled completions, from
+    forwards over prompt + completion."""
+    prompts = [bundle.encoder.encode(s) for s in sides]
+    flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
+    flat_completions = [c for group in samples for c in group]
+    gens, hits = [], []
+    for sub in range(0, len(flat_prompts), batch_size):
+        _, gen, hit = forward_embeddings(
+            bundle, flat_prompts[sub:sub + batch_size], flat_completions[sub:sub + batch_size]
+        )
+        gens.append(gen)
+        hits.append(hit)
+    return torch.cat(gens), torch.cat(hits)

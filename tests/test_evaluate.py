@@ -128,22 +128,11 @@ class _GenerateThenForward:
         self.bundle = bundle
 
     def generate(self, sides, n, sampling, seeds=None):
-        from rollout.transformers_engine import (
-            _strip_after_stop,
-            _without_checkpoint_defaults,
-            decoding_config,
-        )
+        from test_prefill_once import batched_generate_reference
 
         bundle = self.bundle
-        batch = bundle.encoder.collate([bundle.encoder.encode(s) for s in sides])
-        batch.pop("prompt_lengths")
-        config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
-                                 bundle.encoder.suppressed_token_ids())
-        with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
-            out = bundle.model.generate(**batch, generation_config=config)
-        rows = [_strip_after_stop(r, bundle.stop_ids)
-                for r in out.sequences[:, batch["input_ids"].shape[1]:].tolist()]
-        return [rows[i * n:(i + 1) * n] for i in range(len(sides))]
+        prompts = [bundle.encoder.encode(s) for s in sides]
+        return batched_generate_reference(bundle, prompts, n, sampling)
 
 
 def test_greedy_scores_equal_those_of_generate_then_forward(tiny_bundle, toy_task) -> None:

@@ -152,12 +152,12 @@ class TransformersEngine:
         self, sides: Sequence[Side], n: int, sampling: SamplingParams
     ) -> tuple[list[list[list[int]]], torch.Tensor]:
         """``generate`` (unseeded: ``generate_encoded``'s sampling) plus each completion's
-        last-layer hidden state at its last token, [sides, n, d]: what ``PolicyModule`` reads
-        as the generative embedding, here from the decoding itself (``umerl.model.embed``
-        skips its second forward over prompt and completion)."""
+        last-layer hidden state at its last token, [sides * n, d] side-major: what
+        ``PolicyModule`` reads as the generative embedding, here from the decoding itself
+        (``umerl.model.embed`` skips its second forward over prompt and completion)."""
         prompts = [self.bundle.encoder.encode(side) for side in sides]
         completions, states = self._decode_all(prompts, n, sampling, embed=True)
-        return completions, states.view(len(sides), n, -1)
+        return completions, states
 
     @torch.no_grad()
     def _decode_all(self, prompts: Sequence[EncodedPrompt], n: int, sampling: SamplingParams,
@@ -305,7 +305,7 @@ def decode_dropping_finished(
     logits = model.lm_head(out.last_hidden_state[:, -1]).repeat_interleave(n, dim=0)
     mask = mask.repeat_interleave(n, dim=0)
     position = positions[..., -1:].repeat_interleave(n, dim=batch_dim)
-    pick = _TokenPicker(config, seeds, logits.device)
+    pick = _TokenPicker(config, seeds)
     stops = torch.tensor(list(config.eos_token_id or []), device=logits.device)
     rows: list[list[int]] = [[] for _ in range(logits.shape[0])]
     states: list[torch.Tensor | None] = [None] * len(rows)
@@ -352,14 +352,15 @@ class _TokenPicker:
     row's own generator, after the processors ``generate`` applies (suppressed tokens, then
     temperature, top-k and top-p when sampling)."""
 
-    def __init__(self, config: GenerationConfig, seeds: Sequence[int] | None,
-                 device: torch.device):
+    def __init__(self, config: GenerationConfig, seeds: Sequence[int] | None):
         self.suppressed = list(config.suppress_tokens or [])
         self.warpers: list[LogitsProcessor] = []
         if seeds is not None:
             self.warpers = _sampling_warpers(config)
+        # CPU generators whatever the model's device: a sample does not depend on the device,
+        # and a step's draws cost one host-to-device copy, not a kernel launch per row.
         self.generators = None if seeds is None else [
-            torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+            torch.Generator().manual_seed(seed) for seed in seeds]
 
     def __call__(self, logits: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         scores = logits.float()
@@ -370,8 +371,8 @@ class _TokenPicker:
         for warper in self.warpers:
             scores = warper(None, scores)
         cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
-        draws = torch.cat([torch.rand(1, generator=self.generators[row], device=scores.device)
-                           for row in active.tolist()])
+        draws = torch.cat([torch.rand(1, generator=self.generators[row])
+                           for row in active.tolist()]).to(scores.device)
         chosen = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
         return chosen.clamp_(max=scores.shape[-1] - 1)
 

@@ -20,6 +20,7 @@ import torch
 from rollout.transformers_engine import (
     TransformersEngine,
     _strip_after_stop,
+    _TokenPicker,
     _without_checkpoint_defaults,
     decoding_config,
 )
@@ -234,3 +235,22 @@ def test_the_rollout_actor_follows_rollout_share_prefill(tiny_model_dir, benchma
     assert rows[0] == ((1, prompt_len - 1) if share else (N, prompt_len))
     other = TransformersEngine(actor.engine.bundle, share_prefill=not share)
     assert got == other.generate(sides, N, SAMPLING, seeds=[4])
+
+
+def test_unseeded_sampling_draws_from_the_warped_distribution() -> None:
+    """The rows' own generators sample softmax(top-k(logits) / T) with the suppressed tokens
+    removed first, as ``generate``'s processors define it: 20,000 rows over fixed logits,
+    each token's share within 4.5 standard errors of the probability computed here."""
+    from transformers import GenerationConfig
+
+    logits = torch.tensor([2.0, 3.0, 1.5, 0.2, -1.0, 1.9])
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=3, suppress_tokens=[1])
+    rows = 20_000
+    picker = _TokenPicker(config, seeds=range(rows))
+    drawn = picker(logits.expand(rows, -1).clone(), torch.arange(rows))
+    kept = torch.tensor([0, 2, 5])  # the 3 largest once token 1 is suppressed
+    want = torch.zeros(6)
+    want[kept] = torch.softmax(logits[kept] / 0.7, dim=0)
+    share = torch.bincount(drawn, minlength=6).double() / rows
+    error = (want * (1 - want) / rows).sqrt()
+    assert torch.all((share - want).abs() <= 4.5 * error + 1e-12), (share, want)

@@ -80,8 +80,8 @@ def gen_embeddings(
         if embedded is not None:
             samples, states = embedded(chunk, num_samples, sampling)
             embeddings.append(F.normalize(states.float(), dim=-1).cpu())
-            found.append(torch.tensor([[bool(c) and c[-1] == bundle.gen_id for c in group]
-                                       for group in samples]))
+            found.append(torch.tensor([bool(c) and c[-1] == bundle.gen_id
+                                       for group in samples for c in group]))
         else:
             samples = engine.generate(chunk, num_samples, sampling)
             gen, hit = _forward_gen(bundle, chunk, samples, batch_size)
@@ -93,10 +93,8 @@ def gen_embeddings(
         )
         if progress:
             progress(len(chunk))
-    stacked = torch.cat([e.reshape(-1, e.shape[-1]) for e in embeddings])
-    return GenerativeEmbeddings(stacked.view(len(sides), num_samples, -1), texts,
-                                torch.cat([f.reshape(-1) for f in found])
-                                .view(len(sides), num_samples))
+    stacked = torch.cat(embeddings).view(len(sides), num_samples, -1)
+    return GenerativeEmbeddings(stacked, texts, torch.cat(found).view(len(sides), num_samples))
 
 
 def _forward_gen(bundle: PolicyBundle, sides: Sequence[Side], samples: list[list[list[int]]],

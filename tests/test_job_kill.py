@@ -4,14 +4,14 @@ losses and rewards equal those of a run that was never interrupted."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import kill_session
 
 REPO = Path(__file__).resolve().parent.parent
 # What each stage must reproduce exactly after the kill (timings and throughput may differ).
@@ -54,8 +54,7 @@ def run_to_end(out: Path, argv: list[str]) -> None:
 def run_and_kill(out: Path, argv: list[str], stage: str, after_step: int) -> None:
     """Start the job in its own session and SIGKILL every process of that session once
     ``stage`` has logged ``after_step``: the driver, the local Ray it started and every Ray
-    worker at once (Ray gives each worker a process group of its own: killing the driver's
-    group alone would leave the workers a moment to finish the stage)."""
+    worker at once."""
     proc = subprocess.Popen(argv, cwd=out.parent, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -65,30 +64,8 @@ def run_and_kill(out: Path, argv: list[str], stage: str, after_step: int) -> Non
             assert time.monotonic() < deadline, f"{stage} step {after_step} never came"
             time.sleep(0.05)
     finally:
-        for pid in session_pids(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_session(proc.pid)  # every process gone, so the rerun starts a local Ray of its own
         proc.wait(timeout=60)
-    for _ in range(200):  # every process gone, so the rerun starts a local Ray of its own
-        if not session_pids(proc.pid):
-            return
-        time.sleep(0.1)
-    raise AssertionError("processes of the killed job are still running")
-
-
-def session_pids(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (zombies, already dead, left out)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and os.getsid(int(entry.name)) == sid:
-                pids.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return pids
 
 
 def last_per_step(lines: list[dict], keys: tuple[str, ...]) -> dict[int, tuple]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import kill_session
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -38,40 +39,40 @@ def head_node():
              "--port", "6391", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8271",
              "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
              "--temp-dir", temp_dir]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
+    # Its own session: the teardown stops this cluster's processes only (`ray stop` would
+    # stop every Ray on the machine, a user's job beside the tests included).
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        assert head.wait(timeout=180) == 0, "ray start --head failed"
         yield "http://127.0.0.1:8271"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        kill_session(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_recipe(head_node, tiny_model_dir, benchmark_manifest,
-                                        tmp_path):
-    out = tmp_path / "job"
-    command = [
-        str(BIN / "ray"), "job", "submit", "--address", head_node, "--working-dir", str(REPO),
-        "--", "python", "-m", "umerl.cli", "train", "recipes/cpu_tiny.yaml",
-        f"output_dir={out}", f"model.path={tiny_model_dir}",
-        f"data.benchmark_dir={benchmark_manifest.parent}", "sft.max_steps=2",
-        "sft.micro_batch_size=4", "rl.max_steps=2", "rl.pairs_per_step=2", "rl.group_size=2",
-        "rl.max_new_tokens=8", "eval.tasks=[digits_cls]", "eval.max_new_tokens=8",
-        "eval.before=false", "eval.pass_k=[1]",
-    ]
-    proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
-                          timeout=1200)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
+@pytest.fixture(scope="module")
+def clean_job(head_node, tiny_model_dir, benchmark_manifest, tmp_path_factory
+              ) -> tuple[Path, str]:
+    """One uninterrupted job through `ray job submit`, with an evaluation at the end: the
+    first test checks what it wrote, the killed job's test compares its steps to it."""
+    out = tmp_path_factory.mktemp("clean-job") / "job"
+    proc = submit(head_node, out, tiny_model_dir, benchmark_manifest.parent,
+                  "eval.enabled=true", "eval.tasks=[digits_cls]", "eval.max_new_tokens=8",
+                  "eval.before=false", "eval.pass_k=[1]")
+    return out, proc.stdout + proc.stderr
+
+
+def test_ray_job_submit_runs_the_recipe(clean_job):
+    out, output = clean_job
     assert "succeeded" in output
     assert "[driver] RL checkpoint" in output
-    logged = [json.loads(line)["step"] for line in
-              (out / "metrics" / "rl.jsonl").read_text().splitlines()]
-    assert logged == [1, 2]
+    assert [m["step"] for m in rl_lines(out)] == [1, 2, 3, 4, 5, 6]
     assert (out / "rl" / "latest").is_file() and (out / "sft" / "latest").is_file()
+    assert (out / "eval" / "rl").is_dir()
 
 
-def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path,
+def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path, *overrides: str,
            wait: bool = True) -> subprocess.CompletedProcess:
     command = [
         str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(REPO),
@@ -79,7 +80,7 @@ def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path,
         "recipes/cpu_tiny.yaml", f"output_dir={out}", f"model.path={tiny_model_dir}",
         f"data.benchmark_dir={benchmark_dir}", "sft.max_steps=2", "sft.micro_batch_size=4",
         "rl.max_steps=6", "rl.save_every=3", "rl.pairs_per_step=2", "rl.group_size=2",
-        "rl.max_new_tokens=8", "eval.enabled=false",
+        "rl.max_new_tokens=8", "eval.enabled=false", *overrides,
     ]
     proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
                           timeout=1200)
@@ -113,11 +114,10 @@ def kill_driver_after(head: str, out: Path, rl_step: int) -> None:
         time.sleep(0.5)
 
 
-def test_a_killed_job_submitted_again_continues_exactly(head_node, tiny_model_dir,
+def test_a_killed_job_submitted_again_continues_exactly(head_node, clean_job, tiny_model_dir,
                                                         benchmark_manifest, tmp_path):
     bench = benchmark_manifest.parent
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    submit(head_node, clean, tiny_model_dir, bench)
+    clean, killed = clean_job[0], tmp_path / "killed"
     submit(head_node, killed, tiny_model_dir, bench, wait=False)
     kill_driver_after(head_node, killed, rl_step=4)  # RL checkpoint at step 3
     submit(head_node, killed, tiny_model_dir, bench)

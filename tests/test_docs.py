@@ -336,6 +336,15 @@ def test_every_recipe_key_named_in_the_prose_exists() -> None:
     assert not problems, "\n".join(problems)
 
 
+README_MAX_LINES = 250  # issue 29: a README that fits on a few screens; the rest is in docs/
+
+
+def test_the_readme_fits_on_a_few_screens() -> None:
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move detail to docs/")
+
+
 def test_every_page_is_linked_and_every_link_resolves() -> None:
     linked, problems = set(), []
     for page in DOCS:

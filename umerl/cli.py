@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="where its evaluations are (default: RUN_DIR/eval)")
     plot.set_defaults(handler=_cmd_plot)
 
-    ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
+    ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model "
+                         "(in this process, on CPU in float32)")
     ann.add_argument("pairs", help="RL-pair JSONL (query/target sides, no completions)")
     ann.add_argument("--teacher", required=True, help="Hugging Face folder of the teacher")
     ann.add_argument("--gguf-file", default=None, help="GGUF file inside --teacher")

@@ -80,3 +80,22 @@ def test_module_rewards_import_under_the_console_script(tiny_model_dir, benchmar
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "1 rewards called on a synthetic step" in done.stdout
+
+
+def test_check_with_an_address_checks_the_cluster(fast, monkeypatch, capsys) -> None:
+    """--address adds what only the live cluster can say: a cluster too small for the recipe
+    fails the check (exit 2, naming the keys) before any run; one that fits passes."""
+    import umerl.config.cluster as cluster
+
+    joined: list[str] = []
+    monkeypatch.setattr(umerl.runtime.ray_start, "init_ray",
+                        lambda cfg: joined.append(cfg.ray.address))
+    monkeypatch.setattr(cluster, "check_shared_output_dir", lambda *_a, **_k: None)
+    monkeypatch.setattr(cluster, "nodes_from_ray", lambda: [{"CPU": 1.0}])
+    assert main(["check", TINY, *fast, "--address", "127.0.0.1:6379"]) == 2
+    assert joined == ["127.0.0.1:6379"]
+    err = capsys.readouterr().err
+    assert "needs 'sft.num_workers'" in err and "but the cluster has 1" in err, err
+    monkeypatch.setattr(cluster, "nodes_from_ray", lambda: [{"CPU": 64.0}])
+    assert main(["check", TINY, *fast, "--address", "127.0.0.1:6379"]) == 0
+    assert "2 rewards called on a synthetic step, cluster (" in capsys.readouterr().out

@@ -164,6 +164,36 @@ def test_serve_reads_the_decoding_settings_stored_in_the_checkpoint(
     assert (seen[-1].serve.max_new_tokens, seen[-1].serve.top_k) == (9, 50)
 
 
+def test_a_checkpoint_without_a_stored_recipe_says_what_it_decodes_with(
+        tiny_model_dir, benchmark_manifest, tmp_path, monkeypatch, capsys) -> None:
+    """A downloaded model (no run recipe stored) is evaluated and served with umerl's defaults:
+    not silently; a stored recipe or --recipe needs no such line."""
+    import umerl.eval.runner
+    import umerl.serve.service
+    from umerl.config.stored import DECODING, unstored_note
+
+    monkeypatch.setattr(umerl.eval.runner, "run_eval_work", lambda *a, **k: None)
+    monkeypatch.setattr(umerl.serve.service, "run_service", lambda *a, **k: None)
+    note = unstored_note(str(tiny_model_dir), load_recipe(None, ["eval.max_new_tokens=5"]),
+                         DECODING)
+    assert note == (f"[decoding] {tiny_model_dir} stores no run recipe: decoding with "
+                    "eval.max_new_tokens 5, eval.temperature 1.0, eval.top_k 50, model.dtype "
+                    "float32 (umerl's defaults, then any options); --recipe RECIPE decodes as "
+                    "that recipe evaluates")
+    tasks = ["digits_cls", "--benchmark-dir", str(benchmark_manifest.parent)]
+    assert main(["eval", str(tiny_model_dir), *tasks, "--max-new-tokens", "5",
+                 "--out", str(tmp_path / "e1")]) == 0
+    assert note in capsys.readouterr().err  # before: nothing said
+    assert main(["serve", str(tiny_model_dir)]) == 0
+    assert "serve.max_new_tokens 32" in capsys.readouterr().err
+    step = stored_run_checkpoint(tmp_path, tiny_model_dir)
+    assert main(["eval", str(step), *tasks, "--out", str(tmp_path / "e2")]) == 0
+    assert main(["eval", str(tiny_model_dir), *tasks, "--recipe", TINY,
+                 "--out", str(tmp_path / "e3")]) == 0
+    assert main(["serve", str(step)]) == 0
+    assert "[decoding]" not in capsys.readouterr().err
+
+
 # --- rewards ---------------------------------------------------------------------------------
 
 def test_a_rewards_list_without_the_defaults_is_named_on_the_first_line(run_args, capsys):

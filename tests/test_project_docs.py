@@ -53,3 +53,21 @@ def test_license_and_citation() -> None:
     paper = cff["preferred-citation"]
     assert paper["title"].startswith("UME-R1:") and paper["year"] == 2026
     assert "arXiv:2511.00405" in [i["value"] for i in paper["identifiers"]]
+
+
+def test_the_bibtex_block_agrees_with_citation_cff() -> None:
+    """docs/method.md's BibTeX (linked from the README) names the paper CITATION.cff names:
+    its title, every author in order, the year and the arXiv id."""
+    import re
+
+    page = (ROOT / "docs" / "method.md").read_text(encoding="utf-8")
+    block = re.search(r"```bibtex\n(.*?)```", page, re.S)
+    assert block, "docs/method.md has no ```bibtex block"
+    fields = dict(re.findall(r"^\s*(\w+)\s*=\s*\{(.*)\},?\s*$", block.group(1), re.M))
+    paper = yaml.safe_load((ROOT / "CITATION.cff").read_text())["preferred-citation"]
+    assert fields["title"].replace("{", "").replace("}", "") == paper["title"]
+    assert fields["author"] == " and ".join(f"{a['family-names']}, {a['given-names']}"
+                                            for a in paper["authors"])
+    assert int(fields["year"]) == paper["year"]
+    assert f"arXiv:{fields['eprint']}" in [i["value"] for i in paper["identifiers"]]
+    assert "docs/method.md#citation" in (ROOT / "README.md").read_text(encoding="utf-8")

@@ -100,6 +100,19 @@ def test_recipes_lists_every_bundled_recipe_with_its_purpose(capsys) -> None:
     assert all(len(r.split(None, 1)) == 2 and r.endswith(".") for r in rows)
 
 
+def test_recipes_lists_paths_usable_from_the_working_directory(capsys, monkeypatch,
+                                                               tmp_path: Path) -> None:
+    """Run from another folder, each listed path is still a recipe file (was recipes/x.yaml,
+    which named no file there)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipes"]) == 0
+    paths = [Path(r.split()[0]) for r in capsys.readouterr().out.splitlines()]
+    assert paths == sorted(RECIPES_DIR.glob("*.yaml"))
+    monkeypatch.chdir(RECIPES_DIR.parent)
+    assert main(["recipes"]) == 0
+    assert capsys.readouterr().out.split()[0] == "recipes/cpu_tiny.yaml"
+
+
 def test_version_is_the_package_version(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])

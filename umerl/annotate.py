@@ -1,7 +1,8 @@
 """Cold-start data: a teacher writes a reasoning trace and a summary for each side of a pair.
 
-The paper used GLM-4.1V-Thinking; here any local Hugging Face model serves, through the same
-rollout engine the RL stage uses. Each side (query and target, separately) is annotated in two
+The paper used GLM-4.1V-Thinking; here any local Hugging Face model serves, through umerl's
+transformers rollout engine (the one CPU rollouts use, never vLLM), in this process, on CPU in
+float32: small teachers suit it. Each side (query and target, separately) is annotated in two
 generations, so even a small teacher that ignores tag formats yields usable data:
 
 1. reasoning: the side's media and text, plus "think step by step about what it shows";

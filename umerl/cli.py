@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="where its evaluations are (default: RUN_DIR/eval)")
     plot.set_defaults(handler=_cmd_plot)
 
-    ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model")
+    ann = sub.add_parser("annotate", help="write cold-start SFT data with a teacher model "
+                         "(in this process, on CPU in float32)")
     ann.add_argument("pairs", help="RL-pair JSONL (query/target sides, no completions)")
     ann.add_argument("--teacher", required=True, help="Hugging Face folder of the teacher")
     ann.add_argument("--gguf-file", default=None, help="GGUF file inside --teacher")
@@ -326,7 +327,7 @@ def _dotlist_value(value: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from umerl.config.stored import DECODING, decoding_from
+    from umerl.config.stored import DECODING, decoding_from, unstored_note
     from umerl.data.tasks import resolve_tasks
     from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
@@ -337,8 +338,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     quiet()
     auto = _take_auto(args)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    run_recipe = stored_recipe(checkpoint)
     cfg = _options_config(args, EVAL_OPTIONS, decoding_from(
-        stored_recipe(checkpoint), str(checkpoint), args.recipe, DECODING))
+        run_recipe, str(checkpoint), args.recipe, DECODING))
+    if run_recipe is None and args.recipe is None:  # a Hub model: say what it decodes with
+        print(unstored_note(str(checkpoint), cfg, DECODING), file=sys.stderr, flush=True)
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
     # Absolute: with --gpus the work runs in a Ray worker, which may start in another folder.
     out = str(Path(args.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}").resolve())
@@ -477,7 +481,7 @@ def _routed_settings(settings: EvalSettings, router: str | None, auto: bool) -> 
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from umerl.config.stored import SERVE_DECODING, decoding_from
+    from umerl.config.stored import SERVE_DECODING, decoding_from, unstored_note
     from umerl.preflight import check_checkpoint
     from umerl.runtime.console import quiet
     from umerl.serve.service import run_service, serve_config
@@ -485,10 +489,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     quiet()
     checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
-    stored, named = decoding_from(stored_recipe(checkpoint), checkpoint, args.recipe,
-                                  SERVE_DECODING)
+    run_recipe = stored_recipe(checkpoint)
+    stored, named = decoding_from(run_recipe, checkpoint, args.recipe, SERVE_DECODING)
     overrides = [*stored, *args.overrides]
     cfg = load_recipe(None, overrides, option_sources=named)
+    if run_recipe is None and args.recipe is None:  # stderr: --print-config's YAML is stdout
+        print(unstored_note(checkpoint, cfg, SERVE_DECODING), file=sys.stderr, flush=True)
     if args.print_config:
         import yaml
 

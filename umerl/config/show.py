@@ -60,5 +60,13 @@ def recipe_purpose(path: Path) -> str:
 
 
 def bundled_recipes(folder: Path = RECIPES_DIR) -> list[tuple[str, str]]:
-    """``(path relative to the repository, purpose)`` of every runnable recipe (not base/)."""
-    return [(f"{folder.name}/{p.name}", recipe_purpose(p)) for p in sorted(folder.glob("*.yaml"))]
+    """``(path, purpose)`` of every runnable recipe (not base/). The path is one the RECIPE
+    argument takes from the working directory: relative below it, else absolute."""
+    return [(_as_argument(p), recipe_purpose(p)) for p in sorted(folder.glob("*.yaml"))]
+
+
+def _as_argument(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:  # run from elsewhere (another project, /tmp): recipes/x.yaml is no file
+        return str(path)

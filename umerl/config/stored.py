@@ -85,3 +85,14 @@ def decoding_from(stored: dict[str, Any] | None, checkpoint: str, recipe: str | 
         return [], {}
     overrides = decoding_overrides(source, pairs)
     return overrides, {item.split("=", 1)[0]: where for item in overrides}
+
+
+def unstored_note(checkpoint: str, cfg: Any, pairs: list[tuple[str, str]]) -> str:
+    """What ``umerl eval``/``serve`` print for a checkpoint that stores no run recipe (a model
+    downloaded from the Hub, a run of an older umerl) and no ``--recipe``: the decoding
+    settings they fall back on, which need not be those the checkpoint was evaluated with."""
+    from omegaconf import OmegaConf
+
+    values = ", ".join(f"{key} {OmegaConf.select(cfg, key)}" for _, key in pairs)
+    return (f"[decoding] {checkpoint} stores no run recipe: decoding with {values} (umerl's "
+            "defaults, then any options); --recipe RECIPE decodes as that recipe evaluates")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from umerl.train.dist import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -35,13 +37,17 @@ def head_node():
     env = cluster_env()
     # Ray puts unix sockets under its temp dir: keep the path short (sockets max ~107 chars).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Free ports, not Ray's fixed defaults: with another Ray on the machine holding the
+    # dashboard agent's 52365, this head's agent could not listen and every job submission
+    # was answered "No available agent to submit job".
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-             "--port", "6391", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8271",
-             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
-             "--temp-dir", temp_dir]
+             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+             str(dashboard), "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2",
+             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
     try:
-        yield "http://127.0.0.1:8271"
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -79,7 +85,8 @@ def test_ray_job_submit_runs_the_recipe(head_node, tiny_model_dir, benchmark_man
         "rl.max_new_tokens=8", "eval.tasks=[digits_cls]", "eval.max_new_tokens=8",
         "eval.before=false", "eval.pass_k=[1]",
     ]
-    proc = ray_job_submit(command)
+    proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
+                          timeout=1200)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     assert "succeeded" in output
@@ -100,23 +107,10 @@ def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path,
         "rl.max_steps=6", "rl.save_every=3", "rl.pairs_per_step=2", "rl.group_size=2",
         "rl.max_new_tokens=8", "eval.enabled=false",
     ]
-    proc = ray_job_submit(command)
+    proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
-
-
-def ray_job_submit(command: list[str]) -> subprocess.CompletedProcess:
-    """Run ``ray job submit``, again while the head answers that no job agent is available
-    yet (it waits 10 s for the agent a fresh ``ray start`` launches, which on a loaded machine
-    can take longer; no job was created then)."""
-    deadline = time.monotonic() + 180
-    while True:
-        proc = subprocess.run(command, env=cluster_env(), capture_output=True, text=True,
-                              timeout=1200)
-        busy = "No available agent to submit job" in proc.stdout + proc.stderr
-        if proc.returncode == 0 or not busy or time.monotonic() > deadline:
-            return proc
-        time.sleep(5)
 
 
 def rl_lines(out: Path) -> list[dict]:

@@ -172,10 +172,12 @@ def report(fault: Fault, runs: list[Run], out: Path, clean: dict[int, tuple], st
         outcome = f"failed: {error.removeprefix('umerl: error: ')[:120]}"
         took = after[-1][0] - t0
     lost = len(order) - len(set(order)) + len([s for s in range(1, steps + 1) if s not in got])
-    exact = all(got.get(s) == v for s, v in clean.items()) if final.code == 0 else False
+    # A failed run has no rewards after the fault to compare: "-", not "no".
+    exact = ("-" if final.code != 0 else
+             "yes" if all(got.get(s) == v for s, v in clean.items()) else "no")
     detected = "-" if noticed is None else f"{noticed - t0:5.1f} s"
     return (f"{fault.name:34s} detected {detected:>8s}  took {took:5.1f} s  lost {lost}  "
-            f"exact {'yes' if exact else 'no':3s}  {outcome}")
+            f"exact {exact:3s}  {outcome}")
 
 
 class Stamped:

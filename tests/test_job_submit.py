@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from processes import kill_session
 
+from umerl.train.dist import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -35,17 +37,21 @@ def head_node():
     env = cluster_env()
     # Ray puts unix sockets under its temp dir: keep the path short (sockets max ~107 chars).
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    # Free ports, not Ray's fixed defaults: with another Ray on the machine holding the
+    # dashboard agent's 52365, this head's agent could not listen and every job submission
+    # was answered "No available agent to submit job".
+    gcs, dashboard, agent = free_port(), free_port(), free_port()
     start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-             "--port", "6391", "--dashboard-host", "127.0.0.1", "--dashboard-port", "8271",
-             "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
-             "--temp-dir", temp_dir]
+             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+             str(dashboard), "--dashboard-agent-listen-port", str(agent), "--num-cpus", "2",
+             "--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", temp_dir]
     # Its own session: the teardown stops this cluster's processes only (`ray stop` would
     # stop every Ray on the machine, a user's job beside the tests included).
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert head.wait(timeout=180) == 0, "ray start --head failed"
-        yield "http://127.0.0.1:8271"
+        yield f"http://127.0.0.1:{dashboard}"
     finally:
         kill_session(head.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)

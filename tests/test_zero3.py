@@ -15,13 +15,13 @@ from umerl.data.tokens import format_completion
 from umerl.train import checkpoint as ckpt
 
 
-def _config(out: Path, data: Path, steps: int):
+def _config(out: Path, data: Path, steps: int, *overrides: str):
     from umerl.config.recipe import load_recipe
 
     return load_recipe(None, [
         f"output_dir={out}", f'sft.data=["{data}"]', f"sft.max_steps={steps}",
         "sft.micro_batch_size=2", "sft.num_workers=2", "sft.zero_stage=3", "sft.save_every=2",
-        "sft.log_every=100", "sft.lr=0.01", "wandb.mode=disabled",
+        "sft.log_every=100", "sft.lr=0.01", "wandb.mode=disabled", *overrides,
     ])
 
 
@@ -143,9 +143,10 @@ def _media(root: Path) -> dict[str, list[str]]:
     }
 
 
-def _rank_pairs(media: dict[str, list[str]], which: int):
+def _rank_pairs(media: dict[str, list[str]], which: int, video_alone: bool = False):
     """Data rank ``which`` gets: 0 has a video-only query among image sides, 1 only images (a
-    text-only side also runs the tower, on the blank image)."""
+    text-only side also runs the tower, on the blank image). ``video_alone``: both of data
+    0's queries are video-only, so its query batch holds the video and no image."""
     from umerl.data.formats import Pair, Side
 
     img, video = media["images"], tuple(media["video"])
@@ -157,7 +158,8 @@ def _rank_pairs(media: dict[str, list[str]], which: int):
 
     if which == 0:
         return [Pair("v", "toy", side("what happens", vid=video), side("a clip", img[:1])),
-                Pair("a", "toy", side("red one", img[1:2]), side("a red thing"))]
+                Pair("a", "toy", side("what next", vid=video) if video_alone
+                     else side("red one", img[1:2]), side("a red thing"))]
     return [Pair("b", "toy", side("blue one", img[2:3]), side("a blue thing", img[3:])),
             Pair("c", "toy", side("two", img[:2]), side("both", img[2:]))]
 
@@ -173,10 +175,11 @@ def _save_full_weights(engine, path: Path) -> None:
 
 
 def _mixed_sft_main(rank: int, port: int, model: str, data: str, root: str,
-                    media: dict[str, list[str]]) -> None:
+                    media: dict[str, list[str]], checkpointing: bool) -> None:
     """Under ZeRO-3, with data 0 (the video) on rank 0 and data 1 (images) on rank 1: a no-grad
     forward of the queries (each rank saves its embeddings), then two SFT steps (rank 0 saves
-    the weights); then the same two steps from the start with the ranks' data swapped."""
+    the weights); then the same two steps from the start with the ranks' data swapped. With
+    ``checkpointing`` data 0's query batch holds the video alone (``_rank_pairs``)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(1)
     from umerl.train import dist as udist
@@ -185,8 +188,9 @@ def _mixed_sft_main(rank: int, port: int, model: str, data: str, root: str,
     udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
     root_path = Path(root)
     for order, which in (("as_given", rank), ("swapped", 1 - rank)):
-        run = SftRun(_config(root_path / order, Path(data), 2), model)
-        pairs = _rank_pairs(media, which)
+        run = SftRun(_config(root_path / order, Path(data), 2,
+                             f"sft.gradient_checkpointing={checkpointing}"), model)
+        pairs = _rank_pairs(media, which, video_alone=checkpointing)
         if order == "as_given":
             with torch.no_grad():
                 out = run.engine(**side_inputs(run.bundle, [p.query for p in pairs]))
@@ -210,10 +214,15 @@ def _assert_trained_alike(given: dict, swapped: dict, start: dict) -> None:
     assert len(moved) > 10
 
 
-def test_zero3_sft_trains_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("checkpointing", [False, True])  # True: every GPU SFT recipe's
+def test_zero3_sft_trains_with_a_video_on_one_rank_only(checkpointing, tmp_path,
+                                                        tiny_model_dir):
     """Rank 0's micro-batch holds a video, rank 1's only images: both SFT runs train (neither
     hangs nor aborts), alike whichever rank holds the video, and the live ZeRO-3 embeddings
-    equal a plain forward's."""
+    equal a plain forward's. With gradient checkpointing (every GPU SFT recipe's setting) one
+    rank's query batch holds the video alone, the other's images alone. A coverage test of
+    that setting, not a regression test: it passed on the tower-call-per-modality design too
+    (the GRPO learner's micro-batches, below, and the shared-media test failed on it)."""
     from umerl.model.loading import load_policy
     from umerl.model.policy import PolicyModule
     from umerl.train.dist import free_port
@@ -226,8 +235,8 @@ def test_zero3_sft_trains_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir
         "target": {"text": f"t {i}", "completion": format_completion("t", "u")},
     }) + "\n" for i in range(4)))
     media = _media(tmp_path)
-    _spawn_bounded(_mixed_sft_main,
-                   (free_port(), str(tiny_model_dir), str(data), str(tmp_path), media))
+    _spawn_bounded(_mixed_sft_main, (free_port(), str(tiny_model_dir), str(data),
+                                     str(tmp_path), media, checkpointing))
     start = load_policy(tiny_model_dir)
     _assert_trained_alike(torch.load(tmp_path / "sft_as_given.pt"),
                           torch.load(tmp_path / "sft_swapped.pt"), start.model.state_dict())
@@ -235,7 +244,8 @@ def test_zero3_sft_trains_with_a_video_on_one_rank_only(tmp_path, tiny_model_dir
     for which in (0, 1):
         live = torch.load(tmp_path / f"embed_data{which}.pt")
         with torch.no_grad():
-            out = plain(**side_inputs(start, [p.query for p in _rank_pairs(media, which)]))
+            queries = [p.query for p in _rank_pairs(media, which, checkpointing)]
+            out = plain(**side_inputs(start, queries))
         assert torch.allclose(out.disc, live["disc"], atol=1e-5)
         assert torch.allclose(out.gen, live["gen"], atol=1e-5)
 

@@ -6,8 +6,10 @@ against the bare single-process floor of the same work.
 
 Runs the CPU recipe's RL stage (2 rollout actors, 2 learner actors on a local Ray) for
 ``--steps`` steps from ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else
-the tiny model), twice in this process (``--runs`` picks one): with each prompt prefilled once
-per sample (``rollout.share_prefill=false``, the engine before) and once for its samples (now).
+the tiny model), in this process, once per ``--runs`` entry (default ``before now``): with each
+prompt prefilled once per sample (``rollout.share_prefill=false``, the engine before: ``before``),
+once for its samples (``now``), and once for its samples with the next step's rollouts generated
+while the learners update (``rl.max_staleness=1``: ``off``).
 Over the steps after the first it prints, side by side: the rollout phase, the learner phase,
 the weight sync and the step (mean seconds), each pool's idle share, each phase's share of the
 step, and the weight-sync bandwidth (the transport ``rl.weight_sync_transport`` picks: shm here)
@@ -43,8 +45,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RUNS = {"prefill per sample (before)": "rollout.share_prefill=false",
-        "prefill once (now)": "rollout.share_prefill=true"}
+RUNS = {"prefill per sample (before)": ["rollout.share_prefill=false"],
+        "prefill once (now)": ["rollout.share_prefill=true"],
+        # The same, the next step's rollouts generated while the learners update (one step
+        # off-policy): the two pools busy at once.
+        "prefill once, one step off (off)": ["rollout.share_prefill=true",
+                                             "rl.max_staleness=1"]}
 PHASES = ("rollout", "learner", "weight_sync", "step")
 
 
@@ -265,10 +271,14 @@ def report(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float
     for label, m in means.items():
         print(f"{label:30s} {m['rollout']:9.2f} {m['learner']:9.2f} {m['weight_sync']:7.3f} "
               f"{m['step']:7.2f} {m['rollout_idle']:12.1%} {m['learner_idle']:12.1%}")
-    if len(means) == 2:
-        before, now = means.values()
+    by_key = {label.split("(")[1].rstrip(")"): m for label, m in means.items()}
+    if "before" in by_key and "now" in by_key:
+        before, now = by_key["before"], by_key["now"]
         print(f"now vs before: rollout phase {before['rollout'] / now['rollout']:.2f}x faster, "
               f"step {before['step'] / now['step']:.2f}x faster")
+    if "now" in by_key and "off" in by_key:
+        print(f"one step off vs now: step {by_key['now']['step'] / by_key['off']['step']:.2f}x "
+              "faster")
     for label, m in means.items():
         shares = ", ".join(f"{p} {m[p] / m['step']:.1%}" for p in PHASES[:-1])
         print(f"  {label}: share of the step: {shares}, other (driver) "
@@ -291,8 +301,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--runs", nargs="+", choices=["before", "now"],
-                        default=["before", "now"], help="which prefill paths to run")
+    parser.add_argument("--runs", nargs="+", choices=["before", "now", "off"],
+                        default=["before", "now"], help="which runs: the prefill per sample "
+                        "(before), once (now), once and one step off-policy (off)")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--work", action="store_true",
                         help="only each pool's work per step in this process, no Ray")
@@ -325,7 +336,7 @@ def main() -> None:
         if label.split("(")[1].rstrip(")") not in args.runs:
             continue
         print(label, flush=True)
-        runs[label], transport = run_recipe(recipe([*args.overrides, switch]), checkpoint,
+        runs[label], transport = run_recipe(recipe([*args.overrides, *switch]), checkpoint,
                                             args.steps)
     means = report(runs)
     sync_bandwidth(runs[list(runs)[-1]], int(cfg.rollout.num_workers), transport)

@@ -207,6 +207,11 @@ def main() -> int:
     parser.add_argument("--body-timeout-s", type=float, default=5.0,
                         help="serve.body_timeout_s (the slow bodies' 408 comes after it)")
     args = parser.parse_args()
+    from umerl.preflight import check_checkpoint
+
+    # Before Ray starts: a run's checkpoint root resolves to its latest checkpoint, a wrong
+    # path is one line here instead of a replica failing to start again and again.
+    args.checkpoint = str(check_checkpoint(args.checkpoint, "CHECKPOINT"))
     encodings = args.encodings.split(",")
     # One-input requests at a fixed concurrency never fill a larger batch: each would wait
     # out batch_wait_s.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -199,19 +200,20 @@ def _guard_rank(rank: int, port: int, out_dir: str) -> None:
     from umerl.train.engine import FiniteStepAdamW
 
     udist.init_process_group(rank, 2, "127.0.0.1", port, backend="gloo")
-    try:
-        weight = torch.nn.Parameter(torch.ones(3))
-        optimizer = FiniteStepAdamW([weight], lr=0.1)
-        optimizer.begin_step()
-        optimizer.note_loss(torch.tensor(float("nan") if rank == 1 else 1.0))
-        weight.grad = torch.ones(3)  # finite on both ranks
-        optimizer.step()
-        torch.save({"weight": weight.detach(), "skipped": optimizer.skipped},
-                   Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        # A rank that exits with its gloo group alive can abort in the group's C++ threads
-        # ("terminate called without an active exception", SIGABRT): CI saw it once.
-        torch.distributed.destroy_process_group()
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = FiniteStepAdamW([weight], lr=0.1)
+    optimizer.begin_step()
+    optimizer.note_loss(torch.tensor(float("nan") if rank == 1 else 1.0))
+    weight.grad = torch.ones(3)  # finite on both ranks
+    optimizer.step()
+    torch.save({"weight": weight.detach(), "skipped": optimizer.skipped},
+               Path(out_dir) / f"rank{rank}.pt")
+    # Both ranks' results are on disk once both pass the barrier. Then leave without tearing
+    # gloo down: a rank that exits with its group alive (CI, once) or destroys it while the
+    # other rank, the store's client, is still tearing down (the full suite, once) can abort
+    # in gloo's C++ threads ("terminate called without an active exception", SIGABRT).
+    udist.barrier()
+    os._exit(0)
 
 
 def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):

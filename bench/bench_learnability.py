@@ -15,8 +15,9 @@ pairs, ``rl.max_steps`` the steps, evaluated the same way after RL. Printed: per
 query-side answer accuracy (``rollout/answer_accuracy/query``) of the first and last 10% of
 steps and its change, with the mean and a 95% t-interval over seeds; the mean embedding reward
 likewise; then greedy gen and pass@1 after RL minus before, per seed with 95% paired bootstrap
-intervals over the test queries (``umerl.eval.compare``). A PNG of the curves goes to
-OUT/learnability.png.
+intervals over the test queries (``umerl.eval.compare``), and for the seeds' mean (per-query
+scores averaged over the seeds: an interval over queries, not over seeds). A PNG of the curves
+goes to OUT/learnability.png.
 
 ``--rl-extra N`` (opt-in; digits_cls only): the RL pairs come from a build of the bundled
 benchmark with N more RL queries drawn from images no split uses (``build_benchmark``'s
@@ -187,19 +188,44 @@ def curve_rows(runs: dict[tuple[str, int], Path], key: str) -> list[dict]:
 def eval_rows(before: dict, runs: dict[tuple[str, int], Path], resamples: int) -> list[dict]:
     from umerl.eval.compare import compare
 
-    rows = []
-    for (variant, seed), out in runs.items():
-        after = json.loads((out / "eval" / "rl" / "summary.json").read_text())
-        effect = compare(before, after, resamples=resamples, seed=seed)["overall"]
-        row = {"variant": variant, "seed": str(seed)}
+    def row(variant: str, seed: str, after: dict, effect: dict) -> dict:
+        cells = {"variant": variant, "seed": seed}
         for mode in ("gen", "pass@1"):
             e = effect[mode]
-            row[f"{mode} before"] = f"{100 * before['modes'][mode]['overall']:.1f}"
-            row[f"{mode} after"] = f"{100 * after['modes'][mode]['overall']:.1f}"
-            row[f"{mode} change"] = (f"{100 * e['diff']:+.1f} [{100 * e['low']:+.1f}, "
-                                     f"{100 * e['high']:+.1f}]")
-        rows.append(row)
+            cells[f"{mode} before"] = f"{100 * before['modes'][mode]['overall']:.1f}"
+            cells[f"{mode} after"] = f"{100 * after['modes'][mode]['overall']:.1f}"
+            cells[f"{mode} change"] = (f"{100 * e['diff']:+.1f} [{100 * e['low']:+.1f}, "
+                                       f"{100 * e['high']:+.1f}]")
+        return cells
+
+    rows, afters = [], {}
+    for (variant, seed), out in runs.items():
+        after = json.loads((out / "eval" / "rl" / "summary.json").read_text())
+        afters.setdefault(variant, []).append(after)
+        rows.append(row(variant, str(seed), after, compare(before, after, resamples=resamples,
+                                                           seed=seed)["overall"]))
+    for variant, summaries in afters.items():
+        if len(summaries) > 1:
+            mean = seed_mean(summaries)
+            rows.append(row(variant, "mean", mean, compare(before, mean, resamples=resamples)
+                            ["overall"]))
     return rows
+
+
+def seed_mean(summaries: list[dict]) -> dict:
+    """One summary whose per-query scores (and headline scores) are the mean over the seeds'
+    runs: compared with the start, its interval is over the test queries for these seeds' mean
+    effect (the spread between seeds is in the per-seed rows, not in this interval)."""
+    first = summaries[0]
+    tasks = {}
+    for name, task in first["tasks"].items():
+        per_query = {mode: [sum(values) / len(summaries) for values in zip(
+            *(s["tasks"][name]["per_query"][mode] for s in summaries))]
+            for mode in task["per_query"]}
+        tasks[name] = {**task, "per_query": per_query}
+    modes = {mode: {"overall": sum(s["modes"][mode]["overall"] for s in summaries)
+                    / len(summaries)} for mode in first["modes"]}
+    return {"tasks": tasks, "modes": modes}
 
 
 def greedy_answer_rows(args: argparse.Namespace, before_dir: Path,

@@ -644,3 +644,31 @@ def test_learnability_bench_uses_an_extended_pool_only_if_it_is_pure(
     image.write_bytes(image.read_bytes() + b"\0")  # an SFT image that moved
     with pytest.raises(SystemExit, match="images/train/0003.png"):
         extended_benchmark(args, seed=0)
+
+
+def test_learnability_seed_mean_row_pairs_the_seeds_mean_per_query(tmp_path: Path) -> None:
+    """The bench's "mean" row compares the start with the per-query mean of the seeds' runs:
+    two runs scoring queries (1, 0, 1, 0) and (1, 1, 0, 0) against a start of (0, 0, 0, 0)
+    average to (1, .5, .5, 0), a change of +50 points whatever the resample."""
+    from bench.bench_learnability import eval_rows
+
+    def summary(values: list[float]) -> dict:
+        score = sum(values) / len(values)
+        per_query = {"gen": values, "pass@1": values}
+        return {"tasks": {"digits_cls": {"per_query": per_query, "scores": {"gen": score}}},
+                "modes": {"gen": {"overall": score}, "pass@1": {"overall": score}}}
+
+    runs = {}
+    for seed, values in enumerate(([1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0])):
+        folder = tmp_path / f"reward-seed{seed}"
+        (folder / "eval" / "rl").mkdir(parents=True)
+        (folder / "eval" / "rl" / "summary.json").write_text(json.dumps(summary(values)))
+        runs[("reward", seed)] = folder
+    rows = eval_rows(summary([0.0, 0.0, 0.0, 0.0]), runs, resamples=200)
+    mean = [r for r in rows if r["seed"] == "mean"]
+    assert len(mean) == 1 and mean[0]["gen after"] == "50.0"
+    # (1, .5, .5, 0) - 0: every resample of 4 of these has a mean in [0, 1]; the point is +50.
+    assert mean[0]["gen change"].startswith("+50.0 [")
+    low, high = (float(x) for x in mean[0]["gen change"].split("[")[1].rstrip("]").split(","))
+    assert 0.0 <= low < 50.0 < high <= 100.0
+    assert [r["gen change"].split(" ")[0] for r in rows[:2]] == ["+50.0", "+50.0"]

@@ -5,7 +5,7 @@ after (greedy gen and sampled pass@1, paired bootstrap intervals).
 
     .venv/bin/python bench/bench_learnability.py --checkpoint runs/cpu_tiny/sft \\
         [--task digits_cls] [--steps 200] [--seeds 0,1,2] [--out /tmp/umerl-learnability] \\
-        [--recipe recipes/cpu_tiny.yaml] [--rl-extra N] [--variants reward,shuffled] \\
+        [--recipe recipes/cpu_tiny.yaml] [--variants reward,shuffled] \\
         [key=value ...]
 
 The checkpoint is evaluated once on the task's test split (``umerl eval``: mode gen, pass@1
@@ -19,11 +19,11 @@ intervals over the test queries (``umerl.eval.compare``), and for the seeds' mea
 scores averaged over the seeds: an interval over queries, not over seeds). A PNG of the curves
 goes to OUT/learnability.png.
 
-``--rl-extra N`` (opt-in; digits_cls only): the RL pairs come from a build of the bundled
-benchmark with N more RL queries drawn from images no split uses (``build_benchmark``'s
-``rl_extra``), built once into OUT/benchmark-rl+N; its train, test and SFT files are checked
-byte-identical to the default build's, so the SFT checkpoint and the test evaluation are the
-same and only the RL pool grows (80 -> 80 + N pairs: 60 steps x 16 pairs = 960 is one pass).
+The RL pairs are the task's rl split in the recipe's build of the bundled benchmark: with
+``recipes/cpu_tiny.yaml``'s ``data.benchmark_rl_extra`` ({digits_cls: 880}), 960 digits_cls
+pairs drawn from images no split uses (its train, test and SFT files are byte-identical to the
+default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra={}`` gives the 80-pair
+default split.
 The ``+answer`` variants add the verifiable answer reward (``answer``, 1 when the answer names
 the gold label) beside the embedding reward, weight ``--answer-weight``; their control
 shuffles both within each group.
@@ -77,13 +77,13 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    pairs = Path(args.rl_benchmark) / args.task / "rl_pairs.jsonl"
     rewards = VARIANTS[variant]
     if variant in TEMPLATED:
         rewards = rewards.format(answer=args.answer_weight)
     command = [
         sys.executable, "-m", "umerl.cli", "rl", str(args.recipe), "--checkpoint",
-        str(checkpoint), f"output_dir={out}", f"seed={seed}", f"rl.data=[{pairs}]",
+        str(checkpoint), f"output_dir={out}", f"seed={seed}",
+        f"data.benchmark_dir={args.benchmark}", f"rl.data=[umerl-mini/{args.task}]",
         f"rl.max_steps={args.steps}", f"rl.save_every={args.steps}", f"rewards={rewards}",
         f"eval.tasks=[{args.task}]", "eval.modes=[gen:gen]", "eval.before=false",
         *args.overrides,
@@ -102,34 +102,6 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
     return out
 
 
-# The files an extra RL pool must leave as they are: what SFT trained on and what is evaluated.
-UNCHANGED = ("train.jsonl", "test.jsonl", "sft.jsonl")
-
-
-def extended_benchmark(args: argparse.Namespace, seed: int) -> Path:
-    """The bundled benchmark with ``--rl-extra`` more RL queries for the task, built once into
-    OUT/benchmark-rl+N; stops unless its train, test and SFT files (and their images) are
-    byte-identical to the default build's and its rl split starts with the default rl lines."""
-    from umerl.data.benchmark import build_benchmark
-
-    out = Path(args.out) / f"benchmark-rl+{args.rl_extra}"
-    if not (out / "tasks.json").is_file():
-        build_benchmark(out, seed=seed, rl_extra={args.task: args.rl_extra})
-    base, ext = Path(args.benchmark) / args.task, out / args.task
-    changed = [name for name in UNCHANGED
-               if (base / name).read_bytes() != (ext / name).read_bytes()]
-    changed += [str(p.relative_to(base)) for p in sorted((base / "images").rglob("*.png"))
-                if p.read_bytes() != (ext / p.relative_to(base)).read_bytes()]
-    for name in ("rl.jsonl", "rl_pairs.jsonl"):
-        old = (base / name).read_bytes()
-        if not (ext / name).read_bytes().startswith(old):
-            changed.append(f"{name} (the default rl lines)")
-    if changed:
-        raise SystemExit(f"{out}: the extra RL pool changed {changed[:5]}: not a pure extension "
-                         f"of {Path(args.benchmark)}")
-    return out
-
-
 def evaluate_start(args: argparse.Namespace, checkpoint: Path) -> dict:
     """The checkpoint's scores on the task's test split, with the recipe's eval settings."""
     from umerl.config.recipe import load_recipe
@@ -137,8 +109,8 @@ def evaluate_start(args: argparse.Namespace, checkpoint: Path) -> dict:
     from umerl.eval.runner import eval_settings, run_eval
 
     cfg = load_recipe(args.recipe, [*args.overrides, "eval.modes=[gen:gen]"])
-    specs = resolve_tasks([args.task], cfg.eval.split, args.benchmark_dir,
-                          int(cfg.data.benchmark_seed))
+    specs = resolve_tasks([args.task], cfg.eval.split, args.benchmark,
+                          int(cfg.data.benchmark_seed), rl_extra=dict(cfg.data.benchmark_rl_extra))
     out = Path(args.out) / "before"
     if args.reuse and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
@@ -290,10 +262,6 @@ def main() -> None:
                         "recipe's data.benchmark_dir says)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    parser.add_argument("--rl-extra", type=int, default=0,
-                        help="N more RL pairs for the task from images no split uses (an "
-                        "extended build under OUT; train and test unchanged). 0: the bundled "
-                        "rl split")
     parser.add_argument("--answer-weight", type=float, default=1.0,
                         help="the answer reward's weight in the +answer variants")
     parser.add_argument("--resamples", type=int, default=2000)
@@ -308,17 +276,14 @@ def main() -> None:
     from umerl.train import checkpoint as ckpt
 
     cfg = load_recipe(args.recipe, args.overrides)
-    args.benchmark_dir = args.benchmark or cfg.data.benchmark_dir
-    args.benchmark = str(ensure_benchmark(args.benchmark_dir, int(cfg.data.benchmark_seed)).parent)
-    args.rl_benchmark = args.benchmark
-    if args.rl_extra:
-        args.rl_benchmark = str(extended_benchmark(args, int(cfg.data.benchmark_seed)))
+    args.benchmark = str(ensure_benchmark(args.benchmark or cfg.data.benchmark_dir, int(
+        cfg.data.benchmark_seed), dict(cfg.data.benchmark_rl_extra)).parent)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)} (known: {', '.join(VARIANTS)})")
     start = Path(args.checkpoint).resolve()
     checkpoint = ckpt.latest(start) or start
-    pairs = sum(1 for _ in open(Path(args.rl_benchmark) / args.task / "rl_pairs.jsonl"))
+    pairs = sum(1 for _ in open(Path(args.benchmark) / args.task / "rl_pairs.jsonl"))
     print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}, {pairs} RL pairs",
           flush=True)
     before = evaluate_start(args, checkpoint)

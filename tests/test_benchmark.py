@@ -628,24 +628,6 @@ def test_rl_extra_is_checked_and_reaches_the_cli(tmp_path: Path) -> None:
     assert info["rl_extra"] == {"digits_cls": 20}
 
 
-def test_learnability_bench_uses_an_extended_pool_only_if_it_is_pure(
-        bench: Path, extended: Path, tmp_path: Path) -> None:
-    import argparse
-    import shutil
-
-    from bench.bench_learnability import extended_benchmark
-
-    out = tmp_path / "out"
-    shutil.copytree(extended, out / f"benchmark-rl+{RL_EXTRA}")
-    args = argparse.Namespace(out=str(out), benchmark=str(bench), task="digits_cls",
-                              rl_extra=RL_EXTRA)
-    assert extended_benchmark(args, seed=0) == out / f"benchmark-rl+{RL_EXTRA}"
-    image = out / f"benchmark-rl+{RL_EXTRA}" / "digits_cls" / "images" / "train" / "0003.png"
-    image.write_bytes(image.read_bytes() + b"\0")  # an SFT image that moved
-    with pytest.raises(SystemExit, match="images/train/0003.png"):
-        extended_benchmark(args, seed=0)
-
-
 def test_learnability_seed_mean_row_pairs_the_seeds_mean_per_query(tmp_path: Path) -> None:
     """The bench's "mean" row compares the start with the per-query mean of the seeds' runs:
     two runs scoring queries (1, 0, 1, 0) and (1, 1, 0, 0) against a start of (0, 0, 0, 0)
@@ -672,3 +654,30 @@ def test_learnability_seed_mean_row_pairs_the_seeds_mean_per_query(tmp_path: Pat
     low, high = (float(x) for x in mean[0]["gen change"].split("[")[1].rstrip("]").split(","))
     assert 0.0 <= low < 50.0 < high <= 100.0
     assert [r["gen change"].split(" ")[0] for r in rows[:2]] == ["+50.0", "+50.0"]
+
+
+def test_a_recipe_asks_for_the_extra_rl_pool_by_key(bench: Path, extended: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.benchmark_rl_extra: checked by the schema (naming the key), part of the default
+    folder's name, and an existing build made without those extras is refused, not reused."""
+    from umerl.config.origins import ConfigError
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import default_benchmark_dir, ensure_benchmark
+
+    for bad, problem in (("{faces_cls: 10}", "'faces_cls' has no extra RL pool"),
+                         ("{digits_cls: -1}", "-1 is not an int >= 0"),
+                         ("[digits_cls]", "expected a mapping")):
+        with pytest.raises(ConfigError, match=rf"data.benchmark_rl_extra.*{re.escape(problem)}"):
+            load_recipe(None, [f"data.benchmark_rl_extra={bad}"])
+    cfg = load_recipe(None, [f"data.benchmark_rl_extra={{digits_cls: {RL_EXTRA}}}"])
+    assert dict(cfg.data.benchmark_rl_extra) == {"digits_cls": RL_EXTRA}
+    monkeypatch.setenv("UMERL_DATA_DIR", str(tmp_path))
+    assert default_benchmark_dir(0, {"digits_cls": RL_EXTRA}).name.endswith(
+        f"-seed0-rl+digits_cls{RL_EXTRA}")
+    assert default_benchmark_dir(0, {"digits_cls": 0}) == default_benchmark_dir(0)
+    assert ensure_benchmark(extended, 0, {"digits_cls": RL_EXTRA}) == extended / "tasks.json"
+    with pytest.raises(ValueError, match=r"built with rl_extra \{'digits_cls': 30\}, not "
+                       r"\{'digits_cls': 31\}"):
+        ensure_benchmark(extended, 0, {"digits_cls": RL_EXTRA + 1})
+    with pytest.raises(ValueError, match=r"built with rl_extra \{\}, not"):
+        ensure_benchmark(bench, 0, {"digits_cls": RL_EXTRA})  # a default build

@@ -10,7 +10,7 @@ import pytest
 
 import umerl.driver
 from umerl.cli import main
-from umerl.config.origins import Sources
+from umerl.config.origins import ConfigError, Sources
 from umerl.config.recipe import RECIPES_DIR, load_recipe, load_recipe_with_sources
 from umerl.train import checkpoint as ckpt
 
@@ -66,6 +66,21 @@ def test_the_bundled_benchmark_by_name_on_gpus(benchmark_manifest) -> None:
     assert cfg.rl.data == [str(benchmark_manifest.parent / t["rl_pairs"]) for t in tasks] + [
         str(Path("extra.jsonl").resolve())]
     assert len(tasks) > 1 and all(Path(p).is_file() for p in cfg.sft.data)
+
+
+def test_one_bundled_task_by_name(benchmark_manifest) -> None:
+    """rl.data=[umerl-mini/<task>] is that task's rl split alone; an unknown task names the key
+    and the bundled tasks."""
+    cfg, sources = load_recipe_with_sources(None, [
+        "rl.enabled=true", "rl.data=[umerl-mini/digits_cls]",
+        f"data.benchmark_dir={benchmark_manifest.parent}"])
+    cfg = umerl.driver.absolute_paths(cfg, sources)
+    assert cfg.rl.data == [str(benchmark_manifest.parent / "digits_cls" / "rl_pairs.jsonl")]
+    cfg, sources = load_recipe_with_sources(None, [
+        "rl.data=[umerl-mini/digits]", f"data.benchmark_dir={benchmark_manifest.parent}"])
+    with pytest.raises(ConfigError, match=r"'rl.data'.*'umerl-mini/digits' names no bundled "
+                       r"task \(known: digits_cls, "):
+        umerl.driver.absolute_paths(cfg, sources)
 
 
 # --- resume: nothing to do; another recipe ------------------------------------------------

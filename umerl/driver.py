@@ -149,8 +149,9 @@ def on_gpus(cfg: DictConfig, stage: str) -> bool:
 
 def stage_data(cfg: DictConfig, stage: str, kind: str, sources: Sources) -> list[str]:
     """A stage's data files, absolute. ``umerl-mini`` names the bundled benchmark's files (its
-    train split for SFT, rl split for RL); an empty list means them too on CPU, but a stage on
-    GPUs with no data is an error: a real model is never trained on the toy benchmark unasked."""
+    train split for SFT, rl split for RL), ``umerl-mini/<task>`` one task's; an empty list means
+    ``umerl-mini`` too on CPU, but a stage on GPUs with no data is an error: a real model is
+    never trained on the toy benchmark unasked."""
     entries, key = [str(p) for p in cfg[stage].data], f"{stage}.data"
     if not entries:
         if cfg[stage].enabled and on_gpus(cfg, stage):
@@ -161,9 +162,15 @@ def stage_data(cfg: DictConfig, stage: str, kind: str, sources: Sources) -> list
         entries = [BUNDLED]
     files: list[str] = []
     for entry in entries:
-        if entry == BUNDLED:
-            manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed))
-            files += [str(manifest.parent / task[kind]) for task in _manifest(manifest)]
+        if entry == BUNDLED or entry.startswith(f"{BUNDLED}/"):
+            manifest = ensure_benchmark(cfg.data.benchmark_dir, int(cfg.data.benchmark_seed),
+                                        dict(cfg.data.benchmark_rl_extra))
+            tasks = _manifest(manifest)
+            chosen = [t for t in tasks if entry in (BUNDLED, f"{BUNDLED}/{t['name']}")]
+            if not chosen:
+                raise ConfigError(f"{sources.describe(key)}: '{entry}' names no bundled task "
+                                  f"(known: {', '.join(t['name'] for t in tasks)})")
+            files += [str(manifest.parent / task[kind]) for task in chosen]
         else:
             files.append(str(Path(entry).resolve()))
     return files

@@ -173,7 +173,8 @@ def check_eval_tasks(cfg: DictConfig, encoder: Any, sources: Sources) -> None:
 
     try:
         specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                              int(cfg.data.benchmark_seed))
+                              int(cfg.data.benchmark_seed),
+                              rl_extra=dict(cfg.data.benchmark_rl_extra))
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{sources.describe('eval.tasks')}: {err}") from None
     check_eval_specs(specs, encoder, cfg)

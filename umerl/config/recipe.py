@@ -164,6 +164,9 @@ def _check_known(schema: Any, update: Any, where: Callable[[str], str], prefix: 
         child = schema._get_node(key)
         if isinstance(child, ListConfig):
             continue
+        given = update._get_node(key)
+        if isinstance(child, DictConfig) and isinstance(given, ListConfig):
+            raise ConfigError(f"{where(name)}: '{name}' expected a mapping, got a list")
         _check_known(schema[key], update._get_node(key), where, f"{name}.")
 
 

@@ -134,6 +134,23 @@ def Mapping() -> Rule:
                 f"expected a mapping, got {_show(v)}", "a mapping")
 
 
+def RlExtra() -> Rule:
+    """``build_benchmark``'s ``rl_extra``: task -> extra RL queries (the builder says which
+    tasks have an extra pool)."""
+    from umerl.data.benchmark.build import RL_EXTRA_TASKS, check_rl_extra
+
+    def check(v: Any) -> str | None:
+        if not isinstance(v, (dict, DictConfig)):
+            return f"expected a mapping, got {_show(v)}"
+        try:
+            check_rl_extra(dict(v))
+        except ValueError as err:
+            return str(err)
+        return None
+
+    return Rule(check, f"a mapping of {', '.join(RL_EXTRA_TASKS)} to an integer >= 0")
+
+
 def _out_of_range(v: float, low: float | None, high: float | None) -> str | None:
     if low is not None and v < low:
         return f"{v} is below the minimum {low}"
@@ -232,6 +249,7 @@ SCHEMA: dict[str, Rule] = {
     "model.tiny.dir": Str(),
     "data.benchmark_dir": Str(nullable=True),
     "data.benchmark_seed": Int(0),
+    "data.benchmark_rl_extra": RlExtra(),
     "data.skip_invalid": Bool(),
     "data.max_prompt_tokens": Either(OneOf("auto"), Int(16)),
     "eval.enabled": Bool(),

@@ -24,20 +24,28 @@ class TaskSpec:
     metric: str = "hit@1"
 
 
-def default_benchmark_dir(seed: int = 0) -> Path:
+def default_benchmark_dir(seed: int = 0, rl_extra: dict[str, int] | None = None) -> Path:
     base = os.environ.get("UMERL_DATA_DIR") or Path.home() / ".cache" / "umerl"
-    from umerl.data.benchmark.build import MANIFEST_VERSION
+    from umerl.data.benchmark.build import MANIFEST_VERSION, check_rl_extra
 
-    # The builder's version is part of the folder: a newer builder never reuses an old build.
-    return Path(base) / f"{BUNDLED}-v{MANIFEST_VERSION}-seed{seed}"
+    # The builder's version and the build's options are part of the folder: a newer builder
+    # never reuses an old build, nor a build with an extra RL pool a default one.
+    extra = "".join(f"-rl+{task}{n}" for task, n in sorted(check_rl_extra(rl_extra).items()))
+    return Path(base) / f"{BUNDLED}-v{MANIFEST_VERSION}-seed{seed}{extra}"
 
 
-def ensure_benchmark(directory: str | Path | None = None, seed: int = 0) -> Path:
+def ensure_benchmark(directory: str | Path | None = None, seed: int = 0,
+                     rl_extra: dict[str, int] | None = None) -> Path:
     """The bundled benchmark's tasks.json, built on first use (atomically: a crash mid-build
-    leaves no half-written benchmark behind)."""
-    target = Path(directory) if directory else default_benchmark_dir(seed)
+    leaves no half-written benchmark behind). ``rl_extra``: ``build_benchmark``'s extra RL
+    queries; an existing build made with other extras is an error, not silently reused."""
+    from umerl.data.benchmark.build import check_rl_extra
+
+    extra = check_rl_extra(rl_extra)
+    target = Path(directory) if directory else default_benchmark_dir(seed, extra)
     manifest = target / "tasks.json"
     if manifest.is_file():
+        _check_build(target, extra)
         return manifest
     from umerl.data.benchmark import build_benchmark
 
@@ -45,7 +53,7 @@ def ensure_benchmark(directory: str | Path | None = None, seed: int = 0) -> Path
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         print(f"building the bundled benchmark into {target} (once) ...", flush=True)
-        build_benchmark(staging, seed=seed)
+        build_benchmark(staging, seed=seed, rl_extra=extra)
         if target.exists():  # an empty or broken leftover from an older run
             shutil.rmtree(target)
         staging.rename(target)
@@ -53,6 +61,22 @@ def ensure_benchmark(directory: str | Path | None = None, seed: int = 0) -> Path
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def _check_build(target: Path, rl_extra: dict[str, int]) -> None:
+    """A build asked for extra RL pools is reused only if it was made with them (its BUILD.json
+    says). Asked for none, any build is taken as given: the extras change the rl split only."""
+    if not rl_extra:
+        return
+    try:
+        info = json.loads((target / "BUILD.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        info = {}
+    built = dict(info.get("rl_extra", {}))
+    if built != rl_extra:
+        raise ValueError(f"{target} holds a benchmark built with rl_extra {built}, not "
+                         f"{rl_extra} (data.benchmark_rl_extra): point data.benchmark_dir at "
+                         "another folder, or null for the default")
 
 
 def read_manifest(manifest: Path, split: str) -> list[TaskSpec]:
@@ -95,8 +119,10 @@ def resolve_tasks(
     benchmark_seed: int = 0,
     pool: str = "local",
     modality: str = "image",
+    rl_extra: dict[str, int] | None = None,
 ) -> list[TaskSpec]:
-    """Each name is a benchmark name, a bundled task name, a tasks.json or a task JSONL file."""
+    """Each name is a benchmark name, a bundled task name, a tasks.json or a task JSONL file
+    (bundled names come from ``ensure_benchmark(benchmark_dir, benchmark_seed, rl_extra)``)."""
     specs: list[TaskSpec] = []
     bundled: list[TaskSpec] | None = None
     for name in names:
@@ -112,7 +138,8 @@ def resolve_tasks(
             specs.extend(read_manifest(manifest, split))
         else:
             if bundled is None:
-                bundled = read_manifest(ensure_benchmark(benchmark_dir, benchmark_seed), split)
+                bundled = read_manifest(ensure_benchmark(benchmark_dir, benchmark_seed, rl_extra),
+                                        split)
             specs.extend(_pick_bundled(name, bundled))
     return specs
 

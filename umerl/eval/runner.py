@@ -33,7 +33,8 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[str, Any]:
     specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                          int(cfg.data.benchmark_seed))
+                          int(cfg.data.benchmark_seed),
+                          rl_extra=dict(cfg.data.benchmark_rl_extra))
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
     return run_eval_work(cfg, label, run_eval, checkpoint, specs, eval_settings(cfg), out,
                          cfg.model.dtype)

@@ -36,7 +36,8 @@ def world(tiny_model_dir: Path, benchmark_manifest: Path, tmp_path_factory) -> d
 
 def base(world: dict, tmp_path: Path) -> list[str]:
     return [f"output_dir={tmp_path / 'out'}", f"model.path={world['model']}",
-            f"data.benchmark_dir={world['bench']}", "wandb.mode=disabled"]
+            f"data.benchmark_dir={world['bench']}",
+            "data.benchmark_rl_extra.digits_cls=0", "wandb.mode=disabled"]
 
 
 def umerl(*args: str) -> tuple[int, str, bool]:
@@ -87,7 +88,7 @@ def rl_pair(i: int, query: dict | None = None) -> dict:
                             r"'learner\.num_workers' \(from .*cpu_tiny\.yaml:\d+\) = 2"),
     ("rollout.num_workers=0", r"'rollout\.num_workers' .*0 is below the minimum 1"),
     ("rollout.tensor_parallel_size=2", r"tensor_parallel_size.* needs the vLLM engine"),
-    ("learner.micro_batch_size=5", r"'learner\.micro_batch_size' .* = 5 must divide the 16"),
+    ("learner.micro_batch_size=5", r"'learner\.micro_batch_size' .* = 5 must divide the 64"),
     ("eval.modes=[disc:gen:x]", r"'eval\.modes' .*entry \[0\]: 'disc:gen:x' is not allowed"),
     ("sft.lr=-0.1", r"'sft\.lr' .*-0\.1 is not > 0\.0"),
     ("model.dtype=float64", r"'model\.dtype' .*'float64' is not allowed; allowed: one of "
@@ -258,7 +259,7 @@ def test_control_token_in_a_query_text_is_named_by_the_preflight(world, tmp_path
 def test_too_few_pairs_for_a_step(world, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "rl.jsonl", [rl_pair(0), rl_pair(1)])
     assert_fails(["train", RECIPE, *base(world, tmp_path), f"rl.data=[{data}]"],
-                 r"rl\.pairs_per_step = 4 \(from .*cpu_tiny\.yaml:\d+\): no sub-dataset has 4")
+                 r"rl\.pairs_per_step = 16 \(from .*cpu_tiny\.yaml:\d+\): no sub-dataset has 16")
 
 
 def test_model_path_that_is_not_a_checkpoint(world, tmp_path: Path) -> None:

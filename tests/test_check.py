@@ -26,7 +26,8 @@ def fast(tiny_model_dir, benchmark_manifest, tmp_path, monkeypatch) -> list[str]
     monkeypatch.setattr(umerl.runtime.ray_start, "init_ray", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}",
-            f"data.benchmark_dir={benchmark_manifest.parent}"]
+            f"data.benchmark_dir={benchmark_manifest.parent}",
+            "data.benchmark_rl_extra.digits_cls=0"]
 
 
 def test_check_cpu_tiny_passes_in_seconds_without_ray(fast, capsys) -> None:
@@ -72,6 +73,7 @@ def test_module_rewards_import_under_the_console_script(tiny_model_dir, benchmar
     script.write_text("import sys\nfrom umerl.cli import main\nsys.exit(main())\n")
     argv = [sys.executable, str(script), "check", TINY, f"output_dir={tmp_path / 'run'}",
             f"model.path={tiny_model_dir}", f"data.benchmark_dir={benchmark_manifest.parent}",
+            "data.benchmark_rl_extra.digits_cls=0",
             "sft.enabled=false", "eval.enabled=false",
             "rewards=[{name: 'myrewards.short:brevity'}]"]
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",

@@ -25,6 +25,7 @@ def command(out: Path, tiny_model_dir: Path, benchmark_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "umerl.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"),
         f"output_dir={out}", f"model.path={tiny_model_dir}", f"data.benchmark_dir={benchmark_dir}",
+        "data.benchmark_rl_extra.digits_cls=0",
         "eval.enabled=false", "ray.num_cpus=2", "sft.max_steps=6", "sft.save_every=3",
         "sft.log_every=1", "sft.micro_batch_size=4", "rl.max_steps=6", "rl.save_every=3",
         "rl.pairs_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8",

@@ -84,7 +84,8 @@ def submit(head: str, out: Path, tiny_model_dir: Path, benchmark_dir: Path, *ove
         str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(REPO),
         *([] if wait else ["--no-wait"]), "--", "python", "-m", "umerl.cli", "train",
         "recipes/cpu_tiny.yaml", f"output_dir={out}", f"model.path={tiny_model_dir}",
-        f"data.benchmark_dir={benchmark_dir}", "sft.max_steps=2", "sft.micro_batch_size=4",
+        f"data.benchmark_dir={benchmark_dir}",
+        "data.benchmark_rl_extra.digits_cls=0", "sft.max_steps=2", "sft.micro_batch_size=4",
         "rl.max_steps=6", "rl.save_every=3", "rl.pairs_per_step=2", "rl.group_size=2",
         "rl.max_new_tokens=8", "eval.enabled=false", *overrides,
     ]

@@ -26,7 +26,8 @@ def umerl_train(tmp: Path, tiny_model_dir: Path, benchmark_dir: Path, *overrides
     command = [
         sys.executable, "-m", "umerl.cli", "train", str(REPO / "recipes" / "cpu_tiny.yaml"),
         f"output_dir={tmp / 'run'}", f"model.path={tiny_model_dir}",
-        f"data.benchmark_dir={benchmark_dir}", "eval.tasks=[digits_cls,lee_text]",
+        f"data.benchmark_dir={benchmark_dir}",
+        "data.benchmark_rl_extra.digits_cls=0", "eval.tasks=[digits_cls,lee_text]",
         "eval.pass_k=[1,2]", "eval.max_new_tokens=8", "sft.micro_batch_size=4",
         "sft.save_every=2", "sft.log_every=1", "ray.num_cpus=2", "rl.max_steps=2",
         "rl.pairs_per_step=2", "rl.group_size=2", "rl.max_new_tokens=8", *overrides,

@@ -30,7 +30,8 @@ def umerl(tmp: Path, *args: str, timeout_s: float = 600) -> tuple[int, str]:
 def rl_args(tmp_path: Path, tiny_model_dir: Path, benchmark_manifest: Path) -> list[str]:
     """`umerl rl` of the CPU recipe from the tiny model into tmp_path/run, no evaluation."""
     return ["rl", RECIPE, "--checkpoint", str(tiny_model_dir), f"output_dir={tmp_path / 'run'}",
-            f"data.benchmark_dir={benchmark_manifest.parent}", "eval.enabled=false"]
+            f"data.benchmark_dir={benchmark_manifest.parent}",
+            "data.benchmark_rl_extra.digits_cls=0", "eval.enabled=false"]
 
 
 def error_line(output: str) -> str:
@@ -135,6 +136,7 @@ def test_sft_worker_data_error_mid_run(tmp_path, tiny_model_dir, benchmark_manif
     code, output = umerl(
         tmp_path, "train", RECIPE, f"output_dir={tmp_path / 'run'}",
         f"model.path={tiny_model_dir}", f"data.benchmark_dir={benchmark_manifest.parent}",
+        "data.benchmark_rl_extra.digits_cls=0",
         "eval.enabled=false", "rl.enabled=false", f"sft.data=[{data}]", "sft.max_steps=2",
         "sft.micro_batch_size=4", "sft.num_workers=2", "ray.num_cpus=2")
     assert code == 1, output[-4000:]

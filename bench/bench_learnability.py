@@ -22,8 +22,9 @@ goes to OUT/learnability.png.
 The RL pairs are the task's rl split in the recipe's build of the bundled benchmark: with
 ``recipes/cpu_tiny.yaml``'s ``data.benchmark_rl_extra`` ({digits_cls: 880}), 960 digits_cls
 pairs drawn from images no split uses (its train, test and SFT files are byte-identical to the
-default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra.digits_cls=0`` gives the 80-pair
-default split.
+default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra.digits_cls=0`` gives the
+80-pair default split.
+
 The ``+answer`` variants add the verifiable answer reward (``answer``, 1 when the answer names
 the gold label) beside the embedding reward, weight ``--answer-weight``; their control
 shuffles both within each group.

@@ -30,7 +30,8 @@ def run_args(tiny_model_dir, benchmark_manifest, tmp_path, monkeypatch) -> list[
     monkeypatch.setattr(umerl.driver, "init_ray", no_ray)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return [f"output_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}",
-            f"data.benchmark_dir={benchmark_manifest.parent}", "data.benchmark_rl_extra.digits_cls=0"]
+            f"data.benchmark_dir={benchmark_manifest.parent}",
+            "data.benchmark_rl_extra.digits_cls=0"]
 
 
 def fake_checkpoint(root: Path, step: int, stage: str, source: Path,

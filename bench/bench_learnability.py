@@ -22,7 +22,7 @@ goes to OUT/learnability.png.
 The RL pairs are the task's rl split in the recipe's build of the bundled benchmark: with
 ``recipes/cpu_tiny.yaml``'s ``data.benchmark_rl_extra`` ({digits_cls: 880}), 960 digits_cls
 pairs drawn from images no split uses (its train, test and SFT files are byte-identical to the
-default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra.digits_cls=0`` gives the
+default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra={digits_cls: 0}`` gives the
 80-pair default split.
 
 The ``+answer`` variants add the verifiable answer reward (``answer``, 1 when the answer names

@@ -167,7 +167,7 @@ def _check_known(schema: Any, update: Any, where: Callable[[str], str], prefix: 
         given = update._get_node(key)
         if isinstance(child, DictConfig) and isinstance(given, ListConfig):
             raise ConfigError(f"{where(name)}: '{name}' expected a mapping, got a list")
-        _check_known(schema[key], update._get_node(key), where, f"{name}.")
+        _check_known(schema[key], given, where, f"{name}.")
 
 
 def _is_free_form(node: DictConfig) -> bool:

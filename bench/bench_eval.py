@@ -84,13 +84,12 @@ def child(args: argparse.Namespace) -> dict:
 
     import umerl.eval.evaluate as evaluate
     from umerl.config.recipe import load_recipe
-    from umerl.data.tasks import resolve_tasks
+    from umerl.data.tasks import recipe_tasks
     from umerl.eval.runner import eval_settings, policy_and_engine
 
     torch.set_num_threads(1)
     cfg = load_recipe(args.recipe, [])
-    specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                          int(cfg.data.benchmark_seed))
+    specs = recipe_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data)
     if args.queries:
         specs = [shortened(spec, args.queries) for spec in specs]
     settings = eval_settings(cfg)

@@ -25,6 +25,13 @@ pairs drawn from images no split uses (its train, test and SFT files are byte-id
 default build's, tests/test_benchmark.py); ``data.benchmark_rl_extra={digits_cls: 0}`` gives the
 80-pair default split.
 
+The sampler visits every RL pair once per epoch, so when each 10% window is a whole number of
+epochs (steps a multiple of ten epochs' steps) the first and last windows score the same
+queries and their change is paired; otherwise each window is its own draw of queries, whose
+spread in difficulty adds about 2 points of noise to a seed's change at 16 pairs x 24 steps. The
+bench says which at its start. ``data.benchmark_rl_extra.digits_cls=400 --steps 300`` (480
+pairs, 30 steps an epoch) makes the windows whole epochs at 16 pairs a step.
+
 The ``+answer`` variants add the verifiable answer reward (``answer``, 1 when the answer names
 the gold label) beside the embedding reward, weight ``--answer-weight``; their control
 shuffles both within each group.
@@ -106,12 +113,12 @@ def run(args: argparse.Namespace, checkpoint: Path, variant: str, seed: int) -> 
 def evaluate_start(args: argparse.Namespace, checkpoint: Path) -> dict:
     """The checkpoint's scores on the task's test split, with the recipe's eval settings."""
     from umerl.config.recipe import load_recipe
-    from umerl.data.tasks import resolve_tasks
+    from umerl.data.tasks import recipe_tasks
     from umerl.eval.runner import eval_settings, run_eval
 
-    cfg = load_recipe(args.recipe, [*args.overrides, "eval.modes=[gen:gen]"])
-    specs = resolve_tasks([args.task], cfg.eval.split, args.benchmark,
-                          int(cfg.data.benchmark_seed), rl_extra=dict(cfg.data.benchmark_rl_extra))
+    cfg = load_recipe(args.recipe, [*args.overrides, "eval.modes=[gen:gen]",
+                                    f"data.benchmark_dir={args.benchmark}"])
+    specs = recipe_tasks([args.task], cfg.eval.split, cfg.data)
     out = Path(args.out) / "before"
     if args.reuse and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
@@ -130,6 +137,27 @@ def first_last(values: list[float]) -> tuple[float, float]:
     """Means of the first and last 10% of steps (at least one step each)."""
     n = max(1, len(values) // 10)
     return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def epochs_per_window(steps: int, pairs: int, pairs_per_step: int) -> int:
+    """How many whole epochs of the task's RL pairs each 10% window is; 0 when it is not whole
+    epochs. The sampler visits every pair once per epoch (ContrastiveBatcher), so whole-epoch
+    windows hold the same queries and their change is paired; otherwise each window is its own
+    draw of queries, and the queries' spread in difficulty adds to the change's noise."""
+    per_epoch = pairs // pairs_per_step
+    window = max(1, steps // 10)
+    if per_epoch and window % per_epoch == 0 and steps % per_epoch == 0:
+        return window // per_epoch
+    return 0
+
+
+def window_note(steps: int, pairs: int, pairs_per_step: int) -> str:
+    per_epoch, whole = pairs // pairs_per_step, epochs_per_window(steps, pairs, pairs_per_step)
+    if whole:
+        return (f"each 10% window is {whole} whole epoch(s) of {per_epoch} steps: the first "
+                "and last windows score the same queries (a paired change)")
+    return (f"the 10% windows ({max(1, steps // 10)} steps) are not whole epochs ({per_epoch} "
+            "steps): they score different queries, whose spread adds to the change's noise")
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
@@ -286,6 +314,8 @@ def main() -> None:
     checkpoint = ckpt.latest(start) or start
     pairs = sum(1 for _ in open(Path(args.benchmark) / args.task / "rl_pairs.jsonl"))
     print(f"[learnability] {args.task}, {args.steps} steps from {checkpoint}, {pairs} RL pairs",
+          flush=True)
+    print(f"[learnability] {window_note(args.steps, pairs, int(cfg.rl.pairs_per_step))}",
           flush=True)
     before = evaluate_start(args, checkpoint)
     runs = {(variant, int(seed)): run(args, checkpoint, variant, int(seed))

@@ -681,3 +681,35 @@ def test_a_recipe_asks_for_the_extra_rl_pool_by_key(bench: Path, extended: Path,
         ensure_benchmark(extended, 0, {"digits_cls": RL_EXTRA + 1})
     with pytest.raises(ValueError, match=r"built with rl_extra \{\}, not"):
         ensure_benchmark(bench, 0, {"digits_cls": RL_EXTRA})  # a default build
+
+
+def test_recipe_tasks_reads_the_recipes_benchmark_keys(bench: Path, extended: Path) -> None:
+    """Task names resolve in the build that data.benchmark_dir and data.benchmark_rl_extra
+    name together: the extended build's grown rl split, and a refusal where the folder was
+    built without the asked extras (a caller that dropped the extras would take any build)."""
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import recipe_tasks
+
+    asked = f"data.benchmark_rl_extra={{digits_cls: {RL_EXTRA}}}"
+    cfg = load_recipe(None, [f"data.benchmark_dir={extended}", asked])
+    [spec] = recipe_tasks(["umerl-mini/digits_cls"], "rl", cfg.data)
+    assert spec.path == extended / "digits_cls" / "rl.jsonl"
+    assert len(read_jsonl(spec.path)) == 80 + RL_EXTRA
+    cfg = load_recipe(None, [f"data.benchmark_dir={bench}", asked])
+    with pytest.raises(ValueError, match=r"built with rl_extra \{\}, not"):
+        recipe_tasks(["umerl-mini/digits_cls"], "test", cfg.data)
+
+
+@pytest.mark.parametrize(("steps", "pairs", "per_step", "epochs"), [
+    (300, 480, 16, 1),   # 30 steps an epoch, 30-step windows: epoch 1 and epoch 10
+    (600, 480, 16, 2),   # 60-step windows: epochs 1-2 and 19-20
+    (600, 960, 16, 1),   # 60-step windows of 60-step epochs
+    (240, 960, 16, 0),   # 24-step windows in 60-step epochs: different queries
+    (330, 480, 16, 0),   # 33-step windows straddle an epoch's end
+    (200, 480, 16, 0),   # 20-step windows, 30-step epochs
+])
+def test_learnability_says_whether_its_windows_are_whole_epochs(
+        steps: int, pairs: int, per_step: int, epochs: int) -> None:
+    from bench.bench_learnability import epochs_per_window
+
+    assert epochs_per_window(steps, pairs, per_step) == epochs

@@ -328,7 +328,7 @@ def _dotlist_value(value: object) -> str:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from umerl.config.stored import DECODING, decoding_from, unstored_note
-    from umerl.data.tasks import resolve_tasks
+    from umerl.data.tasks import recipe_tasks
     from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
@@ -350,8 +350,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_mmeb_v2(args, cfg, checkpoint, out)
     if not args.tasks:
         raise ValueError("umerl eval needs TASK arguments, or --mmeb-v2 DIR")
-    specs = resolve_tasks(args.tasks, cfg.eval.split, cfg.data.benchmark_dir,
-                          pool=args.pool, modality=args.modality)
+    specs = recipe_tasks(args.tasks, cfg.eval.split, cfg.data, args.pool, args.modality)
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
     specs = [dataclasses.replace(spec, path=spec.path.resolve()) for spec in specs]
     settings = _routed_settings(eval_settings(cfg), args.router, auto)
@@ -506,7 +505,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_route_fit(args: argparse.Namespace) -> int:
-    from umerl.data.tasks import resolve_tasks
+    from umerl.data.tasks import recipe_tasks
     from umerl.eval.router import describe
     from umerl.eval.runner import eval_settings, fit_router_on
     from umerl.model.loading import load_encoder, prompt_limit
@@ -517,8 +516,8 @@ def _cmd_route_fit(args: argparse.Namespace) -> int:
     cfg = _options_config(args, ROUTE_OPTIONS)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
-    specs = resolve_tasks(args.tasks, cfg.serve.route.split, cfg.data.benchmark_dir,
-                          pool=args.pool, modality=args.modality)
+    specs = recipe_tasks(args.tasks, cfg.serve.route.split, cfg.data, args.pool,
+                         args.modality)
     check_eval_specs(specs, load_encoder(checkpoint), cfg)
     router = fit_router_on(checkpoint, specs, eval_settings(cfg), int(cfg.serve.route.folds),
                            cfg.model.dtype)

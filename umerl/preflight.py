@@ -169,12 +169,10 @@ def check_rewards(entries: Any, sources: Sources) -> Any:
 
 
 def check_eval_tasks(cfg: DictConfig, encoder: Any, sources: Sources) -> None:
-    from umerl.data.tasks import resolve_tasks
+    from umerl.data.tasks import recipe_tasks
 
     try:
-        specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                              int(cfg.data.benchmark_seed),
-                              rl_extra=dict(cfg.data.benchmark_rl_extra))
+        specs = recipe_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"{sources.describe('eval.tasks')}: {err}") from None
     check_eval_specs(specs, encoder, cfg)

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUNDLED = "umerl-mini"
 POOLS = ("local", "global")
@@ -142,6 +143,15 @@ def resolve_tasks(
                                         split)
             specs.extend(_pick_bundled(name, bundled))
     return specs
+
+
+def recipe_tasks(names: list[str], split: str, data: Any, pool: str = "local",
+                 modality: str = "image") -> list[TaskSpec]:
+    """``resolve_tasks`` with the bundled benchmark a recipe's ``data`` section names
+    (``benchmark_dir``, ``benchmark_seed``, ``benchmark_rl_extra``): the one place that reads
+    those keys for task names, so evaluation, preflight and the CLI see the same build."""
+    return resolve_tasks(names, split, data.benchmark_dir, int(data.benchmark_seed), pool,
+                         modality, dict(data.benchmark_rl_extra))
 
 
 def _pick_bundled(name: str, bundled: list[TaskSpec]) -> list[TaskSpec]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from umerl.data.tasks import resolve_tasks
+from umerl.data.tasks import recipe_tasks
 from umerl.eval.evaluate import EvalSettings, parse_modes
 from umerl.runtime.devices import use_reserved_cpus
 from umerl.runtime.ray_start import init_ray
@@ -32,9 +32,7 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[str, Any]:
-    specs = resolve_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data.benchmark_dir,
-                          int(cfg.data.benchmark_seed),
-                          rl_extra=dict(cfg.data.benchmark_rl_extra))
+    specs = recipe_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data)
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
     return run_eval_work(cfg, label, run_eval, checkpoint, specs, eval_settings(cfg), out,
                          cfg.model.dtype)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from processes import kill_session
+from processes import kill_session, session_pids
 
 REPO = Path(__file__).resolve().parent.parent
 # What each stage must reproduce exactly after the kill (timings and throughput may differ).
@@ -92,3 +93,55 @@ def test_a_killed_job_run_again_continues_exactly(tmp_path, tiny_model_dir, benc
     # ... and every step equals the uninterrupted run's.
     assert last_per_step(sft, SFT_KEYS) == last_per_step(logged_steps(clean, "sft"), SFT_KEYS)
     assert last_per_step(rl, RL_KEYS) == last_per_step(logged_steps(clean, "rl"), RL_KEYS)
+
+
+def interrupt(out: Path, argv: list[str], stage: str, after_step: int) -> int:
+    """Start the job in its own session, press Ctrl-C (SIGINT to its process group, as a
+    terminal sends it) once ``stage`` has logged ``after_step``; assert it exits with 130
+    within 30 s and leaves no process behind (its local Ray and every worker gone). Returns
+    the stage's last logged step."""
+    proc = subprocess.Popen(argv, cwd=out.parent, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(m["step"] >= after_step for m in logged_steps(out, stage)):
+            assert proc.poll() is None, f"the job ended before {stage} step {after_step}"
+            assert time.monotonic() < deadline, f"{stage} step {after_step} never came"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        assert proc.wait(timeout=60) == 130
+        assert time.monotonic() - sent < 30
+        while session_pids(proc.pid):
+            assert time.monotonic() - sent < 60, f"left running: {session_pids(proc.pid)}"
+            time.sleep(0.2)
+    finally:
+        kill_session(proc.pid)
+    return max(m["step"] for m in logged_steps(out, stage))
+
+
+def resumed_from_a_checkpoint(steps: list[int], stopped_at: int, every: int) -> bool:
+    """The run logged 1..stopped_at, then (rerun) went on from a checkpoint's next step."""
+    first, rest = steps[:stopped_at], steps[stopped_at:]
+    return (first == list(range(1, stopped_at + 1)) and bool(rest) and rest[0] > 1
+            and (rest[0] - 1) % every == 0 and rest[0] <= stopped_at + 1)
+
+
+def test_ctrl_c_stops_the_job_promptly_and_a_rerun_resumes(tmp_path, tiny_model_dir,
+                                                           benchmark_manifest):
+    """Ctrl-C mid-SFT and again mid-RL of one ``umerl train``: each time the job exits with
+    130 and takes its local Ray with it, and the same command continues from the stage's last
+    checkpoint. (Ray Train's fit() used to keep its own SIGINT handler after SFT, so Ctrl-C
+    mid-RL was lost and the run went on to its end, exit 0.)"""
+    out = tmp_path / "run"
+    argv = [*command(out, tiny_model_dir, benchmark_manifest.parent), "sft.max_steps=60",
+            "rl.max_steps=12"]
+    sft_stop = interrupt(out, argv, "sft", after_step=4)
+    assert sft_stop < 60  # stopped mid-stage, not after it
+    rl_stop = interrupt(out, argv, "rl", after_step=4)
+    assert rl_stop < 12
+    run_to_end(out, argv)
+    sft = [m["step"] for m in logged_steps(out, "sft")]
+    rl = [m["step"] for m in logged_steps(out, "rl")]
+    assert resumed_from_a_checkpoint(sft, sft_stop, every=3) and sft[-1] == 60, sft
+    assert resumed_from_a_checkpoint(rl, rl_stop, every=3) and rl[-1] == 12, rl

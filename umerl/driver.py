@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +230,40 @@ def run_sft_stage(cfg: DictConfig, init_checkpoint: str) -> Path:
                              # Ray Train's INFO lines to its log files only, not the console.
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    trainer.fit()  # raises TrainingFailedError with the worker's traceback on failure
+    fit_interruptibly(trainer)  # raises TrainingFailedError with the worker's traceback
     final = ckpt.latest(Path(cfg.output_dir) / scfg.output_subdir)
     if final is None:
         raise RuntimeError(f"SFT finished but wrote no checkpoint under {cfg.output_dir}")
     return final
+
+
+def fit_interruptibly(trainer: Any) -> None:
+    """``trainer.fit()`` where Ctrl-C stops the job, as everywhere in umerl (exit 130). Called
+    in the main thread, Ray Train 2.60's ``fit()`` installs a SIGINT handler of its own (abort
+    the run, then exit 0) and never puts the previous one back, so every later Ctrl-C, mid-RL,
+    went to the finished run's controller and was lost. From another thread it installs none:
+    a Ctrl-C reaches the main thread here, which shuts Ray down (the trainer's controller and
+    workers go with the driver; checkpoints are atomic, so a rerun resumes) and raises on."""
+    import ray
+
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # re-raised in the main thread
+            failure.append(err)
+
+    thread = threading.Thread(target=fit, name="umerl-sft-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
+    if failure:
+        raise failure[0]
 
 
 def run_rl_stage(cfg: DictConfig, start: str, datasets: dict | None = None) -> Path:

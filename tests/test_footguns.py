@@ -99,6 +99,31 @@ def test_a_finished_run_with_fewer_steps_has_nothing_to_do(run_args, tmp_path, t
         main(["train", TINY, *run_args, "sft.max_steps=100"])
 
 
+def test_a_rerun_with_sft_done_starts_no_sft_workers(run_args, tmp_path, tiny_model_dir,
+                                                     monkeypatch) -> None:
+    """SFT's checkpoint at or past sft.max_steps, RL not done: the rerun goes straight to RL
+    from that checkpoint. (Before, it started the SFT stage's Ray Train workers, which loaded
+    the model and optimizer state only to find nothing to train.)"""
+    done = fake_checkpoint(tmp_path / "run" / "sft", 1000, "sft", tiny_model_dir)
+    rl_starts = []
+
+    def sft_stage(*_args):
+        raise AssertionError("the SFT stage was started")
+
+    def rl_stage(cfg, start, datasets=None):
+        rl_starts.append(start)
+        return done
+
+    for name, stub in (("init_ray", lambda cfg: None), ("nodes_from_ray", lambda: []),
+                       ("check_cluster", lambda *a: None),
+                       ("check_shared_output_dir", lambda *a, **k: None),
+                       ("run_sft_stage", sft_stage),
+                       ("run_rl_stage", rl_stage)):
+        monkeypatch.setattr(umerl.driver, name, stub)
+    assert main(["train", TINY, *run_args, "sft.max_steps=100", "eval.enabled=false"]) == 0
+    assert rl_starts == [str(done)]
+
+
 def test_checkpoints_store_the_recipe_and_a_resume_refuses_another(tiny_model_dir, tmp_path):
     """A real SFT checkpoint records the run's recipe; a resume under another lr or data is
     refused, listing each difference, unless resume=force."""

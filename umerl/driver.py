@@ -29,6 +29,7 @@ from umerl.model.loading import prompt_limit
 from umerl.preflight import (
     check_checkpoint,
     check_output_dir,
+    finished_checkpoint,
     finished_stages,
     preflight,
     rewards_notice,
@@ -88,9 +89,14 @@ def _train(cfg: DictConfig, sources: Sources) -> dict[str, Any]:
     if cfg.eval.enabled and cfg.eval.before:
         results["before"] = evaluate_checkpoint(cfg, model, "before")
     if cfg.sft.enabled:
-        with reported_failures(cfg.output_dir, "SFT", lambda: ckpt.latest(
-                Path(cfg.output_dir) / cfg.sft.output_subdir)):
-            model = str(run_sft_stage(cfg, model))
+        if (done := finished_checkpoint(cfg, "sft")) is not None:  # a rerun to finish RL
+            print(f"[driver] SFT already at sft.max_steps ({cfg.sft.max_steps}): no workers "
+                  "started", flush=True)
+            model = str(done)
+        else:
+            with reported_failures(cfg.output_dir, "SFT", lambda: ckpt.latest(
+                    Path(cfg.output_dir) / cfg.sft.output_subdir)):
+                model = str(run_sft_stage(cfg, model))
         print(f"[driver] SFT checkpoint: {model}", flush=True)
         if cfg.eval.enabled:  # each stage's own effect: before -> sft -> rl
             results["sft"] = evaluate_checkpoint(cfg, model, "sft")

@@ -156,6 +156,17 @@ def finished_stages(cfg: DictConfig, sources: Sources) -> list[str] | None:
     return lines or None
 
 
+def finished_checkpoint(cfg: DictConfig, stage: str) -> Path | None:
+    """The stage's newest checkpoint when a resume from it (``auto``/``force``) would train
+    nothing: its step is at or past ``<stage>.max_steps``. The driver then starts no workers
+    for the stage and goes on from that checkpoint (the preflight has checked it)."""
+    if not cfg[stage].enabled or not ckpt.is_latest(cfg[stage].resume):
+        return None
+    found = ckpt.latest(Path(cfg.output_dir) / cfg[stage].output_subdir)
+    step = None if found is None else ckpt.stored_step(found)
+    return found if step is not None and step >= int(cfg[stage].max_steps) else None
+
+
 def check_rewards(entries: Any, sources: Sources) -> Any:
     """Import every reward as the learners will (the same loader; a relative file path from the
     working directory, then from the recipe's folder); returns the ``RewardSet``."""

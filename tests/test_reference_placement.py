@@ -107,6 +107,26 @@ def test_each_rank_holds_its_partition_of_the_reference(placements, placement, t
         assert full / 2 <= resident <= 0.6 * full, (rank, resident, full)
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_zero3_reference_moves_its_buffers_where_its_forwards_run(tiny_model_dir, offload):
+    """zero.Init places and partitions parameters only, and ``deepspeed.initialize`` leaves
+    such a module where it is: the engine moves the buffers (the rotary embeddings'
+    inv_freq) to the learner's device itself. On an H200 the buffers left on the CPU failed
+    the first forward (gpu_check's ZeRO-3 reference); here ``meta`` stands in for the GPU
+    that the CPU machines lack."""
+    from umerl.model.loading import load_policy
+    from umerl.train import dist as udist
+    from umerl.train.reference import zero3_inference_engine
+
+    udist.init_single_process()
+    engine = zero3_inference_engine(load_policy(tiny_model_dir), offload, 256,
+                                    torch.device("meta"))
+    buffers = dict(engine.module.named_buffers())
+    assert any(name.endswith("inv_freq") for name in buffers)
+    assert {b.device.type for b in buffers.values()} == {"meta"}
+    assert {p.device.type for p in engine.module.parameters()} == {"cpu"}  # DeepSpeed's
+
+
 def test_no_reference_without_a_kl_term(tmp_path, tiny_model_dir, benchmark_manifest):
     """rl.kl_beta 0: the learner builds no reference, and steps with a KL of 0."""
     from test_off_policy import rl_pairs

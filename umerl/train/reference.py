@@ -59,15 +59,16 @@ def build_reference(cfg: DictConfig, checkpoint: str, device: torch.device | str
     # Loaded on the CPU: DeepSpeed moves it to the device one parameter at a time to partition.
     bundle = load_policy(checkpoint, dtype=cfg.model.dtype, max_pixels=cfg.model.max_pixels)
     return zero3_inference_engine(bundle, offload=placement == "zero3_offload",
-                                  logprob_chunk_tokens=chunk)
+                                  logprob_chunk_tokens=chunk, device=torch.device(device))
 
 
-def zero3_inference_engine(bundle: PolicyBundle, offload: bool, logprob_chunk_tokens: int
-                           ) -> Any:
+def zero3_inference_engine(bundle: PolicyBundle, offload: bool, logprob_chunk_tokens: int,
+                           device: torch.device) -> Any:
     """A DeepSpeed ZeRO-3 engine over the frozen ``bundle`` (no optimizer: DeepSpeed then
     only partitions, gathers and releases parameters), partitions in CPU memory if
-    ``offload``. The weights keep the dtype they were loaded in (no bf16 cast), so its
-    log-probs are those of the ``device`` placement."""
+    ``offload``, buffers on ``device`` (where its forwards run). The weights keep the dtype
+    they were loaded in (no bf16 cast), so its log-probs are those of the ``device``
+    placement."""
     udist.configure_accelerator()
     import deepspeed
 
@@ -93,8 +94,20 @@ def zero3_inference_engine(bundle: PolicyBundle, offload: bool, logprob_chunk_to
     dtype = next(module.parameters()).dtype
     deepspeed.zero.Init(module=module, config_dict_or_path=config, dtype=dtype)
     engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+    # zero.Init places and partitions parameters only, and initialize() does not move a module
+    # so partitioned: its buffers (the rotary embeddings' inv_freq) would stay on the CPU,
+    # and the first forward on a GPU fail (seen on an H200).
+    buffers_to(module, device)
     engine.eval()
     return engine
+
+
+def buffers_to(module: nn.Module, device: torch.device) -> None:
+    """Every buffer of ``module`` on ``device``, persistent or not; parameters untouched."""
+    for sub in module.modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and buffer.device != device:
+                sub._buffers[name] = buffer.to(device)
 
 
 def resident_elements(module: nn.Module) -> dict[str, int]:

@@ -115,3 +115,49 @@ def test_the_7b_recipe_fits_better_with_its_reference_sharded():
         for placement in ("device", "zero3")}
     assert load_recipe("recipes/qwen2vl_7b_grpo.yaml", []).learner.reference_placement == "zero3"
     assert margins["zero3"] - margins["device"] == 8_291_375_616 * 2 * 3 // 4
+
+
+def _largest_allocations(monkeypatch) -> list[int]:
+    """Bytes of every ``torch.empty`` from now on (DeepSpeed allocates its buckets so)."""
+    sizes: list[int] = []
+    real = torch.empty
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "empty", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_the_zero_gradient_buckets_are_what_deepspeed_allocates(zero, tiny_model_dir, tmp_path,
+                                                                benchmark_manifest, monkeypatch):
+    """A learner step's largest allocation is DeepSpeed's gradient bucket, and the plan counts
+    it: two in fp32 under ZeRO-2 (allocated at each backward; two were alive at once on an
+    H200), one in the weights' dtype held under ZeRO-3. Before the learners sized it,
+    DeepSpeed's default bucket (5e8 elements, 2 GB in fp32) was most of a tiny learner's
+    memory and missing from the plan."""
+    from test_off_policy import rl_pairs
+    from test_zero3 import _completions
+
+    from umerl.train import dist as udist
+    from umerl.train.learner import Learner, StepShard
+
+    udist.init_single_process()
+    cfg = load_recipe(None, [f"output_dir={tmp_path}", "rl.pairs_per_step=2", "rl.group_size=2",
+                             "learner.num_workers=1", f"learner.zero_stage={zero}",
+                             "learner.bf16=false", "rl.kl_beta=0", "wandb.mode=disabled"])
+    sizes = _largest_allocations(monkeypatch)
+    learner = Learner(cfg, str(tiny_model_dir), str(tiny_model_dir))
+    pairs = rl_pairs(benchmark_manifest)
+    rollouts = [[_completions(learner.bundle.tokenizer, f"{side} {p.id}") for p in pairs]
+                for side in "qt"]
+    learner.step(StepShard(1, pairs, 0, *rollouts))
+    col = learner_column(cfg, resolve_shape(None, model_config=str(tiny_model_dir)), 80 * GIB)
+    lines = {item: b for item, b, _ in col.held + col.transient["step"]}
+    if zero == 3:
+        assert lines["ZeRO-3 gradient bucket"] == max(sizes)
+    else:
+        assert lines["ZeRO gradient buckets"] == 2 * max(sizes)

@@ -177,6 +177,8 @@ def prompt_tokens(max_pixels: int | None) -> int:
 
 def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
                    prompt_len: int | None = None) -> Column:
+    from umerl.train.engine import reduce_bucket_elements
+
     lcfg, rcfg = cfg.learner, cfg.rl
     world, stage = int(lcfg.num_workers), int(lcfg.zero_stage)
     bf16 = _bf16(lcfg.bf16, lcfg.gpus_per_worker)
@@ -199,6 +201,10 @@ def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
         live = min(P, ZERO3_MAX_LIVE_PARAMETERS)
         col.held.append(("ZeRO-3 gathered params", live * weight_bytes,
                          "stage3_max_live_parameters (DeepSpeed default 1e9)"))
+    bucket = reduce_bucket_elements(shape.hidden)
+    if stage == 3:
+        col.held.append(("ZeRO-3 gradient bucket", bucket * weight_bytes,
+                         f"reduce_bucket_size {bucket:,} x {weight_bytes} B"))
     col.held.append(("CUDA context, NCCL", CONTEXT_BYTES, "fixed allowance"))
     rows = int(lcfg.micro_batch_size) or int(rcfg.pairs_per_step) // world * int(
         rcfg.group_size)
@@ -219,6 +225,9 @@ def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
         ("log-prob logits", LOGIT_CHUNK_COPIES * chunk * shape.vocab * 4,
          f"{LOGIT_CHUNK_COPIES} x {chunk} tokens x {shape.vocab} vocab x fp32"),
     ]
+    if stage in (1, 2):  # allocated at each backward, two alive where micro-steps meet
+        col.transient["step"].append(("ZeRO gradient buckets", 2 * bucket * 4,
+                                      f"2 x reduce_bucket_size {bucket:,} x fp32"))
     if _reference_sharded(cfg):
         col.transient["reference forward"] = [
             ("reference gathered", min(P, ZERO3_MAX_LIVE_PARAMETERS) * model_bytes,
@@ -227,9 +236,9 @@ def learner_column(cfg: Any, shape: ModelShape, gpu_bytes: int,
     if str(lcfg.reference_placement) == "zero3_offload" and float(rcfg.kl_beta) > 0:
         col.notes.append(f"reference partitions in CPU memory: {P * model_bytes / world / GIB:.1f}"
                          f" GiB per learner process ({P / 1e9:.2f}B x {model_bytes} B / {world})")
-    bucket = max(int(float(rcfg.weight_sync_bucket_mb) * 2**20), shape.largest_tensor * 2)
+    sync_bucket = max(int(float(rcfg.weight_sync_bucket_mb) * 2**20), shape.largest_tensor * 2)
     col.transient["weight sync (rank 0)"] = [
-        ("sync buffers", 3 * bucket, "2 bucket buffers + 1 gathered bucket (freed after)")]
+        ("sync buffers", 3 * sync_bucket, "2 bucket buffers + 1 gathered bucket (freed after)")]
     return col
 
 

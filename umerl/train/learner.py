@@ -116,7 +116,7 @@ class Learner:
             warmup_ratio=float(r.warmup_ratio), min_lr_ratio=1.0, micro_batch_size=micro,
             gradient_accumulation_steps=2 * rows // micro, grad_clip=float(r.grad_clip),
             zero_stage=int(self.lcfg.zero_stage), bf16=use_bf16(self.lcfg.bf16),
-            skip_non_finite=True,
+            hidden_size=self.bundle.hidden_size, skip_non_finite=True,
         )
         self.optimizer: FiniteStepAdamW = self.engine.client_optimizer
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient

@@ -103,6 +103,7 @@ class SftRun:
             micro_batch_size=int(s.micro_batch_size),
             gradient_accumulation_steps=int(s.gradient_accumulation_steps),
             grad_clip=float(s.grad_clip), zero_stage=int(s.zero_stage), bf16=use_bf16(s.bf16),
+            hidden_size=self.bundle.hidden_size,
         )
         datasets = load_pair_datasets(
             list(s.data), read_sft_pairs, bool(cfg.data.skip_invalid), self.bundle.encoder,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, on a CPU machine with network, the wheel folder that scripts/gpu_check.py needs on a GPU
-# machine that has Python, torch, transformers, numpy, pillow and pyyaml but no network:
+# machine that has Python, torch, transformers (any 5.x), numpy, pillow and pyyaml but no network:
 #
 #   bash scripts/device_bundle.sh                 # -> build/device-bundle (gitignored)
 #   bash scripts/device_bundle.sh OUT [PYVER]     # another folder / Python (default 3.12)
@@ -12,8 +12,11 @@
 #
 # What it holds: DeepSpeed (a wheel built here from its source distribution: PyPI has no
 # DeepSpeed wheel), OmegaConf, and their dependencies as binary wheels for the target Python
-# (msgpack and pydantic-core are compiled). Nothing of torch or transformers: the machine's own
-# stay. At most 60 MiB (it is about 6 MiB); the script fails past that.
+# (msgpack and pydantic-core are compiled), and transformers at the newest version the project
+# allows (pure Python, without its dependencies, which any transformers 5.x machine has): pip
+# installs it only where the machine's own is outside the project's range (5.17 drops the
+# learners' images: umerl/model/policy.py, require_encoder_outputs). Nothing of torch: the
+# machine's own stays. At most 60 MiB (it is about 19 MiB); the script fails past that.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +27,8 @@ LIMIT_MIB=60
 # Pins follow pyproject.toml's dependencies.
 DEEPSPEED="deepspeed==0.19.8"
 OMEGACONF="omegaconf==2.4.0"
+TRANSFORMERS_RANGE="transformers>=5.18,<5.20"
+TRANSFORMERS="transformers==5.19.0"  # the newest in that range
 # DeepSpeed's runtime dependencies (its METADATA) less torch and numpy, which the machine has.
 DEEPSPEED_DEPS=(einops hjson msgpack ninja "packaging>=20.0" psutil py-cpuinfo "pydantic>=2.0.0"
   tqdm)
@@ -44,7 +49,9 @@ env -u DS_ACCELERATOR DS_BUILD_OPS=0 "${PIP[@]}" wheel -q --no-cache-dir --no-de
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   "$OMEGACONF" "${DEEPSPEED_DEPS[@]}"
 
-printf '%s\n' "$DEEPSPEED" "$OMEGACONF" > "$OUT/requirements.txt"
+"${PIP[@]}" download -q --dest "$OUT" --no-deps --only-binary=:all: "$TRANSFORMERS"
+
+printf '%s\n' "$DEEPSPEED" "$OMEGACONF" "$TRANSFORMERS_RANGE" > "$OUT/requirements.txt"
 size_kib=$(du -sk "$OUT" | cut -f1)
 echo "device bundle: $OUT, $(ls "$OUT" | grep -c '\.whl$') wheels, $((size_kib / 1024)) MiB" \
   "(Python $PYVER)"

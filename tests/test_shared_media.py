@@ -267,3 +267,26 @@ def test_zero3_learner_step_with_shared_media_equals_whole_rows(data, checkpoint
     for key in base:
         assert torch.allclose(got[key], base[key], rtol=0, atol=1e-6), key
     assert sum(not torch.allclose(base[k], start[k], atol=1e-4) for k in base) > 10
+
+
+def test_a_transformers_without_encoder_outputs_is_refused(tiny_bundle, monkeypatch):
+    """Shared and lockstep media hand the tower's outputs to the model as
+    ``mm_encoder_outputs`` (transformers >= 5.18). A forward without that keyword (5.17's,
+    which took it into ``**kwargs`` and embedded the image placeholders as text) is refused
+    when the learner's module is built, naming the version needed. The stand-in forward keeps
+    5.17's signature shape: the model's own arguments, then ``**kwargs``."""
+    import transformers
+
+    from umerl.model.policy import PolicyModule
+
+    base = tiny_bundle.model.model
+    PolicyModule(tiny_bundle.model, tiny_bundle.disc_id, tiny_bundle.gen_id)  # 5.18+: accepted
+
+    def forward_517(input_ids=None, attention_mask=None, pixel_values=None, **kwargs):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(base, "forward", forward_517)
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    with pytest.raises(RuntimeError, match=r"transformers 5\.17\.0: .*mm_encoder_outputs.*"
+                                           r"transformers>=5\.18,<5\.20"):
+        PolicyModule(tiny_bundle.model, tiny_bundle.disc_id, tiny_bundle.gen_id)

@@ -24,6 +24,7 @@ row's completion left-aligned.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -149,6 +150,22 @@ def embedding_positions(
     return disc, gen, found
 
 
+def require_encoder_outputs(model: nn.Module) -> None:
+    """PolicyModule runs the vision tower itself (lockstep media, shared media) and hands its
+    outputs to the model as ``mm_encoder_outputs``, a keyword of transformers' Qwen-VL models
+    from 5.18 on. Older ones take it into ``**kwargs`` and ignore it: the image placeholders
+    are embedded as text and the images are lost without an error (seen with 5.17 on an
+    H200: the ZeRO-3 reference's log-probs off the full copy's by 1.5e-2)."""
+    forward = model.model.forward  # the Qwen-VL base model under the generation head
+    if "mm_encoder_outputs" not in inspect.signature(forward).parameters:
+        import transformers
+
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: {type(model.model).__name__}.forward "
+            "takes no mm_encoder_outputs, so the learners' forwards would drop every image; "
+            "umerl needs transformers>=5.18,<5.20 (pip install 'transformers>=5.18,<5.20')")
+
+
 class PolicyModule(nn.Module):
     """The HF model plus the embedding-token ids: the unit DeepSpeed trains.
 
@@ -192,6 +209,7 @@ class PolicyModule(nn.Module):
                  logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
                  agree_chunks: Callable[[int], int] | None = None):
         super().__init__()
+        require_encoder_outputs(model)
         self.model = model
         self.disc_id = disc_id
         self.gen_id = gen_id

@@ -22,7 +22,9 @@ size 1, bf16 where the GPU has it, gradient checkpointing on):
   zero3_offload): its log-probs equal the full copy's; on CUDA the offloaded one is never
   whole on the GPU;
 - the same learner under ZeRO-2 without gradient checkpointing, where it runs each prompt once
-  (``learner.shared_prompt``): its forward equals whole rows' on the device.
+  (``learner.shared_prompt``): its forward equals whole rows' on the device;
+- chunked log-probs equal the full log_softmax on the device;
+- a GRPO learner step's peak memory on the GPU is within ``umerl plan``'s estimate.
 
 One line per check as it runs, then a one-screen report (every check, PASS or FAIL, its figure;
 the versions, the device and the process's peak memory) and a summary line last; exit status 1
@@ -329,8 +331,10 @@ def logprob_chunk_check(device: str, bf16: bool) -> None:
 
 
 def learner_peak_check(tag: str, cfg, model_dir: str, device: str) -> None:
-    """One GRPO learner step's peak memory on the device, next to ``umerl plan``'s estimate of
-    the same learner (the tiny model's config; rows and tokens of this step)."""
+    """One GRPO learner step's peak memory on the device within ``umerl plan``'s estimate of
+    the same learner (the tiny model's config; rows and tokens of this step; its fixed
+    allowance for the CUDA context and allocator slack included), and what the learner held
+    before the step."""
     import torch
 
     from rollout.transformers_engine import TransformersEngine
@@ -340,6 +344,7 @@ def learner_peak_check(tag: str, cfg, model_dir: str, device: str) -> None:
     from umerl.train.learner import Learner, StepShard
 
     learner = Learner(cfg, model_dir, model_dir)
+    held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else 0.0
     pairs, _ = read_rl_pairs(cfg.rl.data[0])
     batch = pairs[:2]
     engine = TransformersEngine(learner.bundle)
@@ -352,13 +357,50 @@ def learner_peak_check(tag: str, cfg, model_dir: str, device: str) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     loss = learner.step(StepShard(1, batch, 0, q, t))["actor/loss"]
-    estimate = learner_column(cfg, resolve_shape(model_dir), 80 << 30)
+    estimate = learner_column(cfg, resolve_shape(model_dir), 80 << 30).total / 2**30
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
-        figure = f"peak {peak:.3f} GiB allocated; umerl plan: {estimate.total / 2**30:.3f} GiB"
+        figure = (f"peak {peak:.3f} GiB allocated ({held:.3f} GiB before the step); "
+                  f"umerl plan: {estimate:.3f} GiB")
     else:
-        figure = f"umerl plan: {estimate.total / 2**30:.3f} GiB (no device peak on CPU)"
-    check(f"{tag} learner step peak memory", math.isfinite(loss), figure)
+        peak, figure = 0.0, f"umerl plan: {estimate:.3f} GiB (no device peak on CPU)"
+    check(f"{tag} learner step peak memory", math.isfinite(loss) and peak <= estimate, figure)
+
+
+def eval_check(device: str, checkpoint: str, out: Path) -> None:
+    """``--eval CHECKPOINT``: the CPU recipe's evaluation (every bundled task, disc and greedy
+    gen, pass@k; ``UMERL_DATA_DIR``'s build) of the checkpoint on the device in float32 gives
+    the scores the same code gives on the CPU, to one query of each task; the device's
+    bfloat16 scores and the times are figures. A GPU cluster's ``umerl eval`` and the
+    driver's evaluations run this ``run_eval`` in a Ray task with a GPU."""
+    from umerl.config.recipe import load_recipe
+    from umerl.data.tasks import recipe_tasks
+    from umerl.eval.runner import eval_settings, run_eval
+
+    cfg = load_recipe(str(REPO / "recipes" / "cpu_tiny.yaml"), [])
+    specs = recipe_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data)
+    settings = eval_settings(cfg)
+    runs, seconds = {}, {}
+    for name, dtype, where in (("cpu", "float32", "cpu"), (device, "float32", device),
+                               (f"{device} bf16", "bfloat16", device)):
+        start = time.perf_counter()
+        runs[name] = run_eval(checkpoint, specs, settings, out / name.replace(" ", "-"), dtype,
+                              where)["tasks"]
+        seconds[name] = time.perf_counter() - start
+    worst, where_worst = 0.0, ""
+    for task, result in runs["cpu"].items():
+        one_query = 1 / result["num_queries"]
+        for mode, score in result["scores"].items():
+            gap = round(abs(runs[device][task]["scores"][mode] - score) / one_query, 6)
+            if gap > worst:
+                worst, where_worst = gap, f"{task} {mode}"
+    overall = {name: sum(t["scores"]["gen"] for t in r.values()) / len(r)
+               for name, r in runs.items()}
+    check(f"evaluation on {device} float32 scores as on the CPU", worst <= 1,
+          f"largest gap {worst:.0f} quer{'y' if worst == 1 else 'ies'} ({where_worst or '-'}); "
+          f"mean gen cpu {overall['cpu']:.3f}, {device} {overall[device]:.3f}, bf16 "
+          f"{overall[f'{device} bf16']:.3f}; " + ", ".join(f"{n} {t:.0f} s"
+                                                          for n, t in seconds.items()))
 
 
 def missing_modules() -> list[str]:
@@ -396,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--eval", metavar="CHECKPOINT", default=None,
+                        help="also evaluate this checkpoint on the device and on the CPU "
+                             "(the CPU recipe's evaluation) and compare their scores")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -452,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config(root / "peak", data, 2, bf16, 5)
     guarded(f"{tag} learner step peak memory",
             lambda: learner_peak_check(tag, cfg, model_dir, args.device))
+    if args.eval:
+        guarded(f"evaluation on {args.device}",
+                lambda: eval_check(args.device, args.eval, root / "eval"))
     failed = [name for name, ok, _ in RESULTS if not ok]
     seconds = time.perf_counter() - start
     report([f"gpu_check report: {where}, Python {sys.version.split()[0]}, torch "

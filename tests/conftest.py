@@ -15,6 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # rewrites it to the machine's outward address; tests/multinode.py).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+# Where the shared tiny bundles run: CPU here and in CI; ``cuda`` when the GPU check
+# (docs/gpu.md, "Checking the GPU path") runs the engine's tests on a GPU.
+TEST_DEVICE = os.environ.get("UMERL_TEST_DEVICE", "cpu")
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,14 +31,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_bundle(tiny_model_dir: Path):
     from umerl.model.loading import load_policy
 
-    return load_policy(tiny_model_dir)
+    return load_policy(tiny_model_dir, device=TEST_DEVICE)
 
 
 @pytest.fixture(scope="session")
 def benchmark_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``UMERL_TEST_BENCHMARK``: an already built umerl-mini folder (the GPU machine lacks
+    gensim, one of its data sources, so the GPU check carries this machine's build)."""
     from umerl.data.tasks import ensure_benchmark
 
-    return ensure_benchmark(tmp_path_factory.mktemp("bench") / "umerl-mini")
+    built = os.environ.get("UMERL_TEST_BENCHMARK")
+    return ensure_benchmark(built or tmp_path_factory.mktemp("bench") / "umerl-mini")
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,14 @@ float32 rounding in the logits; the prefix itself is bit-identical at batch 1 an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from rollout.transformers_engine import (
     TransformersEngine,
@@ -40,13 +42,31 @@ def mixed_sides(benchmark_manifest: Path) -> list[Side]:
             Side(text="a plain text query that is longer than the others by some words")]
 
 
+def on_model_device(bundle, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch as ``generate`` takes it: on the model's device, no prompt lengths."""
+    batch.pop("prompt_lengths")
+    return {k: v.to(bundle.model.device) for k, v in batch.items()}
+
+
 @contextmanager
-def stops_likely(bundle) -> Iterator[None]:
-    """Raise the stop tokens' logits so that completions end at different lengths (a tiny
-    random model almost never writes one of two stop tokens among 2,000)."""
-    bias = torch.zeros(bundle.model.lm_head.out_features)
-    bias[list(bundle.stop_ids)] = 2.0 * bundle.model.lm_head.weight.norm(dim=1).mean()
-    handle = bundle.model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+def stops_likely(bundle, budget: int) -> Iterator[None]:
+    """Give the stop tokens the share of the top-k probability at every step that ends half
+    the completions before ``budget`` tokens, so that they end at different lengths whatever
+    the device's random stream (9 completions all ending alike: 2 in 2^9). A tiny random
+    model almost never writes one of two stop tokens among 2,000, and a bias fixed in logit
+    units gave no early stop in 9 completions on CUDA."""
+    stops = list(bundle.stop_ids)
+    share = 1 - 0.5 ** (1 / budget)
+
+    def hook(_module, _inputs, logits: torch.Tensor) -> torch.Tensor:
+        others = logits.detach().clone()
+        others[..., stops] = float("-inf")
+        top = others.topk(SAMPLING.top_k, dim=-1).values.logsumexp(-1)
+        logits = logits.clone()
+        logits[..., stops] = (top + math.log(share / (1 - share) / len(stops)))[..., None]
+        return logits
+
+    handle = bundle.model.lm_head.register_forward_hook(hook)
     try:
         yield
     finally:
@@ -58,8 +78,7 @@ def expanded_prefill_reference(bundle, sides, n, sampling, seeds):
     n times before the prefill; completions and their tokens' log-probs."""
     ids, lps = [], []
     for side, seed in zip(sides, seeds):
-        batch = bundle.encoder.collate([bundle.encoder.encode(side)])
-        batch.pop("prompt_lengths")
+        batch = on_model_device(bundle, bundle.encoder.collate([bundle.encoder.encode(side)]))
         config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
                                  bundle.encoder.suppressed_token_ids(), logprobs=True)
         torch.manual_seed(seed)
@@ -81,7 +100,7 @@ def family_bundle(request, tmp_path_factory):
 
     family = request.param
     return load_policy(str(build_tiny_model(tmp_path_factory.mktemp(family) / family,
-                                            family=family)))
+                                            family=family)), device=TEST_DEVICE)
 
 
 def test_shared_prefill_samples_what_the_expanded_prefill_samples(family_bundle,
@@ -90,7 +109,7 @@ def test_shared_prefill_samples_what_the_expanded_prefill_samples(family_bundle,
     lengths = {len(bundle.encoder.encode(s).input_ids) for s in sides}
     assert len(lengths) == 3  # prompts of three different lengths
     engine = TransformersEngine(bundle)
-    with stops_likely(bundle):
+    with stops_likely(bundle, SAMPLING.max_new_tokens):
         ids, lps = engine.generate_with_logprobs(sides, N, SAMPLING, seeds)
         ref_ids, ref_lps = expanded_prefill_reference(bundle, sides, N, SAMPLING, seeds)
     assert ids == ref_ids
@@ -106,8 +125,7 @@ def test_shared_prefill_samples_what_the_expanded_prefill_samples(family_bundle,
 def batched_generate_reference(bundle, prompts, n, sampling):
     """The unseeded path before rows were dropped: one ``generate`` over the left-padded
     prompts; [prompt][sample] completions."""
-    batch = bundle.encoder.collate(prompts)
-    batch.pop("prompt_lengths")
+    batch = on_model_device(bundle, bundle.encoder.collate(prompts))
     config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
                              bundle.encoder.suppressed_token_ids())
     with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
@@ -137,7 +155,7 @@ def test_unseeded_samples_depend_on_the_seed_and_prompt_only(tiny_bundle, benchm
     prompts = [bundle.encoder.encode(s) for s in sides]
     sampling = SamplingParams(max_new_tokens=12, seed=2)
     engine = TransformersEngine(bundle, batch_size=N * len(sides))
-    with stops_likely(bundle):
+    with stops_likely(bundle, sampling.max_new_tokens):
         together = engine.generate_encoded(prompts, N, sampling)
         alone = [TransformersEngine(bundle, batch_size=N).generate_encoded([p], N, sampling)[0]
                  for p in prompts]
@@ -191,7 +209,7 @@ def test_sides_decoded_together_sample_what_each_side_alone_samples(family_bundl
     checkpoint)."""
     bundle, sides, seeds = family_bundle, mixed_sides(benchmark_manifest), [11, 12, 13]
     engine = TransformersEngine(bundle)
-    with stops_likely(bundle):
+    with stops_likely(bundle, SAMPLING.max_new_tokens):
         ids, lps = engine.generate_with_logprobs(sides, N, SAMPLING, seeds)
         back_ids, back_lps = engine.generate_with_logprobs(sides[::-1], N, SAMPLING, seeds[::-1])
         alone = []

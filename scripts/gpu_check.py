@@ -5,7 +5,7 @@
     python scripts/gpu_check.py --device cpu     # the same checks on CPU (what CI runs)
 
 Runs from the source tree (no install). Needs Python >= 3.10, torch >= 2.4 with CUDA,
-transformers >= 5.16 (torchvision not needed), deepspeed >= 0.17, omegaconf >= 2.3, pillow,
+transformers >= 5.18 (torchvision not needed), deepspeed >= 0.17, omegaconf >= 2.3, pillow,
 numpy, pyyaml; Ray and vLLM are not used. A machine with only torch, transformers, numpy, pillow
 and pyyaml and no network gets the rest from the wheel folder `scripts/device_bundle.sh` builds
 elsewhere (docs/gpu.md, "Checking the GPU path"); without them this script says which are missing
@@ -35,6 +35,7 @@ nothing. Under 5 minutes on a modern GPU.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -53,6 +54,7 @@ sys.path.insert(0, str(REPO))
 RESULTS: list[tuple[str, bool, str]] = []
 # What the checks import beyond torch, transformers, numpy, pillow and pyyaml (the device bundle).
 BUNDLED = ("deepspeed", "omegaconf")
+MIN_TRANSFORMERS = (5, 18)  # pyproject.toml's lower bound (umerl/model/policy.py says why)
 REPORT_NAME, REPORT_FIGURE = 56, 56  # columns of the report: one screen of 120
 
 
@@ -404,8 +406,13 @@ def eval_check(device: str, checkpoint: str, out: Path) -> None:
 
 
 def missing_modules() -> list[str]:
-    """The bundled modules this interpreter cannot import (find_spec: nothing is imported)."""
-    return [name for name in BUNDLED if importlib.util.find_spec(name) is None]
+    """The bundled modules this interpreter cannot import (find_spec: nothing is imported),
+    and transformers where it is older than the learners need (the bundle carries one)."""
+    missing = [name for name in BUNDLED if importlib.util.find_spec(name) is None]
+    have = importlib.metadata.version("transformers")
+    if tuple(int(part) for part in have.split(".")[:2]) < MIN_TRANSFORMERS:
+        missing.append(f"transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (this is {have})")
+    return missing
 
 
 def peak_memory(device: str) -> str:

@@ -1,7 +1,7 @@
 """The model layer loads Qwen-VL processors without torchvision, on every supported transformers.
 
 CPU venvs never hold torchvision (it breaks beside the CPU torch), and the GPU device check runs
-where it may be missing. transformers 5.16 and 5.17 (supported; 5.17 is on the device machine)
+where it may be missing. transformers 5.16 and 5.17 (below the range umerl now requires)
 then export `transformers.AutoImageProcessor` as a placeholder that raises "requires the
 Torchvision library" on first use; 5.18 and 5.19 export the real class. The subprocess below
 hides torchvision and puts that same placeholder at the package root whatever version is

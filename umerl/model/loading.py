@@ -130,7 +130,7 @@ def _load_processors(path: Path, trust_remote_code: bool = False,
 
     # From its module, not the package root: without torchvision, transformers 5.16 and 5.17
     # export a torchvision-only placeholder as `transformers.AutoImageProcessor`, while this
-    # class picks the PIL image processor (5.16-5.19 alike).
+    # class picks the PIL image processor on any version.
     from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
     if not (path / "config.json").is_file():

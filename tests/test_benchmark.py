@@ -686,7 +686,9 @@ def test_a_recipe_asks_for_the_extra_rl_pool_by_key(bench: Path, extended: Path,
 def test_recipe_tasks_reads_the_recipes_benchmark_keys(bench: Path, extended: Path) -> None:
     """Task names resolve in the build that data.benchmark_dir and data.benchmark_rl_extra
     name together: the extended build's grown rl split, and a refusal where the folder was
-    built without the asked extras (a caller that dropped the extras would take any build)."""
+    built without the asked extras (a caller that dropped the extras would take any build).
+    The extras change the rl split only: a folder given for another split is read as it is
+    (``umerl eval --benchmark-dir`` on a checkpoint whose run asked for extras)."""
     from umerl.config.recipe import load_recipe
     from umerl.data.tasks import recipe_tasks
 
@@ -697,7 +699,9 @@ def test_recipe_tasks_reads_the_recipes_benchmark_keys(bench: Path, extended: Pa
     assert len(read_jsonl(spec.path)) == 80 + RL_EXTRA
     cfg = load_recipe(None, [f"data.benchmark_dir={bench}", asked])
     with pytest.raises(ValueError, match=r"built with rl_extra \{\}, not"):
-        recipe_tasks(["umerl-mini/digits_cls"], "test", cfg.data)
+        recipe_tasks(["umerl-mini/digits_cls"], "rl", cfg.data)
+    [spec] = recipe_tasks(["umerl-mini/digits_cls"], "test", cfg.data)
+    assert spec.path == bench / "digits_cls" / "test.jsonl"
 
 
 @pytest.mark.parametrize(("steps", "pairs", "per_step", "epochs"), [

@@ -163,8 +163,8 @@ def test_checkpoints_store_the_recipe_and_a_resume_refuses_another(tiny_model_di
 
 # --- eval and serve decode as the run did --------------------------------------------------
 
-def stored_run_checkpoint(tmp_path: Path, tiny: Path) -> Path:
-    recipe = load_recipe(TINY, ["eval.max_new_tokens=77", "eval.top_k=7"])
+def stored_run_checkpoint(tmp_path: Path, tiny: Path, *overrides: str) -> Path:
+    recipe = load_recipe(TINY, ["eval.max_new_tokens=77", "eval.top_k=7", *overrides])
     from umerl.config.recipe import to_container
 
     return fake_checkpoint(tmp_path / "ckpt", 3, "rl", tiny, to_container(recipe))
@@ -185,6 +185,9 @@ def test_eval_reads_the_decoding_settings_stored_in_the_checkpoint(
     cfg, settings = seen[-1]
     assert (settings.max_new_tokens, settings.top_k) == (77, 7)  # before: 32 and 50
     assert cfg.model.dtype == "float32"
+    # the run's benchmark build (cpu_tiny's extra RL pools): bundled names resolve in the
+    # folder the run used (before: the defaults', a second build)
+    assert dict(cfg.data.benchmark_rl_extra) == {"digits_cls": 880}
     assert main([*base, "--recipe", TINY]) == 0
     assert (seen[-1][1].max_new_tokens, seen[-1][1].top_k) == (96, 50)  # cpu_tiny's own
     assert main([*base, "--max-new-tokens", "5"]) == 0

@@ -151,3 +151,32 @@ def test_route_fit_writes_a_router_the_evaluator_reads(
     router = Router.load(out)
     assert router.hidden_size == tiny_bundle.hidden_size
     assert router.meta["num_queries"] == 6 and router.meta["max_new_tokens"] == 6
+
+
+def test_route_fit_decodes_and_resolves_tasks_as_the_run_did(
+    tiny_model_dir: Path, mixed_task: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The router learns from the gen outcomes serving will have: ``umerl route fit`` decodes
+    with the budget stored in the checkpoint by its run, as ``umerl eval`` and ``umerl serve``
+    do (77 here; before: umerl's default 32 whatever the run, so a cpu_tiny router learned
+    from 32-token decodes of 40-90-token answers that serving decodes with 96), and names its
+    tasks in the run's benchmark build (seed and extra RL pools)."""
+    from test_footguns import stored_run_checkpoint
+
+    import umerl.data.tasks
+
+    step = stored_run_checkpoint(tmp_path, tiny_model_dir, "data.benchmark_seed=3")
+    seen = []
+    real = umerl.data.tasks.recipe_tasks
+    monkeypatch.setattr(umerl.data.tasks, "recipe_tasks",
+                        lambda names, split, data, *a: seen.append(data) or real(
+                            names, split, data, *a))
+    out = tmp_path / "fitted.json"
+    assert main(["route", "fit", str(step), str(mixed_task), "--out", str(out),
+                 "--folds", "2"]) == 0
+    assert Router.load(out).meta["max_new_tokens"] == 77
+    assert seen[-1].benchmark_seed == 3
+    assert dict(seen[-1].benchmark_rl_extra) == {"digits_cls": 880}
+    assert main(["route", "fit", str(step), str(mixed_task), "--out", str(out), "--folds", "2",
+                 "--max-new-tokens", "5"]) == 0  # an option still wins
+    assert Router.load(out).meta["max_new_tokens"] == 5

@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="umerl-mini, a bundled task name, tasks.json, or task .jsonl files "
                     "(none with --mmeb-v2)")
     _options(ev, EVAL_OPTIONS)
-    ev.add_argument("--recipe", default=None, help=RECIPE_HELP)
+    ev.add_argument("--recipe", default=None, help=EVAL_RECIPE_HELP)
     ev.add_argument("--out", default=None, help="output folder (default runs/eval-<time>)")
     ev.add_argument("--pool", default="local", choices=["local", "global"],
                     help="pool type for plain .jsonl task files")
@@ -240,12 +240,15 @@ def _serve_parsers(sub: argparse._SubParsersAction) -> None:
                      help="pool type for plain .jsonl task files")
     fit.add_argument("--modality", default="image", help="modality for plain .jsonl task files")
     _options(fit, ROUTE_OPTIONS)
+    fit.add_argument("--recipe", default=None, help=EVAL_RECIPE_HELP)
     fit.set_defaults(handler=_cmd_route_fit)
 
 
 RECIPE_HELP = ("take the decoding settings (eval.max_new_tokens, temperature, top_k, "
                "model.dtype) from this recipe; default: those stored in the checkpoint by its "
                "run (options and key=value still override)")
+EVAL_RECIPE_HELP = RECIPE_HELP.replace(") from", ") and the bundled benchmark's build "
+                                       "(data.benchmark_seed, benchmark_rl_extra) from")
 
 # CLI options that set recipe keys: (flag, key, argparse kwargs). Their defaults come from
 # umerl/config/defaults.yaml and their values go through the recipe schema, like any recipe key.
@@ -276,7 +279,8 @@ ROUTE_OPTIONS = [
     ("--folds", "serve.route.folds", {"type": int}),
     ("--batch-size", "eval.batch_size", {"type": int}),
     ("--max-new-tokens", "eval.max_new_tokens",
-     {"type": int, "help": "greedy budget of the gen outcomes (as eval and serve use)"}),
+     {"type": int, "help": "greedy budget of the gen outcomes (default: the checkpoint's, as "
+                          "eval and serve use)"}),
     ("--seed", "seed", {"type": int}),
     ("--dtype", "model.dtype", {}),
     ("--skip-invalid", "data.skip_invalid", {"action": "store_const", "const": True}),
@@ -327,7 +331,7 @@ def _dotlist_value(value: object) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from umerl.config.stored import DECODING, decoding_from, unstored_note
+    from umerl.config.stored import BENCHMARK, DECODING, decoding_from, unstored_note
     from umerl.data.tasks import recipe_tasks
     from umerl.eval.runner import eval_settings, run_eval, run_eval_work
     from umerl.model.loading import load_encoder, prompt_limit
@@ -340,7 +344,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
     run_recipe = stored_recipe(checkpoint)
     cfg = _options_config(args, EVAL_OPTIONS, decoding_from(
-        run_recipe, str(checkpoint), args.recipe, DECODING))
+        run_recipe, str(checkpoint), args.recipe, DECODING + BENCHMARK))
     if run_recipe is None and args.recipe is None:  # a Hub model: say what it decodes with
         print(unstored_note(str(checkpoint), cfg, DECODING), file=sys.stderr, flush=True)
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
@@ -505,16 +509,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_route_fit(args: argparse.Namespace) -> int:
+    from umerl.config.stored import BENCHMARK, DECODING, decoding_from, unstored_note
     from umerl.data.tasks import recipe_tasks
     from umerl.eval.router import describe
     from umerl.eval.runner import eval_settings, fit_router_on
     from umerl.model.loading import load_encoder, prompt_limit
     from umerl.preflight import check_checkpoint, check_eval_specs
     from umerl.runtime.console import quiet
+    from umerl.train.checkpoint import stored_recipe
 
     quiet()
-    cfg = _options_config(args, ROUTE_OPTIONS)
     checkpoint = check_checkpoint(args.checkpoint, "CHECKPOINT")
+    # Decoded as `umerl eval` and `umerl serve` decode this checkpoint: the router learns
+    # from the gen outcomes serving will have.
+    run_recipe = stored_recipe(checkpoint)
+    cfg = _options_config(args, ROUTE_OPTIONS, decoding_from(
+        run_recipe, str(checkpoint), args.recipe, DECODING + BENCHMARK))
+    if run_recipe is None and args.recipe is None:
+        print(unstored_note(str(checkpoint), cfg, DECODING), file=sys.stderr, flush=True)
     cfg.data.max_prompt_tokens = prompt_limit(cfg.data.max_prompt_tokens, checkpoint)
     specs = recipe_tasks(args.tasks, cfg.serve.route.split, cfg.data, args.pool,
                          args.modality)

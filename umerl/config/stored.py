@@ -36,6 +36,9 @@ DECODING = [("eval.max_new_tokens", "eval.max_new_tokens"),
 SERVE_DECODING = [("eval.max_new_tokens", "serve.max_new_tokens"),
                   ("eval.temperature", "serve.temperature"), ("eval.top_k", "serve.top_k"),
                   ("model.dtype", "model.dtype")]
+# umerl eval / route fit: bundled task names resolve to the benchmark build the run used.
+BENCHMARK = [("data.benchmark_seed", "data.benchmark_seed"),
+             ("data.benchmark_rl_extra", "data.benchmark_rl_extra")]
 _MISSING = object()
 
 

@@ -149,9 +149,14 @@ def recipe_tasks(names: list[str], split: str, data: Any, pool: str = "local",
                  modality: str = "image") -> list[TaskSpec]:
     """``resolve_tasks`` with the bundled benchmark a recipe's ``data`` section names
     (``benchmark_dir``, ``benchmark_seed``, ``benchmark_rl_extra``): the one place that reads
-    those keys for task names, so evaluation, preflight and the CLI see the same build."""
+    those keys for task names, so evaluation, preflight and the CLI see the same build. The
+    extra RL pools change the rl split only: a folder given by ``benchmark_dir`` is read for
+    any other split as it is, whatever pools it was built with."""
+    extra = dict(data.benchmark_rl_extra)
+    if data.benchmark_dir and split != "rl":
+        extra = {}
     return resolve_tasks(names, split, data.benchmark_dir, int(data.benchmark_seed), pool,
-                         modality, dict(data.benchmark_rl_extra))
+                         modality, extra)
 
 
 def _pick_bundled(name: str, bundled: list[TaskSpec]) -> list[TaskSpec]:

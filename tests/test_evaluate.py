@@ -155,3 +155,47 @@ def test_greedy_scores_equal_those_of_generate_then_forward(tiny_bundle, toy_tas
     assert decoded.completions == forward.completions
     assert torch.equal(decoded.gen_found, forward.gen_found)
     assert torch.allclose(decoded.embeddings, forward.embeddings, atol=1e-5, rtol=0)
+
+
+def test_a_rerun_reuses_an_evaluation_of_the_same_checkpoint_and_settings(
+        tiny_model_dir: Path, benchmark_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+    """A resumed run reuses the driver's evaluation of a stage's checkpoint when the
+    checkpoint, the settings and the task files are those it scored (before: every rerun
+    evaluated "before" and "sft" again, hours on GPUs at 512 new tokens). Another budget,
+    another checkpoint, an evaluation stopped before its stamp, or a task file written since,
+    evaluates again."""
+    import os
+    import shutil
+
+    import umerl.eval.runner as runner
+    from umerl.config.recipe import load_recipe
+
+    evaluated: list[str] = []
+    real = runner.run_eval_work
+    monkeypatch.setattr(runner, "run_eval_work", lambda cfg, label, *a, **k: evaluated.append(
+        label) or real(cfg, label, *a, **k))
+    cfg = load_recipe(None, [f"output_dir={tmp_path}", "eval.tasks=[faces_cls]",
+                             f"data.benchmark_dir={benchmark_manifest.parent}",
+                             "eval.pass_k=[]", "eval.max_new_tokens=4", "wandb.mode=disabled"])
+    first = runner.evaluate_checkpoint(cfg, str(tiny_model_dir), "before")
+    again = runner.evaluate_checkpoint(cfg, str(tiny_model_dir), "before")
+    assert len(evaluated) == 1 and again["tasks"] == first["tasks"]
+    cfg.eval.max_new_tokens = 5
+    runner.evaluate_checkpoint(cfg, str(tiny_model_dir), "before")
+    assert len(evaluated) == 2
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other")
+    runner.evaluate_checkpoint(cfg, str(other), "before")
+    assert len(evaluated) == 3
+    (tmp_path / "eval" / "before" / runner.STAMP).unlink()  # stopped before the stamp
+    runner.evaluate_checkpoint(cfg, str(other), "before")
+    assert len(evaluated) == 4
+    task = benchmark_manifest.parent / "faces_cls" / "test.jsonl"
+    times = task.stat()
+    os.utime(task, ns=(times.st_atime_ns, times.st_mtime_ns + 1))
+    try:
+        runner.evaluate_checkpoint(cfg, str(other), "before")
+    finally:
+        os.utime(task, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert len(evaluated) == 5
+    runner.evaluate_checkpoint(cfg, str(other), "before")
+    assert len(evaluated) == 6  # the stamp names the file's time when it was evaluated

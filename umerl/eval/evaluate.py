@@ -246,9 +246,9 @@ class Evaluator:
     def _write_task(self, out_dir: Path, spec: TaskSpec, pools: TaskPools, result: TaskResult,
                     query_emb: dict, cand_emb: dict, completions: dict) -> None:
         for mode, values in result.per_mode.items():
-            _write_json(out_dir / mode / f"{spec.name}_score.json", values)
+            write_json(out_dir / mode / f"{spec.name}_score.json", values)
         if any(completions.values()):
-            _write_json(out_dir / "completions" / f"{spec.name}.json",
+            write_json(out_dir / "completions" / f"{spec.name}.json",
                         {k: v for k, v in completions.items() if v})
         if self.settings.save_embeddings:
             _save_embeddings(out_dir / "embeddings", spec.name, pools, query_emb, cand_emb)
@@ -268,14 +268,15 @@ def _save_embeddings(directory: Path, name: str, pools: TaskPools,
     arrays = {f"query_{m}": v for m, v in query_emb.items()}
     arrays.update({f"candidate_{m}": v for m, v in cand_emb.items()})
     np.savez(directory / f"{name}.npz", **arrays)
-    _write_json(directory / f"{name}.json", {
+    write_json(directory / f"{name}.json", {
         "candidate_ids": [c.key() for c in pools.candidates],
         "pools": [p.tolist() for p in pools.pools],
         "relevance": [r.tolist() for r in pools.relevance],
     })
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def write_json(path: Path, payload: Any) -> None:
+    """``payload`` as indented JSON, atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -362,7 +363,7 @@ def evaluate(
     summary = summarize(results, settings)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     if out is not None:
-        _write_json(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     return summary
 
 

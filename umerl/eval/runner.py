@@ -4,6 +4,8 @@ CLI."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +13,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from umerl.data.tasks import recipe_tasks
-from umerl.eval.evaluate import EvalSettings, parse_modes
+from umerl.data.tasks import TaskSpec, recipe_tasks
+from umerl.eval.evaluate import EvalSettings, parse_modes, write_json
 from umerl.runtime.devices import use_reserved_cpus
 from umerl.runtime.ray_start import init_ray
 from umerl.runtime.remote import gather, reported_failures
+
+# Beside an evaluation's summary.json: what it scored (evaluation_stamp), written after it.
+STAMP = "evaluated.json"
 
 
 def eval_settings(cfg: DictConfig) -> EvalSettings:
@@ -32,10 +37,51 @@ def eval_settings(cfg: DictConfig) -> EvalSettings:
 
 
 def evaluate_checkpoint(cfg: DictConfig, checkpoint: str, label: str) -> dict[str, Any]:
+    """The driver's evaluation of a stage's checkpoint into ``<eval out>/<label>``; a rerun
+    (a resumed run) reuses the scores there when they are of the same checkpoint, settings
+    and task files (``STAMP``), instead of evaluating again: on GPUs, at the paper's 512 new
+    tokens and with pass@k, an evaluation is long."""
     specs = recipe_tasks(list(cfg.eval.tasks), cfg.eval.split, cfg.data)
     out = Path(cfg.eval.out_dir or Path(cfg.output_dir) / "eval") / label
-    return run_eval_work(cfg, label, run_eval, checkpoint, specs, eval_settings(cfg), out,
-                         cfg.model.dtype)
+    settings = eval_settings(cfg)
+    stamp = evaluation_stamp(checkpoint, specs, settings, str(cfg.model.dtype))
+    if (earlier := earlier_evaluation(out, stamp)) is not None:
+        print(f"\n[driver] evaluation ({label}): {checkpoint} was evaluated with these settings "
+              f"before; its scores are reused ({out / 'summary.json'})", flush=True)
+        return earlier
+    (out / STAMP).unlink(missing_ok=True)  # stale until this evaluation has written its scores
+    summary = run_eval_work(cfg, label, run_eval, checkpoint, specs, settings, out,
+                            cfg.model.dtype)
+    write_json(out / STAMP, stamp)
+    return summary
+
+
+def evaluation_stamp(checkpoint: str, specs: list[TaskSpec], settings: EvalSettings,
+                     dtype: str) -> dict[str, Any]:
+    """What an evaluation's scores depend on: the checkpoint's folder and its files' sizes and
+    modification times (a checkpoint is never rewritten in place; another run's at the same
+    path differs), the settings, the dtype, and each task file with its size and time."""
+    folder = Path(checkpoint).resolve()
+    return {"checkpoint": str(folder), "dtype": dtype,
+            "files": {f.name: _size_and_time(f) for f in sorted(folder.iterdir()) if f.is_file()},
+            "settings": dataclasses.asdict(settings),
+            "tasks": [[spec.name, str(spec.path), *_size_and_time(spec.path)] for spec in specs]}
+
+
+def _size_and_time(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def earlier_evaluation(out: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary in ``out`` if its stamp is ``stamp`` (JSON's lists for tuples), else None."""
+    try:
+        if json.loads((out / STAMP).read_text(encoding="utf-8")) != json.loads(
+                json.dumps(stamp)):
+            return None
+        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def run_eval_work(cfg: DictConfig, label: str, work: Callable[..., dict], checkpoint: str,

@@ -12,11 +12,11 @@
 #
 # What it holds: DeepSpeed (a wheel built here from its source distribution: PyPI has no
 # DeepSpeed wheel), OmegaConf, and their dependencies as binary wheels for the target Python
-# (msgpack and pydantic-core are compiled), and transformers at the newest version the project
-# allows (pure Python, without its dependencies, which any transformers 5.x machine has): pip
-# installs it only where the machine's own is outside the project's range (5.17 drops the
-# learners' images: umerl/model/policy.py, require_encoder_outputs). Nothing of torch: the
-# machine's own stays. At most 60 MiB (it is about 19 MiB); the script fails past that.
+# (msgpack and pydantic-core are compiled), and the newest transformers in pyproject.toml's range
+# (pure Python, without its dependencies, which any transformers 5.x machine has): pip installs
+# it only where the machine's own is outside that range (5.17 drops the learners' images:
+# umerl/model/policy.py, require_encoder_outputs). Nothing of torch: the machine's own stays.
+# At most 60 MiB (it is about 19 MiB); the script fails past that. Needs Python >= 3.11 here.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,8 +27,10 @@ LIMIT_MIB=60
 # Pins follow pyproject.toml's dependencies.
 DEEPSPEED="deepspeed==0.19.8"
 OMEGACONF="omegaconf==2.4.0"
-TRANSFORMERS_RANGE="transformers>=5.18,<5.20"
-TRANSFORMERS="transformers==5.19.0"  # the newest in that range
+# The project's own transformers requirement, read where it is written.
+TRANSFORMERS=$("$PYTHON" -c 'import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(next(d for d in deps if d.startswith("transformers")))' "$ROOT/pyproject.toml")
 # DeepSpeed's runtime dependencies (its METADATA) less torch and numpy, which the machine has.
 DEEPSPEED_DEPS=(einops hjson msgpack ninja "packaging>=20.0" psutil py-cpuinfo "pydantic>=2.0.0"
   tqdm)
@@ -51,7 +53,7 @@ env -u DS_ACCELERATOR DS_BUILD_OPS=0 "${PIP[@]}" wheel -q --no-cache-dir --no-de
 
 "${PIP[@]}" download -q --dest "$OUT" --no-deps --only-binary=:all: "$TRANSFORMERS"
 
-printf '%s\n' "$DEEPSPEED" "$OMEGACONF" "$TRANSFORMERS_RANGE" > "$OUT/requirements.txt"
+printf '%s\n' "$DEEPSPEED" "$OMEGACONF" "$TRANSFORMERS" > "$OUT/requirements.txt"
 size_kib=$(du -sk "$OUT" | cut -f1)
 echo "device bundle: $OUT, $(ls "$OUT" | grep -c '\.whl$') wheels, $((size_kib / 1024)) MiB" \
   "(Python $PYVER)"

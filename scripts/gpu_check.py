@@ -35,7 +35,6 @@ nothing. Under 5 minutes on a modern GPU.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -54,7 +53,6 @@ sys.path.insert(0, str(REPO))
 RESULTS: list[tuple[str, bool, str]] = []
 # What the checks import beyond torch, transformers, numpy, pillow and pyyaml (the device bundle).
 BUNDLED = ("deepspeed", "omegaconf")
-MIN_TRANSFORMERS = (5, 18)  # pyproject.toml's lower bound (umerl/model/policy.py says why)
 REPORT_NAME, REPORT_FIGURE = 56, 56  # columns of the report: one screen of 120
 
 
@@ -406,13 +404,8 @@ def eval_check(device: str, checkpoint: str, out: Path) -> None:
 
 
 def missing_modules() -> list[str]:
-    """The bundled modules this interpreter cannot import (find_spec: nothing is imported),
-    and transformers where it is older than the learners need (the bundle carries one)."""
-    missing = [name for name in BUNDLED if importlib.util.find_spec(name) is None]
-    have = importlib.metadata.version("transformers")
-    if tuple(int(part) for part in have.split(".")[:2]) < MIN_TRANSFORMERS:
-        missing.append(f"transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (this is {have})")
-    return missing
+    """The bundled modules this interpreter cannot import (find_spec: nothing is imported)."""
+    return [name for name in BUNDLED if importlib.util.find_spec(name) is None]
 
 
 def peak_memory(device: str) -> str:
@@ -454,12 +447,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
+    bundle = ("on a machine without network, build the wheel folder elsewhere with `bash "
+              "scripts/device_bundle.sh` and install it with `pip install --no-index "
+              "--find-links build/device-bundle -r build/device-bundle/requirements.txt`")
     missing = missing_modules()
     if missing:
-        print(f"gpu_check: {', '.join(missing)} not installed here; on a machine without network, "
-              "build the wheel folder elsewhere with `bash scripts/device_bundle.sh` and install "
-              "it with `pip install --no-index --find-links build/device-bundle "
-              "-r build/device-bundle/requirements.txt`")
+        print(f"gpu_check: {', '.join(missing)} not installed here; {bundle}")
+        return 1
+    from transformers import Qwen2VLModel
+
+    from umerl.model.policy import require_encoder_outputs
+
+    try:  # the learners' own check, before any of them is built
+        require_encoder_outputs(Qwen2VLModel)
+    except RuntimeError as err:
+        print(f"gpu_check: {err}; {bundle} (it carries one)")
         return 1
     import torch
 

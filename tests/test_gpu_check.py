@@ -64,17 +64,19 @@ def test_gpu_check_without_deepspeed_names_the_bundle() -> None:
 
 
 def test_gpu_check_refuses_a_transformers_older_than_the_learners_need() -> None:
-    """transformers 5.17 (the device machine's own) drops the learners' images: named, with
-    the bundle that carries a newer one, before any check runs."""
-    code = ("import importlib.metadata as m, runpy, sys; v = m.version; "
-            "m.version = lambda name: '5.17.0' if name == 'transformers' else v(name); "
+    """A transformers whose Qwen2-VL forward takes no mm_encoder_outputs (5.17, the device
+    machine's own, drops the learners' images) is named, with the bundle that carries a newer
+    one, before any check runs. The stand-in forward has 5.17's signature shape."""
+    code = ("import runpy, sys, transformers; "
+            "transformers.Qwen2VLModel.forward = lambda self, input_ids=None, **kwargs: None; "
             f"sys.argv = [{str(SCRIPT)!r}, '--device', 'cpu']; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300, cwd="/")
     assert done.returncode == 1, (done.stdout + done.stderr[-2000:])
-    assert "transformers >= 5.18 (this is 5.17.0)" in done.stdout
+    assert "Qwen2VLModel.forward takes no mm_encoder_outputs" in done.stdout
+    assert "transformers>=5.18,<5.20" in done.stdout
     assert "scripts/device_bundle.sh" in done.stdout and "Traceback" not in done.stderr
 
 

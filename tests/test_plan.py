@@ -117,20 +117,6 @@ def test_the_7b_recipe_fits_better_with_its_reference_sharded():
     assert margins["zero3"] - margins["device"] == 8_291_375_616 * 2 * 3 // 4
 
 
-def _largest_allocations(monkeypatch) -> list[int]:
-    """Bytes of every ``torch.empty`` from now on (DeepSpeed allocates its buckets so)."""
-    sizes: list[int] = []
-    real = torch.empty
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        sizes.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(torch, "empty", spy)
-    return sizes
-
-
 @pytest.mark.parametrize("zero", [2, 3])
 def test_the_zero_gradient_buckets_are_what_deepspeed_allocates(zero, tiny_model_dir, tmp_path,
                                                                 benchmark_manifest, monkeypatch):
@@ -149,7 +135,15 @@ def test_the_zero_gradient_buckets_are_what_deepspeed_allocates(zero, tiny_model
     cfg = load_recipe(None, [f"output_dir={tmp_path}", "rl.pairs_per_step=2", "rl.group_size=2",
                              "learner.num_workers=1", f"learner.zero_stage={zero}",
                              "learner.bf16=false", "rl.kl_beta=0", "wandb.mode=disabled"])
-    sizes = _largest_allocations(monkeypatch)
+    sizes: list[int] = []  # bytes of every torch.empty from here (DeepSpeed's buckets among them)
+    real = torch.empty
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(torch, "empty", spy)
     learner = Learner(cfg, str(tiny_model_dir), str(tiny_model_dir))
     pairs = rl_pairs(benchmark_manifest)
     rollouts = [[_completions(learner.bundle.tokenizer, f"{side} {p.id}") for p in pairs]

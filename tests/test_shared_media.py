@@ -290,3 +290,14 @@ def test_a_transformers_without_encoder_outputs_is_refused(tiny_bundle, monkeypa
     with pytest.raises(RuntimeError, match=r"transformers 5\.17\.0: .*mm_encoder_outputs.*"
                                            r"transformers>=5\.18,<5\.20"):
         PolicyModule(tiny_bundle.model, tiny_bundle.disc_id, tiny_bundle.gen_id)
+
+
+def test_the_named_transformers_requirement_is_the_projects() -> None:
+    """The refusal above names pyproject.toml's own requirement, not a copy that drifted."""
+    import tomllib
+
+    from umerl.model.policy import TRANSFORMERS_REQUIREMENT
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as handle:
+        deps = tomllib.load(handle)["project"]["dependencies"]
+    assert TRANSFORMERS_REQUIREMENT in deps

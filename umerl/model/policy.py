@@ -33,6 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# pyproject.toml's transformers requirement (tests/test_shared_media.py holds them equal).
+TRANSFORMERS_REQUIREMENT = "transformers>=5.18,<5.20"
+
 # learner.logprob_chunk_tokens' default (umerl/config/defaults.yaml): completion tokens whose
 # fp32 vocabulary logits exist at once.
 LOGPROB_CHUNK_TOKENS = 1024
@@ -150,20 +153,21 @@ def embedding_positions(
     return disc, gen, found
 
 
-def require_encoder_outputs(model: nn.Module) -> None:
+def require_encoder_outputs(base: nn.Module | type) -> None:
     """PolicyModule runs the vision tower itself (lockstep media, shared media) and hands its
-    outputs to the model as ``mm_encoder_outputs``, a keyword of transformers' Qwen-VL models
-    from 5.18 on. Older ones take it into ``**kwargs`` and ignore it: the image placeholders
-    are embedded as text and the images are lost without an error (seen with 5.17 on an
-    H200: the ZeRO-3 reference's log-probs off the full copy's by 1.5e-2)."""
-    forward = model.model.forward  # the Qwen-VL base model under the generation head
-    if "mm_encoder_outputs" not in inspect.signature(forward).parameters:
+    outputs to the Qwen-VL base model (``base``: an instance or its class) as
+    ``mm_encoder_outputs``, a keyword of transformers' Qwen-VL models from 5.18 on. Older ones
+    take it into ``**kwargs`` and ignore it: the image placeholders are embedded as text and
+    the images are lost without an error (seen with 5.17 on an H200: the ZeRO-3 reference's
+    log-probs off the full copy's by 1.5e-2)."""
+    if "mm_encoder_outputs" not in inspect.signature(base.forward).parameters:
         import transformers
 
+        name = base.__name__ if isinstance(base, type) else type(base).__name__
         raise RuntimeError(
-            f"transformers {transformers.__version__}: {type(model.model).__name__}.forward "
-            "takes no mm_encoder_outputs, so the learners' forwards would drop every image; "
-            "umerl needs transformers>=5.18,<5.20 (pip install 'transformers>=5.18,<5.20')")
+            f"transformers {transformers.__version__}: {name}.forward takes no "
+            "mm_encoder_outputs, so the learners' forwards would drop every image; umerl "
+            f"needs {TRANSFORMERS_REQUIREMENT} (pip install '{TRANSFORMERS_REQUIREMENT}')")
 
 
 class PolicyModule(nn.Module):
@@ -209,7 +213,7 @@ class PolicyModule(nn.Module):
                  logprob_chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
                  agree_chunks: Callable[[int], int] | None = None):
         super().__init__()
-        require_encoder_outputs(model)
+        require_encoder_outputs(model.model)  # the base model under the generation head
         self.model = model
         self.disc_id = disc_id
         self.gen_id = gen_id

@@ -1,11 +1,12 @@
-"""n samples of a prompt share its prefill (rollout.transformers_engine.generate_prefilled_once).
+"""n samples of a prompt share its prefill (rollout.transformers_engine.decode_dropping_finished).
 
-The reference is what the engine ran before: ``generate(..., num_return_sequences=n)``, which
-expands every prompt n times before its prefill. With the same seeds both sample the same
-completions; their log-probs agree to LOGPROB_TOL, not bit for bit: the shared path runs the
-last prompt token as a one-token decoding step over the cached prefix, and a one-row matmul
-and attention over a cache sum in another order than the whole-prompt prefill does (about one
-float32 rounding in the logits; the prefix itself is bit-identical at batch 1 and batch n).
+The reference is the path before: ``generate(..., num_return_sequences=n)``, which expands
+every prompt n times before its prefill and decodes every row to the longest one's end, each
+row drawing from the same generator (``_RowSampler``). With the same seeds both sample the
+same completions; their log-probs agree to LOGPROB_TOL, not bit for bit: the shared path runs
+all prompts in one left-padded batch and its rows leave as they stop, and matmuls and
+attention over other row counts and padding sum in another order (about one float32 rounding
+in the logits).
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TEST_DEVICE
+from transformers import LogitsProcessorList
 
 from rollout.transformers_engine import (
     TransformersEngine,
+    _RowSampler,
     _strip_after_stop,
     _TokenPicker,
     _without_checkpoint_defaults,
     decoding_config,
+    row_seed,
 )
 from umerl.data.formats import Side
 from umerl.model.sampling import SamplingParams
@@ -74,19 +78,21 @@ def stops_likely(bundle, budget: int) -> Iterator[None]:
 
 
 def expanded_prefill_reference(bundle, sides, n, sampling, seeds):
-    """The engine's old path: one ``generate`` per side under its seed, the prompt expanded
-    n times before the prefill; completions and their tokens' log-probs."""
+    """The engine's old path: one ``generate`` per side, the prompt expanded n times before
+    the prefill, row j drawing from the generator the engine seeds for sample j of the side;
+    completions and their tokens' log-probs (softmax of the raw logits / T)."""
     ids, lps = [], []
     for side, seed in zip(sides, seeds):
         batch = on_model_device(bundle, bundle.encoder.collate([bundle.encoder.encode(side)]))
         config = decoding_config(sampling, n, bundle.stop_ids, bundle.tokenizer.pad_token_id,
                                  bundle.encoder.suppressed_token_ids(), logprobs=True)
-        torch.manual_seed(seed)
+        draws = _RowSampler(config, [row_seed(seed, j) for j in range(n)])
         with torch.no_grad(), _without_checkpoint_defaults(bundle.model):
-            out = bundle.model.generate(**batch, generation_config=config)
+            out = bundle.model.generate(**batch, generation_config=config,
+                                        logits_processor=LogitsProcessorList([draws]))
         new = out.sequences[:, batch["input_ids"].shape[1]:]
         rows = [_strip_after_stop(row, bundle.stop_ids) for row in new.tolist()]
-        logits = torch.stack(out.logits, dim=1).float()  # [n, T, vocab]
+        logits = torch.stack(out.logits, dim=1).float() / sampling.temperature  # [n, T, V]
         chosen = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
         ids.append(rows)
         lps.append([chosen[i, :len(row)].tolist() for i, row in enumerate(rows)])
@@ -193,31 +199,28 @@ def test_each_prompt_is_prefilled_and_seen_by_the_vision_tower_once(tiny_bundle,
                      for p in (prompt.pixel_values, prompt.pixel_values_videos) if p is not None)
     assert sum(patches) == media_rows
     prefills = [shape for shape in token_rows if shape[1] > 1]
-    assert prefills == [(1, len(p.input_ids) - 1) for p in prompts]  # once, in one row
-    # Every other forward is one decoding step of every side's N samples together.
-    assert {shape for shape in token_rows if shape[1] == 1} == {(len(prompts) * N, 1)}
+    longest = max(len(p.input_ids) for p in prompts)
+    assert prefills == [(len(prompts), longest)]  # once, one row a prompt
+    # Every other forward is one decoding step of the sides' N samples still decoding.
+    steps = [rows for rows, length in token_rows if length == 1]
+    assert steps[0] == len(prompts) * N and steps == sorted(steps, reverse=True)
 
 
-def test_sides_decoded_together_sample_what_each_side_alone_samples(family_bundle,
-                                                                    benchmark_manifest):
-    """Seeded sides decode in one batch (generate_sides_together), each under its own
-    generator and attending over its own keys: the completions equal those of each side's own
-    call (the shared prefill one side at a time under torch.manual_seed, the engine before),
-    whatever the other sides and their order; the log-probs to LOGPROB_TOL, not bit for bit:
-    the matmuls run on all sides' rows at once, and CPU GEMM kernels chosen by row count sum
-    in another order (measured: 4.8e-7 at 3 samples a side; bit-identical at 8 on the SFT
-    checkpoint)."""
+def test_seeded_sides_sample_the_same_in_any_batch(family_bundle, benchmark_manifest):
+    """Seeded sides (rollouts) decode in one batch, each row from the generator of its side's
+    seed and its index: the completions equal those of each side decoded alone, whatever the
+    other sides and their order; the log-probs to LOGPROB_TOL (other row counts and padding
+    sum in another order)."""
     bundle, sides, seeds = family_bundle, mixed_sides(benchmark_manifest), [11, 12, 13]
     engine = TransformersEngine(bundle)
     with stops_likely(bundle, SAMPLING.max_new_tokens):
         ids, lps = engine.generate_with_logprobs(sides, N, SAMPLING, seeds)
         back_ids, back_lps = engine.generate_with_logprobs(sides[::-1], N, SAMPLING, seeds[::-1])
-        alone = []
-        for side, seed in zip(sides, seeds):
-            torch.manual_seed(seed)
-            alone.append(engine._generate_chunk([bundle.encoder.encode(side)], N, SAMPLING,
-                                                logprobs=True))
+        alone = [engine.generate_with_logprobs([side], N, SAMPLING, [seed])
+                 for side, seed in zip(sides, seeds)]
+        other_seeds = engine.generate(sides, N, SAMPLING, [21, 22, 23])
     assert ids == [a[0][0] for a in alone] == back_ids[::-1]
+    assert other_seeds != ids
     ends = {len(c) for side in ids for c in side}
     assert min(ends) < SAMPLING.max_new_tokens == max(ends)
     for other in ([a[1][0] for a in alone], back_lps[::-1]):
@@ -226,7 +229,6 @@ def test_sides_decoded_together_sample_what_each_side_alone_samples(family_bundl
             assert len(got) == len(want)
             assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=LOGPROB_TOL,
                                   rtol=0)
-
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -250,7 +252,7 @@ def test_the_rollout_actor_follows_rollout_share_prefill(tiny_model_dir, benchma
         got, _ = actor.generate(sides, [4], N, SAMPLING)
     finally:
         hook.remove()
-    assert rows[0] == ((1, prompt_len - 1) if share else (N, prompt_len))
+    assert rows[0] == ((1, prompt_len) if share else (N, prompt_len))
     other = TransformersEngine(actor.engine.bundle, share_prefill=not share)
     assert got == other.generate(sides, N, SAMPLING, seeds=[4])
 

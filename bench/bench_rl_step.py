@@ -80,8 +80,13 @@ def run_recipe(cfg: Any, checkpoint: str, steps: int) -> tuple[list[dict[str, fl
     import ray
 
     from rollout.pool import RolloutPool
-    from umerl.model.sampling import SamplingParams
-    from umerl.rl import RolloutStream, WeightSync, load_rl_datasets, rl_step
+    from umerl.rl import (
+        RolloutStream,
+        WeightSync,
+        load_rl_datasets,
+        rl_step,
+        rollout_sampling,
+    )
     from umerl.runtime.ray_start import init_ray
     from umerl.train.learner import LearnerPool
     from umerl.train.sft_data import ContrastiveBatcher
@@ -93,7 +98,7 @@ def run_recipe(cfg: Any, checkpoint: str, steps: int) -> tuple[list[dict[str, fl
     link.sync(digest=True)
     r = cfg.rl
     sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
-    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+    sampling = rollout_sampling(cfg)
     stream = RolloutStream(cfg, sampler, rollout, sampling)
     rows = []
     try:
@@ -117,8 +122,7 @@ class Floor:
         from rewards import rewards_from_config
         from rollout.transformers_engine import TransformersEngine
         from umerl.model.loading import load_policy
-        from umerl.model.sampling import SamplingParams
-        from umerl.rl import load_rl_datasets
+        from umerl.rl import load_rl_datasets, rollout_sampling
         from umerl.train.engine import policy_module, set_trainable
         from umerl.train.reference import build_reference
         from umerl.train.sft_data import ContrastiveBatcher
@@ -137,7 +141,7 @@ class Floor:
         self.G = int(r.group_size)
         # All of a step's sides in one generate call.
         self.engine = TransformersEngine(self.bundle, batch_size=2 * int(r.pairs_per_step) * self.G)
-        self.sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+        self.sampling = rollout_sampling(cfg)
         self.sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint),
                                           int(r.pairs_per_step))
 
@@ -208,8 +212,7 @@ def pool_work(cfg: Any, checkpoint: str, steps: int) -> dict[str, list[float]]:
 
     from rollout.pool import prompt_seed
     from rollout.transformers_engine import TransformersEngine
-    from umerl.model.sampling import SamplingParams
-    from umerl.rl import load_rl_datasets
+    from umerl.rl import load_rl_datasets, rollout_sampling
     from umerl.train import dist as udist
     from umerl.train.learner import Learner, StepShard
     from umerl.train.sft_data import ContrastiveBatcher
@@ -222,7 +225,7 @@ def pool_work(cfg: Any, checkpoint: str, steps: int) -> dict[str, list[float]]:
     engines = {"rollout, prefill per sample": TransformersEngine(learner.bundle,
                                                                  share_prefill=False),
                "rollout, prefill once": TransformersEngine(learner.bundle)}
-    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+    sampling = rollout_sampling(cfg)
     sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
     times: dict[str, list[float]] = {name: [] for name in [*engines, "learner"]}
     for step in range(1, steps + 1):

@@ -8,10 +8,6 @@ each side under its step's seed) through the transformers engine with ``share_pr
 off, alternating per step, on ``--threads`` torch threads (bench_async's one-thread rollout
 actor). From ``--checkpoint`` (default: the newest SFT checkpoint under runs/, else the tiny
 model). Prints each path's mean time per step and checks that both sampled the same tokens.
-
-``--one-batch`` also times every side of a step in one ``generate`` batch, each prompt prefilled
-once but unseeded (other completions, so not a path the rollouts can take as is): how much
-decoding all sides together would be worth.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--one-batch", action="store_true")
     args = parser.parse_args()
 
     import torch
@@ -44,8 +39,7 @@ def main() -> None:
     from umerl.config.recipe import load_recipe
     from umerl.driver import absolute_paths, ensure_tiny_model
     from umerl.model.loading import load_policy
-    from umerl.model.sampling import SamplingParams
-    from umerl.rl import load_rl_datasets
+    from umerl.rl import load_rl_datasets, rollout_sampling
     from umerl.train.sft_data import ContrastiveBatcher
 
     torch.set_num_threads(args.threads)
@@ -54,12 +48,10 @@ def main() -> None:
     bundle = load_policy(checkpoint)
     r = cfg.rl
     sampler = ContrastiveBatcher(load_rl_datasets(cfg, checkpoint), int(r.pairs_per_step))
-    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens), top_k=int(r.top_k))
+    sampling = rollout_sampling(cfg)
     engines = {"prefill per sample (before)": TransformersEngine(bundle, share_prefill=False),
                "prefill once (now)": TransformersEngine(bundle)}
     times: dict[str, list[float]] = {name: [] for name in engines}
-    batched = TransformersEngine(bundle, batch_size=2 * int(r.pairs_per_step) * int(r.group_size))
-    one_batch: list[float] = []
     tokens = []
     print(f"checkpoint {checkpoint}, {args.threads} thread(s)", flush=True)
     for step in range(args.steps + 1):  # step 0 warms both paths up and is not counted
@@ -76,12 +68,6 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
         if outputs[0] != outputs[1]:
             raise SystemExit(f"step {step}: the two paths sampled different completions")
-        if args.one_batch:  # a bound, not a path: unseeded, so other completions
-            start = time.perf_counter()
-            batched.generate_encoded([bundle.encoder.encode(s) for s in sides],
-                                     int(r.group_size), sampling)
-            if step:
-                one_batch.append(time.perf_counter() - start)
         tokens.append(statistics.mean(len(c) for side in outputs[0] for c in side))
         print(f"step {step}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()
                                            if t and step), flush=True)
@@ -93,11 +79,6 @@ def main() -> None:
         print(f"  {name:28s} {statistics.mean(spent):.2f} s per step")
     print(f"  speed-up {before / now:.2f}x (median per step: "
           f"{statistics.median(times[next(iter(times))]) / statistics.median(spent):.2f}x)")
-    if one_batch:
-        print(f"  all sides in one unseeded batch (--one-batch, a bound): "
-              f"{statistics.mean(one_batch):.2f} s per step, "
-              f"{statistics.mean(times[next(iter(times))]) / statistics.mean(one_batch):.2f}x "
-              "the per-sample prefill's speed")
 
 
 if __name__ == "__main__":

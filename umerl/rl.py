@@ -128,9 +128,7 @@ def _attempt(cfg: DictConfig, policy: str, reference: str, tracker: Any,
           f"({learners.info[0]['passes']}), weight sync "
           f"{link.transport} ({link.plan.bytes / 2**20:.1f} MB in {len(link.plan.buckets)} "
           f"buckets), max_staleness {r.max_staleness}", flush=True)
-    sampling = SamplingParams(max_new_tokens=int(r.max_new_tokens),
-                              temperature=float(r.temperature), top_k=int(r.top_k),
-                              top_p=float(r.top_p))
+    sampling = rollout_sampling(cfg)
     ahead = client.get("rollouts_ahead")
     stream = RolloutStream(cfg, sampler, rollout, sampling,
                            Rollouts.from_state(ahead) if ahead else None)
@@ -153,6 +151,13 @@ def _attempt(cfg: DictConfig, policy: str, reference: str, tracker: Any,
         raise
     final = ckpt.latest(Path(cfg.output_dir) / r.output_subdir)
     return final or Path(last)
+
+
+def rollout_sampling(cfg: DictConfig) -> SamplingParams:
+    """How the rollouts sample: the rl stage's budget, temperature, top-k and top-p."""
+    r = cfg.rl
+    return SamplingParams(max_new_tokens=int(r.max_new_tokens), temperature=float(r.temperature),
+                          top_k=int(r.top_k), top_p=float(r.top_p))
 
 
 def rl_step(cfg: DictConfig, step: int, stream: RolloutStream, learners: LearnerPool,

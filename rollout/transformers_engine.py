@@ -53,17 +53,18 @@ class TransformersEngine:
 
     ``bundle`` is a ``PolicyBundle`` or anything with its ``model``, ``tokenizer``, ``encoder``
     (``collate``, ``suppressed_token_ids``) and ``stop_ids`` (e.g. a text-only teacher).
-    ``share_prefill=False`` prefills each of a seeded call's (a rollout's) n copies
-    (``generate``'s own expansion): the path before the shared prefill, kept as
-    ``bench/bench_rollout_prefill.py``'s baseline. Unseeded calls (evaluation, serving,
-    annotation) always prefill once and drop finished rows (``decode_dropping_finished``).
+    Every call prefills each prompt once and drops finished rows (``decode_dropping_finished``),
+    but for ``share_prefill=False``: there a seeded call (a rollout) prefills each of a side's
+    n copies and decodes them to the longest one's end (``generate``'s own expansion), the
+    path before the shared prefill, kept as the benches' baseline.
     """
 
     def __init__(self, bundle: PolicyBundle, batch_size: int = 16, share_prefill: bool = True):
         self.bundle = bundle
         self.batch_size = batch_size
         self.share_prefill = share_prefill
-        # generate() swaps the model's generation_config for its duration: one call at a time.
+        # One decoding at a time on the shared model (the per-sample path also swaps the
+        # model's generation_config for its generate call).
         self._generate_lock = threading.Lock()
 
     def generate(
@@ -96,8 +97,9 @@ class TransformersEngine:
             raise ValueError(f"{len(prompts)} sides but {len(seeds)} seeds")
         rows = [row_seed(seed, j) for seed in seeds for j in range(n)]
         if self.share_prefill:
-            return self._decode_all(prompts, n, sampling, rows, SEEDED_BATCH_ROWS,
-                                    logprobs=logprobs)[::2]
+            ids, _, lps = self._decode_all(prompts, n, sampling, rows, SEEDED_BATCH_ROWS,
+                                           logprobs=logprobs)
+            return ids, lps
         # The path before the shared prefill, one generate call per side, the prompt expanded
         # n times and prefilled n times; each row samples from the same generator as above.
         ids, lps = [], []
